@@ -1,0 +1,233 @@
+"""Offline components: tiny random models for tests, and random-weight presets of real architectures.
+
+Nothing here downloads anything. `tiny` builds a pipeline small enough for CPU tests; `sd2` builds the real
+Stable Diffusion 2 base UNet, VAE and text encoder with random weights, for benchmarks (`width_mult` shrinks
+the channel widths for quick CPU runs).
+"""
+
+import json
+import os
+import tempfile
+from dataclasses import dataclass
+
+import torch
+from diffusers import AutoencoderKL, AutoencoderTiny, DDIMScheduler, UNet2DConditionModel
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+from pipeline_syncdiffusion import SyncDiffusionPipeline
+
+
+def _bytes_to_unicode():
+    """The byte-level BPE alphabet: each of the 256 bytes as one printable character (GPT-2 / CLIP)."""
+    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1))
+    printable += list(range(ord("®"), ord("ÿ") + 1))
+    chars = printable[:]
+    extra = 0
+    for b in range(256):
+        if b not in printable:
+            printable.append(b)
+            chars.append(256 + extra)
+            extra += 1
+    return [chr(c) for c in chars]
+
+
+def make_tokenizer(folder=None):
+    """A CLIP tokenizer with a character-level vocabulary (no merges), written to `folder` and loaded back."""
+    folder = folder or tempfile.mkdtemp(prefix="syncdiffusion-tokenizer-")
+    vocab = {}
+    for char in _bytes_to_unicode():
+        vocab[char] = len(vocab)
+        vocab[char + "</w>"] = len(vocab)
+    vocab["<|startoftext|>"] = len(vocab)
+    vocab["<|endoftext|>"] = len(vocab)
+    os.makedirs(folder, exist_ok=True)
+    with open(os.path.join(folder, "vocab.json"), "w", encoding="utf-8") as f:
+        json.dump(vocab, f)
+    with open(os.path.join(folder, "merges.txt"), "w", encoding="utf-8") as f:
+        f.write("#version: 0.2\n")
+    tokenizer = CLIPTokenizer.from_pretrained(folder, model_max_length=77)
+    # Some transformers versions silently ignore the files; fail loudly instead of testing a broken tokenizer.
+    if len(tokenizer) != len(vocab):
+        raise RuntimeError(f"tokenizer has {len(tokenizer)} tokens, expected {len(vocab)}")
+    return tokenizer
+
+
+@dataclass(frozen=True)
+class Preset:
+    """Architecture hyper-parameters of one random-weight pipeline."""
+
+    unet_channels: tuple
+    unet_down: tuple
+    unet_up: tuple
+    attention_head_dim: tuple
+    layers_per_block: int
+    cross_attention_dim: int
+    norm_num_groups: int
+    use_linear_projection: bool
+    vae_channels: tuple
+    vae_norm_num_groups: int
+    text_hidden: int
+    text_layers: int
+    text_heads: int
+    text_intermediate: int
+    text_projection: int
+    text_act: str
+
+
+PRESETS = {
+    "tiny": Preset(
+        unet_channels=(16, 32),
+        unet_down=("CrossAttnDownBlock2D", "DownBlock2D"),
+        unet_up=("UpBlock2D", "CrossAttnUpBlock2D"),
+        attention_head_dim=(2, 4),
+        layers_per_block=1,
+        cross_attention_dim=32,
+        norm_num_groups=8,
+        use_linear_projection=False,
+        vae_channels=(8, 8, 8, 8),
+        vae_norm_num_groups=8,
+        text_hidden=32,
+        text_layers=2,
+        text_heads=4,
+        text_intermediate=37,
+        text_projection=32,
+        text_act="quick_gelu",
+    ),
+    # stabilityai/stable-diffusion-2-base: unet/, vae/ and text_encoder/ config.json.
+    "sd2": Preset(
+        unet_channels=(320, 640, 1280, 1280),
+        unet_down=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+        unet_up=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+        attention_head_dim=(5, 10, 20, 20),
+        layers_per_block=2,
+        cross_attention_dim=1024,
+        norm_num_groups=32,
+        use_linear_projection=True,
+        vae_channels=(128, 256, 512, 512),
+        vae_norm_num_groups=32,
+        text_hidden=1024,
+        text_layers=23,
+        text_heads=16,
+        text_intermediate=4096,
+        text_projection=512,
+        text_act="gelu",
+    ),
+}
+
+
+def _scaled(channels, width_mult, groups):
+    """Channel widths times `width_mult`, rounded to a multiple of the group-norm group count."""
+    return tuple(max(groups, int(round(c * width_mult / groups)) * groups) for c in channels)
+
+
+def make_components(preset="tiny", sample_size=8, width_mult=1.0, seed=0, tokenizer_folder=None):
+    """Random-weight `vae, text_encoder, tokenizer, unet, scheduler` (no safety checker) of an architecture preset.
+
+    `sample_size` is the UNet window in latent pixels: the pipeline's views are `sample_size` latents wide, i.e.
+    `8 * sample_size` image pixels with these 4-block VAEs.
+    """
+    p = PRESETS[preset]
+    torch.manual_seed(seed)
+    groups = p.norm_num_groups
+    unet_channels = _scaled(p.unet_channels, width_mult, groups)
+    # Keep the head count of the real model: head dim scales with the width.
+    heads = p.attention_head_dim
+    if preset == "sd2":
+        head_dim = tuple(max(1, int(h * c / c0)) for h, c, c0 in zip(heads, unet_channels, p.unet_channels))
+        heads = head_dim
+    cross_dim = max(8, int(round(p.cross_attention_dim * width_mult / 8)) * 8) if preset != "tiny" else p.cross_attention_dim
+    unet = UNet2DConditionModel(
+        sample_size=sample_size,
+        in_channels=4,
+        out_channels=4,
+        block_out_channels=unet_channels,
+        down_block_types=p.unet_down,
+        up_block_types=p.unet_up,
+        layers_per_block=p.layers_per_block,
+        attention_head_dim=heads,
+        cross_attention_dim=cross_dim,
+        norm_num_groups=groups,
+        use_linear_projection=p.use_linear_projection,
+    )
+    vae_groups = p.vae_norm_num_groups
+    vae = AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * len(p.vae_channels),
+        up_block_types=("UpDecoderBlock2D",) * len(p.vae_channels),
+        block_out_channels=_scaled(p.vae_channels, width_mult, vae_groups),
+        layers_per_block=1 if preset == "tiny" else 2,
+        latent_channels=4,
+        norm_num_groups=vae_groups,
+        sample_size=sample_size * 8,
+    )
+    tokenizer = make_tokenizer(tokenizer_folder)
+    heads_text = p.text_heads
+    text_hidden = p.text_hidden if preset == "tiny" else cross_dim
+    text_encoder = CLIPTextModel(
+        CLIPTextConfig(
+            vocab_size=len(tokenizer),
+            hidden_size=text_hidden,
+            intermediate_size=max(8, int(p.text_intermediate * text_hidden / p.text_hidden)),
+            num_hidden_layers=p.text_layers,
+            num_attention_heads=heads_text if text_hidden % heads_text == 0 else 1,
+            max_position_embeddings=77,
+            projection_dim=p.text_projection,
+            hidden_act=p.text_act,
+            bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+        )
+    )
+    scheduler = DDIMScheduler(
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        clip_sample=False,
+        set_alpha_to_one=False,
+        steps_offset=1,
+    )
+    for model in (unet, vae, text_encoder):
+        model.eval()
+    return {"vae": vae, "text_encoder": text_encoder, "tokenizer": tokenizer, "unet": unet, "scheduler": scheduler}
+
+
+def make_tiny_decoder(seed=0, width_mult=1.0):
+    """A random-weight `AutoencoderTiny` (TAESD's architecture; factor 8, 4 latent channels).
+
+    `width_mult=1` is the real TAESD width (64 channels); tests use a narrower one.
+    """
+    torch.manual_seed(seed)
+    width = max(4, int(64 * width_mult))
+    decoder = AutoencoderTiny(
+        encoder_block_out_channels=(width,) * 4,
+        decoder_block_out_channels=(width,) * 4,
+    )
+    return decoder.eval()
+
+
+def make_lpips():
+    """LPIPS-VGG with a random backbone: the real architecture and linear heads, no download."""
+    import lpips
+
+    return lpips.LPIPS(net="vgg", pnet_rand=True, verbose=False).eval()
+
+
+def tiny_pipeline(sample_size=8, seed=0, lpips_module=True, pipeline_class=SyncDiffusionPipeline, **kwargs):
+    """A `SyncDiffusionPipeline` (or `pipeline_class`) on tiny random components, ready to run on CPU.
+
+    With `lpips_module=True` the perceptual loss is a random-backbone LPIPS-VGG (no download).
+    """
+    components = make_components("tiny", sample_size=sample_size, seed=seed, **kwargs)
+    pipe = pipeline_class(**components, safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    if lpips_module and hasattr(pipe, "set_perceptual_loss"):
+        pipe.set_perceptual_loss(make_lpips())
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def save_tiny_pipeline(folder, sample_size=8, seed=0):
+    """Save a tiny pipeline in diffusers' folder layout (`model_index.json` and one folder per component)."""
+    pipe = tiny_pipeline(sample_size=sample_size, seed=seed, lpips_module=False)
+    pipe.save_pretrained(folder)
+    return folder
