@@ -24,7 +24,15 @@ from diffusers.pipelines.stable_diffusion import StableDiffusionPipeline, Stable
 from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion import rescale_noise_cfg, retrieve_timesteps
 from diffusers.pipelines.stable_diffusion.safety_checker import StableDiffusionSafetyChecker
 from diffusers.schedulers import KarrasDiffusionSchedulers
-from diffusers.utils import deprecate, is_torch_xla_available, logging, replace_example_docstring
+from diffusers.utils import (
+    USE_PEFT_BACKEND,
+    deprecate,
+    is_torch_xla_available,
+    logging,
+    replace_example_docstring,
+    scale_lora_layers,
+    unscale_lora_layers,
+)
 
 
 if is_torch_xla_available():
@@ -154,13 +162,62 @@ class SyncDiffusionPipeline(
         self._perceptual_loss = None
 
     # Prompt, image and latent preparation are Stable Diffusion's own, shared rather than copied.
-    encode_prompt = StableDiffusionPipeline.encode_prompt
     encode_image = StableDiffusionPipeline.encode_image
     prepare_ip_adapter_image_embeds = StableDiffusionPipeline.prepare_ip_adapter_image_embeds
     run_safety_checker = StableDiffusionPipeline.run_safety_checker
     prepare_extra_step_kwargs = StableDiffusionPipeline.prepare_extra_step_kwargs
     prepare_latents = StableDiffusionPipeline.prepare_latents
     get_guidance_scale_embedding = StableDiffusionPipeline.get_guidance_scale_embedding
+
+    def encode_prompt(
+        self,
+        prompt,
+        device,
+        num_images_per_prompt,
+        do_classifier_free_guidance,
+        negative_prompt=None,
+        prompt_embeds: torch.Tensor | None = None,
+        negative_prompt_embeds: torch.Tensor | None = None,
+        lora_scale: float | None = None,
+        clip_skip: int | None = None,
+    ):
+        """
+        Stable Diffusion's `encode_prompt`, returning `(prompt_embeds, negative_prompt_embeds)`.
+
+        transformers 5 flattened `CLIPTextModel` (no `.text_model`), which breaks diffusers' `clip_skip` branch; the
+        skipped-layer embeddings are then computed here and handed over as `prompt_embeds`.
+        """
+        if clip_skip is not None and prompt_embeds is None and not hasattr(self.text_encoder, "text_model"):
+            if lora_scale is not None and USE_PEFT_BACKEND:
+                scale_lora_layers(self.text_encoder, lora_scale)
+            prompt_embeds = self._clip_skip_embeds(prompt, device, clip_skip)
+            if lora_scale is not None and USE_PEFT_BACKEND:
+                unscale_lora_layers(self.text_encoder, lora_scale)
+        return StableDiffusionPipeline.encode_prompt(
+            self,
+            prompt,
+            device,
+            num_images_per_prompt,
+            do_classifier_free_guidance,
+            negative_prompt,
+            prompt_embeds=prompt_embeds,
+            negative_prompt_embeds=negative_prompt_embeds,
+            lora_scale=lora_scale,
+            clip_skip=clip_skip,
+        )
+
+    def _clip_skip_embeds(self, prompt, device, clip_skip):
+        """Text embeddings from `clip_skip` layers before the last, through the final layer norm."""
+        if isinstance(self, TextualInversionLoaderMixin):
+            prompt = self.maybe_convert_prompt(prompt, self.tokenizer)
+        text_inputs = self.tokenizer(
+            prompt, padding="max_length", max_length=self.tokenizer.model_max_length, truncation=True, return_tensors="pt"
+        )
+        attention_mask = None
+        if getattr(self.text_encoder.config, "use_attention_mask", False):
+            attention_mask = text_inputs.attention_mask.to(device)
+        output = self.text_encoder(text_inputs.input_ids.to(device), attention_mask=attention_mask, output_hidden_states=True)
+        return self.text_encoder.final_layer_norm(output.hidden_states[-(clip_skip + 1)])
 
     # ------------------------------------------------------------------------------------------------------------
     # Inputs
