@@ -563,19 +563,23 @@ class SyncDiffusionPipeline(
         One SyncDiffusion update of a stack of (non-anchor) views:
         `z_v <- z_v - w * d LPIPS(D(x0(z_v)), D(x0(z_anchor))) / d z_v`.
 
-        Returns the updated latents and, with `sync["gradient"] == "x0"`, the noise prediction made before the update
-        (no gradient flows through the UNet then, so it is computed once without autograd).
+        The step is taken on the variance-preserving latent `scale_model_input(z_v)`, which is `z_v` itself for DDIM
+        (the paper's), DPM-Solver and UniPC; for sigma-scaled schedulers (Euler, LMS) this makes `sync_weight` mean
+        the same as with DDIM instead of a step `sigma**2 + 1` times smaller.
+
+        Returns the updated latents and the noise prediction made before the update.
         """
-        latents = view_latents.detach().requires_grad_(True)
+        model_input = self.scheduler.scale_model_input(view_latents, t).detach().requires_grad_(True)
         with torch.enable_grad(), self._sync_checkpointing(sync["checkpointing"]):
-            model_input = self.scheduler.scale_model_input(latents, t)
             with torch.set_grad_enabled(sync["gradient"] == "unet"):
                 noise_pred = self.predict_noise(model_input, t, conditioning)
             images = self.decode_for_sync(self.predict_clean_latents(model_input, noise_pred, t), sync["decoder"])
             loss = self.perceptual_distance(images, anchor_images, sync["lpips_size"]).sum()
             # Each view's loss depends only on its own latent, so one backward of the sum gives every view's gradient.
-            (grad,) = torch.autograd.grad(loss, latents)
-        return (view_latents - weight * grad.to(view_latents.dtype)).detach(), noise_pred.detach()
+            (grad,) = torch.autograd.grad(loss, model_input)
+        input_scale = self.scheduler.scale_model_input(torch.ones_like(view_latents[:1, :1, :1, :1]), t)
+        updated = (model_input.detach() - weight * grad.to(view_latents.dtype)) / input_scale
+        return updated, noise_pred.detach()
 
     @contextmanager
     def _sync_checkpointing(self, enabled):
