@@ -1,0 +1,150 @@
+"""The benchmark command: every mode on the tiny architecture, its JSON, its table and its pass checks."""
+
+import io
+import json
+import sys
+import time
+
+import pytest
+import torch
+
+from syncdiffusion_utils import benchmark
+from syncdiffusion_utils.benchmark import MODES, PeakMemory, expected_passes, main
+
+ROW_FIELDS = (
+    "mode",
+    "kwargs",
+    "seconds",
+    "ratio",
+    "step_seconds",
+    "sync_step_seconds",
+    "step_ratio",
+    "projected_ratio",
+    "cpu_seconds",
+    "cpu_ratio",
+    "cpu_step_ratio",
+    "cpu_projected_ratio",
+    "passes",
+    "passes_sync_step",
+    "expected_sync_step",
+    "expected_passes",
+    "passes_match",
+    "final_decode",
+    "peak_mem_mib",
+    "memory_kind",
+)
+ARGS = ["--arch", "tiny", "--height", "64", "--width", "128", "--stride", "4", "--steps", "2", "--sync-thres", "1"]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def report(tmp_path_factory):
+    path = tmp_path_factory.mktemp("benchmark") / "out.json"
+    capture = pytest.MonkeyPatch()
+    out, err = io.StringIO(), io.StringIO()
+    capture.setattr(sys, "stdout", out)
+    capture.setattr(sys, "stderr", err)
+    try:
+        code = main(ARGS + ["--json", str(path)])
+    finally:
+        capture.undo()
+    return {"code": code, "json": json.loads(path.read_text()), "stdout": out.getvalue(), "stderr": err.getvalue()}
+
+
+def test_every_mode_runs_with_every_field(report):
+    assert report["code"] == 0  # every count equals its formula
+    rows = report["json"]["rows"]
+    assert [row["mode"] for row in rows] == list(MODES)
+    for row in rows:
+        assert set(ROW_FIELDS) <= set(row), row["mode"]
+        assert row["passes_match"], row["mode"]
+        assert row["seconds"] > 0 and row["peak_mem_mib"] is not None
+        assert len(row["step_seconds"]) == 2
+        assert row["final_decode"] == 1
+    config = report["json"]["config"]
+    assert config["num_views"] == 3 and config["steps"] == 2 and config["sync_thres"] == 1
+
+
+def test_ratios_are_to_multidiffusion(report):
+    rows = {row["mode"]: row for row in report["json"]["rows"]}
+    reference = rows["multidiffusion"]
+    assert reference["ratio"] == reference["step_ratio"] == reference["projected_ratio"] == 1.0
+    for row in rows.values():
+        assert row["ratio"] == pytest.approx(row["seconds"] / reference["seconds"])
+        if row["mode"] == "multidiffusion":
+            continue
+        assert row["step_ratio"] == pytest.approx(row["sync_step_seconds"] / reference["md_step_seconds"])
+        # 50 steps of which 5 synchronized, from the per-step figures
+        assert row["projected_ratio"] == pytest.approx((45 + 5 * row["step_ratio"]) / 50)
+
+
+def test_exact_counts_match_the_formula(report):
+    n = report["json"]["config"]["num_views"]
+    rows = {row["mode"]: row for row in report["json"]["rows"]}
+    exact = rows["exact"]
+    step = exact["passes_sync_step"]
+    assert (step["unet_fwd"], step["unet_bwd"], step["dec_fwd"], step["dec_bwd"], step["lpips_fwd"]) == (
+        2 * n - 1,
+        n - 1,
+        n,
+        n - 1,
+        n - 1,
+    )
+    # the second step is plain MultiDiffusion: N more UNet forwards
+    assert exact["passes"]["unet_fwd"] == 3 * n - 1
+    assert rows["multidiffusion"]["passes"]["unet_fwd"] == 2 * n
+    assert rows["multidiffusion"]["passes_sync_step"] is None
+    fast = rows["fast"]["passes_sync_step"]
+    assert (fast["unet_fwd"], fast["unet_bwd"]) == (n, 0)
+    assert rows["x0"]["passes_sync_step"]["unet_bwd"] == 0
+    assert rows["reuse"]["passes_sync_step"]["unet_fwd"] == n
+    ckpt = rows["exact+ckpt"]["passes_sync_step"]
+    assert ckpt["unet_recompute"] == n - 1 and ckpt["unet_fwd"] == 3 * n - 2
+    tiny = rows["fast+tiny-decoder+lpips256"]["passes"]
+    assert tiny["vae_dec_fwd"] == 0 and tiny["sync_dec_fwd"] == n and tiny["sync_dec_bwd"] == n - 1
+    assert tiny["lpips_sizes"] == [[64, 64]]  # 64-pixel views: nothing to shrink to 256
+
+
+def test_table_and_progress(report):
+    table = report["stdout"]
+    for mode in MODES:
+        assert f"\n{mode} " in table
+    assert "N=3 views" in table
+    assert "2N-1=5" in table and "projected" in table
+    for index, mode in enumerate(MODES, 1):
+        assert f"[{index}/{len(MODES)}] {mode}: " in report["stderr"]
+
+
+def test_mode_subset_keeps_multidiffusion_first(tmp_path):
+    path = tmp_path / "subset.json"
+    assert main(ARGS + ["--modes", "fast", "--no-warmup", "--no-decode", "--json", str(path)]) == 0
+    rows = json.loads(path.read_text())["rows"]
+    assert [row["mode"] for row in rows] == ["multidiffusion", "fast"]
+    assert all(row["final_decode"] == 0 for row in rows)
+    with pytest.raises(ValueError, match="unknown modes"):
+        benchmark.run_benchmark(modes=["exact", "turbo"], progress=None)
+
+
+def test_expected_passes_formula():
+    per_step, total = expected_passes({}, num_views=5, steps=50, sync_thres=5)
+    assert (per_step["unet_fwd"], per_step["unet_bwd"], per_step["dec_fwd"], per_step["dec_bwd"]) == (9, 4, 5, 4)
+    assert total["unet_fwd"] == 5 * 9 + 45 * 5
+    per_step, total = expected_passes({"sync_weight": 0.0}, num_views=5, steps=50, sync_thres=5)
+    assert per_step is None and total["unet_fwd"] == 250 and total["dec_fwd"] == 0
+    per_step, _ = expected_passes({"sync_mode": "fast", "sync_decoder": object()}, 5, 2, 2)
+    assert (per_step["unet_fwd"], per_step["unet_bwd"], per_step["dec_fwd"]) == (5, 0, 5)
+
+
+def test_peak_memory_sees_an_allocation():
+    with PeakMemory("cpu", interval=0.001) as memory:
+        block = torch.ones(64 * 2**20 // 4)  # 64 MiB, every page written
+        time.sleep(0.05)  # for the sampling thread
+        del block
+    assert memory.peak_mib >= 48

@@ -1,0 +1,420 @@
+"""Hub publishing: what `publish` uploads, and loading the published pipeline through a fake Hub on 127.0.0.1.
+
+The fake Hub is a small HTTP server that implements the few endpoints `huggingface_hub` calls: `hf_hub_download`
+(HEAD and GET `/{repo_id}/resolve/{revision}/{filename}`), `model_info` (GET `/api/models/{repo_id}`), and for
+`publish`, `create_repo`, README validation, `preupload` and `commit`. Nothing leaves the machine.
+"""
+
+import base64
+import hashlib
+import inspect
+import json
+import re
+import sys
+import threading
+import uuid
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from types import SimpleNamespace
+from urllib.parse import unquote, urlsplit
+
+import pytest
+import yaml
+from diffusers import DiffusionPipeline
+from diffusers.utils import dynamic_modules_utils
+from huggingface_hub import constants as hub_constants
+from huggingface_hub import hf_api, set_client_factory
+from huggingface_hub.errors import HfHubHTTPError
+from huggingface_hub.utils import _http
+
+import pipeline_syncdiffusion
+from syncdiffusion_utils.hub import model_card, pipeline_source, publish
+from syncdiffusion_utils.testing import save_tiny_pipeline
+
+
+SYNC_PARAMETERS = [
+    "stride",
+    "sync_weight",
+    "sync_decay_rate",
+    "sync_freq",
+    "sync_thres",
+    "sync_mode",
+    "sync_gradient",
+    "sync_reuse_noise",
+    "sync_decoder",
+    "sync_lpips_size",
+    "sync_gradient_checkpointing",
+]
+
+
+def pipeline_file_bytes():
+    return Path(pipeline_syncdiffusion.__file__).read_bytes()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# A fake Hub
+# ---------------------------------------------------------------------------------------------------------------
+
+
+class FakeHub:
+    """In-memory model repos served over HTTP on 127.0.0.1; `token`, if set, is required for writes."""
+
+    def __init__(self, token=None):
+        self.token = token
+        self.repos = {}  # repo_id -> {"sha", "files": {path: bytes}, "private", "commits": [...]}
+        self.requests = []  # (method, path) of every request, in order
+        self.unhandled = []
+        self.lock = threading.Lock()
+        self.salt = uuid.uuid4().hex  # commit hashes differ between fake hubs (and dynamic module names with them)
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), _make_handler(self))
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        self.thread = threading.Thread(target=self.server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
+
+    def start(self):
+        self.thread.start()
+        return self
+
+    def stop(self):
+        self.server.shutdown()
+        self.server.server_close()
+        self.thread.join(timeout=10)
+
+    def _new_sha(self, repo_id, files):
+        digest = hashlib.sha1(f"{self.salt}/{repo_id}/{len(self.requests)}".encode())
+        for path in sorted(files):
+            digest.update(path.encode() + b"\0" + files[path])
+        return digest.hexdigest()
+
+    def add_repo(self, repo_id, files, private=False):
+        with self.lock:
+            self.repos[repo_id] = {"sha": None, "files": dict(files), "private": private, "commits": []}
+            self.repos[repo_id]["sha"] = self._new_sha(repo_id, files)
+        return self.repos[repo_id]["sha"]
+
+    def requested(self, method, path):
+        return (method, path) in self.requests
+
+
+def _make_handler(hub):
+    class Handler(BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.0"  # one request per connection: nothing lingers after shutdown
+
+        def log_message(self, *args):  # keep pytest output clean
+            pass
+
+        # -- helpers ------------------------------------------------------------------------------------------
+        def _send(self, status, body=b"", headers=None, content_type="application/json"):
+            if isinstance(body, (dict, list)):
+                body = json.dumps(body).encode()
+            self.send_response(status)
+            self.send_header("Content-Type", content_type)
+            self.send_header("Content-Length", str(len(body)))
+            for key, value in (headers or {}).items():
+                self.send_header(key, value)
+            self.end_headers()
+            if self.command != "HEAD":
+                self.wfile.write(body)
+
+        def _error(self, status, code=None, message="error"):
+            headers = {"X-Error-Message": message}
+            if code:
+                headers["X-Error-Code"] = code
+            self._send(status, {"error": message}, headers)
+
+        def _body(self):
+            return self.rfile.read(int(self.headers.get("Content-Length", 0)))
+
+        def _authorized(self):
+            return hub.token is None or self.headers.get("Authorization") == f"Bearer {hub.token}"
+
+        def _repo(self, repo_id, revision="main"):
+            repo = hub.repos.get(repo_id)
+            if repo is None:
+                self._error(404, "RepoNotFound", "Repository not found")
+            elif revision not in ("main", repo["sha"]):
+                self._error(404, "RevisionNotFound", "Invalid rev id")
+                repo = None
+            return repo
+
+        # -- routes -------------------------------------------------------------------------------------------
+        def _route(self):
+            path = unquote(urlsplit(self.path).path)
+            hub.requests.append((self.command, path))
+            if self.command == "GET" and (m := re.fullmatch(r"/api/models/([^/]+/[^/]+)(?:/revision/(.+))?", path)):
+                return self._model_info(m.group(1), m.group(2) or "main")
+            if self.command in ("GET", "HEAD") and (m := re.fullmatch(r"/([^/]+/[^/]+)/resolve/([^/]+)/(.+)", path)):
+                return self._resolve(*m.groups())
+            if self.command == "POST" and path == "/api/repos/create":
+                return self._create_repo(json.loads(self._body()))
+            if self.command == "POST" and path == "/api/validate-yaml":
+                return self._validate_yaml(json.loads(self._body()))
+            if self.command == "POST" and (m := re.fullmatch(r"/api/models/([^/]+/[^/]+)/preupload/(.+)", path)):
+                return self._preupload(m.group(1), m.group(2), json.loads(self._body()))
+            if self.command == "POST" and (m := re.fullmatch(r"/api/models/([^/]+/[^/]+)/commit/(.+)", path)):
+                return self._commit(m.group(1), m.group(2), self._body())
+            hub.unhandled.append((self.command, path))
+            self._error(404, message=f"fake hub: no route for {self.command} {path}")
+
+        do_GET = do_HEAD = do_POST = _route
+
+        def _model_info(self, repo_id, revision):
+            if (repo := self._repo(repo_id, revision)) is None:
+                return
+            siblings = [{"rfilename": name} for name in sorted(repo["files"])]
+            info = {"id": repo_id, "modelId": repo_id, "sha": repo["sha"], "private": repo["private"], "tags": []}
+            self._send(200, {**info, "siblings": siblings})
+
+        def _resolve(self, repo_id, revision, filename):
+            if (repo := self._repo(repo_id, revision)) is None:
+                return
+            headers = {"X-Repo-Commit": repo["sha"]}
+            if filename not in repo["files"]:
+                return self._send(404, {"error": "Entry not found"}, {**headers, "X-Error-Code": "EntryNotFound"})
+            content = repo["files"][filename]
+            headers["ETag"] = '"' + hashlib.sha1(content).hexdigest() + '"'
+            self._send(200, content, headers, content_type="text/plain; charset=utf-8")
+
+        def _create_repo(self, payload):
+            if not self._authorized():
+                return self._error(401, message="Invalid username or password.")
+            repo_id = f"{payload['organization']}/{payload['name']}"
+            url = f"{hub.url}/{repo_id}"
+            if repo_id in hub.repos:
+                return self._send(409, {"error": "You already created this model repo", "url": url})
+            hub.add_repo(repo_id, {}, private=payload.get("visibility") == "private")
+            self._send(200, {"url": url, "name": repo_id, "id": uuid.uuid4().hex})
+
+        def _validate_yaml(self, payload):
+            text = payload["content"]
+            match = re.match(r"---\n(.*?)\n---\n", text, re.S)
+            try:
+                metadata = yaml.safe_load(match.group(1)) if match else None
+            except yaml.YAMLError as err:
+                return self._send(400, {"errors": [{"message": str(err)}]})
+            if not isinstance(metadata, dict):
+                return self._send(400, {"errors": [{"message": "no YAML metadata"}]})
+            self._send(200, {"errors": [], "warnings": []})
+
+        def _preupload(self, repo_id, revision, payload):
+            if not self._authorized():
+                return self._error(401, message="Invalid username or password.")
+            if self._repo(repo_id, revision) is None:
+                return
+            files = [{"path": f["path"], "uploadMode": "regular", "shouldIgnore": False} for f in payload["files"]]
+            self._send(200, {"files": files})
+
+        def _commit(self, repo_id, revision, body):
+            if not self._authorized():
+                return self._error(401, message="Invalid username or password.")
+            if (repo := self._repo(repo_id, revision)) is None:
+                return
+            lines = [json.loads(line) for line in body.decode().splitlines() if line.strip()]
+            if not lines or lines[0]["key"] != "header":
+                return self._error(400, message="commit payload must start with a header")
+            files = dict(repo["files"])
+            for line in lines[1:]:
+                value = line["value"]
+                if line["key"] != "file" or value.get("encoding") != "base64":
+                    return self._error(400, message=f"fake hub: unsupported commit operation {line['key']}")
+                files[value["path"]] = base64.b64decode(value["content"])
+            with hub.lock:
+                repo["files"] = files
+                repo["sha"] = hub._new_sha(repo_id, files)
+                repo["commits"].append(
+                    {"summary": lines[0]["value"]["summary"], "paths": [line["value"]["path"] for line in lines[1:]]}
+                )
+            sha = repo["sha"]
+            self._send(200, {"commitUrl": f"{hub.url}/{repo_id}/commit/{sha}", "commitOid": sha, "success": True})
+
+    return Handler
+
+
+def _client_with_timeout():
+    client = _http.default_client_factory()
+    client.timeout = 30.0  # the default client waits forever
+    return client
+
+
+@pytest.fixture
+def fake_hub(monkeypatch, tmp_path):
+    """Start a fake Hub and point huggingface_hub and diffusers (and their caches) at it, then stop it."""
+    hub = FakeHub(token="hf_fake_write_token").start()
+    home = tmp_path / "hf_home"
+    for name in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "HF_OIDC_RESOURCE"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("HF_ENDPOINT", hub.url)
+    monkeypatch.setenv("HF_HOME", str(home))
+    monkeypatch.setenv("HF_HUB_CACHE", str(home / "hub"))
+    # huggingface_hub and diffusers read these at import time: patch the module attributes too.
+    monkeypatch.setattr(hub_constants, "ENDPOINT", hub.url)
+    url_template = hub.url + "/{repo_id}/resolve/{revision}/{filename}"
+    monkeypatch.setattr(hub_constants, "HUGGINGFACE_CO_URL_TEMPLATE", url_template)
+    monkeypatch.setattr(hub_constants, "HF_HUB_CACHE", str(home / "hub"))
+    monkeypatch.setattr(hub_constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(hub_constants, "HF_TOKEN_PATH", str(home / "token"))
+    monkeypatch.setattr(hub_constants, "HF_STORED_TOKENS_PATH", str(home / "stored_tokens"))
+    monkeypatch.setattr(hf_api.api, "endpoint", hub.url)  # `huggingface_hub.model_info` is bound to this instance
+    monkeypatch.setattr(dynamic_modules_utils, "HF_MODULES_CACHE", str(home / "modules"))
+    monkeypatch.setattr(sys, "path", list(sys.path))  # diffusers appends its modules cache
+    monkeypatch.chdir(tmp_path)  # so no local folder named like the repo id can be picked up
+    modules_before = set(sys.modules)
+    set_client_factory(_client_with_timeout)
+    try:
+        yield hub
+    finally:
+        set_client_factory(_http.default_client_factory)
+        hub.stop()
+        for name in set(sys.modules) - modules_before:
+            if name.startswith("diffusers_modules"):
+                del sys.modules[name]
+
+
+def load_from_hub(model_dir, repo_id):
+    pipe = DiffusionPipeline.from_pretrained(str(model_dir), custom_pipeline=repo_id, trust_remote_code=True)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def check_tiny_generation(pipe):
+    images = pipe("a cat", height=64, width=128, num_inference_steps=2, sync_weight=0, output_type="np").images
+    assert images.shape == (1, 64, 128, 3)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# publish with a recording client
+# ---------------------------------------------------------------------------------------------------------------
+
+
+class RecordingApi:
+    """Records `create_repo` and `create_commit` calls the way `HfApi` would receive them."""
+
+    def __init__(self):
+        self.calls = []
+
+    def create_repo(self, repo_id, **kwargs):
+        self.calls.append(("create_repo", repo_id, kwargs))
+        return f"https://huggingface.co/{repo_id}"
+
+    def create_commit(self, repo_id, operations, **kwargs):
+        files = {}
+        for op in operations:
+            with op.as_file() as f:
+                files[op.path_in_repo] = f.read()
+        self.calls.append(("create_commit", repo_id, files, kwargs))
+        return SimpleNamespace(commit_url=f"https://huggingface.co/{repo_id}/commit/{'0' * 40}")
+
+
+def test_publish_uploads_pipeline_and_model_card_in_one_commit():
+    api = RecordingApi()
+    url = publish("someone/syncdiffusion", token="hf_token", private=True, api=api)
+
+    assert [call[0] for call in api.calls] == ["create_repo", "create_commit"]
+    _, repo_id, kwargs = api.calls[0]
+    assert repo_id == "someone/syncdiffusion"
+    assert kwargs == {"exist_ok": True, "private": True, "token": "hf_token"}
+
+    _, repo_id, files, kwargs = api.calls[1]
+    assert repo_id == "someone/syncdiffusion"
+    assert kwargs == {"commit_message": "Upload SyncDiffusion custom pipeline", "token": "hf_token"}
+    assert sorted(files) == ["README.md", "pipeline.py"]
+    assert files["pipeline.py"] == pipeline_file_bytes()
+    assert files["README.md"] == model_card("someone/syncdiffusion").encode()
+    assert url == f"https://huggingface.co/someone/syncdiffusion/commit/{'0' * 40}"
+
+
+def test_pipeline_source_is_the_pipeline_file():
+    assert pipeline_source().encode("utf-8") == pipeline_file_bytes()
+    assert "class SyncDiffusionPipeline(" in pipeline_source()
+
+
+def test_model_card_contents():
+    card = model_card("someone/syncdiffusion")
+
+    metadata = yaml.safe_load(re.match(r"---\n(.*?)\n---\n", card, re.S).group(1))
+    assert metadata["library_name"] == "diffusers"
+    assert metadata["license"] == "apache-2.0"
+    assert {"diffusers", "text-to-image", "panorama", "stable-diffusion", "syncdiffusion"} <= set(metadata["tags"])
+
+    assert 'custom_pipeline="someone/syncdiffusion"' in card
+    assert "trust_remote_code=True" in card
+    assert '"stabilityai/stable-diffusion-2-base"' in card
+    assert "2306.05178" in card and "StableDiffusionPanoramaPipeline" in card
+    assert "@article{lee2023syncdiffusion," in card
+
+    # Every SyncDiffusion parameter has a row in the table, with the pipeline's actual default where it has one.
+    defaults = inspect.signature(pipeline_syncdiffusion.SyncDiffusionPipeline.__call__).parameters
+    assert set(SYNC_PARAMETERS) == {name for name in defaults if name == "stride" or name.startswith("sync_")}
+    rows = dict(re.findall(r"^\| `(\w+)` \| (.*?) \|", card, re.M))
+    assert set(SYNC_PARAMETERS) <= set(rows)
+    for name in SYNC_PARAMETERS:
+        default = defaults[name].default
+        if default is not None and name not in ("sync_gradient", "sync_reuse_noise"):
+            shown = f'"{default}"' if isinstance(default, str) else repr(default)
+            assert rows[name] == f"`{shown}`", name
+
+
+@pytest.mark.parametrize("repo_id", ["syncdiffusion", "a/b/c", "", "someone/", "some one/x", "someone/x..y", None])
+def test_publish_rejects_invalid_repo_id(repo_id):
+    api = RecordingApi()
+    with pytest.raises(ValueError, match="namespace/name"):
+        publish(repo_id, api=api)
+    assert api.calls == []
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Through the fake Hub
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def test_custom_pipeline_loads_from_hub(fake_hub, tmp_path):
+    repo_id = "syncdiffusion-test/syncdiffusion"
+    marker = uuid.uuid4().hex
+    served = pipeline_file_bytes() + f'\nSERVED_BY_FAKE_HUB = "{marker}"\n'.encode()
+    sha = fake_hub.add_repo(repo_id, {"pipeline.py": served})
+    model_dir = save_tiny_pipeline(tmp_path / "model")
+
+    pipe = load_from_hub(model_dir, repo_id)
+
+    assert type(pipe).__name__ == "SyncDiffusionPipeline"
+    assert type(pipe) is not pipeline_syncdiffusion.SyncDiffusionPipeline
+    module = sys.modules[type(pipe).__module__]
+    assert module.SERVED_BY_FAKE_HUB == marker
+    module_file = Path(module.__file__)
+    assert module_file.name == "pipeline.py" and module_file.parent.name == sha
+    assert module_file.read_bytes() == served
+    assert fake_hub.requested("HEAD", f"/{repo_id}/resolve/main/pipeline.py")
+    assert fake_hub.requested("GET", f"/{repo_id}/resolve/main/pipeline.py")
+    assert fake_hub.requested("GET", f"/api/models/{repo_id}")
+    check_tiny_generation(pipe)
+
+
+def test_publish_then_load_through_fake_hub(fake_hub, tmp_path):
+    repo_id = "syncdiffusion-test/published"
+
+    url = publish(repo_id, token=fake_hub.token, private=True, commit_message="first")
+
+    repo = fake_hub.repos[repo_id]
+    assert repo["private"] is True
+    assert repo["commits"] == [{"summary": "first", "paths": ["pipeline.py", "README.md"]}]
+    assert repo["files"] == {"pipeline.py": pipeline_file_bytes(), "README.md": model_card(repo_id).encode()}
+    assert url == f"{fake_hub.url}/{repo_id}/commit/{repo['sha']}"
+
+    pipe = load_from_hub(save_tiny_pipeline(tmp_path / "model"), repo_id)
+    assert type(pipe).__name__ == "SyncDiffusionPipeline"
+    module_file = Path(sys.modules[type(pipe).__module__].__file__)
+    assert module_file.parent.name == repo["sha"]
+    assert module_file.read_bytes() == pipeline_file_bytes()
+    assert fake_hub.requested("GET", f"/{repo_id}/resolve/main/pipeline.py")
+    check_tiny_generation(pipe)
+
+    # Publishing again to the existing repo adds a commit.
+    publish(repo_id, token=fake_hub.token, commit_message="second")
+    assert [commit["summary"] for commit in repo["commits"]] == ["first", "second"]
+
+
+def test_publish_without_credentials_explains_how_to_log_in(fake_hub):
+    with pytest.raises(HfHubHTTPError, match="hf auth login") as excinfo:
+        publish("syncdiffusion-test/unauthorized")
+    assert excinfo.value.response.status_code == 401
+    assert "HF_TOKEN" in str(excinfo.value)
+    assert "syncdiffusion-test/unauthorized" not in fake_hub.repos

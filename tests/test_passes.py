@@ -1,0 +1,265 @@
+"""Pass counts of every synchronization mode, counted with hooks (`syncdiffusion_utils.counting.PassCounter`).
+
+Per synchronized step with N views the exact mode makes 2N-1 UNet forward, N-1 UNet backward, N VAE-decoder
+forward, N-1 VAE-decoder backward and N-1 LPIPS view-passes; each fast mode removes what it says it removes.
+Images are 64 x 128 pixels with 64-pixel windows at stride 4 latents: N = 3 views.
+"""
+
+import numpy as np
+import pytest
+import torch
+
+from syncdiffusion_utils.counting import PassCounter, StepRecorder, expected_sync_step
+from syncdiffusion_utils.testing import make_lpips, make_tiny_decoder, tiny_pipeline
+
+HEIGHT, WIDTH, STRIDE = 64, 128, 4
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    # Tiny models are overhead-bound: one thread is faster and immune to oversubscription on a shared CPU.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def pipe():
+    return tiny_pipeline(sample_size=8)
+
+
+@pytest.fixture(scope="module")
+def num_views(pipe):
+    n = len(pipe.get_views(HEIGHT, WIDTH, stride=STRIDE))
+    assert n == 3
+    return n
+
+
+@pytest.fixture(scope="module")
+def tiny_decoder():
+    return make_tiny_decoder(width_mult=0.25)
+
+
+def run(pipe, counter_kwargs=None, **kwargs):
+    """One call (by default one synchronized step, latent output) under a `PassCounter`; `(counts, output)`."""
+    call = {
+        "prompt": "a lighthouse",
+        "height": HEIGHT,
+        "width": WIDTH,
+        "stride": STRIDE,
+        "num_inference_steps": 1,
+        "generator": torch.Generator().manual_seed(0),
+        "output_type": "latent",
+    }
+    call.update(kwargs)
+    with PassCounter(pipe, sync_decoder=call.get("sync_decoder"), **(counter_kwargs or {})) as counter:
+        output = pipe(**call).images
+    return counter.as_dict(), output
+
+
+def exact_counts(n):
+    return {
+        "unet_fwd": 2 * n - 1,
+        "unet_recompute": 0,
+        "unet_bwd": n - 1,
+        "vae_dec_fwd": n,
+        "vae_dec_recompute": 0,
+        "vae_dec_bwd": n - 1,
+        "sync_dec_fwd": 0,
+        "sync_dec_bwd": 0,
+        "dec_fwd": n,
+        "dec_bwd": n - 1,
+        "lpips_fwd": n - 1,
+        "lpips_bwd": n - 1,
+        "final_decode": 0,
+    }
+
+
+def assert_counts(counts, expected):
+    assert {key: counts[key] for key in expected} == expected
+
+
+@pytest.mark.parametrize("view_batch_size", [1, 2, 3])
+def test_exact_mode_makes_no_wasted_pass(pipe, num_views, view_batch_size):
+    counts, _ = run(pipe, view_batch_size=view_batch_size)
+    assert_counts(counts, exact_counts(num_views))
+
+
+def test_counts_are_per_view_whatever_the_image_batch(pipe, num_views):
+    counts, _ = run(pipe, num_images_per_prompt=2, view_batch_size=2)
+    assert_counts(counts, exact_counts(num_views))
+    # Counting samples instead (one image assumed) doubles every count: each view is in the batch twice.
+    counts, _ = run(pipe, counter_kwargs={"num_images": 1}, num_images_per_prompt=2)
+    assert counts["unet_fwd"] == 2 * (2 * num_views - 1)
+    assert counts["lpips_fwd"] == 2 * (num_views - 1)
+
+
+def test_guidance_batch_counts_once(pipe, num_views):
+    # Without guidance the UNet sees each view once; the counts are the same as with the doubled batch.
+    counts, _ = run(pipe, guidance_scale=1.0)
+    assert_counts(counts, exact_counts(num_views))
+
+
+def test_multidiffusion_and_final_decode(pipe, num_views):
+    counts, _ = run(pipe, sync_weight=0.0, output_type="np")
+    assert_counts(
+        counts,
+        {"unet_fwd": num_views, "unet_bwd": 0, "dec_fwd": 0, "dec_bwd": 0, "lpips_fwd": 0, "final_decode": 1},
+    )
+    # The panorama's own decode is not a view-pass; with two images it is still one per image.
+    counts, _ = run(pipe, output_type="np", num_images_per_prompt=2)
+    assert counts["final_decode"] == 1
+    assert counts["vae_dec_fwd"] == num_views
+
+
+def test_per_step_counts(pipe, num_views):
+    """Two steps, the first synchronized: the second is a plain MultiDiffusion step."""
+    with PassCounter(pipe) as counter, StepRecorder(pipe, counter) as recorder:
+        pipe(
+            "a lighthouse",
+            height=HEIGHT,
+            width=WIDTH,
+            stride=STRIDE,
+            num_inference_steps=2,
+            sync_thres=1,
+            output_type="latent",
+            callback_on_step_end=recorder,
+        )
+    first, second = recorder.step_counts
+    assert_counts(first, exact_counts(num_views))
+    assert_counts(second, {"unet_fwd": num_views, "unet_bwd": 0, "dec_fwd": 0, "dec_bwd": 0, "lpips_fwd": 0})
+    assert counter.unet_fwd == 3 * num_views - 1
+    assert len(recorder.step_seconds) == len(recorder.step_cpu_seconds) == 2
+
+
+@pytest.mark.parametrize(
+    "kwargs, unet_fwd, unet_bwd",
+    [
+        ({"sync_gradient": "x0"}, "2N-1", "0"),  # the gradient pass's forward runs without autograd
+        ({"sync_reuse_noise": True}, "N", "N-1"),  # no second forward after the update
+        ({"sync_mode": "fast"}, "N", "0"),  # both
+        ({"sync_mode": "fast", "sync_gradient": "unet"}, "N", "N-1"),  # explicit settings override the mode
+        ({"sync_mode": "fast", "sync_reuse_noise": False}, "2N-1", "0"),
+        ({"sync_mode": "exact", "sync_gradient": "x0", "sync_reuse_noise": True}, "N", "0"),
+    ],
+)
+def test_fast_modes_remove_what_they_say(pipe, num_views, kwargs, unet_fwd, unet_bwd):
+    n = num_views
+    value = {"2N-1": 2 * n - 1, "N": n, "N-1": n - 1, "0": 0}
+    counts, _ = run(pipe, **kwargs)
+    expected = {**exact_counts(n), "unet_fwd": value[unet_fwd], "unet_bwd": value[unet_bwd]}
+    assert_counts(counts, expected)
+    gradient = kwargs.get("sync_gradient") or ("x0" if kwargs.get("sync_mode") == "fast" else "unet")
+    reuse = kwargs.get("sync_reuse_noise", kwargs.get("sync_mode") == "fast")
+    formula = expected_sync_step(n, gradient=gradient, reuse_noise=reuse)
+    assert_counts(counts, formula)
+
+
+def test_sync_decoder_replaces_the_vae_in_the_loss(pipe, num_views, tiny_decoder):
+    n = num_views
+    counts, _ = run(pipe, sync_decoder=tiny_decoder, output_type="np")
+    assert_counts(
+        counts,
+        {
+            "vae_dec_fwd": 0,
+            "vae_dec_bwd": 0,
+            "final_decode": 1,  # the VAE still decodes the panorama
+            "sync_dec_fwd": n,
+            "sync_dec_bwd": n - 1,
+            "dec_fwd": n,
+            "dec_bwd": n - 1,
+            "unet_fwd": 2 * n - 1,
+            "unet_bwd": n - 1,
+            "lpips_fwd": n - 1,
+        },
+    )
+
+
+def test_sync_decoder_composes_with_fast_mode(pipe, num_views, tiny_decoder):
+    n = num_views
+    counts, _ = run(pipe, sync_mode="fast", sync_decoder=tiny_decoder, sync_lpips_size=32)
+    assert_counts(counts, {"unet_fwd": n, "unet_bwd": 0, "vae_dec_fwd": 0, "sync_dec_fwd": n, "sync_dec_bwd": n - 1})
+    assert counts["lpips_sizes"] == [[32, 32]]
+
+
+def test_lpips_size_resizes_what_lpips_sees(pipe, num_views):
+    counts, _ = run(pipe)
+    assert counts["lpips_sizes"] == [[64, 64]]
+    counts, _ = run(pipe, sync_lpips_size=32)
+    assert counts["lpips_sizes"] == [[32, 32]]
+    assert counts["lpips_fwd"] == num_views - 1
+    # Larger than the images: nothing to resize.
+    counts, _ = run(pipe, sync_lpips_size=128)
+    assert counts["lpips_sizes"] == [[64, 64]]
+
+
+def test_gradient_checkpointing_recomputes_and_changes_nothing(pipe, num_views):
+    n = num_views
+    plain_counts, plain = run(pipe)
+    counts, checkpointed = run(pipe, sync_gradient_checkpointing=True)
+    torch.testing.assert_close(checkpointed, plain, atol=1e-5, rtol=0)
+    # The backwards re-run the UNet and the VAE decoder once per synchronized view: counted as forwards.
+    assert_counts(
+        counts,
+        {
+            **exact_counts(n),
+            "unet_fwd": 2 * n - 1 + (n - 1),
+            "unet_recompute": n - 1,
+            "vae_dec_fwd": n + (n - 1),
+            "vae_dec_recompute": n - 1,
+            "dec_fwd": n + (n - 1),
+        },
+    )
+    assert_counts(counts, expected_sync_step(n, checkpointing=True))
+    assert plain_counts["unet_recompute"] == plain_counts["vae_dec_recompute"] == 0
+    # Without a UNet backward there is nothing to recompute in the UNet.
+    counts, _ = run(pipe, sync_gradient="x0", sync_gradient_checkpointing=True)
+    assert counts["unet_recompute"] == 0 and counts["vae_dec_recompute"] == n - 1
+
+
+def test_counter_changes_nothing_and_cleans_up(pipe):
+    kwargs = {
+        "prompt": "a lighthouse",
+        "height": HEIGHT,
+        "width": WIDTH,
+        "stride": STRIDE,
+        "num_inference_steps": 1,
+        "output_type": "np",
+    }
+    without = pipe(**kwargs, generator=torch.Generator().manual_seed(0)).images
+    hooks_before = {
+        name: (len(m._forward_pre_hooks), len(m._forward_hooks), len(m._backward_hooks), len(m._backward_pre_hooks))
+        for name, m in pipe.unet.named_modules()
+    }
+    with PassCounter(pipe):
+        with_counter = pipe(**kwargs, generator=torch.Generator().manual_seed(0)).images
+    np.testing.assert_array_equal(with_counter, without)
+    hooks_after = {
+        name: (len(m._forward_pre_hooks), len(m._forward_hooks), len(m._backward_hooks), len(m._backward_pre_hooks))
+        for name, m in pipe.unet.named_modules()
+    }
+    assert hooks_after == hooks_before
+    for name in ("decode_for_sync", "prepare_latents", "perceptual_loss"):
+        assert name not in pipe.__dict__
+
+
+def test_perceptual_loss_set_after_the_counter_starts(pipe, num_views):
+    """The default LPIPS is built lazily: a module handed out by `perceptual_loss` later is still counted."""
+    previous = pipe._perceptual_loss
+    pipe.set_perceptual_loss(None)
+    try:
+        with PassCounter(pipe) as counter:
+            pipe.set_perceptual_loss(make_lpips())
+            pipe(
+                "a lighthouse",
+                height=HEIGHT,
+                width=WIDTH,
+                stride=STRIDE,
+                num_inference_steps=1,
+                output_type="latent",
+            )
+        assert counter.lpips_fwd == num_views - 1
+        assert counter.lpips_bwd == num_views - 1
+    finally:
+        pipe.set_perceptual_loss(previous)
