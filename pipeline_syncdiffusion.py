@@ -250,6 +250,7 @@ class SyncDiffusionPipeline(
         sync_reuse_noise=None,
         sync_decoder=None,
         sync_lpips_size=None,
+        sync_decode_downsample=1,
     ):
         """Raise a `ValueError` naming the argument, its value and what is allowed, before any model runs."""
         factor = self.vae_scale_factor
@@ -340,6 +341,12 @@ class SyncDiffusionPipeline(
         if sync_lpips_size is not None and (not isinstance(sync_lpips_size, int) or sync_lpips_size < 32):
             raise ValueError(f"`sync_lpips_size` has to be an integer >= 32 (pixels) or None, but is {sync_lpips_size!r}.")
 
+        if not isinstance(sync_decode_downsample, int) or sync_decode_downsample < 1 or window % sync_decode_downsample:
+            raise ValueError(
+                f"`sync_decode_downsample` has to be a positive integer dividing the view size {window}, but is"
+                f" {sync_decode_downsample!r}."
+            )
+
         if sync_weight > 0 and sync_thres > 0:
             prediction_type = self.scheduler.config.get("prediction_type", "epsilon")
             if prediction_type not in ("epsilon", "v_prediction", "sample"):
@@ -347,7 +354,7 @@ class SyncDiffusionPipeline(
                     f"synchronization needs the scheduler's `prediction_type` to be 'epsilon', 'v_prediction' or"
                     f" 'sample', but it is {prediction_type!r}."
                 )
-            gradient = sync_gradient or ("x0" if sync_mode == "fast" else "unet")
+            gradient = self._sync_settings(sync_mode, sync_gradient)["gradient"]
             if gradient == "x0" and prediction_type == "sample":
                 raise ValueError(
                     "`sync_gradient='x0'` (also implied by `sync_mode='fast'`) treats the UNet output as constant,"
@@ -540,9 +547,16 @@ class SyncDiffusionPipeline(
             self._perceptual_loss = lpips.LPIPS(net="vgg", verbose=False).eval().requires_grad_(False)
         return self._perceptual_loss.to(device=device, dtype=torch.float32)
 
-    def decode_for_sync(self, clean_latents: torch.Tensor, decoder=None) -> torch.Tensor:
-        """`D(x) = clamp(decoder.decode(x / scaling_factor) / 2 + 0.5, 0, 1)`: the image the loss compares."""
+    def decode_for_sync(self, clean_latents: torch.Tensor, decoder=None, downsample: int = 1) -> torch.Tensor:
+        """
+        `D(x) = clamp(decoder.decode(x / scaling_factor) / 2 + 0.5, 0, 1)`: the image the loss compares.
+
+        With `downsample > 1` the clean latent is average-pooled by that factor first, so the decoder renders a
+        smaller image (`downsample**2` times fewer pixels to decode, differentiate and compare).
+        """
         decoder = decoder if decoder is not None else self.vae
+        if downsample > 1:
+            clean_latents = F.avg_pool2d(clean_latents, downsample)
         scaling_factor = getattr(decoder.config, "scaling_factor", 1.0)
         clean_latents = clean_latents.to(decoder.dtype)
         image = decoder.decode(clean_latents / scaling_factor, return_dict=False)[0]
@@ -573,7 +587,8 @@ class SyncDiffusionPipeline(
         with torch.enable_grad(), self._sync_checkpointing(sync["checkpointing"]):
             with torch.set_grad_enabled(sync["gradient"] == "unet"):
                 noise_pred = self.predict_noise(model_input, t, conditioning)
-            images = self.decode_for_sync(self.predict_clean_latents(model_input, noise_pred, t), sync["decoder"])
+            clean_latents = self.predict_clean_latents(model_input, noise_pred, t)
+            images = self.decode_for_sync(clean_latents, sync["decoder"], sync["decode_downsample"])
             loss = self.perceptual_distance(images, anchor_images, sync["lpips_size"]).sum()
             # Each view's loss depends only on its own latent, so one backward of the sum gives every view's gradient.
             (grad,) = torch.autograd.grad(loss, model_input)
@@ -628,7 +643,8 @@ class SyncDiffusionPipeline(
         anchor_latents = self.get_view_latents(latents, [anchor_view])
         model_input = self.scheduler.scale_model_input(anchor_latents, t)
         noise_pred = self.predict_noise(model_input, t, conditioning)
-        images = self.decode_for_sync(self.predict_clean_latents(model_input, noise_pred, t), sync["decoder"])
+        clean_latents = self.predict_clean_latents(model_input, noise_pred, t)
+        images = self.decode_for_sync(clean_latents, sync["decoder"], sync["decode_downsample"])
         return {"view": anchor_view, "noise_pred": noise_pred, "images": images}
 
     def decode_latents_with_padding(self, latents: torch.Tensor, padding: int = 8) -> torch.Tensor:
@@ -721,6 +737,7 @@ class SyncDiffusionPipeline(
         sync_decoder: Any | None = None,
         sync_lpips_size: int | None = None,
         sync_gradient_checkpointing: bool = False,
+        sync_decode_downsample: int = 1,
         **kwargs: Any,
     ):
         r"""
@@ -811,6 +828,10 @@ class SyncDiffusionPipeline(
             sync_gradient_checkpointing (`bool`, *optional*, defaults to `False`):
                 Recompute UNet and VAE-decoder activations in the gradient pass instead of storing them: lower peak
                 memory, one more forward of each per synchronized view, the same result.
+            sync_decode_downsample (`int`, *optional*, defaults to 1):
+                Average-pool the predicted clean latents by this factor before decoding the images the loss
+                compares (2: a 256x256 image for a 512x512 view). Decoder and LPIPS cost fall by its square; the
+                loss then sees layout and colour at lower resolution rather than fine texture. Not in the paper.
 
         Examples:
 
@@ -856,6 +877,7 @@ class SyncDiffusionPipeline(
             sync_reuse_noise=sync_reuse_noise,
             sync_decoder=sync_decoder,
             sync_lpips_size=sync_lpips_size,
+            sync_decode_downsample=sync_decode_downsample,
         )
 
         self._guidance_scale = guidance_scale
@@ -927,13 +949,15 @@ class SyncDiffusionPipeline(
                 guidance_scale_tensor, embedding_dim=self.unet.config.time_cond_proj_dim
             ).to(device=device, dtype=latents.dtype)
         conditioning = self._conditioning(prompt_embeds, negative_prompt_embeds, image_embeds, timestep_cond, num_images)
-        sync_settings = {
-            "gradient": sync_gradient or ("x0" if sync_mode == "fast" else "unet"),
-            "reuse_noise": sync_mode == "fast" if sync_reuse_noise is None else sync_reuse_noise,
-            "decoder": sync_decoder,
-            "lpips_size": sync_lpips_size,
-            "checkpointing": sync_gradient_checkpointing,
-        }
+        sync_settings = self._sync_settings(
+            sync_mode,
+            sync_gradient,
+            sync_reuse_noise,
+            sync_decoder,
+            sync_lpips_size,
+            sync_gradient_checkpointing,
+            sync_decode_downsample,
+        )
 
         # 8. Denoising loop: MultiDiffusion over the views, with a synchronization update in the early steps
         num_warmup_steps = len(timesteps) - num_inference_steps * self.scheduler.order
@@ -1012,6 +1036,20 @@ class SyncDiffusionPipeline(
         if not return_dict:
             return (image, has_nsfw_concept)
         return StableDiffusionPipelineOutput(images=image, nsfw_content_detected=has_nsfw_concept)
+
+    @staticmethod
+    def _sync_settings(
+        mode="exact", gradient=None, reuse_noise=None, decoder=None, lpips_size=None, checkpointing=False, decode_downsample=1
+    ):
+        """How synchronization runs: `sync_mode="fast"` means an x0 gradient and noise reuse unless those are given."""
+        return {
+            "gradient": gradient or ("x0" if mode == "fast" else "unet"),
+            "reuse_noise": mode == "fast" if reuse_noise is None else reuse_noise,
+            "decoder": decoder,
+            "lpips_size": lpips_size,
+            "checkpointing": checkpointing,
+            "decode_downsample": decode_downsample,
+        }
 
     def _conditioning(self, prompt_embeds, negative_prompt_embeds, image_embeds, timestep_cond, num_images):
         """Per-image UNet conditioning; with guidance each image's `[negative, positive]` pair is interleaved."""

@@ -108,7 +108,7 @@ def test_one_update_lowers_the_distance_to_the_anchor(pipe):
     conditioning = pipe._conditioning(positive, negative, None, None, 1)
     latents = torch.randn(1, 4, 8, 16, generator=torch.Generator().manual_seed(5))
     views = pipe.get_views(64, 128, stride=4)
-    sync = {"gradient": "unet", "reuse_noise": False, "decoder": None, "lpips_size": None, "checkpointing": False}
+    sync = pipe._sync_settings()  # the exact mode
 
     with torch.no_grad():
         anchor = pipe.prepare_anchor(latents, views[1], t, conditioning, sync)

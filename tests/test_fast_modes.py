@@ -1,0 +1,82 @@
+"""Opt-in fast modes stay close to the exact mode; the exact-result options change nothing but cost."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from syncdiffusion_utils.testing import make_tiny_decoder
+
+
+# 64x160 pixels: 5 views at stride 4; one synchronized step, then one plain step.
+CALL = {"height": 64, "width": 160, "num_inference_steps": 2, "stride": 4, "sync_thres": 1, "output_type": "latent"}
+
+
+def sync_update(pipe, sync_weight=1.0, **options):
+    """What synchronization changed in the result: synchronized minus MultiDiffusion latents, same noise."""
+    latents = torch.randn(1, 4, 8, 20, generator=torch.Generator().manual_seed(0))
+    plain = pipe("a photo", latents=latents, sync_weight=0, **CALL).images
+    return pipe("a photo", latents=latents, sync_weight=sync_weight, **CALL, **options).images - plain
+
+
+def cosine(a, b):
+    return F.cosine_similarity(a.flatten(), b.flatten(), dim=0).item()
+
+
+@pytest.mark.parametrize(
+    "options",
+    [{"sync_gradient": "x0"}, {"sync_reuse_noise": True}, {"sync_mode": "fast"}, {"sync_lpips_size": 32}],
+    ids=["x0_gradient", "reuse_noise", "fast", "lpips_size"],
+)
+def test_fast_mode_update_points_where_the_exact_one_does(pipe, options):
+    """With a small weight the fast update is a different, but well-aligned, step (cosine > 0.6 here; ~0.75-0.93)."""
+    exact = sync_update(pipe)
+    fast = sync_update(pipe, **options)
+    assert exact.abs().max() > 1e-3
+    assert (fast - exact).abs().max() > 1e-6  # the mode really changed something
+    assert cosine(fast, exact) > 0.6
+    assert fast.norm() / exact.norm() == pytest.approx(1.0, abs=0.5)
+
+
+@pytest.mark.parametrize("view_batch_size", [1, 5])
+def test_fast_mode_does_not_depend_on_view_batching(pipe, view_batch_size):
+    reference = sync_update(pipe, sync_weight=20.0, sync_mode="fast")
+    batched = sync_update(pipe, sync_weight=20.0, sync_mode="fast", view_batch_size=view_batch_size)
+    torch.testing.assert_close(batched, reference, atol=1e-4, rtol=1e-3)
+
+
+def test_gradient_checkpointing_gives_the_exact_result(pipe):
+    torch.testing.assert_close(sync_update(pipe, 20.0, sync_gradient_checkpointing=True), sync_update(pipe, 20.0), atol=1e-5, rtol=1e-5)
+    assert not pipe.unet.is_gradient_checkpointing and not pipe.vae.is_gradient_checkpointing  # restored
+
+
+def test_sync_decoder_is_the_decoder_the_loss_sees(pipe):
+    """Passing the VAE itself reproduces the exact mode; another decoder changes the update."""
+    torch.testing.assert_close(sync_update(pipe, sync_decoder=pipe.vae), sync_update(pipe), atol=1e-6, rtol=0)
+    other = sync_update(pipe, sync_decoder=make_tiny_decoder(width_mult=0.25))
+    assert (other - sync_update(pipe)).abs().max() > 1e-4
+
+
+def test_decode_downsample_update_lowers_the_full_resolution_distance(pipe):
+    """The half-resolution loss image still steers the view towards the anchor at full resolution."""
+    pipe._guidance_scale, pipe._guidance_rescale, pipe._cross_attention_kwargs = 7.5, 0.0, None
+    pipe.scheduler.set_timesteps(10)
+    t = pipe.scheduler.timesteps[0]
+    positive, negative = pipe.encode_prompt("a photo of a beach", "cpu", 1, True)
+    conditioning = pipe._conditioning(positive, negative, None, None, 1)
+    latents = torch.randn(1, 4, 8, 16, generator=torch.Generator().manual_seed(5))
+    views = pipe.get_views(64, 128, stride=4)
+    exact, pooled = pipe._sync_settings(), pipe._sync_settings(decode_downsample=2)
+
+    with torch.no_grad():
+        anchor_full = pipe.prepare_anchor(latents, views[1], t, conditioning, exact)["images"]
+        anchor_small = pipe.prepare_anchor(latents, views[1], t, conditioning, pooled)["images"]
+        assert anchor_small.shape[-1] == anchor_full.shape[-1] // 2
+        view = pipe.get_view_latents(latents, [views[0]])
+
+        def full_distance(z):
+            model_input = pipe.scheduler.scale_model_input(z, t)
+            x0 = pipe.predict_clean_latents(model_input, pipe.predict_noise(model_input, t, conditioning), t)
+            return pipe.perceptual_distance(pipe.decode_for_sync(x0), anchor_full).item()
+
+        updated, _ = pipe.synchronize_views(view, anchor_small, t, 2.0, conditioning, pooled)
+        assert full_distance(updated) < full_distance(view)
