@@ -288,3 +288,24 @@ def test_save_and_load_round_trip(pipe, lpips_module, tmp_path):
     loaded = SyncDiffusionPipeline.from_pretrained(tmp_path)
     assert_loaded_pipeline_runs(loaded, lpips_module)
     torch.testing.assert_close(latents_of(loaded), latents_of(pipe), atol=1e-6, rtol=0)
+
+
+def test_safety_checker_runs_when_present(pipe):
+    from diffusers.pipelines.stable_diffusion.safety_checker import StableDiffusionSafetyChecker
+    from transformers import CLIPConfig, CLIPImageProcessor
+
+    config = CLIPConfig(
+        text_config={"hidden_size": 16, "intermediate_size": 32, "num_hidden_layers": 1, "num_attention_heads": 2},
+        vision_config={"hidden_size": 16, "intermediate_size": 32, "num_hidden_layers": 1, "num_attention_heads": 2,
+                       "image_size": 32, "patch_size": 8},
+        projection_dim=8,
+    )
+    checker = StableDiffusionSafetyChecker(config).eval()
+    calls = []
+    checker.register_forward_pre_hook(lambda module, args, kwargs: calls.append(kwargs["clip_input"].shape), with_kwargs=True)
+    pipe = type(pipe)(**{**pipe.components, "safety_checker": checker,
+                         "feature_extractor": CLIPImageProcessor(size={"shortest_edge": 32}, crop_size=32)})
+    pipe.set_progress_bar_config(disable=True)
+    out = pipe("a photo", **SMALL, sync_weight=0, num_images_per_prompt=2, output_type="np")
+    assert calls == [(2, 3, 32, 32)]
+    assert len(out.nsfw_content_detected) == 2 and all(isinstance(x, bool) for x in out.nsfw_content_detected)
