@@ -10,7 +10,6 @@ from syncdiffusion_utils.testing import make_components, make_lpips
 
 
 warnings.filterwarnings("ignore", message=".*deprecated.*")
-torch.set_num_threads(2)
 
 
 @pytest.fixture(scope="session")

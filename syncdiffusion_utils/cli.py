@@ -1,0 +1,574 @@
+"""The `syncdiffusion` command: a prompt in, a panorama PNG out.
+
+    syncdiffusion "a photo of a mountain range at twilight" -o mountains.png
+    syncdiffusion "a photo of a city skyline at night" --compare -o compare.png
+    syncdiffusion "a cozy living room" --model tiny -o smoke.png      # offline smoke run, random weights
+    syncdiffusion publish your-name/syncdiffusion                     # upload the pipeline to the Hub
+
+Also `python -m syncdiffusion_utils.cli`. Expected failures (a bad size or stride, a model that cannot be found,
+an output that cannot be written) print one line to stderr and exit non-zero.
+
+The helpers `load_pipeline`, `load_sync_decoder`, `resolve_device`, `save_image` and `example_parser` are shared
+with the scripts in `examples/`. torch and diffusers are imported lazily, so `--help` is instant.
+"""
+
+import argparse
+import contextlib
+import os
+import random
+import re
+import sys
+import time
+import traceback
+import warnings
+
+
+DEFAULT_MODEL = "stabilityai/stable-diffusion-2-base"
+TINY = "tiny"  # `--model tiny`: the offline random tiny pipeline of `syncdiffusion_utils.testing`
+DEFAULT_SIZE = {"real": (512, 2048, 50), TINY: (64, 256, 10)}  # height, width, steps when not given
+DEFAULT_OUTPUT = "panorama.png"
+DEFAULT_COMPARE_OUTPUT = "compare.png"
+SCHEDULERS = ("ddim", "euler", "dpm++")
+DEFAULT_SCHEDULER = "ddim"  # the paper's
+
+# Pipeline argument -> the flag that sets it, to turn the pipeline's input errors into command-line errors.
+ARGUMENT_FLAGS = {
+    "prompt": "PROMPT",
+    "height": "--height",
+    "width": "--width",
+    "num_inference_steps": "--steps",
+    "guidance_scale": "--guidance",
+    "negative_prompt": "--negative-prompt",
+    "stride": "--stride",
+    "view_batch_size": "--view-batch-size",
+    "circular_padding": "--circular",
+    "sync_weight": "--sync-weight",
+    "sync_decay_rate": "--sync-decay-rate",
+    "sync_freq": "--sync-freq",
+    "sync_thres": "--sync-thres",
+    "sync_mode": "--sync-mode",
+    "sync_gradient": "--sync-gradient",
+    "sync_reuse_noise": "--sync-reuse-noise",
+    "sync_decoder": "--sync-decoder",
+    "sync_lpips_size": "--sync-lpips-size",
+    "sync_decode_downsample": "--sync-decode-downsample",
+    "sync_gradient_checkpointing": "--sync-gradient-checkpointing",
+}
+
+_WEIGHTS_HINT = (
+    "To get the weights: run `hf auth login` (for gated models) and `hf download {model}`, or pass a local"
+    " diffusers folder with --model (or `--model tiny` for an offline smoke run)."
+)
+
+
+class CLIError(Exception):
+    """An expected failure: `main` prints its message as one line to stderr and returns `code`."""
+
+    def __init__(self, message, code=1):
+        super().__init__(" ".join(str(message).split()))
+        self.code = code
+
+
+class _Parser(argparse.ArgumentParser):
+    """An argument parser whose errors are one line (no usage dump) and do not exit the interpreter."""
+
+    def error(self, message):
+        raise CLIError(f"{message} (see `{self.prog} --help`)", code=2)
+
+
+def note(message):
+    """A one-line note on stderr (something skipped or adjusted, not an error)."""
+    print(f"note: {message}", file=sys.stderr, flush=True)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Helpers shared with examples/
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def resolve_device(device="auto"):
+    """`"auto"`: cuda if available, else mps, else cpu; any other value is returned as given."""
+    if device not in (None, "auto"):
+        return device
+    import torch
+
+    if torch.cuda.is_available():
+        return "cuda"
+    mps = getattr(torch.backends, "mps", None)
+    if mps is not None and mps.is_available():
+        return "mps"
+    return "cpu"
+
+
+def check_device(device):
+    """Raise `CLIError` naming --device unless torch can run on `device` here."""
+    import torch
+
+    try:
+        kind = torch.device(device).type
+    except (RuntimeError, ValueError):
+        raise CLIError(f"--device {device!r}: not a torch device; use auto, cuda, cuda:N, mps or cpu.", code=2) from None
+    mps = getattr(torch.backends, "mps", None)
+    available = {"cpu": True, "cuda": torch.cuda.is_available(), "mps": mps is not None and mps.is_available()}
+    if not available.get(kind, True):
+        raise CLIError(f"--device {device!r}: {kind} is not available on this machine; use --device auto or cpu.")
+
+
+def _offline():
+    return os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
+
+
+def _first_line(error):
+    text = str(error).strip().splitlines()
+    return text[0] if text else type(error).__name__
+
+
+@contextlib.contextmanager
+def _quiet_loading():
+    """diffusers logs "Couldn't connect to the Hub" and the like before raising, and newer versions warn that
+    `torch_dtype` is now `dtype` (older ones only know `torch_dtype`): keep a failure to one line."""
+    from diffusers.utils import logging as diffusers_logging
+    from huggingface_hub.utils import logging as hub_logging
+
+    verbosity = diffusers_logging.get_verbosity(), hub_logging.get_verbosity()
+    diffusers_logging.set_verbosity_error()
+    hub_logging.set_verbosity_error()
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*torch_dtype.*", category=FutureWarning)
+            warnings.filterwarnings("ignore", message=".*local_dir_use_symlinks.*")
+            yield
+    finally:
+        diffusers_logging.set_verbosity(verbosity[0])
+        hub_logging.set_verbosity(verbosity[1])
+
+
+def _from_pretrained(model, torch_dtype):
+    """`SyncDiffusionPipeline.from_pretrained`, turning "not found" into a `CLIError` that says how to get it."""
+    from pipeline_syncdiffusion import SyncDiffusionPipeline
+
+    is_folder = os.path.isdir(model)
+    looks_local = model.startswith(("/", "./", "../", "~", ".\\")) or "\\" in model or model.count("/") > 1
+    if not is_folder and looks_local:
+        raise CLIError(
+            f"--model {model!r}: no such folder, and not a Hub model id. "
+            + _WEIGHTS_HINT.format(model=DEFAULT_MODEL)
+        )
+    if is_folder and not os.path.isfile(os.path.join(model, "model_index.json")):
+        raise CLIError(
+            f"--model {model!r}: not a diffusers pipeline folder (it has no model_index.json). "
+            + _WEIGHTS_HINT.format(model=DEFAULT_MODEL)
+        )
+    try:
+        with _quiet_loading():
+            return SyncDiffusionPipeline.from_pretrained(
+                model, torch_dtype=torch_dtype, local_files_only=_offline() or None
+            )
+    except (OSError, ValueError) as error:
+        if is_folder:
+            raise CLIError(f"--model {model!r}: cannot load the pipeline from this folder: {_first_line(error)}") from None
+        where = "the local cache (HF_HUB_OFFLINE is set)" if _offline() else "the Hub or the local cache"
+        raise CLIError(
+            f"--model {model!r}: cannot find or download it from {where}. " + _WEIGHTS_HINT.format(model=model)
+        ) from None
+
+
+def load_pipeline(
+    model=DEFAULT_MODEL,
+    device="auto",
+    fp16=False,
+    *,
+    scheduler=DEFAULT_SCHEDULER,
+    attention_slicing=False,
+    cpu_offload=False,
+    progress=True,
+):
+    """A ready `SyncDiffusionPipeline`: `model` is a Hub id, a local folder, or `"tiny"` (offline, random weights).
+
+    `fp16` and `cpu_offload` are skipped with a printed note where they cannot help (on the CPU). `scheduler` is
+    one of `SCHEDULERS`, or None to keep the model's. Raises `CLIError` when the model cannot be found.
+    """
+    import torch
+
+    device = resolve_device(device)
+    check_device(device)
+    dtype = torch.float32
+    if fp16:
+        if device.split(":")[0] == "cpu":
+            note("--fp16 skipped on the CPU (float16 is slow or unsupported there): running in float32.")
+        else:
+            dtype = torch.float16
+
+    if model == TINY:
+        from syncdiffusion_utils.testing import tiny_pipeline
+
+        with warnings.catch_warnings():  # torchvision's notes about the random LPIPS backbone's arguments
+            warnings.simplefilter("ignore", UserWarning)
+            pipe = tiny_pipeline()
+        if dtype != torch.float32:
+            pipe.to(dtype=dtype)
+    else:
+        pipe = _from_pretrained(model, dtype)
+
+    if scheduler is not None:
+        set_scheduler(pipe, scheduler)
+    if attention_slicing:
+        pipe.enable_attention_slicing()
+    if cpu_offload and device.split(":")[0] == "cpu":
+        note("--cpu-offload skipped: there is no accelerator to offload from, the pipeline runs on the CPU.")
+        cpu_offload = False
+    if cpu_offload:
+        pipe.enable_model_cpu_offload(device=device)
+    else:
+        pipe.to(device)
+    pipe.set_progress_bar_config(disable=not progress)
+    return pipe
+
+
+def set_scheduler(pipe, name):
+    """Replace `pipe.scheduler` by `name` ("ddim", "euler" or "dpm++") built from the current scheduler's config."""
+    from diffusers import DDIMScheduler, DPMSolverMultistepScheduler, EulerDiscreteScheduler
+
+    if name == "ddim":
+        pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
+    elif name == "euler":
+        pipe.scheduler = EulerDiscreteScheduler.from_config(pipe.scheduler.config)
+    elif name == "dpm++":
+        pipe.scheduler = DPMSolverMultistepScheduler.from_config(pipe.scheduler.config, algorithm_type="dpmsolver++")
+    else:
+        raise CLIError(f"--scheduler {name!r}: choose one of {', '.join(SCHEDULERS)}.", code=2)
+    return pipe.scheduler
+
+
+def load_sync_decoder(name, pipe):
+    """The `sync_decoder` for `pipe`: an `AutoencoderTiny` from a Hub id or folder (e.g. madebyollin/taesd), or
+    `"tiny"` for the random one of `syncdiffusion_utils.testing` (offline; only meaningful with the tiny pipeline).
+    """
+    device = pipe._execution_device
+    dtype = pipe.unet.dtype
+    if name == TINY:
+        from syncdiffusion_utils.testing import make_tiny_decoder
+
+        decoder = make_tiny_decoder().to(device=device).requires_grad_(False)
+        return decoder.to(dtype=dtype) if dtype != decoder.dtype else decoder
+
+    from diffusers import AutoencoderTiny
+
+    if not os.path.isdir(name) and (name.startswith(("/", "./", "../", "~")) or name.count("/") > 1):
+        raise CLIError(f"--sync-decoder {name!r}: no such folder, and not a Hub model id.")
+    try:
+        with _quiet_loading():
+            decoder = AutoencoderTiny.from_pretrained(name, torch_dtype=dtype, local_files_only=_offline() or None)
+    except (OSError, ValueError) as error:
+        raise CLIError(
+            f"--sync-decoder {name!r}: cannot load an AutoencoderTiny ({_first_line(error)}). Run"
+            f" `hf download {name}` where there is network, or pass a local folder."
+        ) from None
+    return decoder.to(device=device).eval().requires_grad_(False)
+
+
+def generator(seed):
+    """A CPU `torch.Generator` seeded with `seed`: the same noise whatever the device."""
+    import torch
+
+    return torch.Generator(device="cpu").manual_seed(int(seed))
+
+
+def save_image(image, path):
+    """Save `image` to `path` (creating its folder) and print `wrote PATH (WxH pixels)`."""
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    image.save(path)
+    print(f"wrote {path} ({image.width}x{image.height} pixels)", flush=True)
+    return path
+
+
+def example_parser(doc, output, prompt):
+    """The command line every example shares: --tiny, --model, --device, --prompt, --seed, --output."""
+    description = (doc or "").strip()
+    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--tiny", action="store_true", help="run offline on the tiny random pipeline (seconds on CPU)")
+    parser.add_argument("--model", default=DEFAULT_MODEL, help=f"Hub id or local folder (default: {DEFAULT_MODEL})")
+    parser.add_argument("--device", default="auto", help="cuda, mps, cpu or auto (default)")
+    parser.add_argument("--prompt", default=prompt, help=f"default: {prompt!r}")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--output", "-o", default=output, help=f"PNG to write (default: {output})")
+    return parser
+
+
+def label_and_stack(images_and_labels, background="white", color="black"):
+    """Stack images vertically, each under a band holding its label (PIL's default font)."""
+    from PIL import Image, ImageDraw, ImageFont
+
+    width = max(image.width for image, _ in images_and_labels)
+    size = max(10, min(48, min(image.height for image, _ in images_and_labels) // 16))
+    try:
+        font = ImageFont.load_default(size=size)
+    except (TypeError, OSError, ImportError):  # Pillow < 10.1 or no FreeType: the fixed bitmap font
+        font = ImageFont.load_default()
+    measure = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+    pad = max(3, size // 3)
+    bands = []
+    for _, label in images_and_labels:
+        left, top, right, bottom = measure.textbbox((0, 0), label, font=font)
+        bands.append((bottom - top + 2 * pad, top))
+    height = sum(image.height + band for (image, _), (band, _) in zip(images_and_labels, bands))
+    canvas = Image.new("RGB", (width, height), background)
+    draw = ImageDraw.Draw(canvas)
+    y = 0
+    for (image, label), (band, top) in zip(images_and_labels, bands):
+        draw.text((pad, y + pad - top), label, fill=color, font=font)
+        y += band
+        canvas.paste(image.convert("RGB"), (0, y))
+        y += image.height
+    return canvas
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The command
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def _positive_int(text):
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
+    return value
+
+
+def _non_negative_int(text):
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {value}")
+    return value
+
+
+def build_parser():
+    parser = _Parser(
+        prog="syncdiffusion",
+        description="Generate a coherent panorama with SyncDiffusion (a prompt in, a PNG out).",
+        epilog=(
+            "Publish the pipeline to the Hub: `syncdiffusion publish REPO_ID [--token T] [--private]`.\n"
+            "Offline smoke run: `syncdiffusion 'a test' --model tiny -o smoke.png`."
+        ),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("prompt", help="what the panorama shows")
+    parser.add_argument("--output", "-o", help=f"image to write (default: {DEFAULT_OUTPUT}, with --compare {DEFAULT_COMPARE_OUTPUT})")
+    parser.add_argument(
+        "--model",
+        default=DEFAULT_MODEL,
+        help=f"Hub model id or local diffusers folder (default: {DEFAULT_MODEL}); `tiny`: offline random tiny model",
+    )
+    parser.add_argument("--height", type=_positive_int, help="pixels, a multiple of 8 (default: 512; tiny: 64)")
+    parser.add_argument("--width", type=_positive_int, help="pixels, a multiple of 8 (default: 2048; tiny: 256)")
+    parser.add_argument("--steps", type=_positive_int, help="denoising steps (default: 50; tiny: 10)")
+    parser.add_argument("--guidance", type=float, default=7.5, help="classifier-free guidance scale (default: 7.5)")
+    parser.add_argument("--seed", type=int, help="random seed (default: a random one, printed)")
+    parser.add_argument("--stride", type=int, default=8, help="distance between views in latent pixels (default: 8)")
+    parser.add_argument("--negative-prompt", help="what the panorama should not show")
+    parser.add_argument("--scheduler", choices=SCHEDULERS, default=DEFAULT_SCHEDULER, help="default: ddim (the paper's)")
+
+    sync = parser.add_argument_group("synchronization (SyncDiffusion)")
+    sync.add_argument("--sync-weight", type=float, default=20.0, help="gradient step size; 0 = MultiDiffusion (default: 20)")
+    sync.add_argument("--sync-thres", type=_non_negative_int, default=5, help="synchronize the first N steps (default: 5)")
+    sync.add_argument("--sync-decay-rate", type=float, default=0.95, help="weight decay per step (default: 0.95)")
+    sync.add_argument("--sync-freq", type=_positive_int, default=1, help="synchronize every N-th step (default: 1)")
+    sync.add_argument("--sync-mode", choices=("exact", "fast"), default="exact", help="exact (the paper's) or fast")
+    sync.add_argument("--sync-gradient", choices=("unet", "x0"), help="default: from --sync-mode")
+    sync.add_argument(
+        "--sync-reuse-noise", action=argparse.BooleanOptionalAction, default=None, help="default: from --sync-mode"
+    )
+    sync.add_argument("--sync-lpips-size", type=_positive_int, help="resize compared images to this many pixels")
+    sync.add_argument(
+        "--sync-decode-downsample", type=_positive_int, default=1,
+        help="average-pool the clean latent by this factor before decoding the loss image (default 1)",
+    )
+    sync.add_argument(
+        "--sync-decoder",
+        help="AutoencoderTiny Hub id or folder for the loss images, e.g. madebyollin/taesd (`tiny` with --model tiny)",
+    )
+    sync.add_argument("--sync-gradient-checkpointing", action="store_true", help="less memory, more compute")
+    sync.add_argument(
+        "--compare", action="store_true", help="write MultiDiffusion and SyncDiffusion (same seed) stacked, labelled"
+    )
+
+    run = parser.add_argument_group("panorama and hardware")
+    run.add_argument("--circular", action="store_true", help="360-degree panorama: the left and right edges meet")
+    run.add_argument("--view-batch-size", type=_positive_int, default=1, help="views per batch (default: 1)")
+    run.add_argument("--fp16", action="store_true", help="half precision (GPU)")
+    run.add_argument("--device", default="auto", help="cuda, mps, cpu, ... (default: auto = cuda, else mps, else cpu)")
+    run.add_argument("--attention-slicing", action="store_true", help="less memory, a little slower")
+    run.add_argument("--cpu-offload", action="store_true", help="keep models on the CPU until used (GPU)")
+    return parser
+
+
+def check_output(path):
+    """Raise `CLIError` naming --output unless `path` can be written; leaves no file behind."""
+    from PIL import Image
+
+    folder = os.path.dirname(os.path.abspath(path))
+    if os.path.isdir(path):
+        raise CLIError(f"--output {path!r} is a directory; give a file name such as {os.path.join(path, DEFAULT_OUTPUT)}.")
+    extension = os.path.splitext(path)[1].lower()
+    if extension not in Image.registered_extensions():
+        raise CLIError(f"--output {path!r}: unknown image extension {extension or '(none)'!r}; use .png.", code=2)
+    if not os.path.isdir(folder):
+        raise CLIError(f"--output {path!r}: the directory {folder} does not exist.")
+    existed = os.path.exists(path)
+    try:
+        with open(path, "ab"):
+            pass
+    except OSError as error:
+        raise CLIError(f"--output {path!r} cannot be written: {error.strerror or error}.") from None
+    if not existed:
+        os.remove(path)
+
+
+def _input_error(error):
+    """The one-line message of a `ValueError` the pipeline raised in `check_inputs`, with flags for arguments."""
+    if not any(frame.name == "check_inputs" for frame in traceback.extract_tb(error.__traceback__)):
+        return None
+    return re.sub(r"`(\w+)`", lambda m: ARGUMENT_FLAGS.get(m.group(1), m.group(0)), str(error))
+
+
+def _generate(args):
+    tiny = args.model == TINY
+    default_height, default_width, default_steps = DEFAULT_SIZE[TINY if tiny else "real"]
+    height = args.height or default_height
+    width = args.width or default_width
+    steps = args.steps or default_steps
+    output = args.output or (DEFAULT_COMPARE_OUTPUT if args.compare else DEFAULT_OUTPUT)
+    seed = args.seed if args.seed is not None else random.randrange(2**32)
+    check_output(output)
+    if args.sync_decoder == TINY and not tiny:
+        raise CLIError("--sync-decoder tiny is a random decoder for `--model tiny` only; use e.g. madebyollin/taesd.", 2)
+
+    import torch
+
+    start = time.perf_counter()
+    pipe = load_pipeline(
+        args.model,
+        args.device,
+        args.fp16,
+        scheduler=args.scheduler,
+        attention_slicing=args.attention_slicing,
+        cpu_offload=args.cpu_offload,
+    )
+    sync_decoder = load_sync_decoder(args.sync_decoder, pipe) if args.sync_decoder else None
+    loaded = time.perf_counter()
+
+    call = dict(
+        prompt=args.prompt,
+        height=height,
+        width=width,
+        num_inference_steps=steps,
+        guidance_scale=args.guidance,
+        negative_prompt=args.negative_prompt,
+        stride=args.stride,
+        view_batch_size=args.view_batch_size,
+        circular_padding=args.circular,
+        sync_decay_rate=args.sync_decay_rate,
+        sync_freq=args.sync_freq,
+        sync_thres=args.sync_thres,
+        sync_mode=args.sync_mode,
+        sync_gradient=args.sync_gradient,
+        sync_reuse_noise=args.sync_reuse_noise,
+        sync_decoder=sync_decoder,
+        sync_lpips_size=args.sync_lpips_size,
+        sync_decode_downsample=args.sync_decode_downsample,
+        sync_gradient_checkpointing=args.sync_gradient_checkpointing,
+    )
+    runs = [(f"SyncDiffusion (sync weight {args.sync_weight:g}, {args.sync_mode})", args.sync_weight)]
+    if args.compare:
+        runs.insert(0, ("MultiDiffusion (sync weight 0)", 0.0))
+    out_of_memory = getattr(torch, "OutOfMemoryError", torch.cuda.OutOfMemoryError)
+    images = []
+    for label, sync_weight in runs:
+        pipe.set_progress_bar_config(disable=False, desc=label.split(" (")[0] if args.compare else None)
+        try:
+            image = pipe(**call, sync_weight=sync_weight, generator=generator(seed)).images[0]
+        except ValueError as error:
+            message = _input_error(error)
+            if message is None:
+                raise
+            raise CLIError(message, code=2) from None
+        except out_of_memory:
+            raise CLIError(
+                "out of GPU memory: try --fp16, --attention-slicing, --cpu-offload, --sync-mode fast,"
+                " --sync-gradient-checkpointing or a smaller --width/--height."
+            ) from None
+        images.append((image, label))
+    done = time.perf_counter()
+
+    image = label_and_stack(images) if args.compare else images[0][0]
+    try:
+        image.save(output)
+    except OSError as error:
+        raise CLIError(f"--output {output!r} cannot be written: {error}") from None
+    what = f": MultiDiffusion above SyncDiffusion, {width}x{height} each" if args.compare else ""
+    print(
+        f"wrote {output} ({image.width}x{image.height} pixels{what}; seed {seed};"
+        f" {done - loaded:.1f} s generating, {loaded - start:.1f} s loading)",
+        flush=True,
+    )
+    return 0
+
+
+_PROGRAMMING_ERRORS = (TypeError, AttributeError, NameError, ImportError, AssertionError, KeyError, IndexError)
+
+
+def _publish(argv):
+    parser = _Parser(
+        prog="syncdiffusion publish",
+        description="Upload the pipeline file (as pipeline.py) and its model card to a Hub model repository, so that"
+        " `DiffusionPipeline.from_pretrained(model, custom_pipeline=REPO_ID, trust_remote_code=True)` loads it.",
+    )
+    parser.add_argument("repo_id", help="namespace/name, e.g. your-name/syncdiffusion")
+    parser.add_argument("--token", help="a Hub token with write access (default: the saved login or HF_TOKEN)")
+    parser.add_argument("--private", action="store_true", help="create the repository private")
+    parser.add_argument("--message", help="commit message")
+    args = parser.parse_args(argv)
+
+    from syncdiffusion_utils import hub
+
+    kwargs = {"token": args.token, "private": args.private}
+    if args.message:
+        kwargs["commit_message"] = args.message
+    try:
+        url = hub.publish(args.repo_id, **kwargs)
+    except _PROGRAMMING_ERRORS:
+        raise
+    except ValueError as error:  # an invalid repo id
+        raise CLIError(error, code=2) from None
+    except Exception as error:  # HTTP errors (HfHubHTTPError), no network (the HTTP client's own ConnectError), ...
+        raise CLIError(f"could not publish to {args.repo_id!r}: {type(error).__name__}: {error}") from None
+    print(f"published {args.repo_id}: {url}")
+    return 0
+
+
+def main(argv=None) -> int:
+    """Run the command with `argv` (default: `sys.argv[1:]`) and return the exit status."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    try:
+        if argv and argv[0] == "publish":
+            return _publish(argv[1:])
+        return _generate(build_parser().parse_args(argv))
+    except CLIError as error:
+        print(f"syncdiffusion: error: {error}", file=sys.stderr, flush=True)
+        return error.code
+    except KeyboardInterrupt:
+        print("syncdiffusion: interrupted", file=sys.stderr, flush=True)
+        return 130
+    except SystemExit as stop:  # --help
+        return stop.code if isinstance(stop.code, int) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
