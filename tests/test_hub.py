@@ -341,16 +341,21 @@ def test_model_card_contents():
     assert "2306.05178" in card and "StableDiffusionPanoramaPipeline" in card
     assert "@article{lee2023syncdiffusion," in card
 
-    # Every SyncDiffusion parameter has a row in the table, with the pipeline's actual default where it has one.
-    defaults = inspect.signature(pipeline_syncdiffusion.SyncDiffusionPipeline.__call__).parameters
-    assert set(SYNC_PARAMETERS) == {name for name in defaults if name == "stride" or name.startswith("sync_")}
-    rows = dict(re.findall(r"^\| `(\w+)` \| (.*?) \|", card, re.M))
-    assert set(SYNC_PARAMETERS) <= set(rows)
-    for name in SYNC_PARAMETERS:
-        default = defaults[name].default
-        if default is not None and name not in ("sync_gradient", "sync_reuse_noise"):
-            shown = f'"{default}"' if isinstance(default, str) else repr(default)
-            assert rows[name] == f"`{shown}`", name
+    # Every SyncDiffusion argument of the pipeline has a row: its actual default and its docstring's description.
+    call = pipeline_syncdiffusion.SyncDiffusionPipeline.__call__
+    signature = inspect.signature(call).parameters
+    expected = {name for name in signature if name == "stride" or name.startswith("sync_")}
+    table = re.findall(r"^\| `(\w+)` \| (.*?) \| (.*) \|$", card, re.M)
+    rows = {name: (default, meaning) for name, default, meaning in table}
+    assert set(SYNC_PARAMETERS) <= expected
+    assert set(rows) == expected
+    docstring = " ".join(call.__doc__.split())
+    for name in expected:
+        default, meaning = rows[name]
+        value = signature[name].default
+        assert default == (f'`"{value}"`' if isinstance(value, str) else f"`{value!r}`"), name
+        assert meaning and " ".join(meaning.split()[:5]) in docstring, name
+    assert "`sync_weight` | `20.0` | Step size" in card
 
 
 @pytest.mark.parametrize("repo_id", ["syncdiffusion", "a/b/c", "", "someone/", "some one/x", "someone/x..y", None])
