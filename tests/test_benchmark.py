@@ -110,6 +110,9 @@ def test_exact_counts_match_the_formula(report):
     tiny = rows["fast+tiny-decoder+lpips256"]["passes"]
     assert tiny["vae_dec_fwd"] == 0 and tiny["sync_dec_fwd"] == n and tiny["sync_dec_bwd"] == n - 1
     assert tiny["lpips_sizes"] == [[64, 64]]  # 64-pixel views: nothing to shrink to 256
+    pooled = rows["fast+tiny-decoder+downsample2"]["passes"]
+    assert pooled["sync_dec_fwd"] == n and pooled["unet_bwd"] == 0
+    assert pooled["lpips_sizes"] == [[32, 32]]  # the loss image decoded from a 2x pooled latent
 
 
 def test_table_and_progress(report):

@@ -1,0 +1,555 @@
+"""Cost, speed and memory of SyncDiffusion's modes against MultiDiffusion, on random-weight models built offline.
+
+    python -m syncdiffusion_utils.benchmark                       # tiny architecture, seconds on a CPU
+    python -m syncdiffusion_utils.benchmark --arch sd2 --height 512 --width 1024 --stride 16 \\
+        --steps 2 --sync-thres 2 --modes exact,fast,fast+tiny-decoder+lpips256 --json out.json
+
+Every mode runs in one process on the same prompt, seed and initial latents, MultiDiffusion (`sync_weight=0`)
+first, after a warm-up call. For each mode it reports
+
+- wall time of the whole call and its ratio to MultiDiffusion's;
+- wall time per step (step 0 starts at the call's first UNet forward, each step ends at `callback_on_step_end`),
+  the mean synchronized step's ratio to MultiDiffusion's mean step, and the ratio a whole run would have with
+  `--project-steps` steps of which the first `--project-sync-thres` are synchronized (by default the pipeline's
+  defaults, 50 and 5), *projected from those per-step figures*: `((P - S) * t_md + S * t_sync) / (P * t_md)`
+  (the prompt encoding and final decode, the same in every mode, are left out, so the real ratio is a bit lower);
+- passes in view-passes (see `syncdiffusion_utils.counting`), counted with hooks, in the first (synchronized)
+  step and in the whole call, and whether they equal the algorithm's formula;
+- peak memory: on CUDA the peak allocated memory (`torch.cuda.max_memory_allocated`, weights included); on CPU the
+  peak growth of the process's resident memory during the mode (sampled every few milliseconds by a thread,
+  after handing freed memory back to the OS with `malloc_trim`).
+
+Models have random weights (`syncdiffusion_utils.testing`), LPIPS a random VGG backbone: nothing is downloaded, and
+the costs are those of the real architectures. On a CPU, quote ratios, not seconds.
+"""
+
+import argparse
+import ctypes
+import gc
+import json
+import os
+import sys
+import threading
+import time
+
+import torch
+
+from syncdiffusion_utils.counting import PassCounter, StepRecorder, expected_plain_step, expected_sync_step
+
+TINY_DECODER_MODE = "fast+tiny-decoder+lpips256"
+MODES = {
+    "multidiffusion": {"sync_weight": 0.0},
+    "exact": {},
+    "exact+ckpt": {"sync_gradient_checkpointing": True},
+    "x0": {"sync_gradient": "x0"},
+    "reuse": {"sync_reuse_noise": True},
+    "fast": {"sync_mode": "fast"},
+    TINY_DECODER_MODE: {"sync_mode": "fast", "sync_decoder": "tiny", "sync_lpips_size": 256},
+    # the loss image rendered from the clean latent pooled 2x: a quarter of the pixels to decode and compare
+    "fast+tiny-decoder+downsample2": {"sync_mode": "fast", "sync_decoder": "tiny", "sync_decode_downsample": 2},
+}
+REFERENCE_MODE = "multidiffusion"
+PASS_KEYS = ("unet_fwd", "unet_bwd", "dec_fwd", "dec_bwd", "lpips_fwd")
+CHECKED_KEYS = ("unet_fwd", "unet_recompute", "unet_bwd", "dec_fwd", "dec_bwd", "lpips_fwd", "lpips_bwd")
+ARCH_DEFAULTS = {
+    # sample_size (latent window), height, width, stride: 5 views either way
+    "tiny": {"sample_size": 8, "height": 64, "width": 192, "stride": 4},
+    "sd2": {"sample_size": 64, "height": 512, "width": 1024, "stride": 16},
+}
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Memory
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def _rss_bytes():
+    """Resident set size of this process, in bytes."""
+    try:
+        with open("/proc/self/statm", "rb") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        import psutil  # not a dependency of the package; only where /proc is missing
+
+        return psutil.Process().memory_info().rss
+
+
+def _release_memory(device):
+    """Collect garbage and give freed memory back (CUDA cache, glibc heap) so the next mode starts clean."""
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.empty_cache()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
+class PeakMemory:
+    """Context manager: peak CUDA memory allocated (on CUDA), or peak RSS growth over its start (elsewhere), in MiB."""
+
+    def __init__(self, device, interval=0.005):
+        self.device = torch.device(device)
+        self.interval = interval
+        self.peak_mib = None
+        self.kind = "cuda peak allocated" if self.device.type == "cuda" else "peak RSS growth"
+
+    def __enter__(self):
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+        else:
+            self._base = _rss_bytes()
+            self._peak = self._base
+            self._stop = threading.Event()
+            self._thread = threading.Thread(target=self._sample, daemon=True)
+            self._thread.start()
+        return self
+
+    def _sample(self):
+        while not self._stop.is_set():
+            self._peak = max(self._peak, _rss_bytes())
+            self._stop.wait(self.interval)
+
+    def __exit__(self, *exc):
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            self.peak_mib = torch.cuda.max_memory_allocated(self.device) / 2**20
+        else:
+            self._stop.set()
+            self._thread.join()
+            self._peak = max(self._peak, _rss_bytes())
+            self.peak_mib = (self._peak - self._base) / 2**20
+        return False
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Benchmark
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def _resolve_device(device):
+    if device in (None, "auto"):
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    return torch.device(device)
+
+
+def _synchronizer(device):
+    if device.type == "cuda":
+        return lambda: torch.cuda.synchronize(device)
+    if device.type == "mps":
+        return torch.mps.synchronize
+    return lambda: None
+
+
+def _mode_settings(kwargs):
+    """`(sync on, gradient, reuse_noise, checkpointing, separate decoder)` as the pipeline derives them."""
+    sync_mode = kwargs.get("sync_mode", "exact")
+    gradient = kwargs.get("sync_gradient") or ("x0" if sync_mode == "fast" else "unet")
+    reuse = kwargs.get("sync_reuse_noise")
+    reuse = sync_mode == "fast" if reuse is None else reuse
+    return (
+        kwargs.get("sync_weight", 20.0) > 0,
+        gradient,
+        reuse,
+        kwargs.get("sync_gradient_checkpointing", False),
+        kwargs.get("sync_decoder") is not None,
+    )
+
+
+def expected_passes(kwargs, num_views, steps, sync_thres):
+    """Expected view-passes of a mode: `(per synchronized step or None, whole call)`, in `CHECKED_KEYS`."""
+    sync, gradient, reuse, checkpointing, tiny = _mode_settings(kwargs)
+    synced = min(steps, sync_thres) if sync and num_views > 1 else 0
+    per_sync = None
+    if synced:
+        per_sync = expected_sync_step(num_views, gradient, reuse, checkpointing, tiny)
+    plain = expected_plain_step(num_views)
+    total = {key: (per_sync[key] * synced if per_sync else 0) + plain[key] * (steps - synced) for key in CHECKED_KEYS}
+    return ({key: per_sync[key] for key in CHECKED_KEYS} if per_sync else None), total
+
+
+def build_pipeline(arch="tiny", width_mult=1.0, sample_size=None, device="cpu", dtype=torch.float32, seed=0):
+    """A `SyncDiffusionPipeline` of random-weight `arch` components with a random-backbone LPIPS, on `device`."""
+    from pipeline_syncdiffusion import SyncDiffusionPipeline
+    from syncdiffusion_utils.testing import make_components, make_lpips
+
+    sample_size = sample_size or ARCH_DEFAULTS[arch]["sample_size"]
+    components = make_components(arch, sample_size=sample_size, width_mult=width_mult, seed=seed)
+    pipe = SyncDiffusionPipeline(**components, safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    pipe.set_perceptual_loss(make_lpips().requires_grad_(False))
+    pipe.set_progress_bar_config(disable=True)
+    return pipe.to(device=device, dtype=dtype)
+
+
+def _log(progress, message):
+    """Print a progress line to `progress`: a file, `True` for standard error, `None`/`False` for silence."""
+    if progress is True:
+        progress = sys.stderr
+    if progress:
+        print(message, file=progress, flush=True)
+
+
+def run_benchmark(
+    arch="tiny",
+    width_mult=1.0,
+    sample_size=None,
+    height=None,
+    width=None,
+    steps=2,
+    sync_thres=2,
+    stride=None,
+    view_batch_size=1,
+    dtype="float32",
+    device="auto",
+    modes=None,
+    repeat=1,
+    seed=0,
+    prompt="a photo of a mountain range at twilight",
+    guidance_scale=7.5,
+    warmup=True,
+    decode=True,
+    project_steps=50,
+    project_sync_thres=5,
+    progress=True,
+    pipe=None,
+):
+    """
+    Run MultiDiffusion and the SyncDiffusion `modes` on the same inputs; return a list with one dict per mode (a
+    `BenchmarkRows`, whose `.config` describes the run: views, expected formula, device, ...). Each row has
+    `mode, kwargs, seconds, ratio, step_seconds, sync_steps, sync_step_seconds, plain_step_seconds, step_ratio,
+    projected_ratio` (wall clock), the same prefixed `cpu_` (this process's CPU time), `passes` (whole call),
+    `passes_sync_step` (first synchronized step), `expected_sync_step, expected_passes, passes_match, final_decode,
+    peak_mem_mib, memory_kind`; MultiDiffusion's also `md_step_seconds`. MultiDiffusion always runs first, as the
+    reference of the ratios. With `repeat > 1` the fastest (wall clock) of the repeats is kept.
+    Progress lines go to `progress` (`True`: standard error; a file; `None`: silent).
+    `pipe` reuses a pipeline built by `build_pipeline` (its `arch`/`width_mult`/`sample_size` then only label the run).
+    """
+    device = _resolve_device(device)
+    torch_dtype = DTYPES[dtype] if isinstance(dtype, str) else dtype
+    dtype_name = str(torch_dtype).replace("torch.", "")
+    defaults = ARCH_DEFAULTS[arch]
+    sample_size = sample_size or defaults["sample_size"]
+    height = height or defaults["height"]
+    width = width or defaults["width"]
+    stride = stride or defaults["stride"]
+    modes = list(modes) if modes else list(MODES)
+    unknown = [m for m in modes if m not in MODES]
+    if unknown:
+        raise ValueError(f"unknown modes {unknown}; choose from {list(MODES)}")
+    modes = [REFERENCE_MODE] + [m for m in dict.fromkeys(modes) if m != REFERENCE_MODE]
+    synchronize = _synchronizer(device)
+
+    t_build = time.perf_counter()
+    if pipe is None:
+        _log(progress, f"building {arch} (width x{width_mult}) on {device} in {dtype_name} ...")
+        pipe = build_pipeline(arch, width_mult, sample_size, device, torch_dtype, seed)
+    build_seconds = time.perf_counter() - t_build
+    sample_size = pipe.unet.config.sample_size
+    views = pipe.get_views(height, width, stride=stride)
+    num_views = len(views)
+    tiny_decoder = None
+    if any(MODES[m].get("sync_decoder") == "tiny" for m in modes):
+        from syncdiffusion_utils.testing import make_tiny_decoder
+
+        tiny_decoder = make_tiny_decoder(seed=seed, width_mult=1.0).to(device=device, dtype=torch_dtype)
+
+    generator = torch.Generator("cpu").manual_seed(seed)
+    factor = pipe.vae_scale_factor
+    shape = (1, pipe.unet.config.in_channels, height // factor, width // factor)
+    latents = torch.randn(shape, generator=generator, dtype=torch.float32).to(device=device, dtype=torch_dtype)
+    common = {
+        "prompt": prompt,
+        "height": height,
+        "width": width,
+        "num_inference_steps": steps,
+        "guidance_scale": guidance_scale,
+        "stride": stride,
+        "view_batch_size": view_batch_size,
+        "sync_thres": sync_thres,
+        "output_type": "np" if decode else "latent",
+    }
+    expected_exact, _ = expected_passes({}, num_views, 1, 1)
+    info = {
+        "arch": arch,
+        "width_mult": width_mult,
+        "sample_size": sample_size,
+        "height": height,
+        "width": width,
+        "stride": stride,
+        "num_views": num_views,
+        "view_batch_size": view_batch_size,
+        "steps": steps,
+        "sync_thres": sync_thres,
+        "guidance_scale": guidance_scale,
+        "dtype": dtype_name,
+        "device": str(device),
+        "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({torch.get_num_threads()} threads)",
+        "torch": torch.__version__,
+        "repeat": repeat,
+        "final_decode": decode,
+        "build_seconds": build_seconds,
+        "project_steps": project_steps,
+        "project_sync_thres": project_sync_thres,
+        "expected_exact_sync_step": expected_exact,
+    }
+    _log(
+        progress,
+        f"{num_views} views of {sample_size}x{sample_size} latents; per synchronized step the exact mode should make"
+        f" {expected_exact['unet_fwd']} UNet fwd (2N-1), {expected_exact['unet_bwd']} UNet bwd (N-1),"
+        f" {expected_exact['dec_fwd']} decoder fwd (N), {expected_exact['dec_bwd']} decoder bwd (N-1),"
+        f" {expected_exact['lpips_fwd']} LPIPS (N-1) view-passes",
+    )
+
+    if warmup:
+        # First-call costs (allocator, kernels, lazy imports) must not count against the first mode measured.
+        t0 = time.perf_counter()
+        window = sample_size * factor
+        pipe(**{**common, "height": window, "width": window, "num_inference_steps": 1, "sync_weight": 0.0})
+        synchronize()
+        _log(progress, f"warm-up call: {time.perf_counter() - t0:.1f} s")
+
+    rows = []
+    reference = None
+    for index, mode in enumerate(modes, 1):
+        kwargs = dict(MODES[mode])
+        if kwargs.get("sync_decoder") == "tiny":
+            kwargs["sync_decoder"] = tiny_decoder
+        sync, *_ = _mode_settings(kwargs)
+        synced_steps = min(steps, sync_thres) if sync and num_views > 1 else 0
+        _log(progress, f"[{index}/{len(modes)}] {mode}: running ...")
+        best = None
+        for _ in range(max(1, repeat)):
+            _release_memory(device)
+            with PeakMemory(device) as memory, PassCounter(pipe, sync_decoder=kwargs.get("sync_decoder")) as counter:
+                with StepRecorder(pipe, counter, synchronize) as recorder:
+                    synchronize()
+                    start, start_cpu = time.perf_counter(), time.process_time()
+                    pipe(**common, **kwargs, latents=latents.clone(), callback_on_step_end=recorder)
+                    synchronize()
+                    seconds, cpu_seconds = time.perf_counter() - start, time.process_time() - start_cpu
+            if best is None or seconds < best["seconds"]:
+                best = {
+                    "seconds": seconds,
+                    "cpu_seconds": cpu_seconds,
+                    "step_seconds": list(recorder.step_seconds),
+                    "cpu_step_seconds": list(recorder.step_cpu_seconds),
+                    "step_counts": list(recorder.step_counts),
+                    "passes": counter.as_dict(),
+                    "peak_mem_mib": memory.peak_mib,
+                    "memory_kind": memory.kind,
+                }
+        expected_step, expected_total = expected_passes(kwargs, num_views, steps, sync_thres)
+        step0 = best["step_counts"][0] if best["step_counts"] else {}
+        passes_sync_step = {key: step0.get(key) for key in CHECKED_KEYS} if synced_steps else None
+        passes_match = all(best["passes"][key] == expected_total[key] for key in CHECKED_KEYS)
+        if synced_steps:
+            passes_match = passes_match and passes_sync_step == expected_step
+        row = {
+            "mode": mode,
+            "kwargs": {k: (type(v).__name__ if k == "sync_decoder" else v) for k, v in kwargs.items()},
+            "sync_steps": synced_steps,
+            "passes": best["passes"],
+            "passes_sync_step": passes_sync_step,
+            "expected_sync_step": expected_step,
+            "expected_passes": expected_total,
+            "passes_match": passes_match,
+            "final_decode": best["passes"]["final_decode"],
+            "peak_mem_mib": best["peak_mem_mib"],
+            "memory_kind": best["memory_kind"],
+        }
+        if mode == REFERENCE_MODE:
+            reference = row
+        # The same figures on two clocks: wall time, and this process's CPU time (steadier on a shared CPU).
+        for prefix in ("", "cpu_"):
+            step_seconds = best[prefix + "step_seconds"]
+            row[prefix + "seconds"] = best[prefix + "seconds"]
+            row[prefix + "step_seconds"] = step_seconds
+            row[prefix + "sync_step_seconds"] = _mean(step_seconds[:synced_steps]) if synced_steps else None
+            row[prefix + "plain_step_seconds"] = _mean(step_seconds[synced_steps:]) if steps > synced_steps else None
+            if mode == REFERENCE_MODE:
+                row[prefix + "md_step_seconds"] = _mean(step_seconds)
+            md_step = reference[prefix + "md_step_seconds"]
+            row[prefix + "ratio"] = row[prefix + "seconds"] / reference[prefix + "seconds"]
+            step_time = row[prefix + "sync_step_seconds"] or _mean(step_seconds)
+            row[prefix + "step_ratio"] = step_time / md_step
+            # Unsynchronized steps do MultiDiffusion's work, so they are priced at MultiDiffusion's step time.
+            projected_synced = min(project_steps, project_sync_thres) if synced_steps else 0
+            row[prefix + "projected_ratio"] = (
+                (project_steps - projected_synced) * md_step + projected_synced * step_time
+            ) / (project_steps * md_step)
+        rows.append(row)
+        _log(
+            progress,
+            f"[{index}/{len(modes)}] {mode}: {row['seconds']:.2f} s (x{row['ratio']:.2f} MultiDiffusion),"
+            f" step x{row['step_ratio']:.2f} (cpu time x{row['cpu_step_ratio']:.2f}),"
+            f" projected {project_steps}-step x{row['projected_ratio']:.3f} (cpu time x{row['cpu_projected_ratio']:.3f}),"
+            f" peak {row['peak_mem_mib']:.0f} MiB, passes {'as expected' if passes_match else 'NOT as expected'}",
+        )
+    return BenchmarkRows(rows, info)
+
+
+class BenchmarkRows(list):
+    """The rows of `run_benchmark`, a plain list of dicts, with the run's configuration as `.config`."""
+
+    def __init__(self, rows, config):
+        super().__init__(rows)
+        self.config = config
+
+
+def _mean(values):
+    return sum(values) / len(values) if values else None
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Report
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def _fmt(value, spec):
+    return "-" if value is None else format(value, spec)
+
+
+def format_table(info, rows):
+    """The header lines and the table as text."""
+    n = info["num_views"]
+    exp = info["expected_exact_sync_step"]
+    lines = [
+        f"SyncDiffusion benchmark: arch={info['arch']} width_mult={info['width_mult']} dtype={info['dtype']}"
+        f" device={info['device']} [{info['device_name']}] torch {info['torch']}",
+        f"{info['height']}x{info['width']} px, views of {info['sample_size']}x{info['sample_size']} latents at stride"
+        f" {info['stride']}: N={n} views, view_batch_size={info['view_batch_size']}, {info['steps']} steps,"
+        f" sync_thres={info['sync_thres']}, guidance {info['guidance_scale']}, best of {info['repeat']}",
+        f"Passes are view-passes in the first denoising step (synchronized except for multidiffusion). Expected per"
+        f" synchronized step, exact mode: UNet fwd 2N-1={exp['unet_fwd']}, UNet bwd N-1={exp['unet_bwd']},"
+        f" decoder fwd N={exp['dec_fwd']}, decoder bwd N-1={exp['dec_bwd']}, LPIPS N-1={exp['lpips_fwd']};"
+        f" MultiDiffusion: UNet fwd N={n}. 'ok' = every count (step and whole call) equals the formula.",
+        f"x MD: whole call vs multidiffusion; step x MD: mean synchronized step vs mean MultiDiffusion step;"
+        f" proj. x MD: a {info['project_steps']}-step run with sync_thres={info['project_sync_thres']},"
+        f" projected from the per-step figures. 'cpu': the same ratios in this process's CPU time (steadier than wall"
+        f" time when other processes share the CPU; meaningless on a GPU).",
+        "",
+    ]
+    memory_kind = rows[0]["memory_kind"] if rows else ""
+    header = [
+        "mode",
+        "total s",
+        "x MD",
+        "step s",
+        "step x MD",
+        "proj. x MD",
+        "cpu step x MD",
+        "cpu proj. x MD",
+        "unet fwd",
+        "unet bwd",
+        "dec fwd",
+        "dec bwd",
+        "lpips",
+        "ok",
+        f"MiB ({memory_kind})",
+    ]
+    table = []
+    for row in rows:
+        counts = row["passes_sync_step"] or (
+            {key: row["passes"][key] / info["steps"] for key in PASS_KEYS} if info["steps"] else {}
+        )
+        step_time = row["sync_step_seconds"] if row["sync_step_seconds"] is not None else _mean(row["step_seconds"])
+        cells = [
+            row["mode"],
+            _fmt(row["seconds"], ".2f"),
+            _fmt(row["ratio"], ".2f"),
+            _fmt(step_time, ".2f"),
+            _fmt(row["step_ratio"], ".2f"),
+            _fmt(row["projected_ratio"], ".3f"),
+            _fmt(row["cpu_step_ratio"], ".2f"),
+            _fmt(row["cpu_projected_ratio"], ".3f"),
+        ]
+        cells += [_fmt(counts.get(key), "g") for key in PASS_KEYS]
+        cells += ["ok" if row["passes_match"] else "NO", _fmt(row["peak_mem_mib"], ".0f")]
+        table.append(cells)
+    widths = [max(len(str(r[i])) for r in [header] + table) for i in range(len(header))]
+    def line(cells):
+        return "  ".join(str(c).ljust(w) if i == 0 else str(c).rjust(w) for i, (c, w) in enumerate(zip(cells, widths)))
+    lines.append(line(header))
+    lines.append("  ".join("-" * w for w in widths))
+    lines.extend(line(cells) for cells in table)
+    return "\n".join(lines)
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(
+        prog="python -m syncdiffusion_utils.benchmark",
+        description="Time, count passes and measure memory of SyncDiffusion's modes against MultiDiffusion"
+        " (random-weight models, nothing downloaded).",
+    )
+    parser.add_argument("--arch", choices=sorted(ARCH_DEFAULTS), default="tiny", help="architecture preset (default tiny)")
+    parser.add_argument("--width-mult", type=float, default=1.0, help="scale channel widths (default 1: the real widths)")
+    parser.add_argument("--sample-size", type=int, default=None, help="UNet window in latents (default: 8 tiny, 64 sd2)")
+    parser.add_argument("--height", type=int, default=None, help="image height in pixels (default: 64 tiny, 512 sd2)")
+    parser.add_argument("--width", type=int, default=None, help="image width in pixels (default: 192 tiny, 1024 sd2)")
+    parser.add_argument("--steps", type=int, default=2, help="denoising steps (default 2)")
+    parser.add_argument("--sync-thres", type=int, default=2, help="synchronized steps (default 2: all of them)")
+    parser.add_argument("--stride", type=int, default=None, help="view stride in latents (default: 4 tiny, 16 sd2)")
+    parser.add_argument("--view-batch-size", type=int, default=1)
+    parser.add_argument("--guidance-scale", type=float, default=7.5)
+    parser.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
+    parser.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:1, ...")
+    parser.add_argument(
+        "--modes",
+        default=",".join(MODES),
+        help=f"comma-separated subset of {','.join(MODES)}; multidiffusion always runs first as the reference",
+    )
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    parser.add_argument("--repeat", type=int, default=1, help="run each mode this many times, keep the fastest")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--prompt", default="a photo of a mountain range at twilight")
+    parser.add_argument("--no-warmup", action="store_true", help="skip the warm-up call")
+    parser.add_argument("--no-decode", action="store_true", help="skip the final VAE decode (output_type='latent')")
+    parser.add_argument("--project-steps", type=int, default=50, help="steps of the projected run (default 50)")
+    parser.add_argument("--project-sync-thres", type=int, default=5, help="sync_thres of the projected run (default 5)")
+    parser.add_argument("--json", metavar="PATH", help="also write the configuration and rows as JSON")
+    return parser.parse_args(argv)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    rows = run_benchmark(
+        arch=args.arch,
+        width_mult=args.width_mult,
+        sample_size=args.sample_size,
+        height=args.height,
+        width=args.width,
+        steps=args.steps,
+        sync_thres=args.sync_thres,
+        stride=args.stride,
+        view_batch_size=args.view_batch_size,
+        dtype=args.dtype,
+        device=args.device,
+        modes=[m.strip() for m in args.modes.split(",") if m.strip()],
+        repeat=args.repeat,
+        seed=args.seed,
+        prompt=args.prompt,
+        guidance_scale=args.guidance_scale,
+        warmup=not args.no_warmup,
+        decode=not args.no_decode,
+        project_steps=args.project_steps,
+        project_sync_thres=args.project_sync_thres,
+    )
+    info = rows.config
+    print(format_table(info, rows))
+    if args.json:
+        with open(args.json, "w", encoding="utf-8") as f:
+            json.dump({"config": info, "rows": list(rows)}, f, indent=2)
+    return 0 if all(row["passes_match"] for row in rows) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

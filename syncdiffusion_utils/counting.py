@@ -1,0 +1,411 @@
+"""Count the passes a `SyncDiffusionPipeline` call makes: UNet, VAE decoder, LPIPS; forward and backward.
+
+SyncDiffusion's cost is in passes (DESIGN.md §6), so they are counted, not guessed::
+
+    from syncdiffusion_utils.counting import PassCounter
+
+    with PassCounter(pipe, sync_decoder=tiny_decoder) as counter:
+        pipe(prompt, sync_decoder=tiny_decoder, ...)
+    print(counter.as_dict())   # {"unet_fwd": 9, "unet_bwd": 4, ...}
+
+Units: **view-passes**. A call on a batch of `k` views counts `k`; with classifier-free guidance the UNet sees
+every view twice (`[uncond, cond]`) and that doubled batch counts once; with several images per call (several
+prompts, `num_images_per_prompt`) each view appears once per image and is still counted once, i.e. counts are
+divided by the number of images, so they depend neither on `view_batch_size` nor on the image batch. The number of
+images is read from the call itself (the batch size given to `prepare_latents`) unless `num_images` is passed.
+
+What is counted, with hooks only (nothing in the pipeline changes; everything is removed on exit):
+
+- `unet_fwd`: calls of `pipe.unet`, plus the forwards that activation checkpointing re-runs during the backward
+  (`unet_recompute`, included in `unet_fwd` because it is real cost): a backward of the UNet in which any of its
+  submodules ran forward again counts one recomputed forward per view, even though the (small) layers that
+  diffusers does not checkpoint, like `conv_in`, are not re-run.
+- `unet_bwd`: backward passes through `pipe.unet` (a full backward hook; the batch of the gradient).
+- `vae_dec_fwd`, `vae_dec_bwd`, `vae_dec_recompute`: `pipe.vae.decoder` while it makes images for the
+  synchronization loss (inside `pipe.decode_for_sync`); recomputation included in `vae_dec_fwd` as for the UNet.
+- `final_decode`: every other `pipe.vae.decoder` call, i.e. the decode of the finished panorama (once per image,
+  whatever its width). It is not a view-pass and is not in `vae_dec_fwd`.
+- `sync_dec_fwd`, `sync_dec_bwd`, `sync_dec_recompute`: the same for the `sync_decoder` passed to the counter
+  (its `.decoder` submodule when it has one, e.g. `AutoencoderTiny`). If it is `pipe.vae` itself, its passes are
+  in the `vae_dec_*` counts.
+- `dec_fwd`, `dec_bwd`: the loss decoder whichever it is, `vae_dec_* + sync_dec_*`.
+- `lpips_fwd`, `lpips_bwd`: the perceptual loss module (`pipe._perceptual_loss`, or the one the pipeline creates
+  on first use), counted by its first input's batch; `lpips_sizes` holds the image sizes `(height, width)` it saw.
+
+A module's forward is counted once per outermost call, even if the same module is re-entered inside it.
+"""
+
+import time
+from fractions import Fraction
+
+import torch
+
+COUNT_KEYS = (
+    "unet_fwd",
+    "unet_recompute",
+    "unet_bwd",
+    "vae_dec_fwd",
+    "vae_dec_recompute",
+    "vae_dec_bwd",
+    "final_decode",
+    "sync_dec_fwd",
+    "sync_dec_recompute",
+    "sync_dec_bwd",
+    "lpips_fwd",
+    "lpips_bwd",
+)
+DERIVED_KEYS = ("dec_fwd", "dec_bwd")
+
+
+def _batch(value):
+    """Leading dimension of the first tensor found in `value` (a tensor, or a tuple/list/dict of them)."""
+    if isinstance(value, torch.Tensor):
+        return value.shape[0] if value.ndim > 0 else None
+    if isinstance(value, (tuple, list)):
+        for item in value:
+            batch = _batch(item)
+            if batch is not None:
+                return batch
+    if isinstance(value, dict):
+        return _batch(list(value.values()))
+    return None
+
+
+def _number(value):
+    """A `Fraction` as an `int` when whole, else a `float`."""
+    return int(value) if value.denominator == 1 else float(value)
+
+
+class _TrackedModule:
+    """Forward, backward and recomputation hooks on one module; calls back into the counter with the batch."""
+
+    def __init__(self, counter, module, on_forward, on_backward, on_recompute, track_recompute):
+        self.counter = counter
+        self.module = module
+        self.on_forward = on_forward
+        self.on_backward = on_backward
+        self.on_recompute = on_recompute
+        self.depth = 0  # nesting of forward calls of this very module
+        self.in_backward = 0  # >0 between the module's backward pre-hook and its backward hook
+        self.recomputed = False
+        self.handles = [
+            module.register_forward_pre_hook(self._pre_forward),
+            module.register_forward_hook(self._post_forward),
+            module.register_full_backward_pre_hook(self._pre_backward),
+            module.register_full_backward_hook(self._post_backward),
+        ]
+        if track_recompute:
+            # Activation checkpointing re-runs submodules (not the module itself) inside its backward.
+            for sub in module.modules():
+                if sub is not module:
+                    self.handles.append(sub.register_forward_pre_hook(self._sub_forward))
+
+    def _pre_forward(self, module, args):
+        self.depth += 1
+        if self.depth == 1:
+            self.on_forward(_batch(args), args)
+
+    def _post_forward(self, module, args, output):
+        self.depth -= 1
+
+    def _sub_forward(self, module, args):
+        if self.in_backward:
+            self.recomputed = True
+
+    def _pre_backward(self, module, grad_output):
+        self.in_backward += 1
+        self.recomputed = False
+        self.pending_batch = _batch(grad_output)
+
+    def _post_backward(self, module, grad_input, grad_output):
+        self.in_backward = max(0, self.in_backward - 1)
+        batch = _batch(grad_output) or getattr(self, "pending_batch", None) or _batch(grad_input)
+        self.on_backward(batch)
+        if self.recomputed:
+            self.on_recompute(batch)
+            self.recomputed = False
+
+    def remove(self):
+        for handle in self.handles:
+            handle.remove()
+        self.handles = []
+
+
+class PassCounter:
+    """
+    Context manager counting a pipeline's UNet, VAE-decoder and LPIPS passes in view-passes (see the module doc).
+
+    Args:
+        pipe: a `SyncDiffusionPipeline` (anything with `unet`, `vae`, `do_classifier_free_guidance`,
+            `decode_for_sync` and `_perceptual_loss` works).
+        sync_decoder: the `sync_decoder` given to the calls being counted, if any; counted as `sync_dec_*`.
+        num_images: images per call (prompts × `num_images_per_prompt`); by default read from each call.
+        track_recompute: also count the forwards that activation checkpointing recomputes in the backward
+            (a pre-hook on every submodule of the UNet and the decoders; cheap).
+
+    Read the counts with attribute access (`counter.unet_fwd`), `counter.as_dict()`, or `counter.snapshot()`
+    (also usable while the pipeline runs, e.g. from `callback_on_step_end`, to count per step).
+    `counter.reset()` zeroes them.
+    """
+
+    def __init__(self, pipe, sync_decoder=None, num_images=None, track_recompute=True):
+        self.pipe = pipe
+        self.sync_decoder = sync_decoder
+        self.fixed_num_images = num_images
+        self.track_recompute = track_recompute
+        self._tracked = []
+        self._patched = {}
+        self._in_sync_decode = 0
+        self._call_num_images = None
+        self._lpips_module = None
+        self.reset()
+
+    # -- counts ------------------------------------------------------------------------------------------------
+
+    def reset(self):
+        """Zero every count."""
+        self._counts = {key: Fraction(0) for key in COUNT_KEYS}
+        self.lpips_sizes = set()
+
+    def snapshot(self):
+        """The counts now, as a dict of numbers (ints when whole), derived totals included."""
+        counts = dict(self._counts)
+        counts["dec_fwd"] = counts["vae_dec_fwd"] + counts["sync_dec_fwd"]
+        counts["dec_bwd"] = counts["vae_dec_bwd"] + counts["sync_dec_bwd"]
+        return {key: _number(value) for key, value in counts.items()}
+
+    def as_dict(self):
+        """`snapshot()` plus `lpips_sizes`, a sorted list of `[height, width]`."""
+        result = self.snapshot()
+        result["lpips_sizes"] = sorted([list(size) for size in self.lpips_sizes])
+        return result
+
+    def __getattr__(self, name):
+        if name in COUNT_KEYS or name in DERIVED_KEYS:
+            return self.snapshot()[name]
+        raise AttributeError(name)
+
+    def __repr__(self):
+        counts = ", ".join(f"{key}={value}" for key, value in self.snapshot().items() if value)
+        return f"PassCounter({counts or 'nothing counted'})"
+
+    @staticmethod
+    def difference(after, before):
+        """`after - before` for two `snapshot()` dicts."""
+        return {key: after[key] - before.get(key, 0) for key in after}
+
+    # -- units -------------------------------------------------------------------------------------------------
+
+    def _num_images(self):
+        return self.fixed_num_images or self._call_num_images or 1
+
+    def _guided(self):
+        # `do_classifier_free_guidance` reads `_guidance_scale`, which the pipeline sets at call time.
+        try:
+            return bool(self.pipe.do_classifier_free_guidance)
+        except (AttributeError, TypeError):
+            return False
+
+    def _add(self, key, batch, guidance=False):
+        if batch is None:
+            return
+        per_view = self._num_images() * (2 if guidance and self._guided() else 1)
+        self._counts[key] += Fraction(batch, per_view)
+
+    # -- hooks -------------------------------------------------------------------------------------------------
+
+    def _track(self, module, fwd, bwd, recompute, guidance=False, forward_key=None, track_recompute=None):
+        def on_forward(batch, args):
+            self._add(forward_key(args) if forward_key else fwd, batch, guidance)
+
+        tracked = _TrackedModule(
+            self,
+            module,
+            on_forward,
+            lambda batch: self._add(bwd, batch, guidance),
+            # a recomputed forward is a forward: it goes in both the forward count and its own count
+            lambda batch: (self._add(recompute, batch, guidance), self._add(fwd, batch, guidance)),
+            self.track_recompute if track_recompute is None else track_recompute,
+        )
+        self._tracked.append(tracked)
+        return tracked
+
+    def _patch(self, name, wrapper_factory):
+        """Shadow the pipeline method `name` with an instance attribute for the counter's lifetime."""
+        original = getattr(self.pipe, name, None)
+        if original is None:
+            return
+        self._patched[name] = self.pipe.__dict__.get(name, _MISSING)
+        object.__setattr__(self.pipe, name, wrapper_factory(original))
+
+    def __enter__(self):
+        pipe = self.pipe
+        self._track(pipe.unet, "unet_fwd", "unet_bwd", "unet_recompute", guidance=True)
+
+        vae_decoder = getattr(pipe.vae, "decoder", pipe.vae)
+        self._track(
+            vae_decoder,
+            "vae_dec_fwd",
+            "vae_dec_bwd",
+            "vae_dec_recompute",
+            forward_key=lambda args: "vae_dec_fwd" if self._in_sync_decode else "final_decode",
+        )
+        if self.sync_decoder is not None:
+            sync_module = getattr(self.sync_decoder, "decoder", self.sync_decoder)
+            if sync_module is not vae_decoder and self.sync_decoder is not pipe.vae:
+                self._track(sync_module, "sync_dec_fwd", "sync_dec_bwd", "sync_dec_recompute")
+
+        if getattr(pipe, "_perceptual_loss", None) is not None:
+            self._track_lpips(pipe._perceptual_loss)
+        else:
+            # The default LPIPS is built on first synchronized call: hook it when the pipeline hands it out.
+            def wrap_perceptual_loss(original):
+                def perceptual_loss(*args, **kwargs):
+                    module = original(*args, **kwargs)
+                    if module is not self._lpips_module:
+                        self._track_lpips(module)
+                    return module
+
+                return perceptual_loss
+
+            self._patch("perceptual_loss", wrap_perceptual_loss)
+
+        def wrap_decode_for_sync(original):
+            def decode_for_sync(*args, **kwargs):
+                self._in_sync_decode += 1
+                try:
+                    return original(*args, **kwargs)
+                finally:
+                    self._in_sync_decode -= 1
+
+            return decode_for_sync
+
+        def wrap_prepare_latents(original):
+            def prepare_latents(*args, **kwargs):
+                batch = args[0] if args else kwargs.get("batch_size")
+                if isinstance(batch, int):
+                    self._call_num_images = batch
+                return original(*args, **kwargs)
+
+            return prepare_latents
+
+        self._patch("decode_for_sync", wrap_decode_for_sync)
+        self._patch("prepare_latents", wrap_prepare_latents)
+        return self
+
+    def _track_lpips(self, module):
+        self._lpips_module = module
+        tracked = self._track(module, "lpips_fwd", "lpips_bwd", None, track_recompute=False)
+        tracked.handles.append(module.register_forward_pre_hook(self._lpips_size))
+
+    def _lpips_size(self, module, args):
+        if args and isinstance(args[0], torch.Tensor) and args[0].ndim == 4:
+            self.lpips_sizes.add(tuple(args[0].shape[-2:]))
+
+    def __exit__(self, *exc):
+        for tracked in self._tracked:
+            tracked.remove()
+        self._tracked = []
+        for name, previous in self._patched.items():
+            if previous is _MISSING:
+                self.pipe.__dict__.pop(name, None)
+            else:
+                object.__setattr__(self.pipe, name, previous)
+        self._patched = {}
+        return False
+
+
+_MISSING = object()
+
+
+def expected_sync_step(num_views, gradient="unet", reuse_noise=False, checkpointing=False, tiny_decoder=False):
+    """
+    View-passes of one synchronized step with `num_views` views, in `PassCounter`'s keys, for the pipeline's
+    algorithm (DESIGN.md §3): the anchor's guided forward and decode without gradient; for each of the other
+    `N - 1` views a gradient pass (UNet forward, decoder forward, LPIPS, and their backwards) and, unless the
+    noise is reused, a second UNet forward. With `checkpointing` the backwards recompute the UNet (only when the
+    gradient goes through it) and the VAE decoder (not a separate `sync_decoder`, which is not checkpointed).
+
+    Exact mode: `2N-1` UNet forward, `N-1` UNet backward, `N` decoder forward, `N-1` decoder backward, `N-1`
+    LPIPS forward and backward (the paper's released code does `2N+1, N, N+1, N`).
+    """
+    n = num_views
+    others = n - 1
+    unet_grad = gradient == "unet"
+    unet_recompute = others if checkpointing and unet_grad else 0
+    dec_recompute = others if checkpointing and not tiny_decoder else 0
+    counts = {
+        "unet_fwd": 1 + others + (0 if reuse_noise else others) + unet_recompute,
+        "unet_recompute": unet_recompute,
+        "unet_bwd": others if unet_grad else 0,
+        "dec_fwd": n + dec_recompute,
+        "dec_bwd": others,
+        "lpips_fwd": others,
+        "lpips_bwd": others,
+    }
+    return counts
+
+
+def expected_plain_step(num_views):
+    """View-passes of one unsynchronized (MultiDiffusion) step: one guided UNet forward per view."""
+    return {
+        "unet_fwd": num_views,
+        "unet_recompute": 0,
+        "unet_bwd": 0,
+        "dec_fwd": 0,
+        "dec_bwd": 0,
+        "lpips_fwd": 0,
+        "lpips_bwd": 0,
+    }
+
+
+class StepRecorder:
+    """
+    A `callback_on_step_end` that records, for every denoising step, its wall time, this process's CPU time and
+    (given a `PassCounter`) its passes. Step 0 starts at the call's first UNet forward (a forward pre-hook); pass the
+    recorder as `callback_on_step_end=recorder` and use it as a context manager around the call.
+    """
+
+    def __init__(self, pipe, counter=None, synchronize=None):
+        self.pipe = pipe
+        self.counter = counter
+        self.synchronize = synchronize or (lambda: None)
+        self.step_seconds = []
+        self.step_cpu_seconds = []
+        self.step_counts = []
+        self._handle = None
+
+    def __enter__(self):
+        self.step_seconds, self.step_cpu_seconds, self.step_counts = [], [], []
+        self._last_time = None
+        self._last_cpu = None
+        self._last_counts = None
+        # prepend: run before a `PassCounter`'s hook, so that step 0 includes the first forward
+        self._handle = self.pipe.unet.register_forward_pre_hook(self._start, prepend=True)
+        return self
+
+    def _start(self, module, args):
+        if self._last_time is None:
+            self.synchronize()
+            self._last_time = time.perf_counter()
+            self._last_cpu = time.process_time()
+            self._last_counts = self.counter.snapshot() if self.counter is not None else None
+
+    def __call__(self, pipe, step, timestep, callback_kwargs):
+        self.synchronize()
+        now, cpu = time.perf_counter(), time.process_time()
+        if self._last_time is not None:
+            self.step_seconds.append(now - self._last_time)
+            self.step_cpu_seconds.append(cpu - self._last_cpu)
+            if self.counter is not None:
+                counts = self.counter.snapshot()
+                self.step_counts.append(PassCounter.difference(counts, self._last_counts))
+                self._last_counts = counts
+        self._last_time, self._last_cpu = now, cpu
+        return {}
+
+    def __exit__(self, *exc):
+        if self._handle is not None:
+            self._handle.remove()
+            self._handle = None
+        return False
