@@ -588,13 +588,30 @@ class SyncDiffusionPipeline(
             with torch.set_grad_enabled(sync["gradient"] == "unet"):
                 noise_pred = self.predict_noise(model_input, t, conditioning)
             clean_latents = self.predict_clean_latents(model_input, noise_pred, t)
-            images = self.decode_for_sync(clean_latents, sync["decoder"], sync["decode_downsample"])
-            loss = self.perceptual_distance(images, anchor_images, sync["lpips_size"]).sum()
-            # Each view's loss depends only on its own latent, so one backward of the sum gives every view's gradient.
-            (grad,) = torch.autograd.grad(loss, model_input)
+            clean_grad = self.perceptual_gradient(clean_latents.detach(), anchor_images, sync)
+            # The chain rule in two backward passes: model CPU offloading moves the UNet off the device while the
+            # decoder runs, and its backward needs the weights back first.
+            self._onload(self.unet)
+            (grad,) = torch.autograd.grad(clean_latents, model_input, clean_grad)
         input_scale = self.scheduler.scale_model_input(torch.ones_like(view_latents[:1, :1, :1, :1]), t)
         updated = (model_input.detach() - weight * grad.to(view_latents.dtype)) / input_scale
         return updated, noise_pred.detach()
+
+    def perceptual_gradient(self, clean_latents, anchor_images, sync) -> torch.Tensor:
+        """`d LPIPS(D(x0), A) / d x0` for a stack of clean latents `x0`, one anchor image per latent."""
+        clean_latents = clean_latents.requires_grad_(True)
+        images = self.decode_for_sync(clean_latents, sync["decoder"], sync["decode_downsample"])
+        loss = self.perceptual_distance(images, anchor_images, sync["lpips_size"]).sum()
+        # Each view's loss depends only on its own latent, so one backward of the sum gives every view's gradient.
+        (grad,) = torch.autograd.grad(loss, clean_latents)
+        return grad
+
+    @staticmethod
+    def _onload(model):
+        """Move `model` back to the execution device if model CPU offloading took it away (as a forward call would)."""
+        hook = getattr(model, "_hf_hook", None)
+        if hook is not None and hasattr(hook, "pre_forward"):
+            hook.pre_forward(model)
 
     @contextmanager
     def _sync_checkpointing(self, enabled):

@@ -5,6 +5,7 @@ import shutil
 import numpy as np
 import pytest
 import torch
+from accelerate.hooks import ModelHook, add_hook_to_module
 from diffusers import DiffusionPipeline, StableDiffusionPanoramaPipeline
 
 import pipeline_syncdiffusion
@@ -237,6 +238,45 @@ def test_vae_tiling_decodes_the_panorama_in_tiles(pipe):
     image = pipe("a photo", **SMALL, sync_weight=0, output_type="np").images
     assert image.shape == (1, 64, 128, 3) and np.isfinite(image).all()
     assert len(decodes) > 1 and all(shape[-1] < 128 for shape in decodes)
+
+
+class WeightsAwayHook(ModelHook):
+    """
+    accelerate's `CpuOffload` without a second device: the previous model in the chain loses its weights while this
+    one runs (`module.to("cpu")` swaps every parameter's data in place, as `param.data = ...` does here) and gets
+    them back before its own forward.
+    """
+
+    def __init__(self, prev=None):
+        self.prev = prev
+        self.away = None
+
+    def offload(self, module):
+        self.away = {name: param.data for name, param in module.named_parameters()}
+        for param in module.parameters():
+            param.data = torch.empty(0)
+
+    def pre_forward(self, module, *args, **kwargs):
+        if self.prev is not None and self.prev[1].away is None:
+            self.prev[1].offload(self.prev[0])
+        if self.away is not None:
+            for name, param in module.named_parameters():
+                param.data = self.away[name]
+            self.away = None
+        return args, kwargs
+
+
+def test_model_offloading_between_unet_and_decoder_keeps_the_result(pipe):
+    """The decoder's forward takes the UNet's weights away, as `enable_model_cpu_offload` does; its backward still works."""
+    plain = latents_of(pipe)
+    unet_hook = WeightsAwayHook()
+    vae_hook = WeightsAwayHook(prev=(pipe.unet, unet_hook))
+    add_hook_to_module(pipe.unet, unet_hook)
+    add_hook_to_module(pipe.vae, vae_hook)
+    offloads = []
+    unet_hook.offload = lambda module, offload=unet_hook.offload: (offloads.append(1), offload(module))
+    torch.testing.assert_close(latents_of(pipe), plain, atol=1e-5, rtol=0)
+    assert offloads  # the UNet really was without weights during the synchronization passes
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="model CPU offload needs an accelerator")
