@@ -206,10 +206,11 @@ def make_tiny_decoder(seed=0, width_mult=1.0):
     return decoder.eval()
 
 
-def make_lpips():
-    """LPIPS-VGG with a random backbone: the real architecture and linear heads, no download."""
+def make_lpips(seed=0):
+    """LPIPS-VGG with a random backbone (seeded): the real architecture and linear heads, no download."""
     import lpips
 
+    torch.manual_seed(seed)
     return lpips.LPIPS(net="vgg", pnet_rand=True, verbose=False).eval()
 
 

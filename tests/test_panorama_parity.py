@@ -6,8 +6,8 @@ import torch
 from diffusers import StableDiffusionPanoramaPipeline
 
 
-# The deprecated pipeline's geometry: factor 8 and a 64-latent window. 512x768 pixels gives 5 views at stride 8.
-SIZE = {"height": 512, "width": 768, "num_inference_steps": 2}
+# The deprecated pipeline's geometry: factor 8 and a 64-latent window. 512x640 pixels gives 3 views at stride 8 (10 circular).
+SIZE = {"height": 512, "width": 640, "num_inference_steps": 2}
 
 
 @pytest.fixture
@@ -36,7 +36,7 @@ def run_both(pipe, panorama, **kwargs):
 )
 def test_same_images_as_panorama_pipeline(pipe64, panorama, kwargs):
     ours, theirs = run_both(pipe64, panorama, output_type="np", **kwargs)
-    assert ours.shape == (1, 512, 768, 3)
+    assert ours.shape == (1, 512, 640, 3)
     np.testing.assert_allclose(ours, theirs, atol=1e-5)
 
 
@@ -44,14 +44,14 @@ def test_same_images_as_panorama_pipeline(pipe64, panorama, kwargs):
 def test_output_types_match_panorama_pipeline(pipe64, panorama, output_type):
     ours, theirs = run_both(pipe64, panorama, output_type=output_type)
     if output_type == "pil":
-        assert ours[0].size == (768, 512)
+        assert ours[0].size == (640, 512)
         ours, theirs = np.asarray(ours[0], dtype=np.int16), np.asarray(theirs[0], dtype=np.int16)
         assert np.abs(ours - theirs).max() <= 1
     elif output_type == "latent":
-        assert ours.shape == (1, 4, 64, 96)
+        assert ours.shape == (1, 4, 64, 80)
         torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=0)
     else:
-        expected = (1, 3, 512, 768) if output_type == "pt" else (1, 512, 768, 3)
+        expected = (1, 3, 512, 640) if output_type == "pt" else (1, 512, 640, 3)
         assert tuple(ours.shape) == expected
         np.testing.assert_allclose(np.asarray(ours), np.asarray(theirs), atol=1e-5)
 
@@ -62,7 +62,7 @@ def test_several_images_match_panorama_pipeline_per_image(pipe64, panorama):
     The deprecated pipeline cannot be compared batched: it pairs the guidance batch `[z0, z0, z1, z1]` with
     embeddings `[neg, neg, pos, pos]`, so with two images neither gets classifier-free guidance.
     """
-    latents = torch.randn(2, 4, 64, 96, generator=torch.Generator().manual_seed(1))
+    latents = torch.randn(2, 4, 64, 80, generator=torch.Generator().manual_seed(1))
     kwargs = {**SIZE, "negative_prompt": "blurry", "output_type": "latent"}
     ours = pipe64("a photo", num_images_per_prompt=2, latents=latents, sync_weight=0, **kwargs).images
     per_image = [panorama("a photo", latents=latents[k : k + 1], **kwargs).images for k in range(2)]
@@ -80,8 +80,8 @@ def test_guidance_rescale_is_applied(pipe64, panorama):
 
 
 def test_circular_several_rows_runs_where_panorama_pipeline_crashes(pipe64, panorama):
-    kwargs = {"height": 640, "width": 768, "num_inference_steps": 1, "circular_padding": True, "output_type": "np"}
+    kwargs = {"height": 576, "width": 576, "num_inference_steps": 1, "circular_padding": True, "output_type": "np"}
     with pytest.raises(RuntimeError):
         panorama("a photo", **kwargs)
     image = pipe64("a photo", sync_weight=0, **kwargs).images
-    assert image.shape == (1, 640, 768, 3) and np.isfinite(image).all()
+    assert image.shape == (1, 576, 576, 3) and np.isfinite(image).all()
