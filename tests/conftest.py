@@ -1,9 +1,9 @@
+import copy
 import warnings
+from types import SimpleNamespace
 
 import pytest
 import torch
-
-import copy
 
 from pipeline_syncdiffusion import SyncDiffusionPipeline
 from syncdiffusion_utils.testing import make_components, make_lpips
@@ -47,3 +47,39 @@ def pipe64(components_cache, lpips_module):
     return fresh_pipeline(components_cache, lpips_module, 64)
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny models gain nothing from a second thread, and on a loaded 2-core machine two threads per process make
+    them an order of magnitude slower. Modules opt in with `pytestmark = pytest.mark.usefixtures("one_thread")`."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def sync_step(pipe):
+    """
+    `pipe` set up for direct calls of its synchronization methods: the first of 10 DDIM steps, guidance 7.5, a
+    64x128-pixel panorama (views at stride 4). `predicted_image(z, downsample)` is `D(x0(z))` without gradient.
+    """
+    pipe._guidance_scale, pipe._guidance_rescale, pipe._cross_attention_kwargs = 7.5, 0.0, None
+    pipe.scheduler.set_timesteps(10)
+    t = pipe.scheduler.timesteps[0]
+    positive, negative = pipe.encode_prompt("a photo of a beach", "cpu", 1, True)
+    conditioning = pipe._conditioning(positive, negative, None, None, 1)
+
+    @torch.no_grad()
+    def predicted_image(z, downsample=1):
+        model_input = pipe.scheduler.scale_model_input(z, t)
+        x0 = pipe.predict_clean_latents(model_input, pipe.predict_noise(model_input, t, conditioning), t)
+        return pipe.decode_for_sync(x0, downsample=downsample)
+
+    return SimpleNamespace(
+        pipe=pipe,
+        t=t,
+        conditioning=conditioning,
+        latents=torch.randn(1, 4, 8, 16, generator=torch.Generator().manual_seed(5)),
+        views=pipe.get_views(64, 128, stride=4),
+        predicted_image=predicted_image,
+    )

@@ -36,12 +36,7 @@ ROW_FIELDS = (
 ARGS = ["--arch", "tiny", "--height", "64", "--width", "128", "--stride", "4", "--steps", "2", "--sync-thres", "1"]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -21,14 +21,7 @@ TINY = ["a photo of a lake", "--model", "tiny", "--height", "64", "--width", "12
 TINY += ["--sync-thres", "2", "--seed", "0"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models gain nothing from a second thread, and on a loaded 2-core machine two threads per process make
-    them an order of magnitude slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def pixels(path):

@@ -58,30 +58,21 @@ def test_sync_decoder_is_the_decoder_the_loss_sees(pipe):
     assert (other - sync_update(pipe)).abs().max() > 1e-4
 
 
-def test_decode_downsample_update_descends_the_pooled_distance(pipe):
+def test_decode_downsample_update_descends_the_pooled_distance(sync_step):
     """The update follows the distance between loss images decoded from 2x pooled clean latents (half size)."""
-    pipe._guidance_scale, pipe._guidance_rescale, pipe._cross_attention_kwargs = 7.5, 0.0, None
-    pipe.scheduler.set_timesteps(10)
-    t = pipe.scheduler.timesteps[0]
-    positive, negative = pipe.encode_prompt("a photo of a beach", "cpu", 1, True)
-    conditioning = pipe._conditioning(positive, negative, None, None, 1)
-    latents = torch.randn(1, 4, 8, 16, generator=torch.Generator().manual_seed(5))
-    views = pipe.get_views(64, 128, stride=4)
-    exact, pooled = pipe._sync_settings(), pipe._sync_settings(decode_downsample=2)
-
+    step = sync_step
+    pipe, exact, pooled = step.pipe, step.pipe._sync_settings(), step.pipe._sync_settings(decode_downsample=2)
     with torch.no_grad():
-        anchor_full = pipe.prepare_anchor(latents, views[1], t, conditioning, exact)["images"]
-        anchor_small = pipe.prepare_anchor(latents, views[1], t, conditioning, pooled)["images"]
+        anchor_full = pipe.prepare_anchor(step.latents, step.views[1], step.t, step.conditioning, exact)["images"]
+        anchor_small = pipe.prepare_anchor(step.latents, step.views[1], step.t, step.conditioning, pooled)["images"]
         assert anchor_small.shape[-1] == anchor_full.shape[-1] // 2
-        view = pipe.get_view_latents(latents, [views[0]])
+        view = pipe.get_view_latents(step.latents, [step.views[0]])
+        updated, _ = pipe.synchronize_views(view, anchor_small, step.t, 2.0, step.conditioning, pooled)
+        exact_update, _ = pipe.synchronize_views(view, anchor_full, step.t, 2.0, step.conditioning, exact)
 
         def pooled_distance(z):
-            model_input = pipe.scheduler.scale_model_input(z, t)
-            x0 = pipe.predict_clean_latents(model_input, pipe.predict_noise(model_input, t, conditioning), t)
-            return pipe.perceptual_distance(pipe.decode_for_sync(x0, downsample=2), anchor_small).item()
+            return pipe.perceptual_distance(step.predicted_image(z, downsample=2), anchor_small).item()
 
-        updated, _ = pipe.synchronize_views(view, anchor_small, t, 2.0, conditioning, pooled)
-        exact_update, _ = pipe.synchronize_views(view, anchor_full, t, 2.0, conditioning, exact)
         assert pooled_distance(updated) < pooled_distance(view)
-        # a different objective from the paper's: not the exact update
-        assert (updated - exact_update).abs().max() > 1e-4
+    # a different objective from the paper's: not the exact update
+    assert (updated - exact_update).abs().max() > 1e-4

@@ -15,13 +15,7 @@ from syncdiffusion_utils.testing import make_lpips, make_tiny_decoder, tiny_pipe
 HEIGHT, WIDTH, STRIDE = 64, 128, 4
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # Tiny models are overhead-bound: one thread is faster and immune to oversubscription on a shared CPU.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -99,29 +99,16 @@ def test_sync_freq_and_decay_follow_the_schedule(pipe):
     torch.testing.assert_close(ours, expected, **TOLERANCE)
 
 
-def test_one_update_lowers_the_distance_to_the_anchor(pipe):
+def test_one_update_lowers_the_distance_to_the_anchor(sync_step):
     """The mechanism: a gradient step on a view's latent brings its predicted image closer to the anchor's."""
-    pipe._guidance_scale, pipe._guidance_rescale, pipe._cross_attention_kwargs = GUIDANCE, 0.0, None
-    pipe.scheduler.set_timesteps(10)
-    t = pipe.scheduler.timesteps[0]
-    positive, negative = pipe.encode_prompt("a photo of a beach", "cpu", 1, True)
-    conditioning = pipe._conditioning(positive, negative, None, None, 1)
-    latents = torch.randn(1, 4, 8, 16, generator=torch.Generator().manual_seed(5))
-    views = pipe.get_views(64, 128, stride=4)
-    sync = pipe._sync_settings()  # the exact mode
-
+    step = sync_step
+    pipe, sync = step.pipe, step.pipe._sync_settings()  # the exact mode
     with torch.no_grad():
-        anchor = pipe.prepare_anchor(latents, views[1], t, conditioning, sync)
-        view = pipe.get_view_latents(latents, [views[0]])
-
-        def distance(z):
-            model_input = pipe.scheduler.scale_model_input(z, t)
-            x0 = pipe.predict_clean_latents(model_input, pipe.predict_noise(model_input, t, conditioning), t)
-            return pipe.perceptual_distance(pipe.decode_for_sync(x0), anchor["images"]).item()
-
-        before = distance(view)
-        updated, _ = pipe.synchronize_views(view, anchor["images"], t, 2.0, conditioning, sync)
-        after = distance(updated)
+        anchor = pipe.prepare_anchor(step.latents, step.views[1], step.t, step.conditioning, sync)
+        view = pipe.get_view_latents(step.latents, [step.views[0]])
+        updated, _ = pipe.synchronize_views(view, anchor["images"], step.t, 2.0, step.conditioning, sync)
+        before = pipe.perceptual_distance(step.predicted_image(view), anchor["images"]).item()
+        after = pipe.perceptual_distance(step.predicted_image(updated), anchor["images"]).item()
     assert (updated - view).abs().max() > 0
     assert after < before
 
