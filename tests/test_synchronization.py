@@ -17,8 +17,13 @@ from diffusers import (
 GUIDANCE = 7.5
 
 
-def reference_syncdiffusion(pipe, prompt, latents, steps, stride, sync_weight, sync_thres, sync_decay_rate=0.95, sync_freq=1):
-    """The paper's algorithm with DDIM, one image and one view at a time, x0 from `scheduler.step`."""
+def reference_syncdiffusion(
+    pipe, prompt, latents, steps, stride, sync_weight, sync_thres, sync_decay_rate=0.95, sync_freq=1, circular=False
+):
+    """The paper's algorithm with DDIM, one image and one view at a time, x0 from `scheduler.step`.
+
+    Views are row-major; with `circular` their columns wrap around the right edge (the width a multiple of `stride`).
+    """
     unet, vae, lpips = pipe.unet, pipe.vae, pipe.perceptual_loss("cpu")
     scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
     scheduler.set_timesteps(steps)
@@ -26,8 +31,12 @@ def reference_syncdiffusion(pipe, prompt, latents, steps, stride, sync_weight, s
     embeds = torch.cat([negative, positive])
     n = unet.config.sample_size
     height, width = latents.shape[-2:]
-    views = [(h, w) for h in range(0, height - n + 1, stride) for w in range(0, width - n + 1, stride)]
+    column_starts = range(0, width, stride) if circular else range(0, width - n + 1, stride)
+    views = [(h, w) for h in range(0, height - n + 1, stride) for w in column_starts]
     anchor = views[len(views) // 2]
+
+    def columns(w):
+        return [(w + k) % width for k in range(n)]
 
     def noise(z, t):
         uncond, cond = unet(torch.cat([z, z]), t, encoder_hidden_states=embeds).sample.chunk(2)
@@ -42,17 +51,17 @@ def reference_syncdiffusion(pipe, prompt, latents, steps, stride, sync_weight, s
         value, count = torch.zeros_like(z), torch.zeros_like(z)
         sync = i < sync_thres and (i + 1) % sync_freq == 0
         if sync:
-            anchor_image = image(z[:, :, anchor[0] : anchor[0] + n, anchor[1] : anchor[1] + n], t)
+            anchor_image = image(z[:, :, anchor[0] : anchor[0] + n][..., columns(anchor[1])], t)
         for h, w in views:
-            z_v = z[:, :, h : h + n, w : w + n].clone()
+            z_v = z[:, :, h : h + n][..., columns(w)].clone()
             if sync and (h, w) != anchor:
                 z_v.requires_grad_(True)
                 with torch.enable_grad():
                     loss = lpips(image(z_v, t) * 2 - 1, anchor_image * 2 - 1).sum()
                     (grad,) = torch.autograd.grad(loss, z_v)
                 z_v = (z_v - sync_weight * sync_decay_rate**i * grad).detach()
-            value[:, :, h : h + n, w : w + n] += scheduler.step(noise(z_v, t), t, z_v).prev_sample
-            count[:, :, h : h + n, w : w + n] += 1
+            value[:, :, h : h + n, columns(w)] += scheduler.step(noise(z_v, t), t, z_v).prev_sample
+            count[:, :, h : h + n, columns(w)] += 1
         z = value / count
     return z
 
@@ -75,6 +84,29 @@ def test_matches_reference_loop(pipe, view_batch_size):
     torch.testing.assert_close(ours, expected, **TOLERANCE)
     # Synchronization really acted: the result is not MultiDiffusion's.
     plain = pipe("a photo of a forest", **SHAPE, **{**kwargs, "sync_weight": 0.0}, latents=latents, output_type="latent").images
+    assert (ours - plain).abs().max() > 1e-2
+
+
+@torch.no_grad()
+@pytest.mark.parametrize(
+    "height, width, circular",
+    [(128, 64, False), (96, 96, False), (64, 96, True)],
+    ids=["tall_3_rows", "grid_2x2", "circular_wraps"],
+)
+def test_tall_grid_and_circular_panoramas_match_reference_loop(pipe, height, width, circular):
+    latents = torch.randn(1, 4, height // 8, width // 8, generator=torch.Generator().manual_seed(2))
+    kwargs = {"num_inference_steps": 2, "stride": 4, "sync_weight": 20.0, "sync_thres": 2}
+    ours = pipe(
+        "a waterfall", height=height, width=width, circular_padding=circular, **kwargs, latents=latents, output_type="latent"
+    ).images
+    expected = reference_syncdiffusion(
+        pipe, "a waterfall", latents, steps=2, stride=4, sync_weight=20.0, sync_thres=2, circular=circular
+    )
+    torch.testing.assert_close(ours, expected, **TOLERANCE)
+    plain = pipe(
+        "a waterfall", height=height, width=width, circular_padding=circular, **{**kwargs, "sync_weight": 0.0},
+        latents=latents, output_type="latent",
+    ).images
     assert (ours - plain).abs().max() > 1e-2
 
 
