@@ -28,7 +28,7 @@ def cosine(a, b):
     ids=["x0_gradient", "reuse_noise", "fast", "lpips_size"],
 )
 def test_fast_mode_update_points_where_the_exact_one_does(pipe, options):
-    """With a small weight the fast update is a different, but well-aligned, step (cosine > 0.6 here; ~0.75-0.93)."""
+    """With a small weight the fast update is a different, but well-aligned, step (cosine > 0.6 here; 0.78-0.96 measured)."""
     exact = sync_update(pipe)
     fast = sync_update(pipe, **options)
     assert exact.abs().max() > 1e-3
