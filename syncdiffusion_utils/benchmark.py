@@ -26,6 +26,7 @@ the costs are those of the real architectures. On a CPU, quote ratios, not secon
 import argparse
 import ctypes
 import gc
+import inspect
 import json
 import os
 import sys
@@ -149,16 +150,21 @@ def _synchronizer(device):
 
 
 def _mode_settings(kwargs):
-    """`(sync on, gradient, reuse_noise, checkpointing, separate decoder)` as the pipeline derives them."""
-    sync_mode = kwargs.get("sync_mode", "exact")
-    gradient = kwargs.get("sync_gradient") or ("x0" if sync_mode == "fast" else "unet")
-    reuse = kwargs.get("sync_reuse_noise")
-    reuse = sync_mode == "fast" if reuse is None else reuse
+    """`(sync on, gradient, reuse_noise, checkpointing, separate decoder)` for a mode's keyword arguments."""
+    from pipeline_syncdiffusion import SyncDiffusionPipeline
+
+    defaults = inspect.signature(SyncDiffusionPipeline.__call__).parameters
+    settings = SyncDiffusionPipeline._sync_settings(
+        kwargs.get("sync_mode", defaults["sync_mode"].default),
+        kwargs.get("sync_gradient"),
+        kwargs.get("sync_reuse_noise"),
+        checkpointing=kwargs.get("sync_gradient_checkpointing", False),
+    )
     return (
-        kwargs.get("sync_weight", 20.0) > 0,
-        gradient,
-        reuse,
-        kwargs.get("sync_gradient_checkpointing", False),
+        kwargs.get("sync_weight", defaults["sync_weight"].default) > 0,
+        settings["gradient"],
+        settings["reuse_noise"],
+        settings["checkpointing"],
         kwargs.get("sync_decoder") is not None,
     )
 
