@@ -553,12 +553,28 @@ def _publish(argv):
     return 0
 
 
+# `syncdiffusion NAME ...`: subcommands, each a `main(argv) -> int` imported only when it runs (keeps --help instant).
+SUBCOMMANDS = {
+    "publish": "syncdiffusion_utils.cli:_publish",
+    "evaluate": "syncdiffusion_utils.evaluation:main",
+    "generate-set": "syncdiffusion_utils.generate_set:main",
+    "demo": "syncdiffusion_utils.demo:main",
+}
+
+
+def _subcommand(name):
+    import importlib
+
+    module, function = SUBCOMMANDS[name].split(":")
+    return getattr(importlib.import_module(module), function)
+
+
 def main(argv=None) -> int:
     """Run the command with `argv` (default: `sys.argv[1:]`) and return the exit status."""
     argv = sys.argv[1:] if argv is None else list(argv)
     try:
-        if argv and argv[0] == "publish":
-            return _publish(argv[1:])
+        if argv and argv[0] in SUBCOMMANDS:
+            return _subcommand(argv[0])(argv[1:])
         return _generate(build_parser().parse_args(argv))
     except CLIError as error:
         print(f"syncdiffusion: error: {error}", file=sys.stderr, flush=True)
