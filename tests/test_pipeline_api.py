@@ -7,6 +7,7 @@ import pytest
 import torch
 from accelerate.hooks import ModelHook, add_hook_to_module
 from diffusers import DiffusionPipeline, StableDiffusionPanoramaPipeline
+from diffusers.models.attention_processor import AttnProcessor
 
 import pipeline_syncdiffusion
 from pipeline_syncdiffusion import SyncDiffusionPipeline
@@ -226,9 +227,26 @@ def test_float16_synchronization_runs_lpips_in_float32(pipe):
 
 
 def test_attention_slicing_gives_the_same_result(pipe):
+    # Sliced attention computes, one slice at a time, exactly what diffusers' un-sliced `AttnProcessor` computes
+    # (measured: bit-identical latents after a synchronized run). The default processor (SDPA) orders the sums
+    # differently, and the synchronization gradient amplifies that float32 noise over the steps (1e-5 to 2e-4 here
+    # and in CI), so the un-sliced reference is the same arithmetic, not SDPA; see the next test for SDPA.
+    pipe.unet.set_attn_processor(AttnProcessor())
     plain = latents_of(pipe)
     pipe.enable_attention_slicing(1)
-    torch.testing.assert_close(latents_of(pipe), plain, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(latents_of(pipe), plain, atol=1e-6, rtol=1e-6)
+
+
+def test_sliced_and_sdpa_attention_agree_within_float32_noise(pipe):
+    # One guided UNet call: SDPA and sliced attention differ by float32 rounding only (measured 7e-7 on outputs of
+    # magnitude ~1.3); a slicing bug (a wrong slice, a lost scale) shows at 1e-2 and above.
+    generator = torch.Generator().manual_seed(0)
+    sample, states = torch.randn(2, 4, 8, 8, generator=generator), torch.randn(2, 77, 32, generator=generator)
+    with torch.no_grad():
+        sdpa = pipe.unet(sample, 500, encoder_hidden_states=states).sample
+        pipe.enable_attention_slicing(1)
+        sliced = pipe.unet(sample, 500, encoder_hidden_states=states).sample
+    torch.testing.assert_close(sliced, sdpa, atol=1e-5, rtol=0)
 
 
 def test_vae_tiling_decodes_the_panorama_in_tiles(pipe):
