@@ -232,3 +232,185 @@ def save_tiny_pipeline(folder, sample_size=8, seed=0):
     pipe = tiny_pipeline(sample_size=sample_size, seed=seed, lpips_module=False)
     pipe.save_pretrained(folder)
     return folder
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Stable Diffusion XL
+# ----------------------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class XLPreset:
+    """Architecture hyper-parameters of one random-weight SDXL pipeline (two text encoders, `text_time` UNet)."""
+
+    unet_channels: tuple
+    unet_down: tuple
+    unet_up: tuple
+    attention_heads: tuple
+    transformer_layers_per_block: tuple
+    layers_per_block: int
+    addition_time_embed_dim: int
+    norm_num_groups: int
+    vae_channels: tuple
+    vae_norm_num_groups: int
+    vae_layers_per_block: int
+    text_hidden: tuple  # text_encoder, text_encoder_2
+    text_layers: tuple
+    text_heads: tuple
+    text_intermediate: tuple
+    text_act: tuple
+
+
+XL_PRESETS = {
+    # Shaped like diffusers' own SDXL fast tests (text_time UNet, CLIPTextModelWithProjection), with a factor-8 VAE.
+    "tiny": XLPreset(
+        unet_channels=(16, 32),
+        unet_down=("DownBlock2D", "CrossAttnDownBlock2D"),
+        unet_up=("CrossAttnUpBlock2D", "UpBlock2D"),
+        attention_heads=(2, 4),
+        transformer_layers_per_block=(1, 1),
+        layers_per_block=1,
+        addition_time_embed_dim=8,
+        norm_num_groups=8,
+        vae_channels=(8, 8, 8, 8),
+        vae_norm_num_groups=8,
+        vae_layers_per_block=1,
+        text_hidden=(32, 32),
+        text_layers=(2, 2),
+        text_heads=(4, 4),
+        text_intermediate=(37, 37),
+        text_act=("quick_gelu", "gelu"),
+    ),
+    # stabilityai/stable-diffusion-xl-base-1.0: unet/, vae/, text_encoder/ and text_encoder_2/ config.json.
+    "sdxl": XLPreset(
+        unet_channels=(320, 640, 1280),
+        unet_down=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+        unet_up=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+        attention_heads=(5, 10, 20),
+        transformer_layers_per_block=(1, 2, 10),
+        layers_per_block=2,
+        addition_time_embed_dim=256,
+        norm_num_groups=32,
+        vae_channels=(128, 256, 512, 512),
+        vae_norm_num_groups=32,
+        vae_layers_per_block=2,
+        text_hidden=(768, 1280),
+        text_layers=(12, 32),
+        text_heads=(12, 20),
+        text_intermediate=(3072, 5120),
+        text_act=("quick_gelu", "gelu"),
+    ),
+}
+
+
+def _heads(channels, heads):
+    """The largest head count <= `heads` that divides `channels` (widths scaled by `width_mult` may not divide)."""
+    return next(h for h in range(min(heads, channels), 0, -1) if channels % h == 0)
+
+
+def make_sdxl_components(preset="tiny", sample_size=8, width_mult=1.0, seed=0):
+    """Random-weight SDXL components: `vae, text_encoder, text_encoder_2, tokenizer, tokenizer_2, unet, scheduler`.
+
+    `sample_size` is the UNet window in latent pixels (`8 * sample_size` image pixels; SDXL's is 128). `width_mult`
+    scales every channel width (UNet, VAE, both text encoders) and keeps depths, for quick CPU runs of `"sdxl"`.
+    The VAE has SDXL's `force_upcast=True` and scaling factor; the scheduler is SDXL's Euler.
+    """
+    from diffusers import EulerDiscreteScheduler
+    from transformers import CLIPTextModelWithProjection
+
+    p = XL_PRESETS[preset]
+    scale = 1.0 if preset == "tiny" else width_mult
+    torch.manual_seed(seed)
+    groups = p.norm_num_groups
+    unet_channels = _scaled(p.unet_channels, scale, groups)
+    text_hidden = [_scaled((h,), scale, 8)[0] for h in p.text_hidden]
+    with tempfile.TemporaryDirectory(prefix="syncdiffusion-tokenizer-") as folder:
+        tokenizer = make_tokenizer(folder)
+        tokenizer_2 = CLIPTokenizer.from_pretrained(folder, model_max_length=77)
+    text_encoders = []
+    for k, model_class in enumerate((CLIPTextModel, CLIPTextModelWithProjection)):
+        config = CLIPTextConfig(
+            vocab_size=len(tokenizer),
+            hidden_size=text_hidden[k],
+            intermediate_size=max(8, int(p.text_intermediate[k] * text_hidden[k] / p.text_hidden[k])),
+            num_hidden_layers=p.text_layers[k],
+            num_attention_heads=_heads(text_hidden[k], p.text_heads[k]),
+            max_position_embeddings=77,
+            projection_dim=text_hidden[k],
+            hidden_act=p.text_act[k],
+            bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+        )
+        text_encoders.append(model_class(config))
+    unet = UNet2DConditionModel(
+        sample_size=sample_size,
+        in_channels=4,
+        out_channels=4,
+        block_out_channels=unet_channels,
+        down_block_types=p.unet_down,
+        up_block_types=p.unet_up,
+        layers_per_block=p.layers_per_block,
+        attention_head_dim=tuple(_heads(c, h) for c, h in zip(unet_channels, p.attention_heads)),
+        transformer_layers_per_block=p.transformer_layers_per_block,
+        cross_attention_dim=sum(text_hidden),
+        norm_num_groups=groups,
+        use_linear_projection=True,
+        addition_embed_type="text_time",
+        addition_time_embed_dim=p.addition_time_embed_dim,
+        # six time ids (original size, crop corner, target size) and the pooled embedding of text_encoder_2
+        projection_class_embeddings_input_dim=6 * p.addition_time_embed_dim + text_hidden[1],
+    )
+    vae_groups = p.vae_norm_num_groups
+    vae = AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * len(p.vae_channels),
+        up_block_types=("UpDecoderBlock2D",) * len(p.vae_channels),
+        block_out_channels=_scaled(p.vae_channels, scale, vae_groups),
+        layers_per_block=p.vae_layers_per_block,
+        latent_channels=4,
+        norm_num_groups=vae_groups,
+        sample_size=sample_size * 8,
+        scaling_factor=0.13025,
+        force_upcast=True,
+    )
+    scheduler = EulerDiscreteScheduler(
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        steps_offset=1,
+        timestep_spacing="leading",
+    )
+    for model in (unet, vae, *text_encoders):
+        model.eval()
+    return {
+        "vae": vae,
+        "text_encoder": text_encoders[0],
+        "text_encoder_2": text_encoders[1],
+        "tokenizer": tokenizer,
+        "tokenizer_2": tokenizer_2,
+        "unet": unet,
+        "scheduler": scheduler,
+    }
+
+
+def tiny_xl_pipeline(sample_size=8, seed=0, lpips_module=True):
+    """A `SyncDiffusionXLPipeline` on tiny random SDXL components, ready to run on CPU (no watermark)."""
+    from pipeline_syncdiffusion_xl import SyncDiffusionXLPipeline
+
+    pipe = SyncDiffusionXLPipeline(**make_sdxl_components("tiny", sample_size=sample_size, seed=seed), add_watermarker=False)
+    if lpips_module:
+        pipe.set_perceptual_loss(make_lpips())
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def save_tiny_xl_pipeline(folder, sample_size=8, seed=0):
+    """Save a tiny SDXL pipeline in diffusers' folder layout; its `model_index.json` names `StableDiffusionXLPipeline`,
+    as a real SDXL model's does."""
+    from diffusers import StableDiffusionXLPipeline
+
+    pipe = StableDiffusionXLPipeline(**make_sdxl_components("tiny", sample_size=sample_size, seed=seed), add_watermarker=False)
+    pipe.save_pretrained(folder)
+    return folder

@@ -1,0 +1,1379 @@
+# Copyright 2026 The syncdiffusion authors. Licensed under the Apache License, Version 2.0.
+#
+# SyncDiffusion: Coherent Montage via Synchronized Joint Diffusions
+# Yuseung Lee, Kunho Kim, Hyunjin Kim, Minhyuk Sung. NeurIPS 2023. https://huggingface.co/papers/2306.05178
+#
+# A diffusers custom pipeline for Stable Diffusion XL. Load it with
+#     DiffusionPipeline.from_pretrained(model, custom_pipeline="pipeline_syncdiffusion_xl.py", trust_remote_code=True)
+# It imports only the standard library, torch, diffusers and transformers; lpips is imported on first use.
+#
+# The panorama and synchronization code is the SD 1.x/2.x pipeline's (pipeline_syncdiffusion.py), copied: every
+# block marked `# Copied from` is kept identical to its source by `python -m syncdiffusion_utils.check_copies`.
+"""SyncDiffusionXLPipeline: SDXL MultiDiffusion panoramas whose windows are synchronized by an LPIPS gradient."""
+
+import copy
+from contextlib import contextmanager
+from typing import Any, Callable
+
+import torch
+import torch.nn.functional as F
+from transformers import (
+    CLIPImageProcessor,
+    CLIPTextModel,
+    CLIPTextModelWithProjection,
+    CLIPTokenizer,
+    CLIPVisionModelWithProjection,
+)
+
+from diffusers.callbacks import MultiPipelineCallbacks, PipelineCallback
+from diffusers.image_processor import PipelineImageInput, VaeImageProcessor
+from diffusers.loaders import IPAdapterMixin, StableDiffusionXLLoraLoaderMixin, TextualInversionLoaderMixin
+from diffusers.models import AutoencoderKL, UNet2DConditionModel
+from diffusers.pipelines.pipeline_utils import DiffusionPipeline, StableDiffusionMixin
+from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion import rescale_noise_cfg, retrieve_timesteps
+from diffusers.pipelines.stable_diffusion_xl import StableDiffusionXLPipeline, StableDiffusionXLPipelineOutput
+from diffusers.schedulers import KarrasDiffusionSchedulers
+from diffusers.utils import deprecate, is_invisible_watermark_available, logging, replace_example_docstring
+
+
+if is_invisible_watermark_available():
+    from diffusers.pipelines.stable_diffusion_xl.watermark import StableDiffusionXLWatermarker
+
+
+logger = logging.get_logger(__name__)  # pylint: disable=invalid-name
+
+# Copied from pipeline_syncdiffusion.SYNC_MODES
+SYNC_MODES = ("exact", "fast")
+# Copied from pipeline_syncdiffusion.SYNC_GRADIENTS
+SYNC_GRADIENTS = ("unet", "x0")
+# The tensors `_conditioning` is built from, in its argument order; a step-end callback may replace them.
+_CONDITIONING_INPUTS = (
+    "prompt_embeds",
+    "negative_prompt_embeds",
+    "add_text_embeds",
+    "negative_add_text_embeds",
+    "add_time_ids",
+    "negative_add_time_ids",
+)
+
+EXAMPLE_DOC_STRING = """
+    Examples:
+        ```py
+        >>> import torch
+        >>> from diffusers import DiffusionPipeline
+
+        >>> pipe = DiffusionPipeline.from_pretrained(
+        ...     "stabilityai/stable-diffusion-xl-base-1.0",
+        ...     custom_pipeline="pipeline_syncdiffusion_xl.py",  # a file, a folder or a Hub repo id
+        ...     trust_remote_code=True,
+        ...     torch_dtype=torch.float16,
+        ... )
+        >>> pipe = pipe.to("cuda")
+
+        >>> prompt = "a photo of a mountain range at twilight"
+        >>> image = pipe(prompt, height=1024, width=4096, sync_lpips_size=512).images[0]
+        ```
+"""
+
+
+class SyncDiffusionXLPipeline(
+    DiffusionPipeline,
+    StableDiffusionMixin,
+    StableDiffusionXLLoraLoaderMixin,
+    TextualInversionLoaderMixin,
+    IPAdapterMixin,
+):
+    r"""
+    Pipeline for coherent Stable Diffusion XL panoramas with SyncDiffusion
+    ([paper](https://huggingface.co/papers/2306.05178)).
+
+    The SDXL twin of `SyncDiffusionPipeline`: it denoises overlapping windows ("views") of a wide latent and averages
+    them (MultiDiffusion), and at the first `sync_thres` steps moves every view's latent down the gradient of the
+    LPIPS distance between that view's predicted clean image and the anchor (middle) view's, so that all views agree
+    on one scene. With `sync_weight=0` it is MultiDiffusion; with one view it is [`StableDiffusionXLPipeline`].
+
+    Every view is conditioned as one SDXL image of the window's size: the same pooled text embeddings and the time ids
+    that `original_size`, `crops_coords_top_left` and `target_size` give (by default the view's size and `(0, 0)`).
+
+    This model inherits from [`DiffusionPipeline`]. It also inherits
+    [`~loaders.TextualInversionLoaderMixin.load_textual_inversion`],
+    [`~loaders.StableDiffusionXLLoraLoaderMixin.load_lora_weights`] and [`~loaders.IPAdapterMixin.load_ip_adapter`].
+
+    Args:
+        vae ([`AutoencoderKL`]):
+            Variational Auto-Encoder. With `vae.config.force_upcast` (the SDXL VAE overflows in float16) it runs in
+            float32 for every decode, the synchronization's included.
+        text_encoder ([`~transformers.CLIPTextModel`]):
+            First frozen text encoder (CLIP ViT-L in SDXL).
+        text_encoder_2 ([`~transformers.CLIPTextModelWithProjection`]):
+            Second frozen text encoder (OpenCLIP bigG in SDXL), which also gives the pooled embeddings.
+        tokenizer ([`~transformers.CLIPTokenizer`]):
+            Tokenizer of `text_encoder`.
+        tokenizer_2 ([`~transformers.CLIPTokenizer`]):
+            Tokenizer of `text_encoder_2`.
+        unet ([`UNet2DConditionModel`]):
+            The SDXL UNet (`addition_embed_type="text_time"`). Its `sample_size` is the view size in latents.
+        scheduler ([`SchedulerMixin`]):
+            A scheduler with `alphas_cumprod` (DDIM) or `sigmas` (Euler, SDXL's default, DPM-Solver, UniPC, ...).
+        image_encoder ([`~transformers.CLIPVisionModelWithProjection`], *optional*):
+            Image encoder for IP-Adapter.
+        feature_extractor ([`~transformers.CLIPImageProcessor`], *optional*):
+            Image processor for IP-Adapter.
+        force_zeros_for_empty_prompt (`bool`, *optional*, defaults to `True`):
+            Whether the negative embeddings are zeros when no negative prompt is given (as SDXL base was trained).
+        add_watermarker (`bool`, *optional*):
+            Whether to watermark the images with the `invisible-watermark` package, as SDXL does. Defaults to whether
+            that package is installed; it is never required.
+    """
+
+    model_cpu_offload_seq = "text_encoder->text_encoder_2->image_encoder->unet->vae"
+    _optional_components = [
+        "tokenizer",
+        "tokenizer_2",
+        "text_encoder",
+        "text_encoder_2",
+        "image_encoder",
+        "feature_extractor",
+    ]
+    # Per image, not concatenated with the negative ones as in `StableDiffusionXLPipeline`.
+    _callback_tensor_inputs = [
+        "latents",
+        "prompt_embeds",
+        "negative_prompt_embeds",
+        "add_text_embeds",
+        "negative_add_text_embeds",
+        "add_time_ids",
+        "negative_add_time_ids",
+    ]
+
+    def __init__(
+        self,
+        vae: AutoencoderKL,
+        text_encoder: CLIPTextModel,
+        text_encoder_2: CLIPTextModelWithProjection,
+        tokenizer: CLIPTokenizer,
+        tokenizer_2: CLIPTokenizer,
+        unet: UNet2DConditionModel,
+        scheduler: KarrasDiffusionSchedulers,
+        image_encoder: CLIPVisionModelWithProjection = None,
+        feature_extractor: CLIPImageProcessor = None,
+        force_zeros_for_empty_prompt: bool = True,
+        add_watermarker: bool | None = None,
+    ):
+        super().__init__()
+
+        self.register_modules(
+            vae=vae,
+            text_encoder=text_encoder,
+            text_encoder_2=text_encoder_2,
+            tokenizer=tokenizer,
+            tokenizer_2=tokenizer_2,
+            unet=unet,
+            scheduler=scheduler,
+            image_encoder=image_encoder,
+            feature_extractor=feature_extractor,
+        )
+        self.register_to_config(force_zeros_for_empty_prompt=force_zeros_for_empty_prompt)
+        self.vae_scale_factor = 2 ** (len(self.vae.config.block_out_channels) - 1) if getattr(self, "vae", None) else 8
+        self.image_processor = VaeImageProcessor(vae_scale_factor=self.vae_scale_factor)
+        self.default_sample_size = (
+            self.unet.config.sample_size
+            if getattr(self, "unet", None) is not None and hasattr(self.unet.config, "sample_size")
+            else 128
+        )
+        add_watermarker = add_watermarker if add_watermarker is not None else is_invisible_watermark_available()
+        self.watermark = StableDiffusionXLWatermarker() if add_watermarker else None
+        # LPIPS is not a saved component: it is built on first synchronized call (see `perceptual_loss`).
+        self._perceptual_loss = None
+
+    # Prompt, image and latent preparation are Stable Diffusion XL's own, shared rather than copied.
+    encode_prompt = StableDiffusionXLPipeline.encode_prompt
+    encode_image = StableDiffusionXLPipeline.encode_image
+    prepare_ip_adapter_image_embeds = StableDiffusionXLPipeline.prepare_ip_adapter_image_embeds
+    prepare_extra_step_kwargs = StableDiffusionXLPipeline.prepare_extra_step_kwargs
+    prepare_latents = StableDiffusionXLPipeline.prepare_latents
+    _get_add_time_ids = StableDiffusionXLPipeline._get_add_time_ids
+    get_guidance_scale_embedding = StableDiffusionXLPipeline.get_guidance_scale_embedding
+
+    # ------------------------------------------------------------------------------------------------------------
+    # Inputs
+    # ------------------------------------------------------------------------------------------------------------
+
+    def check_inputs(
+        self,
+        prompt,
+        prompt_2,
+        height,
+        width,
+        callback_steps,
+        negative_prompt=None,
+        negative_prompt_2=None,
+        prompt_embeds=None,
+        negative_prompt_embeds=None,
+        pooled_prompt_embeds=None,
+        negative_pooled_prompt_embeds=None,
+        original_size=None,
+        crops_coords_top_left=(0, 0),
+        target_size=None,
+        negative_original_size=None,
+        negative_crops_coords_top_left=(0, 0),
+        negative_target_size=None,
+        denoising_end=None,
+        timesteps=None,
+        sigmas=None,
+        **panorama_inputs,
+    ):
+        """
+        Raise a `ValueError` naming the argument, its value and what is allowed, before any model runs: the SDXL
+        arguments here, then the panorama and synchronization ones in `check_panorama_inputs` (the SD pipeline's).
+        """
+        if prompt_2 is not None and prompt_embeds is not None:
+            raise ValueError("Pass either `prompt_2` or `prompt_embeds`, not both.")
+        if prompt_2 is not None and not isinstance(prompt_2, (str, list)):
+            raise ValueError(f"`prompt_2` has to be of type `str` or `list`, but is {type(prompt_2)}.")
+        if negative_prompt_2 is not None and negative_prompt_embeds is not None:
+            raise ValueError("Pass either `negative_prompt_2` or `negative_prompt_embeds`, not both.")
+        if prompt_embeds is not None and pooled_prompt_embeds is None:
+            raise ValueError(
+                "`pooled_prompt_embeds` has to be passed with `prompt_embeds` (from the same `text_encoder_2`)."
+            )
+        if negative_prompt_embeds is not None and negative_pooled_prompt_embeds is None:
+            raise ValueError(
+                "`negative_pooled_prompt_embeds` has to be passed with `negative_prompt_embeds` (from the same"
+                " `text_encoder_2`)."
+            )
+        if prompt_embeds is not None and pooled_prompt_embeds.shape[0] != prompt_embeds.shape[0]:
+            raise ValueError(
+                f"`pooled_prompt_embeds` has to have one row per prompt of `prompt_embeds` ({prompt_embeds.shape[0]}),"
+                f" but has shape {tuple(pooled_prompt_embeds.shape)}."
+            )
+        if pooled_prompt_embeds is not None and negative_pooled_prompt_embeds is not None:
+            if pooled_prompt_embeds.shape != negative_pooled_prompt_embeds.shape:
+                raise ValueError(
+                    "`pooled_prompt_embeds` and `negative_pooled_prompt_embeds` have to have the same shape, but have"
+                    f" {tuple(pooled_prompt_embeds.shape)} and {tuple(negative_pooled_prompt_embeds.shape)}."
+                )
+        for name, value in (
+            ("original_size", original_size),
+            ("target_size", target_size),
+            ("negative_original_size", negative_original_size),
+            ("negative_target_size", negative_target_size),
+        ):
+            if value is not None and not self._is_int_pair(value, minimum=1):
+                raise ValueError(f"`{name}` has to be a pair of positive integers (height, width) or None, but is {value!r}.")
+        for name, value in (
+            ("crops_coords_top_left", crops_coords_top_left),
+            ("negative_crops_coords_top_left", negative_crops_coords_top_left),
+        ):
+            if not self._is_int_pair(value, minimum=0):
+                raise ValueError(f"`{name}` has to be a pair of integers >= 0 (top, left), but is {value!r}.")
+        if denoising_end is not None and (not isinstance(denoising_end, float) or not 0.0 < denoising_end < 1.0):
+            raise ValueError(f"`denoising_end` has to be a float in (0, 1) or None, but is {denoising_end!r}.")
+        if timesteps is not None and sigmas is not None:
+            raise ValueError("Pass either `timesteps` or `sigmas`, not both.")
+        self.check_panorama_inputs(
+            prompt,
+            height,
+            width,
+            callback_steps,
+            negative_prompt,
+            prompt_embeds,
+            negative_prompt_embeds,
+            **panorama_inputs,
+        )
+
+    @staticmethod
+    def _is_int_pair(value, minimum):
+        return (
+            isinstance(value, (tuple, list))
+            and len(value) == 2
+            and all(isinstance(v, int) and not isinstance(v, bool) and v >= minimum for v in value)
+        )
+
+    # Copied from pipeline_syncdiffusion.SyncDiffusionPipeline.check_inputs with check_inputs->check_panorama_inputs
+    def check_panorama_inputs(
+        self,
+        prompt,
+        height,
+        width,
+        callback_steps,
+        negative_prompt=None,
+        prompt_embeds=None,
+        negative_prompt_embeds=None,
+        ip_adapter_image=None,
+        ip_adapter_image_embeds=None,
+        callback_on_step_end_tensor_inputs=None,
+        num_inference_steps=50,
+        num_images_per_prompt=1,
+        latents=None,
+        view_batch_size=1,
+        stride=8,
+        guidance_rescale=0.0,
+        sync_weight=0.0,
+        sync_decay_rate=0.95,
+        sync_freq=1,
+        sync_thres=5,
+        sync_mode="exact",
+        sync_gradient=None,
+        sync_reuse_noise=None,
+        sync_decoder=None,
+        sync_lpips_size=None,
+        sync_decode_downsample=1,
+    ):
+        """Raise a `ValueError` naming the argument, its value and what is allowed, before any model runs."""
+        factor = self.vae_scale_factor
+        for name, value in (("height", height), ("width", width)):
+            if not isinstance(value, int) or value <= 0 or value % factor != 0:
+                raise ValueError(
+                    f"`{name}` has to be a positive multiple of the VAE scale factor {factor}, but is {value!r}."
+                )
+        if callback_steps is not None and (not isinstance(callback_steps, int) or callback_steps <= 0):
+            raise ValueError(f"`callback_steps` has to be a positive integer, but is {callback_steps!r}.")
+        if callback_on_step_end_tensor_inputs is not None:
+            unknown = [k for k in callback_on_step_end_tensor_inputs if k not in self._callback_tensor_inputs]
+            if unknown:
+                raise ValueError(
+                    f"`callback_on_step_end_tensor_inputs` has to be in {self._callback_tensor_inputs}, but found"
+                    f" {unknown}."
+                )
+
+        if prompt is not None and prompt_embeds is not None:
+            raise ValueError("Pass either `prompt` or `prompt_embeds`, not both.")
+        if prompt is None and prompt_embeds is None:
+            raise ValueError("Pass either `prompt` or `prompt_embeds`; both are undefined.")
+        if prompt is not None and not isinstance(prompt, (str, list)):
+            raise ValueError(f"`prompt` has to be of type `str` or `list`, but is {type(prompt)}.")
+        if negative_prompt is not None and negative_prompt_embeds is not None:
+            raise ValueError("Pass either `negative_prompt` or `negative_prompt_embeds`, not both.")
+        if prompt_embeds is not None and negative_prompt_embeds is not None:
+            if prompt_embeds.shape != negative_prompt_embeds.shape:
+                raise ValueError(
+                    "`prompt_embeds` and `negative_prompt_embeds` have to have the same shape, but have"
+                    f" {tuple(prompt_embeds.shape)} and {tuple(negative_prompt_embeds.shape)}."
+                )
+        if ip_adapter_image is not None and ip_adapter_image_embeds is not None:
+            raise ValueError("Pass either `ip_adapter_image` or `ip_adapter_image_embeds`, not both.")
+        if ip_adapter_image_embeds is not None:
+            if not isinstance(ip_adapter_image_embeds, list):
+                raise ValueError(
+                    f"`ip_adapter_image_embeds` has to be a list of tensors, but is {type(ip_adapter_image_embeds)}."
+                )
+            if ip_adapter_image_embeds[0].ndim not in (3, 4):
+                raise ValueError(
+                    "`ip_adapter_image_embeds` has to be a list of 3D or 4D tensors, but holds"
+                    f" {ip_adapter_image_embeds[0].ndim}D ones."
+                )
+
+        window = self.unet.config.sample_size
+        if not isinstance(stride, int) or not 1 <= stride <= window:
+            raise ValueError(f"`stride` has to be an integer in 1..{window} (the view size in latents), but is {stride!r}.")
+        if not isinstance(view_batch_size, int) or view_batch_size < 1:
+            raise ValueError(f"`view_batch_size` has to be a positive integer, but is {view_batch_size!r}.")
+        if not isinstance(num_inference_steps, int) or num_inference_steps < 1:
+            raise ValueError(f"`num_inference_steps` has to be a positive integer, but is {num_inference_steps!r}.")
+        if not isinstance(num_images_per_prompt, int) or num_images_per_prompt < 1:
+            raise ValueError(f"`num_images_per_prompt` has to be a positive integer, but is {num_images_per_prompt!r}.")
+        if not 0.0 <= guidance_rescale <= 1.0:
+            raise ValueError(f"`guidance_rescale` has to be in [0, 1], but is {guidance_rescale!r}.")
+
+        if latents is not None:
+            batch_size = 1 if isinstance(prompt, str) else len(prompt) if prompt is not None else prompt_embeds.shape[0]
+            shape = (
+                batch_size * num_images_per_prompt,
+                self.unet.config.in_channels,
+                height // factor,
+                width // factor,
+            )
+            if tuple(latents.shape) != shape:
+                raise ValueError(
+                    f"`latents` has to have shape {shape} (batch, channels, height / {factor}, width / {factor}),"
+                    f" but has shape {tuple(latents.shape)}."
+                )
+
+        if sync_weight < 0:
+            raise ValueError(f"`sync_weight` has to be >= 0 (0 turns synchronization off), but is {sync_weight!r}.")
+        if not 0.0 < sync_decay_rate <= 1.0:
+            raise ValueError(f"`sync_decay_rate` has to be in (0, 1], but is {sync_decay_rate!r}.")
+        if not isinstance(sync_freq, int) or sync_freq < 1:
+            raise ValueError(f"`sync_freq` has to be a positive integer, but is {sync_freq!r}.")
+        if not isinstance(sync_thres, int) or sync_thres < 0:
+            raise ValueError(f"`sync_thres` has to be a non-negative integer, but is {sync_thres!r}.")
+        if sync_mode not in SYNC_MODES:
+            raise ValueError(f"`sync_mode` has to be one of {SYNC_MODES}, but is {sync_mode!r}.")
+        if sync_gradient is not None and sync_gradient not in SYNC_GRADIENTS:
+            raise ValueError(f"`sync_gradient` has to be one of {SYNC_GRADIENTS} or None, but is {sync_gradient!r}.")
+        if sync_reuse_noise not in (None, True, False):
+            raise ValueError(f"`sync_reuse_noise` has to be True, False or None, but is {sync_reuse_noise!r}.")
+        if sync_decoder is not None and not callable(getattr(sync_decoder, "decode", None)):
+            raise ValueError(f"`sync_decoder` has to have a `decode` method (e.g. `AutoencoderTiny`), but is {sync_decoder!r}.")
+        if sync_lpips_size is not None and (not isinstance(sync_lpips_size, int) or sync_lpips_size < 32):
+            raise ValueError(f"`sync_lpips_size` has to be an integer >= 32 (pixels) or None, but is {sync_lpips_size!r}.")
+
+        if not isinstance(sync_decode_downsample, int) or sync_decode_downsample < 1 or window % sync_decode_downsample:
+            raise ValueError(
+                f"`sync_decode_downsample` has to be a positive integer dividing the view size {window}, but is"
+                f" {sync_decode_downsample!r}."
+            )
+
+        if sync_weight > 0 and sync_thres > 0:
+            prediction_type = self.scheduler.config.get("prediction_type", "epsilon")
+            if prediction_type not in ("epsilon", "v_prediction", "sample"):
+                raise ValueError(
+                    f"synchronization needs the scheduler's `prediction_type` to be 'epsilon', 'v_prediction' or"
+                    f" 'sample', but it is {prediction_type!r}."
+                )
+            gradient = self._sync_settings(sync_mode, sync_gradient)["gradient"]
+            if gradient == "x0" and prediction_type == "sample":
+                raise ValueError(
+                    "`sync_gradient='x0'` (also implied by `sync_mode='fast'`) treats the UNet output as constant,"
+                    " which leaves no gradient with `prediction_type='sample'`; use `sync_gradient='unet'`."
+                )
+            if not hasattr(self.scheduler, "sigmas") and not hasattr(self.scheduler, "alphas_cumprod"):
+                raise ValueError(
+                    f"synchronization needs a scheduler with `alphas_cumprod` or `sigmas`, but"
+                    f" {self.scheduler.__class__.__name__} has neither; set `sync_weight=0` or change the scheduler."
+                )
+
+    # ------------------------------------------------------------------------------------------------------------
+    # Views: the windows of the panorama latent
+    # ------------------------------------------------------------------------------------------------------------
+
+    # Copied from pipeline_syncdiffusion.SyncDiffusionPipeline.get_views
+    def get_views(
+        self,
+        panorama_height: int,
+        panorama_width: int,
+        window_size: int | None = None,
+        stride: int = 8,
+        circular_padding: bool = False,
+    ) -> list[tuple[int, int, int, int]]:
+        """
+        Windows of the panorama latent, row-major, as `(h_start, h_end, w_start, w_end)` in latent pixels.
+
+        Args:
+            panorama_height (`int`): Panorama height in image pixels.
+            panorama_width (`int`): Panorama width in image pixels.
+            window_size (`int`, *optional*): View side in latent pixels; defaults to `unet.config.sample_size`.
+            stride (`int`, defaults to 8): Distance between neighbouring views in latent pixels.
+            circular_padding (`bool`, defaults to `False`):
+                Whether views wrap around the right edge (then `w_end` may exceed the latent width).
+
+        Returns:
+            `list[tuple[int, int, int, int]]`. If the stride does not divide the span, one more row (column) of views
+            is added flush with the bottom (right) edge, so that every latent pixel is denoised.
+        """
+        window = window_size or self.unet.config.sample_size
+        height = panorama_height // self.vae_scale_factor
+        width = panorama_width // self.vae_scale_factor
+        rows = self._view_starts(height, window, stride, circular=False)
+        cols = self._view_starts(width, window, stride, circular=circular_padding)
+        window_h, window_w = min(window, height), min(window, width)
+        return [(h, h + window_h, w, w + window_w) for h in rows for w in cols]
+
+    # Copied from pipeline_syncdiffusion.SyncDiffusionPipeline._view_starts
+    @staticmethod
+    def _view_starts(size, window, stride, circular):
+        """Start offsets of the views along one axis."""
+        if size <= window:
+            return [0]
+        if circular:
+            # Views start every `stride` pixels all the way round; the last ones wrap past the edge.
+            return list(range(0, size, stride))
+        starts = list(range(0, size - window + 1, stride))
+        if starts[-1] != size - window:
+            starts.append(size - window)
+        return starts
+
+    # Copied from pipeline_syncdiffusion.SyncDiffusionPipeline._view_columns
+    @staticmethod
+    def _view_columns(view, width, device):
+        """Column indices of a view, wrapped around the panorama for circular views."""
+        return torch.arange(view[2], view[3], device=device) % width
+
+    # Copied from pipeline_syncdiffusion.SyncDiffusionPipeline.get_view_latents
+    def get_view_latents(self, latents: torch.Tensor, views: list) -> torch.Tensor:
+        """The latents of `views`, stacked view-major: `(len(views) * batch, channels, window, window)`."""
+        width = latents.shape[-1]
+        crops = []
+        for view in views:
+            h_start, h_end, w_start, w_end = view
+            if w_end <= width:
+                crops.append(latents[:, :, h_start:h_end, w_start:w_end])
+            else:
+                crops.append(latents[:, :, h_start:h_end].index_select(3, self._view_columns(view, width, latents.device)))
+        return torch.cat(crops)
+
+    # Copied from pipeline_syncdiffusion.SyncDiffusionPipeline.add_view_latents
+    def add_view_latents(self, value: torch.Tensor, count: torch.Tensor, view_latents: torch.Tensor, views: list):
+        """Accumulate denoised view latents into the panorama sums `value` and their counts `count`."""
+        width = value.shape[-1]
+        for crop, view in zip(view_latents.chunk(len(views)), views):
+            h_start, h_end, w_start, w_end = view
+            if w_end <= width:
+                value[:, :, h_start:h_end, w_start:w_end] += crop
+                count[:, :, h_start:h_end, w_start:w_end] += 1
+            else:
+                columns = self._view_columns(view, width, value.device)
+                value[:, :, h_start:h_end].index_add_(3, columns, crop)
+                count[:, :, h_start:h_end].index_add_(3, columns, torch.ones_like(crop))
+
+    # ------------------------------------------------------------------------------------------------------------
+    # The denoiser: guided noise and the scheduler's clean-latent prediction
+    # ------------------------------------------------------------------------------------------------------------
+
+    # Adapted from pipeline_syncdiffusion.SyncDiffusionPipeline.predict_noise: SDXL's added conditioning per view
+    def predict_noise(self, model_input: torch.Tensor, t, conditioning: dict) -> torch.Tensor:
+        """
+        Guided noise prediction for a stack of views (view-major, `batch` images each).
+
+        `model_input` is already scaled by `scheduler.scale_model_input`. With guidance the UNet sees every latent
+        twice, interleaved `[uncond, cond]`, as the SD pipeline does.
+        """
+        embeds = conditioning["encoder_hidden_states"]
+        num_views = model_input.shape[0] // conditioning["batch_size"]
+        cfg = self.do_classifier_free_guidance
+        timestep_cond = conditioning["timestep_cond"]
+        if timestep_cond is not None:
+            timestep_cond = timestep_cond.repeat(num_views, 1)
+        noise_pred = self.unet(
+            model_input.repeat_interleave(2, dim=0) if cfg else model_input,
+            t,
+            encoder_hidden_states=embeds.repeat(num_views, 1, 1),
+            timestep_cond=timestep_cond,
+            cross_attention_kwargs=self.cross_attention_kwargs,
+            added_cond_kwargs=self.added_cond_kwargs(conditioning, num_views),
+            return_dict=False,
+        )[0]
+        if not cfg:
+            return noise_pred
+        noise_pred_uncond, noise_pred_text = noise_pred[::2], noise_pred[1::2]
+        guided = noise_pred_uncond + self.guidance_scale * (noise_pred_text - noise_pred_uncond)
+        if self.guidance_rescale > 0.0:
+            # Section 3.4 of https://huggingface.co/papers/2305.08891
+            guided = rescale_noise_cfg(guided, noise_pred_text, guidance_rescale=self.guidance_rescale)
+        return guided
+
+    @staticmethod
+    def added_cond_kwargs(conditioning: dict, num_views: int) -> dict:
+        """SDXL's `added_cond_kwargs` (pooled text embeddings, time ids, IP-Adapter embeddings) for `num_views` views."""
+        added = {
+            "text_embeds": conditioning["text_embeds"].repeat(num_views, 1),
+            "time_ids": conditioning["time_ids"].repeat(num_views, 1),
+        }
+        if conditioning["image_embeds"] is not None:
+            added["image_embeds"] = [e.repeat(num_views, *[1] * (e.ndim - 1)) for e in conditioning["image_embeds"]]
+        return added
+
+    # Copied from pipeline_syncdiffusion.SyncDiffusionPipeline._alpha_sigma
+    def _alpha_sigma(self, t, device, dtype):
+        """
+        `(alpha_t, sigma_t)` of the current step in variance-preserving form, `x_t = alpha_t x_0 + sigma_t eps`,
+        read from the scheduler's own parameterization.
+        """
+        scheduler = self.scheduler
+        if hasattr(scheduler, "sigmas"):
+            # Sigma-parameterized schedulers (Euler, DPM-Solver, UniPC, LMS, ...): the sigma of this step, which
+            # also covers Karras and other non-integer timestep schedules.
+            index = scheduler.step_index
+            if index is None:
+                index = scheduler.index_for_timestep(t)
+            sigma = scheduler.sigmas[index].to(device=device, dtype=torch.float32)
+            alpha_t = (sigma**2 + 1) ** -0.5
+            sigma_t = sigma * alpha_t
+        else:
+            alpha_prod = scheduler.alphas_cumprod[int(t)].to(device=device, dtype=torch.float32)
+            alpha_t, sigma_t = alpha_prod**0.5, (1 - alpha_prod) ** 0.5
+        return alpha_t.to(dtype), sigma_t.to(dtype)
+
+    # Copied from pipeline_syncdiffusion.SyncDiffusionPipeline.predict_clean_latents
+    def predict_clean_latents(self, model_input: torch.Tensor, noise_pred: torch.Tensor, t) -> torch.Tensor:
+        """
+        The clean latent `x0` that the scheduler predicts from `noise_pred`, without advancing the scheduler.
+
+        `model_input = scheduler.scale_model_input(latents, t)` is the variance-preserving noisy latent for every
+        scheduler (sigma-based schedulers divide by `sqrt(sigma**2 + 1)` there). For DDIM this equals
+        `scheduler.step(...).pred_original_sample`; for Euler, `latents - sigma * noise_pred`.
+        """
+        alpha_t, sigma_t = self._alpha_sigma(t, model_input.device, model_input.dtype)
+        prediction_type = self.scheduler.config.prediction_type
+        if prediction_type == "epsilon":
+            return (model_input - sigma_t * noise_pred) / alpha_t
+        if prediction_type == "v_prediction":
+            return alpha_t * model_input - sigma_t * noise_pred
+        if prediction_type == "sample":
+            return noise_pred
+        raise ValueError(f"Unsupported `prediction_type` {prediction_type!r}.")
+
+    # ------------------------------------------------------------------------------------------------------------
+    # Synchronization (Section 4 of the paper)
+    # ------------------------------------------------------------------------------------------------------------
+
+    # Copied from pipeline_syncdiffusion.SyncDiffusionPipeline.set_perceptual_loss
+    def set_perceptual_loss(self, module: torch.nn.Module | None):
+        """
+        Replace the perceptual loss, by default `lpips.LPIPS(net="vgg")` built on first use.
+
+        `module(images_a, images_b)` takes two image batches in [-1, 1] and returns one distance per image. It runs
+        in float32 whatever the pipeline's dtype. `None` goes back to the default.
+        """
+        self._perceptual_loss = module
+
+    # Copied from pipeline_syncdiffusion.SyncDiffusionPipeline.perceptual_loss
+    def perceptual_loss(self, device) -> torch.nn.Module:
+        """The perceptual loss module on `device` in float32, creating LPIPS-VGG on first use."""
+        if self._perceptual_loss is None:
+            try:
+                import lpips
+            except ImportError as error:
+                raise ImportError(
+                    "SyncDiffusion needs the `lpips` package for its perceptual loss: `pip install lpips`, or pass"
+                    " `sync_weight=0` for plain MultiDiffusion."
+                ) from error
+            self._perceptual_loss = lpips.LPIPS(net="vgg", verbose=False).eval().requires_grad_(False)
+        return self._perceptual_loss.to(device=device, dtype=torch.float32)
+
+    # Adapted from pipeline_syncdiffusion.SyncDiffusionPipeline.decode_for_sync: the VAE's latents_mean/latents_std
+    def decode_for_sync(self, clean_latents: torch.Tensor, decoder=None, downsample: int = 1) -> torch.Tensor:
+        """
+        `D(x) = clamp(decoder.decode(unscale(x)) / 2 + 0.5, 0, 1)`: the image the loss compares.
+
+        With `downsample > 1` the clean latent is average-pooled by that factor first, so the decoder renders a
+        smaller image (`downsample**2` times fewer pixels to decode, differentiate and compare). A float16 SDXL VAE
+        is in float32 here already (see `upcast_vae_if_needed`), so the latents follow the decoder's dtype.
+        """
+        decoder = decoder if decoder is not None else self.vae
+        if downsample > 1:
+            clean_latents = F.avg_pool2d(clean_latents, downsample)
+        clean_latents = self.unscale_latents(clean_latents.to(decoder.dtype), decoder)
+        image = decoder.decode(clean_latents, return_dict=False)[0]
+        return (image / 2 + 0.5).clamp(0, 1)
+
+    @staticmethod
+    def unscale_latents(latents: torch.Tensor, decoder) -> torch.Tensor:
+        """Diffusion latents to what `decoder.decode` takes: `latents * std / scaling_factor + mean` (SDXL's rule)."""
+        config = decoder.config
+        scaling_factor = getattr(config, "scaling_factor", 1.0)
+        mean, std = getattr(config, "latents_mean", None), getattr(config, "latents_std", None)
+        if mean is None or std is None:
+            return latents / scaling_factor
+        channels = latents.shape[1]
+        mean = torch.tensor(mean, device=latents.device, dtype=latents.dtype).view(1, channels, 1, 1)
+        std = torch.tensor(std, device=latents.device, dtype=latents.dtype).view(1, channels, 1, 1)
+        return latents * std / scaling_factor + mean
+
+    @contextmanager
+    def upcast_vae_if_needed(self, enabled: bool = True):
+        """
+        Run the VAE in float32 inside, where it is float16 and its config says it overflows there (`force_upcast`,
+        the SDXL VAE): NaN images otherwise. Casts back on exit. The fp16-fixed VAE (`force_upcast=False`) and a
+        `sync_decoder` such as `AutoencoderTiny` ("taesdxl") stay in float16 and cost less.
+        """
+        upcast = (
+            enabled
+            and self.vae.dtype == torch.float16
+            and getattr(self.vae.config, "force_upcast", False)
+        )
+        if upcast:
+            self.vae.to(dtype=torch.float32)
+        try:
+            yield
+        finally:
+            if upcast:
+                self.vae.to(dtype=torch.float16)
+
+    # Copied from pipeline_syncdiffusion.SyncDiffusionPipeline.perceptual_distance
+    def perceptual_distance(self, images, anchor_images, lpips_size=None) -> torch.Tensor:
+        """LPIPS distance per image between images in [0, 1], computed in float32."""
+        images, anchor_images = images.float() * 2 - 1, anchor_images.float() * 2 - 1
+        if lpips_size is not None and max(images.shape[-2:]) > lpips_size:
+            scale = lpips_size / max(images.shape[-2:])
+            size = [max(1, round(side * scale)) for side in images.shape[-2:]]
+            images = F.interpolate(images, size=size, mode="bilinear", antialias=True, align_corners=False)
+            anchor_images = F.interpolate(anchor_images, size=size, mode="bilinear", antialias=True, align_corners=False)
+        return self.perceptual_loss(images.device)(images, anchor_images).reshape(images.shape[0], -1).sum(1)
+
+    # Copied from pipeline_syncdiffusion.SyncDiffusionPipeline.synchronize_views
+    def synchronize_views(self, view_latents, anchor_images, t, weight, conditioning, sync):
+        """
+        One SyncDiffusion update of a stack of (non-anchor) views:
+        `z_v <- z_v - w * d LPIPS(D(x0(z_v)), D(x0(z_anchor))) / d z_v`.
+
+        The step is taken on the variance-preserving latent `scale_model_input(z_v)`, which is `z_v` itself for DDIM
+        (the paper's), DPM-Solver and UniPC; for sigma-scaled schedulers (Euler, LMS) this makes `sync_weight` mean
+        the same as with DDIM instead of a step `sigma**2 + 1` times smaller.
+
+        Returns the updated latents and the noise prediction made before the update.
+        """
+        model_input = self.scheduler.scale_model_input(view_latents, t).detach().requires_grad_(True)
+        with torch.enable_grad(), self._sync_checkpointing(sync["checkpointing"]):
+            with torch.set_grad_enabled(sync["gradient"] == "unet"):
+                noise_pred = self.predict_noise(model_input, t, conditioning)
+            clean_latents = self.predict_clean_latents(model_input, noise_pred, t)
+            clean_grad = self.perceptual_gradient(clean_latents.detach(), anchor_images, sync)
+            # The chain rule in two backward passes: model CPU offloading moves the UNet off the device while the
+            # decoder runs, and its backward needs the weights back first.
+            self._onload(self.unet)
+            (grad,) = torch.autograd.grad(clean_latents, model_input, clean_grad)
+        input_scale = self.scheduler.scale_model_input(torch.ones_like(view_latents[:1, :1, :1, :1]), t)
+        updated = (model_input.detach() - weight * grad.to(view_latents.dtype)) / input_scale
+        return updated, noise_pred.detach()
+
+    # Copied from pipeline_syncdiffusion.SyncDiffusionPipeline.perceptual_gradient
+    def perceptual_gradient(self, clean_latents, anchor_images, sync) -> torch.Tensor:
+        """`d LPIPS(D(x0), A) / d x0` for a stack of clean latents `x0`, one anchor image per latent."""
+        clean_latents = clean_latents.requires_grad_(True)
+        images = self.decode_for_sync(clean_latents, sync["decoder"], sync["decode_downsample"])
+        loss = self.perceptual_distance(images, anchor_images, sync["lpips_size"]).sum()
+        # Each view's loss depends only on its own latent, so one backward of the sum gives every view's gradient.
+        (grad,) = torch.autograd.grad(loss, clean_latents)
+        return grad
+
+    # Copied from pipeline_syncdiffusion.SyncDiffusionPipeline._onload
+    @staticmethod
+    def _onload(model):
+        """Move `model` back to the execution device if model CPU offloading took it away (as a forward call would)."""
+        hook = getattr(model, "_hf_hook", None)
+        if hook is not None and hasattr(hook, "pre_forward"):
+            hook.pre_forward(model)
+
+    # Copied from pipeline_syncdiffusion.SyncDiffusionPipeline._sync_checkpointing
+    @contextmanager
+    def _sync_checkpointing(self, enabled):
+        """Activation checkpointing in the UNet and VAE decoder during the gradient pass only."""
+        models = [m for m in (self.unet, self.vae) if enabled and getattr(m, "_supports_gradient_checkpointing", False)]
+        previous = [m.is_gradient_checkpointing for m in models]
+        for model in models:
+            model.enable_gradient_checkpointing()
+        try:
+            yield
+        finally:
+            for model, was_enabled in zip(models, previous):
+                if not was_enabled:
+                    model.disable_gradient_checkpointing()
+
+    # Copied from pipeline_syncdiffusion.SyncDiffusionPipeline.denoise_view_batch
+    def denoise_view_batch(self, view_latents, views, anchor, t, conditioning, sync):
+        """
+        Guided noise for one batch of views, synchronizing the non-anchor ones first on a synchronized step.
+
+        Returns the (possibly updated) view latents and their noise prediction, both view-major.
+        """
+        if sync is None:
+            model_input = self.scheduler.scale_model_input(view_latents, t)
+            return view_latents, self.predict_noise(model_input, t, conditioning)
+
+        batch = conditioning["batch_size"]
+        latents_per_view = list(view_latents.split(batch))
+        others = [k for k, view in enumerate(views) if view != anchor["view"]]
+        noise_per_view = [anchor["noise_pred"]] * len(views)  # the anchor keeps its own prediction
+        if others:
+            stacked = torch.cat([latents_per_view[k] for k in others])
+            anchor_images = anchor["images"].repeat(len(others), 1, 1, 1)
+            updated, noise_before = self.synchronize_views(
+                stacked, anchor_images, t, sync["weight"], conditioning, sync
+            )
+            if sync["reuse_noise"]:
+                noise_after = noise_before
+            else:
+                noise_after = self.predict_noise(self.scheduler.scale_model_input(updated, t), t, conditioning)
+            for k, latents_k, noise_k in zip(others, updated.split(batch), noise_after.split(batch)):
+                latents_per_view[k], noise_per_view[k] = latents_k, noise_k
+        return torch.cat(latents_per_view), torch.cat(noise_per_view)
+
+    # Copied from pipeline_syncdiffusion.SyncDiffusionPipeline.prepare_anchor
+    def prepare_anchor(self, latents, anchor_view, t, conditioning, sync):
+        """The anchor view's noise prediction (reused for its own step) and its decoded clean image, no gradient."""
+        anchor_latents = self.get_view_latents(latents, [anchor_view])
+        model_input = self.scheduler.scale_model_input(anchor_latents, t)
+        noise_pred = self.predict_noise(model_input, t, conditioning)
+        clean_latents = self.predict_clean_latents(model_input, noise_pred, t)
+        images = self.decode_for_sync(clean_latents, sync["decoder"], sync["decode_downsample"])
+        return {"view": anchor_view, "noise_pred": noise_pred, "images": images}
+
+    # Adapted from pipeline_syncdiffusion.SyncDiffusionPipeline.decode_latents_with_padding: `unscale_latents`
+    def decode_latents(self, latents: torch.Tensor, circular_padding: bool = False, padding: int = 8) -> torch.Tensor:
+        """
+        Decode the panorama latents with the VAE (in its dtype). A circular panorama is decoded seam-free: with
+        `padding` latent columns wrapped onto each side, then cropped.
+        """
+        latents = self.unscale_latents(latents.to(self.vae.dtype), self.vae)
+        if not circular_padding:
+            return self.vae.decode(latents, return_dict=False)[0]
+        padding = min(padding, latents.shape[-1])
+        latents = torch.cat((latents[..., -padding:], latents, latents[..., :padding]), dim=-1)
+        image = self.vae.decode(latents, return_dict=False)[0]
+        padding_pixels = self.vae_scale_factor * padding
+        return image[..., padding_pixels:-padding_pixels]
+
+    # ------------------------------------------------------------------------------------------------------------
+    # SDXL conditioning
+    # ------------------------------------------------------------------------------------------------------------
+
+    def view_size(self, height: int, width: int) -> tuple[int, int]:
+        """The size in pixels of one view of a `height` x `width` panorama: the window, or less if the panorama is."""
+        window = self.unet.config.sample_size * self.vae_scale_factor
+        return min(window, height), min(window, width)
+
+    def micro_conditioning(
+        self,
+        view_size,
+        original_size=None,
+        crops_coords_top_left=(0, 0),
+        target_size=None,
+        negative_original_size=None,
+        negative_crops_coords_top_left=(0, 0),
+        negative_target_size=None,
+        dtype=None,
+        text_encoder_projection_dim=None,
+    ):
+        """
+        `(add_time_ids, negative_add_time_ids)`, one row each: SDXL's micro-conditioning of every view, as one image
+        of `view_size` pixels would have it (`original_size` and `target_size` default to the view's size). The
+        negative time ids are the positive ones unless both `negative_original_size` and `negative_target_size` are
+        given, as in `StableDiffusionXLPipeline`.
+        """
+        original_size = tuple(original_size or view_size)
+        target_size = tuple(target_size or view_size)
+        add_time_ids = self._get_add_time_ids(
+            original_size, tuple(crops_coords_top_left), target_size, dtype, text_encoder_projection_dim
+        )
+        negative_add_time_ids = add_time_ids
+        if negative_original_size is not None and negative_target_size is not None:
+            negative_add_time_ids = self._get_add_time_ids(
+                tuple(negative_original_size),
+                tuple(negative_crops_coords_top_left),
+                tuple(negative_target_size),
+                dtype,
+                text_encoder_projection_dim,
+            )
+        return add_time_ids, negative_add_time_ids
+
+    # Adapted from pipeline_syncdiffusion.SyncDiffusionPipeline._conditioning: pooled embeddings and time ids
+    def _conditioning(
+        self,
+        prompt_embeds,
+        negative_prompt_embeds,
+        add_text_embeds,
+        negative_add_text_embeds,
+        add_time_ids,
+        negative_add_time_ids,
+        image_embeds,
+        timestep_cond,
+        num_images,
+    ):
+        """Per-image UNet conditioning; with guidance each image's `[negative, positive]` pair is interleaved."""
+        if self.do_classifier_free_guidance:
+            encoder_hidden_states = torch.stack([negative_prompt_embeds, prompt_embeds], dim=1).flatten(0, 1)
+            text_embeds = torch.stack([negative_add_text_embeds, add_text_embeds], dim=1).flatten(0, 1)
+            time_ids = torch.stack([negative_add_time_ids, add_time_ids], dim=1).flatten(0, 1)
+            if image_embeds is not None:
+                image_embeds = [torch.stack(e.chunk(2), dim=1).flatten(0, 1) for e in image_embeds]
+            if timestep_cond is not None:
+                timestep_cond = timestep_cond.repeat_interleave(2, dim=0)
+        else:
+            encoder_hidden_states, text_embeds, time_ids = prompt_embeds, add_text_embeds, add_time_ids
+        return {
+            "encoder_hidden_states": encoder_hidden_states,
+            "text_embeds": text_embeds,
+            "time_ids": time_ids,
+            "image_embeds": image_embeds,
+            "timestep_cond": timestep_cond,
+            "batch_size": num_images,
+        }
+
+    # ------------------------------------------------------------------------------------------------------------
+    # Properties
+    # ------------------------------------------------------------------------------------------------------------
+
+    # Copied from pipeline_syncdiffusion.SyncDiffusionPipeline.guidance_scale
+    @property
+    def guidance_scale(self):
+        return self._guidance_scale
+
+    # Copied from pipeline_syncdiffusion.SyncDiffusionPipeline.guidance_rescale
+    @property
+    def guidance_rescale(self):
+        return self._guidance_rescale
+
+    # Copied from pipeline_syncdiffusion.SyncDiffusionPipeline.cross_attention_kwargs
+    @property
+    def cross_attention_kwargs(self):
+        return self._cross_attention_kwargs
+
+    # Copied from pipeline_syncdiffusion.SyncDiffusionPipeline.clip_skip
+    @property
+    def clip_skip(self):
+        return self._clip_skip
+
+    # Copied from pipeline_syncdiffusion.SyncDiffusionPipeline.do_classifier_free_guidance
+    @property
+    def do_classifier_free_guidance(self):
+        return self._guidance_scale > 1 and self.unet.config.time_cond_proj_dim is None
+
+    # Copied from pipeline_syncdiffusion.SyncDiffusionPipeline.num_timesteps
+    @property
+    def num_timesteps(self):
+        return self._num_timesteps
+
+    # Copied from pipeline_syncdiffusion.SyncDiffusionPipeline.interrupt
+    @property
+    def interrupt(self):
+        return self._interrupt
+
+    @property
+    def denoising_end(self):
+        return self._denoising_end
+
+    # ------------------------------------------------------------------------------------------------------------
+    # Generation
+    # ------------------------------------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    @replace_example_docstring(EXAMPLE_DOC_STRING)
+    def __call__(
+        self,
+        prompt: str | list[str] = None,
+        prompt_2: str | list[str] | None = None,
+        height: int | None = 1024,
+        width: int | None = 4096,
+        num_inference_steps: int = 50,
+        timesteps: list[int] = None,
+        sigmas: list[float] = None,
+        denoising_end: float | None = None,
+        guidance_scale: float = 5.0,
+        view_batch_size: int = 1,
+        negative_prompt: str | list[str] | None = None,
+        negative_prompt_2: str | list[str] | None = None,
+        num_images_per_prompt: int | None = 1,
+        eta: float = 0.0,
+        generator: torch.Generator | list[torch.Generator] | None = None,
+        latents: torch.Tensor | None = None,
+        prompt_embeds: torch.Tensor | None = None,
+        negative_prompt_embeds: torch.Tensor | None = None,
+        pooled_prompt_embeds: torch.Tensor | None = None,
+        negative_pooled_prompt_embeds: torch.Tensor | None = None,
+        ip_adapter_image: PipelineImageInput | None = None,
+        ip_adapter_image_embeds: list[torch.Tensor] | None = None,
+        output_type: str | None = "pil",
+        return_dict: bool = True,
+        cross_attention_kwargs: dict[str, Any] | None = None,
+        guidance_rescale: float = 0.0,
+        original_size: tuple[int, int] | None = None,
+        crops_coords_top_left: tuple[int, int] = (0, 0),
+        target_size: tuple[int, int] | None = None,
+        negative_original_size: tuple[int, int] | None = None,
+        negative_crops_coords_top_left: tuple[int, int] = (0, 0),
+        negative_target_size: tuple[int, int] | None = None,
+        circular_padding: bool = False,
+        clip_skip: int | None = None,
+        callback_on_step_end: Callable[[int, int], None] | PipelineCallback | MultiPipelineCallbacks | None = None,
+        callback_on_step_end_tensor_inputs: list[str] = ["latents"],
+        stride: int = 16,
+        sync_weight: float = 20.0,
+        sync_decay_rate: float = 0.95,
+        sync_freq: int = 1,
+        sync_thres: int = 5,
+        sync_mode: str = "exact",
+        sync_gradient: str | None = None,
+        sync_reuse_noise: bool | None = None,
+        sync_decoder: Any | None = None,
+        sync_lpips_size: int | None = None,
+        sync_gradient_checkpointing: bool = False,
+        sync_decode_downsample: int = 1,
+        **kwargs: Any,
+    ):
+        r"""
+        The call function to the pipeline for generation.
+
+        Args:
+            prompt (`str` or `list[str]`, *optional*):
+                The prompt or prompts to guide image generation. If not defined, you need to pass `prompt_embeds`.
+            prompt_2 (`str` or `list[str]`, *optional*):
+                The prompt or prompts for `tokenizer_2` and `text_encoder_2`; `prompt` is used for both if not given.
+            height (`int`, *optional*, defaults to 1024):
+                The height in pixels of the generated image: a multiple of the VAE scale factor. Taller than the
+                UNet's window (`unet.config.sample_size * vae_scale_factor`, 1024 for SDXL) gives several rows of views.
+            width (`int`, *optional*, defaults to 4096):
+                The width in pixels of the generated image: a multiple of the VAE scale factor.
+            num_inference_steps (`int`, *optional*, defaults to 50):
+                The number of denoising steps.
+            timesteps (`list[int]`, *optional*):
+                Custom timesteps for schedulers that accept them.
+            sigmas (`list[float]`, *optional*):
+                Custom sigmas for schedulers that accept them.
+            denoising_end (`float`, *optional*):
+                The fraction (in (0, 1)) of the denoising to run before stopping, leaving a noisy latent for a
+                refiner ("ensemble of expert denoisers"); use with `output_type="latent"`.
+            guidance_scale (`float`, *optional*, defaults to 5.0):
+                Classifier-free guidance scale (SDXL's default); guidance is enabled when `guidance_scale > 1`.
+            view_batch_size (`int`, *optional*, defaults to 1):
+                How many views are denoised, and synchronized, in one batch. Larger is faster on a large GPU and
+                uses more memory; the result is the same.
+            negative_prompt (`str` or `list[str]`, *optional*):
+                The prompt or prompts not to guide the image generation. Ignored without guidance. Without it (and
+                with `force_zeros_for_empty_prompt`) the negative embeddings are zeros.
+            negative_prompt_2 (`str` or `list[str]`, *optional*):
+                The negative prompt for `tokenizer_2` and `text_encoder_2`; `negative_prompt` if not given.
+            num_images_per_prompt (`int`, *optional*, defaults to 1):
+                The number of images to generate per prompt. Each image is synchronized to its own anchor.
+            eta (`float`, *optional*, defaults to 0.0):
+                DDIM's eta; ignored by other schedulers.
+            generator (`torch.Generator` or `list[torch.Generator]`, *optional*):
+                A generator to make generation deterministic.
+            latents (`torch.Tensor`, *optional*):
+                Pre-generated noisy latents of shape `(batch, 4, height / 8, width / 8)`.
+            prompt_embeds (`torch.Tensor`, *optional*):
+                Pre-generated text embeddings (both encoders' concatenated), instead of `prompt`.
+            negative_prompt_embeds (`torch.Tensor`, *optional*):
+                Pre-generated negative text embeddings, instead of `negative_prompt`.
+            pooled_prompt_embeds (`torch.Tensor`, *optional*):
+                Pre-generated pooled text embeddings of `text_encoder_2`; required with `prompt_embeds`.
+            negative_pooled_prompt_embeds (`torch.Tensor`, *optional*):
+                Pre-generated negative pooled text embeddings; required with `negative_prompt_embeds`.
+            ip_adapter_image: (`PipelineImageInput`, *optional*):
+                Optional image input to work with IP Adapters.
+            ip_adapter_image_embeds (`list[torch.Tensor]`, *optional*):
+                Pre-generated image embeddings for IP-Adapter, one tensor per adapter, with the negative embeddings
+                first when guidance is on (as `prepare_ip_adapter_image_embeds` returns them).
+            output_type (`str`, *optional*, defaults to `"pil"`):
+                `"pil"`, `"np"`, `"pt"` or `"latent"`.
+            return_dict (`bool`, *optional*, defaults to `True`):
+                Whether to return a [`~pipelines.stable_diffusion_xl.StableDiffusionXLPipelineOutput`] or a tuple.
+            cross_attention_kwargs (`dict`, *optional*):
+                Keyword arguments passed to the attention processors (`"scale"` scales LoRA).
+            guidance_rescale (`float`, *optional*, defaults to 0.0):
+                Guidance rescale factor from [Common Diffusion Noise Schedules and Sample Steps are
+                Flawed](https://huggingface.co/papers/2305.08891); applied when guidance is on.
+            original_size (`tuple[int, int]`, *optional*):
+                SDXL micro-conditioning ([section 2.2](https://huggingface.co/papers/2307.01952)) of every view: the
+                "original" image size. Defaults to the view's size (the window, 1024 x 1024 for SDXL).
+            crops_coords_top_left (`tuple[int, int]`, *optional*, defaults to (0, 0)):
+                SDXL micro-conditioning of every view: the crop's top-left corner; (0, 0) gives well-centred images.
+            target_size (`tuple[int, int]`, *optional*):
+                SDXL micro-conditioning of every view: the target size. Defaults to the view's size.
+            negative_original_size, negative_crops_coords_top_left, negative_target_size (*optional*):
+                Micro-conditioning of the negative branch; used only when both sizes are given, as in
+                `StableDiffusionXLPipeline`.
+            circular_padding (`bool`, *optional*, defaults to `False`):
+                Whether views wrap around the right edge, for a 360-degree panorama whose left and right edges meet
+                without a seam. Works with several rows.
+            clip_skip (`int`, *optional*):
+                Number of layers to be skipped from CLIP while computing the prompt embeddings.
+            callback_on_step_end (`Callable`, `PipelineCallback` or `MultiPipelineCallbacks`, *optional*):
+                Called at the end of each step as `callback_on_step_end(self, step, timestep, callback_kwargs)`; it
+                may return replacements for the tensors in `callback_kwargs`.
+            callback_on_step_end_tensor_inputs (`list[str]`, *optional*, defaults to `["latents"]`):
+                Tensors passed to `callback_on_step_end`, any of `_callback_tensor_inputs`. The embeddings and time
+                ids are per image (positive and negative apart), not concatenated as in `StableDiffusionXLPipeline`.
+            stride (`int`, *optional*, defaults to 16):
+                Distance between neighbouring views, in latent pixels (1 to the view size). 16 is an eighth of the
+                SDXL window, the same overlap as the SD pipeline's default (8 of 64): a 1024 x 4096 panorama has 25
+                views. Smaller strides mean more views, more overlap, and a proportionally slower run.
+            sync_weight (`float`, *optional*, defaults to 20.0):
+                Step size `w` of the synchronization gradient descent; `0` turns synchronization off (MultiDiffusion).
+                20 is the paper's, tuned for SD 2 at 512 px and kept here untuned: LPIPS averages over pixels, so at
+                1024 px its gradient per latent pixel is about 4 times smaller and `w=20` pushes more gently than in
+                the paper. Try up to 80 if the views do not agree.
+            sync_decay_rate (`float`, *optional*, defaults to 0.95):
+                The weight at step `i` is `sync_weight * sync_decay_rate ** i`. In (0, 1].
+            sync_freq (`int`, *optional*, defaults to 1):
+                Synchronize every `sync_freq`-th step.
+            sync_thres (`int`, *optional*, defaults to 5):
+                Synchronize only the first `sync_thres` steps (the layout is set early).
+            sync_mode (`str`, *optional*, defaults to `"exact"`):
+                `"exact"` is the paper's algorithm. `"fast"` sets `sync_gradient="x0"` and `sync_reuse_noise=True`
+                unless those are given: a synchronized step then costs as many UNet passes as a MultiDiffusion step.
+            sync_gradient (`str`, *optional*):
+                `"unet"` (exact) backpropagates through the UNet; `"x0"` treats the noise prediction as constant.
+                Defaults from `sync_mode`.
+            sync_reuse_noise (`bool`, *optional*):
+                Whether a view's denoising step reuses the noise predicted before its synchronization update.
+                Defaults from `sync_mode`.
+            sync_decoder (*optional*):
+                A decoder with `decode` that makes the images the loss compares instead of the full VAE, e.g.
+                `AutoencoderTiny.from_pretrained("madebyollin/taesdxl")`: far cheaper, and fine in float16. The final
+                image is always decoded by the VAE.
+            sync_lpips_size (`int`, *optional*):
+                Resize the compared images so their longer side is this many pixels before LPIPS. LPIPS on 1024-pixel
+                views costs 4 times the SD 2 case; 512 compares at the paper's resolution.
+            sync_gradient_checkpointing (`bool`, *optional*, defaults to `False`):
+                Recompute UNet and VAE-decoder activations in the gradient pass instead of storing them: lower peak
+                memory, one more forward of each per synchronized view, the same result.
+            sync_decode_downsample (`int`, *optional*, defaults to 1):
+                Average-pool the predicted clean latents by this factor before decoding the images the loss compares.
+
+        Examples:
+
+        Returns:
+            [`~pipelines.stable_diffusion_xl.StableDiffusionXLPipelineOutput`] or `tuple`: the generated images.
+        """
+        callback = kwargs.pop("callback", None)
+        callback_steps = kwargs.pop("callback_steps", None)
+        if callback is not None:
+            deprecate("callback", "1.0.0", "Use `callback_on_step_end` instead of `callback`.")
+        if callback_steps is not None:
+            deprecate("callback_steps", "1.0.0", "Use `callback_on_step_end` instead of `callback_steps`.")
+        if isinstance(callback_on_step_end, (PipelineCallback, MultiPipelineCallbacks)):
+            callback_on_step_end_tensor_inputs = callback_on_step_end.tensor_inputs
+
+        # 0. Default height and width to the UNet's window
+        height = height or self.default_sample_size * self.vae_scale_factor
+        width = width or self.default_sample_size * self.vae_scale_factor
+
+        # 1. Check inputs
+        self.check_inputs(
+            prompt,
+            prompt_2,
+            height,
+            width,
+            callback_steps,
+            negative_prompt,
+            negative_prompt_2,
+            prompt_embeds,
+            negative_prompt_embeds,
+            pooled_prompt_embeds,
+            negative_pooled_prompt_embeds,
+            original_size,
+            crops_coords_top_left,
+            target_size,
+            negative_original_size,
+            negative_crops_coords_top_left,
+            negative_target_size,
+            denoising_end,
+            timesteps,
+            sigmas,
+            ip_adapter_image=ip_adapter_image,
+            ip_adapter_image_embeds=ip_adapter_image_embeds,
+            callback_on_step_end_tensor_inputs=callback_on_step_end_tensor_inputs,
+            num_inference_steps=num_inference_steps if timesteps is None and sigmas is None else len(timesteps or sigmas),
+            num_images_per_prompt=num_images_per_prompt,
+            latents=latents,
+            view_batch_size=view_batch_size,
+            stride=stride,
+            guidance_rescale=guidance_rescale,
+            sync_weight=sync_weight,
+            sync_decay_rate=sync_decay_rate,
+            sync_freq=sync_freq,
+            sync_thres=sync_thres,
+            sync_mode=sync_mode,
+            sync_gradient=sync_gradient,
+            sync_reuse_noise=sync_reuse_noise,
+            sync_decoder=sync_decoder,
+            sync_lpips_size=sync_lpips_size,
+            sync_decode_downsample=sync_decode_downsample,
+        )
+
+        self._guidance_scale = guidance_scale
+        self._guidance_rescale = guidance_rescale
+        self._clip_skip = clip_skip
+        self._cross_attention_kwargs = cross_attention_kwargs
+        self._denoising_end = denoising_end
+        self._interrupt = False
+
+        # 2. Define call parameters
+        if prompt is not None and isinstance(prompt, str):
+            batch_size = 1
+        elif prompt is not None and isinstance(prompt, list):
+            batch_size = len(prompt)
+        else:
+            batch_size = prompt_embeds.shape[0]
+        num_images = batch_size * num_images_per_prompt
+        device = self._execution_device
+
+        # 3. Encode input prompt (and IP-Adapter image)
+        lora_scale = cross_attention_kwargs.get("scale", None) if cross_attention_kwargs is not None else None
+        prompt_embeds, negative_prompt_embeds, add_text_embeds, negative_add_text_embeds = self.encode_prompt(
+            prompt=prompt,
+            prompt_2=prompt_2,
+            device=device,
+            num_images_per_prompt=num_images_per_prompt,
+            do_classifier_free_guidance=self.do_classifier_free_guidance,
+            negative_prompt=negative_prompt,
+            negative_prompt_2=negative_prompt_2,
+            prompt_embeds=prompt_embeds,
+            negative_prompt_embeds=negative_prompt_embeds,
+            pooled_prompt_embeds=pooled_prompt_embeds,
+            negative_pooled_prompt_embeds=negative_pooled_prompt_embeds,
+            lora_scale=lora_scale,
+            clip_skip=clip_skip,
+        )
+        image_embeds = None
+        if ip_adapter_image is not None or ip_adapter_image_embeds is not None:
+            image_embeds = self.prepare_ip_adapter_image_embeds(
+                ip_adapter_image, ip_adapter_image_embeds, device, num_images, self.do_classifier_free_guidance
+            )
+
+        # 4. Prepare timesteps (cut at `denoising_end`, as SDXL does)
+        timesteps, num_inference_steps = retrieve_timesteps(self.scheduler, num_inference_steps, device, timesteps, sigmas)
+        if denoising_end is not None:
+            cutoff = int(round(self.scheduler.config.num_train_timesteps * (1 - denoising_end)))
+            num_inference_steps = len([t for t in timesteps if t >= cutoff])
+            timesteps = timesteps[:num_inference_steps]
+
+        # 5. Prepare latent variables
+        latents = self.prepare_latents(
+            num_images,
+            self.unet.config.in_channels,
+            height,
+            width,
+            prompt_embeds.dtype,
+            device,
+            generator,
+            latents,
+        )
+
+        # 6. Views, their batches, and one scheduler state per batch (multistep schedulers keep per-sample history)
+        views = self.get_views(height, width, stride=stride, circular_padding=circular_padding)
+        views_batch = [views[i : i + view_batch_size] for i in range(0, len(views), view_batch_size)]
+        views_scheduler_status = [copy.deepcopy(self.scheduler.__dict__)] * len(views_batch)
+        anchor_view = views[len(views) // 2]
+        anchor_batch = len(views) // 2 // view_batch_size
+        count = torch.zeros_like(latents)
+        value = torch.zeros_like(latents)
+
+        # 7. Extra step kwargs, conditioning (SDXL's micro-conditioning per view) and synchronization settings
+        extra_step_kwargs = self.prepare_extra_step_kwargs(generator, eta)
+        if self.text_encoder_2 is None:
+            text_encoder_projection_dim = int(add_text_embeds.shape[-1])
+        else:
+            text_encoder_projection_dim = self.text_encoder_2.config.projection_dim
+        add_time_ids, negative_add_time_ids = self.micro_conditioning(
+            self.view_size(height, width),
+            original_size,
+            crops_coords_top_left,
+            target_size,
+            negative_original_size,
+            negative_crops_coords_top_left,
+            negative_target_size,
+            dtype=prompt_embeds.dtype,
+            text_encoder_projection_dim=text_encoder_projection_dim,
+        )
+        add_time_ids = add_time_ids.to(device).repeat(num_images, 1)
+        negative_add_time_ids = negative_add_time_ids.to(device).repeat(num_images, 1)
+        add_text_embeds = add_text_embeds.to(device)
+        if negative_add_text_embeds is not None:
+            negative_add_text_embeds = negative_add_text_embeds.to(device)
+        timestep_cond = None
+        if self.unet.config.time_cond_proj_dim is not None:
+            guidance_scale_tensor = torch.tensor(self.guidance_scale - 1).repeat(num_images)
+            timestep_cond = self.get_guidance_scale_embedding(
+                guidance_scale_tensor, embedding_dim=self.unet.config.time_cond_proj_dim
+            ).to(device=device, dtype=latents.dtype)
+        conditioning = self._conditioning(
+            prompt_embeds,
+            negative_prompt_embeds,
+            add_text_embeds,
+            negative_add_text_embeds,
+            add_time_ids,
+            negative_add_time_ids,
+            image_embeds,
+            timestep_cond,
+            num_images,
+        )
+        sync_settings = self._sync_settings(
+            sync_mode,
+            sync_gradient,
+            sync_reuse_noise,
+            sync_decoder,
+            sync_lpips_size,
+            sync_gradient_checkpointing,
+            sync_decode_downsample,
+        )
+        sync_decodes_with_vae = sync_weight > 0 and sync_thres > 0 and len(views) > 1 and sync_decoder is None
+
+        # 8. Denoising loop: MultiDiffusion over the views, with a synchronization update in the early steps
+        num_warmup_steps = max(len(timesteps) - num_inference_steps * self.scheduler.order, 0)
+        self._num_timesteps = len(timesteps)
+        with self.progress_bar(total=num_inference_steps) as progress_bar, self.upcast_vae_if_needed(sync_decodes_with_vae):
+            for i, t in enumerate(timesteps):
+                if self.interrupt:
+                    continue
+                count.zero_()
+                value.zero_()
+
+                sync, anchor = None, None
+                if sync_weight > 0 and i < sync_thres and (i + 1) % sync_freq == 0 and len(views) > 1:
+                    sync = {**sync_settings, "weight": sync_weight * sync_decay_rate**i}
+                    self.scheduler.__dict__.update(views_scheduler_status[anchor_batch])
+                    anchor = self.prepare_anchor(latents, anchor_view, t, conditioning, sync)
+
+                for j, batch_view in enumerate(views_batch):
+                    # rematch the batch's scheduler state
+                    self.scheduler.__dict__.update(views_scheduler_status[j])
+                    latents_for_view = self.get_view_latents(latents, batch_view)
+                    latents_for_view, noise_pred = self.denoise_view_batch(
+                        latents_for_view, batch_view, anchor, t, conditioning, sync
+                    )
+                    latents_denoised = self.scheduler.step(
+                        noise_pred, t, latents_for_view, **extra_step_kwargs, return_dict=False
+                    )[0]
+                    views_scheduler_status[j] = copy.deepcopy(self.scheduler.__dict__)
+                    self.add_view_latents(value, count, latents_denoised, batch_view)
+
+                # MultiDiffusion's step: every latent pixel is the mean of the views covering it (Eq. 5)
+                latents = torch.where(count > 0, value / count, value)
+
+                if callback_on_step_end is not None:
+                    callback_kwargs = {}
+                    for k in callback_on_step_end_tensor_inputs:
+                        callback_kwargs[k] = locals()[k]
+                    callback_outputs = callback_on_step_end(self, i, t, callback_kwargs)
+                    latents = callback_outputs.pop("latents", latents)
+                    old_inputs = (
+                        prompt_embeds,
+                        negative_prompt_embeds,
+                        add_text_embeds,
+                        negative_add_text_embeds,
+                        add_time_ids,
+                        negative_add_time_ids,
+                    )
+                    new_inputs = tuple(
+                        callback_outputs.pop(name, old) for name, old in zip(_CONDITIONING_INPUTS, old_inputs)
+                    )
+                    (
+                        prompt_embeds,
+                        negative_prompt_embeds,
+                        add_text_embeds,
+                        negative_add_text_embeds,
+                        add_time_ids,
+                        negative_add_time_ids,
+                    ) = new_inputs
+                    if any(new is not old for new, old in zip(new_inputs, old_inputs)):
+                        conditioning = self._conditioning(*new_inputs, image_embeds, timestep_cond, num_images)
+
+                if i == len(timesteps) - 1 or ((i + 1) > num_warmup_steps and (i + 1) % self.scheduler.order == 0):
+                    progress_bar.update()
+                    if callback is not None and i % callback_steps == 0:
+                        step_idx = i // getattr(self.scheduler, "order", 1)
+                        callback(step_idx, t, latents)
+
+        # 9. Decode (in float32 where the VAE needs it), watermark
+        if output_type != "latent":
+            with self.upcast_vae_if_needed():
+                image = self.decode_latents(latents, circular_padding)
+            if self.watermark is not None:
+                image = self.watermark.apply_watermark(image)
+            image = self.image_processor.postprocess(image, output_type=output_type)
+        else:
+            image = latents
+
+        self.maybe_free_model_hooks()
+
+        if not return_dict:
+            return (image,)
+        return StableDiffusionXLPipelineOutput(images=image)
+
+    # Copied from pipeline_syncdiffusion.SyncDiffusionPipeline._sync_settings
+    @staticmethod
+    def _sync_settings(
+        mode="exact", gradient=None, reuse_noise=None, decoder=None, lpips_size=None, checkpointing=False, decode_downsample=1
+    ):
+        """How synchronization runs: `sync_mode="fast"` means an x0 gradient and noise reuse unless those are given."""
+        return {
+            "gradient": gradient or ("x0" if mode == "fast" else "unet"),
+            "reuse_noise": mode == "fast" if reuse_noise is None else reuse_noise,
+            "decoder": decoder,
+            "lpips_size": lpips_size,
+            "checkpointing": checkpointing,
+            "decode_downsample": decode_downsample,
+        }
