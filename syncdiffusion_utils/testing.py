@@ -414,3 +414,17 @@ def save_tiny_xl_pipeline(folder, sample_size=8, seed=0):
     pipe = StableDiffusionXLPipeline(**make_sdxl_components("tiny", sample_size=sample_size, seed=seed), add_watermarker=False)
     pipe.save_pretrained(folder)
     return folder
+
+
+def make_tiny_controlnet(unet, seed=0):
+    """A `ControlNetModel` for `unet` (`ControlNetModel.from_unet`, a narrow condition encoder) whose zero-initialized
+    output convolutions get small random weights, so that, unlike a fresh ControlNet, its residuals are not zero."""
+    from diffusers import ControlNetModel
+
+    torch.manual_seed(seed)
+    controlnet = ControlNetModel.from_unet(unet, conditioning_embedding_out_channels=(4, 8, 8, 16))
+    zero_initialized = [controlnet.controlnet_cond_embedding.conv_out, controlnet.controlnet_mid_block]
+    for conv in [*zero_initialized, *controlnet.controlnet_down_blocks]:
+        torch.nn.init.normal_(conv.weight, std=0.1)
+        torch.nn.init.normal_(conv.bias, std=0.1)
+    return controlnet.eval()

@@ -1,0 +1,1422 @@
+# Copyright 2026 The syncdiffusion authors. Licensed under the Apache License, Version 2.0.
+#
+# SyncDiffusion: Coherent Montage via Synchronized Joint Diffusions
+# Yuseung Lee, Kunho Kim, Hyunjin Kim, Minhyuk Sung. NeurIPS 2023. https://huggingface.co/papers/2306.05178
+# ControlNet: Adding Conditional Control to Text-to-Image Diffusion Models
+# Lvmin Zhang, Anyi Rao, Maneesh Agrawala. ICCV 2023. https://huggingface.co/papers/2302.05543
+#
+# A diffusers custom pipeline. Load it with
+#     DiffusionPipeline.from_pretrained(model, controlnet=controlnet,
+#                                       custom_pipeline="pipeline_syncdiffusion_controlnet.py", trust_remote_code=True)
+# It imports only the standard library, torch, numpy, PIL, diffusers and transformers; lpips is imported on first use.
+# The methods marked `# Copied from pipeline_syncdiffusion.SyncDiffusionPipeline...` are kept identical to that file
+# (`python -m syncdiffusion_utils.check_copies`); the ControlNet lives in the unmarked ones.
+"""SyncDiffusionControlNetPipeline: synchronized panoramas that follow a panorama-sized ControlNet condition."""
+
+import copy
+import os
+from contextlib import contextmanager
+from typing import Any, Callable
+
+import numpy as np
+import PIL.Image
+import torch
+import torch.nn.functional as F
+from transformers import CLIPImageProcessor, CLIPTextModel, CLIPTokenizer, CLIPVisionModelWithProjection
+
+from diffusers.image_processor import PipelineImageInput, VaeImageProcessor
+from diffusers.loaders import IPAdapterMixin, StableDiffusionLoraLoaderMixin, TextualInversionLoaderMixin
+from diffusers.models import AutoencoderKL, ControlNetModel, MultiControlNetModel, UNet2DConditionModel
+from diffusers.pipelines.controlnet.pipeline_controlnet import StableDiffusionControlNetPipeline
+from diffusers.pipelines.pipeline_utils import DiffusionPipeline, StableDiffusionMixin
+from diffusers.pipelines.stable_diffusion import StableDiffusionPipeline, StableDiffusionPipelineOutput
+from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion import rescale_noise_cfg, retrieve_timesteps
+from diffusers.pipelines.stable_diffusion.safety_checker import StableDiffusionSafetyChecker
+from diffusers.schedulers import KarrasDiffusionSchedulers
+from diffusers.utils import (
+    USE_PEFT_BACKEND,
+    deprecate,
+    logging,
+    replace_example_docstring,
+    scale_lora_layers,
+    unscale_lora_layers,
+)
+from diffusers.utils.torch_utils import is_compiled_module
+
+
+logger = logging.get_logger(__name__)  # pylint: disable=invalid-name
+
+SYNC_MODES = ("exact", "fast")
+SYNC_GRADIENTS = ("unet", "x0")
+
+EXAMPLE_DOC_STRING = """
+    Examples:
+        ```py
+        >>> import torch
+        >>> from diffusers import ControlNetModel, DDIMScheduler, DiffusionPipeline
+        >>> from diffusers.utils import load_image
+
+        >>> controlnet = ControlNetModel.from_pretrained("lllyasviel/control_v11f1p_sd15_depth", torch_dtype=torch.float16)
+        >>> pipe = DiffusionPipeline.from_pretrained(
+        ...     "stable-diffusion-v1-5/stable-diffusion-v1-5",
+        ...     controlnet=controlnet,
+        ...     custom_pipeline="pipeline_syncdiffusion_controlnet.py",  # a file, a folder or a Hub repo id
+        ...     trust_remote_code=True,
+        ...     torch_dtype=torch.float16,
+        ... )
+        >>> pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
+        >>> pipe = pipe.to("cuda")
+
+        >>> depth = load_image("depth_512x2048.png")  # the condition covers the whole panorama
+        >>> image = pipe("a photo of a mountain range at twilight", image=depth, sync_weight=20.0).images[0]
+        ```
+"""
+
+
+class SyncDiffusionControlNetPipeline(
+    DiffusionPipeline,
+    StableDiffusionMixin,
+    TextualInversionLoaderMixin,
+    StableDiffusionLoraLoaderMixin,
+    IPAdapterMixin,
+):
+    r"""
+    Pipeline for coherent panoramas with SyncDiffusion ([paper](https://huggingface.co/papers/2306.05178)) that follow
+    a ControlNet condition ([paper](https://huggingface.co/papers/2302.05543)) covering the whole panorama.
+
+    [`SyncDiffusionPipeline`] with the components and conditioning arguments of
+    [`StableDiffusionControlNetPipeline`]: the condition image (a depth map, edges, a pose, ...) is the panorama's
+    size, and every view's ControlNet sees that view's crop of it (wrapping around for circular panoramas), in the
+    anchor's pass, in the synchronization's gradient pass (which backpropagates through the ControlNet too) and in
+    the denoising pass. With one view and `sync_weight=0` it gives [`StableDiffusionControlNetPipeline`]'s images;
+    with `controlnet_conditioning_scale=0` it gives [`SyncDiffusionPipeline`]'s.
+
+    This model inherits from [`DiffusionPipeline`]. Check the superclass documentation for the generic methods
+    implemented for all pipelines (downloading, saving, running on a particular device, etc.). It also inherits
+    [`~loaders.TextualInversionLoaderMixin.load_textual_inversion`],
+    [`~loaders.StableDiffusionLoraLoaderMixin.load_lora_weights`] and [`~loaders.IPAdapterMixin.load_ip_adapter`].
+
+    Args:
+        vae ([`AutoencoderKL`]):
+            Variational Auto-Encoder (VAE) model to encode and decode images to and from latent representations.
+        text_encoder ([`~transformers.CLIPTextModel`]):
+            Frozen text-encoder.
+        tokenizer ([`~transformers.CLIPTokenizer`]):
+            A `CLIPTokenizer` to tokenize text.
+        unet ([`UNet2DConditionModel`]):
+            A `UNet2DConditionModel` to denoise the encoded image latents. Its `sample_size` is the view size.
+        controlnet ([`ControlNetModel`] or `list[ControlNetModel]`):
+            Provides additional conditioning to the `unet`. Several ControlNets (a list, or a
+            [`MultiControlNetModel`]) add their residuals, each with its own condition image.
+        scheduler ([`SchedulerMixin`]):
+            A scheduler with `alphas_cumprod` (DDIM, the paper's) or `sigmas` (Euler, DPM-Solver, UniPC, ...).
+        safety_checker ([`StableDiffusionSafetyChecker`]):
+            Classification module that estimates whether generated images could be considered offensive or harmful.
+        feature_extractor ([`~transformers.CLIPImageProcessor`]):
+            A `CLIPImageProcessor` to extract features from generated images; used as inputs to the `safety_checker`.
+        image_encoder ([`~transformers.CLIPVisionModelWithProjection`], *optional*):
+            Image encoder for IP-Adapter.
+        requires_safety_checker (`bool`, defaults to `True`):
+            Whether a missing safety checker is warned about.
+    """
+
+    # The ControlNet is left out of the sequence, as in `StableDiffusionControlNetPipeline`: it runs once per view
+    # between UNet calls and stays on the device until the end of the call.
+    model_cpu_offload_seq = "text_encoder->image_encoder->unet->vae"
+    _optional_components = ["safety_checker", "feature_extractor", "image_encoder"]
+    _exclude_from_cpu_offload = ["safety_checker"]
+    _callback_tensor_inputs = ["latents", "prompt_embeds", "negative_prompt_embeds"]
+
+    def __init__(
+        self,
+        vae: AutoencoderKL,
+        text_encoder: CLIPTextModel,
+        tokenizer: CLIPTokenizer,
+        unet: UNet2DConditionModel,
+        controlnet: ControlNetModel | list[ControlNetModel] | tuple[ControlNetModel] | MultiControlNetModel,
+        scheduler: KarrasDiffusionSchedulers,
+        safety_checker: StableDiffusionSafetyChecker,
+        feature_extractor: CLIPImageProcessor,
+        image_encoder: CLIPVisionModelWithProjection | None = None,
+        requires_safety_checker: bool = True,
+    ):
+        super().__init__()
+
+        if safety_checker is None and requires_safety_checker:
+            logger.warning(
+                f"You have disabled the safety checker for {self.__class__} by passing `safety_checker=None`. Ensure"
+                " that you abide to the conditions of the Stable Diffusion license and do not expose unfiltered"
+                " results in services or applications open to the public."
+            )
+        if safety_checker is not None and feature_extractor is None:
+            raise ValueError(
+                f"Make sure to define a feature extractor when loading {self.__class__} if you want to use the safety"
+                " checker. If you do not want to use the safety checker, you can pass `'safety_checker=None'` instead."
+            )
+        if isinstance(controlnet, (list, tuple)):
+            controlnet = MultiControlNetModel(controlnet)
+
+        self.register_modules(
+            vae=vae,
+            text_encoder=text_encoder,
+            tokenizer=tokenizer,
+            unet=unet,
+            controlnet=controlnet,
+            scheduler=scheduler,
+            safety_checker=safety_checker,
+            feature_extractor=feature_extractor,
+            image_encoder=image_encoder,
+        )
+        self.vae_scale_factor = 2 ** (len(self.vae.config.block_out_channels) - 1) if getattr(self, "vae", None) else 8
+        self.image_processor = VaeImageProcessor(vae_scale_factor=self.vae_scale_factor)
+        self.control_image_processor = VaeImageProcessor(
+            vae_scale_factor=self.vae_scale_factor, do_convert_rgb=True, do_normalize=False
+        )
+        self.register_to_config(requires_safety_checker=requires_safety_checker)
+        # LPIPS is not a saved component: it is built on first synchronized call (see `perceptual_loss`).
+        self._perceptual_loss = None
+
+    @classmethod
+    def from_pipe(cls, pipeline, **kwargs):
+        """
+        [`DiffusionPipeline.from_pipe`], also sharing the perceptual loss of a [`SyncDiffusionPipeline`] (built or
+        set with `set_perceptual_loss`), which is not a component. From a [`SyncDiffusionPipeline`] pass
+        `controlnet=...`; from a [`StableDiffusionControlNetPipeline`] every component is there.
+        """
+        pipe = super().from_pipe(pipeline, **kwargs)
+        pipe._perceptual_loss = getattr(pipeline, "_perceptual_loss", None)
+        return pipe
+
+    # Prompt, image and latent preparation are Stable Diffusion's own, shared rather than copied.
+    encode_image = StableDiffusionPipeline.encode_image
+    prepare_ip_adapter_image_embeds = StableDiffusionPipeline.prepare_ip_adapter_image_embeds
+    run_safety_checker = StableDiffusionPipeline.run_safety_checker
+    prepare_extra_step_kwargs = StableDiffusionPipeline.prepare_extra_step_kwargs
+    prepare_latents = StableDiffusionPipeline.prepare_latents
+    get_guidance_scale_embedding = StableDiffusionPipeline.get_guidance_scale_embedding
+    # Called with `do_classifier_free_guidance=False`: guidance pairs are formed per view in `control_residuals`.
+    prepare_image = StableDiffusionControlNetPipeline.prepare_image
+
+    # Copied from pipeline_syncdiffusion.SyncDiffusionPipeline.encode_prompt
+    def encode_prompt(
+        self,
+        prompt,
+        device,
+        num_images_per_prompt,
+        do_classifier_free_guidance,
+        negative_prompt=None,
+        prompt_embeds: torch.Tensor | None = None,
+        negative_prompt_embeds: torch.Tensor | None = None,
+        lora_scale: float | None = None,
+        clip_skip: int | None = None,
+    ):
+        """
+        Stable Diffusion's `encode_prompt`, returning `(prompt_embeds, negative_prompt_embeds)`.
+
+        transformers 5 flattened `CLIPTextModel` (no `.text_model`), which breaks diffusers' `clip_skip` branch; the
+        skipped-layer embeddings are then computed here and handed over as `prompt_embeds`.
+        """
+        if clip_skip is not None and prompt_embeds is None and not hasattr(self.text_encoder, "text_model"):
+            if lora_scale is not None and USE_PEFT_BACKEND:
+                scale_lora_layers(self.text_encoder, lora_scale)
+            prompt_embeds = self._clip_skip_embeds(prompt, device, clip_skip)
+            if lora_scale is not None and USE_PEFT_BACKEND:
+                unscale_lora_layers(self.text_encoder, lora_scale)
+        return StableDiffusionPipeline.encode_prompt(
+            self,
+            prompt,
+            device,
+            num_images_per_prompt,
+            do_classifier_free_guidance,
+            negative_prompt,
+            prompt_embeds=prompt_embeds,
+            negative_prompt_embeds=negative_prompt_embeds,
+            lora_scale=lora_scale,
+            clip_skip=clip_skip,
+        )
+
+    # Copied from pipeline_syncdiffusion.SyncDiffusionPipeline._clip_skip_embeds
+    def _clip_skip_embeds(self, prompt, device, clip_skip):
+        """Text embeddings from `clip_skip` layers before the last, through the final layer norm."""
+        if isinstance(self, TextualInversionLoaderMixin):
+            prompt = self.maybe_convert_prompt(prompt, self.tokenizer)
+        text_inputs = self.tokenizer(
+            prompt, padding="max_length", max_length=self.tokenizer.model_max_length, truncation=True, return_tensors="pt"
+        )
+        attention_mask = None
+        if getattr(self.text_encoder.config, "use_attention_mask", False):
+            attention_mask = text_inputs.attention_mask.to(device)
+        output = self.text_encoder(text_inputs.input_ids.to(device), attention_mask=attention_mask, output_hidden_states=True)
+        return self.text_encoder.final_layer_norm(output.hidden_states[-(clip_skip + 1)])
+
+    # ------------------------------------------------------------------------------------------------------------
+    # Inputs
+    # ------------------------------------------------------------------------------------------------------------
+
+    def check_inputs(
+        self,
+        prompt,
+        image,
+        height,
+        width,
+        callback_steps,
+        negative_prompt=None,
+        prompt_embeds=None,
+        negative_prompt_embeds=None,
+        ip_adapter_image=None,
+        ip_adapter_image_embeds=None,
+        callback_on_step_end_tensor_inputs=None,
+        controlnet_conditioning_scale=1.0,
+        control_guidance_start=0.0,
+        control_guidance_end=1.0,
+        **panorama_kwargs,
+    ):
+        """
+        Raise a `ValueError` naming the argument, its value and what is allowed, before any model runs: the
+        ControlNet arguments here, the others as [`SyncDiffusionPipeline`] checks them (`panorama_kwargs`).
+        """
+        self.check_control_inputs(
+            image, height, width, prompt, prompt_embeds, controlnet_conditioning_scale, control_guidance_start,
+            control_guidance_end,
+        )
+        self.check_panorama_inputs(
+            prompt,
+            height,
+            width,
+            callback_steps,
+            negative_prompt,
+            prompt_embeds,
+            negative_prompt_embeds,
+            ip_adapter_image,
+            ip_adapter_image_embeds,
+            callback_on_step_end_tensor_inputs,
+            **panorama_kwargs,
+        )
+
+    def check_control_inputs(
+        self,
+        image,
+        height,
+        width,
+        prompt=None,
+        prompt_embeds=None,
+        controlnet_conditioning_scale=1.0,
+        control_guidance_start=0.0,
+        control_guidance_end=1.0,
+    ):
+        """Check the condition images (one per ControlNet, each the panorama's size) and the per-ControlNet values."""
+        num_nets = len(self.controlnet_models)
+        images = self._images_per_controlnet(image)
+        if len(images) != num_nets:
+            raise ValueError(
+                f"`image` has to be a list of {num_nets} condition images, one per ControlNet, but holds"
+                f" {len(images)}."
+            )
+        num_prompts = 1 if isinstance(prompt, str) else len(prompt) if isinstance(prompt, list) else None
+        if num_prompts is None and prompt_embeds is not None:
+            num_prompts = prompt_embeds.shape[0]
+        factor = self.vae_scale_factor
+        for condition in images:
+            sizes = self._condition_sizes(condition)
+            if len(sizes) not in (1, num_prompts):
+                raise ValueError(
+                    f"`image` has to hold 1 condition image per ControlNet, or one per prompt ({num_prompts}), but"
+                    f" holds {len(sizes)}."
+                )
+            for size in sizes:
+                if size[0] % factor or size[1] % factor:
+                    raise ValueError(
+                        f"`image` has to be a multiple of the VAE scale factor {factor} on both sides, but is"
+                        f" {size[0]}x{size[1]} pixels (height x width)."
+                    )
+                if size != (height, width):
+                    raise ValueError(
+                        f"`image` has to cover the whole panorama, {height}x{width} pixels (height x width), but is"
+                        f" {size[0]}x{size[1]}: resize the condition, or leave `height` and `width` out to take its"
+                        " size."
+                    )
+
+        scales = controlnet_conditioning_scale
+        if not isinstance(scales, (int, float)) and not (
+            isinstance(scales, (list, tuple)) and len(scales) == num_nets and all(isinstance(s, (int, float)) for s in scales)
+        ):
+            raise ValueError(
+                f"`controlnet_conditioning_scale` has to be a number or a list of {num_nets} numbers (one per"
+                f" ControlNet), but is {scales!r}."
+            )
+        for name, value in (("control_guidance_start", control_guidance_start), ("control_guidance_end", control_guidance_end)):
+            values = list(value) if isinstance(value, (list, tuple)) else [value]
+            if len(values) not in (1, num_nets) or not all(isinstance(v, (int, float)) and 0 <= v <= 1 for v in values):
+                raise ValueError(
+                    f"`{name}` has to be a number in [0, 1] or a list of {num_nets} of them (one per ControlNet), but"
+                    f" is {value!r}."
+                )
+        starts = self._per_controlnet(control_guidance_start)
+        ends = self._per_controlnet(control_guidance_end)
+        if any(start >= end for start, end in zip(starts, ends)):
+            raise ValueError(
+                f"`control_guidance_start` has to be smaller than `control_guidance_end` for every ControlNet, but they"
+                f" are {control_guidance_start!r} and {control_guidance_end!r}."
+            )
+
+    # Copied from pipeline_syncdiffusion.SyncDiffusionPipeline.check_inputs with check_inputs->check_panorama_inputs
+    def check_panorama_inputs(
+        self,
+        prompt,
+        height,
+        width,
+        callback_steps,
+        negative_prompt=None,
+        prompt_embeds=None,
+        negative_prompt_embeds=None,
+        ip_adapter_image=None,
+        ip_adapter_image_embeds=None,
+        callback_on_step_end_tensor_inputs=None,
+        num_inference_steps=50,
+        num_images_per_prompt=1,
+        latents=None,
+        view_batch_size=1,
+        stride=8,
+        guidance_rescale=0.0,
+        sync_weight=0.0,
+        sync_decay_rate=0.95,
+        sync_freq=1,
+        sync_thres=5,
+        sync_mode="exact",
+        sync_gradient=None,
+        sync_reuse_noise=None,
+        sync_decoder=None,
+        sync_lpips_size=None,
+        sync_decode_downsample=1,
+    ):
+        """Raise a `ValueError` naming the argument, its value and what is allowed, before any model runs."""
+        factor = self.vae_scale_factor
+        for name, value in (("height", height), ("width", width)):
+            if not isinstance(value, int) or value <= 0 or value % factor != 0:
+                raise ValueError(
+                    f"`{name}` has to be a positive multiple of the VAE scale factor {factor}, but is {value!r}."
+                )
+        if callback_steps is not None and (not isinstance(callback_steps, int) or callback_steps <= 0):
+            raise ValueError(f"`callback_steps` has to be a positive integer, but is {callback_steps!r}.")
+        if callback_on_step_end_tensor_inputs is not None:
+            unknown = [k for k in callback_on_step_end_tensor_inputs if k not in self._callback_tensor_inputs]
+            if unknown:
+                raise ValueError(
+                    f"`callback_on_step_end_tensor_inputs` has to be in {self._callback_tensor_inputs}, but found"
+                    f" {unknown}."
+                )
+
+        if prompt is not None and prompt_embeds is not None:
+            raise ValueError("Pass either `prompt` or `prompt_embeds`, not both.")
+        if prompt is None and prompt_embeds is None:
+            raise ValueError("Pass either `prompt` or `prompt_embeds`; both are undefined.")
+        if prompt is not None and not isinstance(prompt, (str, list)):
+            raise ValueError(f"`prompt` has to be of type `str` or `list`, but is {type(prompt)}.")
+        if negative_prompt is not None and negative_prompt_embeds is not None:
+            raise ValueError("Pass either `negative_prompt` or `negative_prompt_embeds`, not both.")
+        if prompt_embeds is not None and negative_prompt_embeds is not None:
+            if prompt_embeds.shape != negative_prompt_embeds.shape:
+                raise ValueError(
+                    "`prompt_embeds` and `negative_prompt_embeds` have to have the same shape, but have"
+                    f" {tuple(prompt_embeds.shape)} and {tuple(negative_prompt_embeds.shape)}."
+                )
+        if ip_adapter_image is not None and ip_adapter_image_embeds is not None:
+            raise ValueError("Pass either `ip_adapter_image` or `ip_adapter_image_embeds`, not both.")
+        if ip_adapter_image_embeds is not None:
+            if not isinstance(ip_adapter_image_embeds, list):
+                raise ValueError(
+                    f"`ip_adapter_image_embeds` has to be a list of tensors, but is {type(ip_adapter_image_embeds)}."
+                )
+            if ip_adapter_image_embeds[0].ndim not in (3, 4):
+                raise ValueError(
+                    "`ip_adapter_image_embeds` has to be a list of 3D or 4D tensors, but holds"
+                    f" {ip_adapter_image_embeds[0].ndim}D ones."
+                )
+
+        window = self.unet.config.sample_size
+        if not isinstance(stride, int) or not 1 <= stride <= window:
+            raise ValueError(f"`stride` has to be an integer in 1..{window} (the view size in latents), but is {stride!r}.")
+        if not isinstance(view_batch_size, int) or view_batch_size < 1:
+            raise ValueError(f"`view_batch_size` has to be a positive integer, but is {view_batch_size!r}.")
+        if not isinstance(num_inference_steps, int) or num_inference_steps < 1:
+            raise ValueError(f"`num_inference_steps` has to be a positive integer, but is {num_inference_steps!r}.")
+        if not isinstance(num_images_per_prompt, int) or num_images_per_prompt < 1:
+            raise ValueError(f"`num_images_per_prompt` has to be a positive integer, but is {num_images_per_prompt!r}.")
+        if not 0.0 <= guidance_rescale <= 1.0:
+            raise ValueError(f"`guidance_rescale` has to be in [0, 1], but is {guidance_rescale!r}.")
+
+        if latents is not None:
+            batch_size = 1 if isinstance(prompt, str) else len(prompt) if prompt is not None else prompt_embeds.shape[0]
+            shape = (
+                batch_size * num_images_per_prompt,
+                self.unet.config.in_channels,
+                height // factor,
+                width // factor,
+            )
+            if tuple(latents.shape) != shape:
+                raise ValueError(
+                    f"`latents` has to have shape {shape} (batch, channels, height / {factor}, width / {factor}),"
+                    f" but has shape {tuple(latents.shape)}."
+                )
+
+        if sync_weight < 0:
+            raise ValueError(f"`sync_weight` has to be >= 0 (0 turns synchronization off), but is {sync_weight!r}.")
+        if not 0.0 < sync_decay_rate <= 1.0:
+            raise ValueError(f"`sync_decay_rate` has to be in (0, 1], but is {sync_decay_rate!r}.")
+        if not isinstance(sync_freq, int) or sync_freq < 1:
+            raise ValueError(f"`sync_freq` has to be a positive integer, but is {sync_freq!r}.")
+        if not isinstance(sync_thres, int) or sync_thres < 0:
+            raise ValueError(f"`sync_thres` has to be a non-negative integer, but is {sync_thres!r}.")
+        if sync_mode not in SYNC_MODES:
+            raise ValueError(f"`sync_mode` has to be one of {SYNC_MODES}, but is {sync_mode!r}.")
+        if sync_gradient is not None and sync_gradient not in SYNC_GRADIENTS:
+            raise ValueError(f"`sync_gradient` has to be one of {SYNC_GRADIENTS} or None, but is {sync_gradient!r}.")
+        if sync_reuse_noise not in (None, True, False):
+            raise ValueError(f"`sync_reuse_noise` has to be True, False or None, but is {sync_reuse_noise!r}.")
+        if sync_decoder is not None and not callable(getattr(sync_decoder, "decode", None)):
+            raise ValueError(f"`sync_decoder` has to have a `decode` method (e.g. `AutoencoderTiny`), but is {sync_decoder!r}.")
+        if sync_lpips_size is not None and (not isinstance(sync_lpips_size, int) or sync_lpips_size < 32):
+            raise ValueError(f"`sync_lpips_size` has to be an integer >= 32 (pixels) or None, but is {sync_lpips_size!r}.")
+
+        if not isinstance(sync_decode_downsample, int) or sync_decode_downsample < 1 or window % sync_decode_downsample:
+            raise ValueError(
+                f"`sync_decode_downsample` has to be a positive integer dividing the view size {window}, but is"
+                f" {sync_decode_downsample!r}."
+            )
+
+        if sync_weight > 0 and sync_thres > 0:
+            prediction_type = self.scheduler.config.get("prediction_type", "epsilon")
+            if prediction_type not in ("epsilon", "v_prediction", "sample"):
+                raise ValueError(
+                    f"synchronization needs the scheduler's `prediction_type` to be 'epsilon', 'v_prediction' or"
+                    f" 'sample', but it is {prediction_type!r}."
+                )
+            gradient = self._sync_settings(sync_mode, sync_gradient)["gradient"]
+            if gradient == "x0" and prediction_type == "sample":
+                raise ValueError(
+                    "`sync_gradient='x0'` (also implied by `sync_mode='fast'`) treats the UNet output as constant,"
+                    " which leaves no gradient with `prediction_type='sample'`; use `sync_gradient='unet'`."
+                )
+            if not hasattr(self.scheduler, "sigmas") and not hasattr(self.scheduler, "alphas_cumprod"):
+                raise ValueError(
+                    f"synchronization needs a scheduler with `alphas_cumprod` or `sigmas`, but"
+                    f" {self.scheduler.__class__.__name__} has neither; set `sync_weight=0` or change the scheduler."
+                )
+
+    # ------------------------------------------------------------------------------------------------------------
+    # The condition: one image per ControlNet, the panorama's size, cropped per view
+    # ------------------------------------------------------------------------------------------------------------
+
+    @property
+    def _multi_controlnet(self) -> bool:
+        controlnet = self.controlnet._orig_mod if is_compiled_module(self.controlnet) else self.controlnet
+        return isinstance(controlnet, MultiControlNetModel)
+
+    @property
+    def controlnet_models(self) -> list:
+        """The ControlNets, one per condition image (the nets of a [`MultiControlNetModel`])."""
+        controlnet = self.controlnet._orig_mod if is_compiled_module(self.controlnet) else self.controlnet
+        return list(controlnet.nets) if self._multi_controlnet else [controlnet]
+
+    def _images_per_controlnet(self, image) -> list:
+        """`image` as a list with one entry (an image or a list of per-prompt images) per ControlNet."""
+        if not self._multi_controlnet or not isinstance(image, list):
+            return [image]
+        if image and all(isinstance(per_prompt, list) for per_prompt in image):
+            # `[[net_0_image, net_1_image], ...]`, one inner list per prompt, as `StableDiffusionControlNetPipeline`
+            return [list(per_net) for per_net in zip(*image)]
+        return list(image)
+
+    def _per_controlnet(self, value) -> list:
+        """A number, or a list with one per ControlNet, as a list with one per ControlNet."""
+        return list(value) if isinstance(value, (list, tuple)) else [value] * len(self.controlnet_models)
+
+    @staticmethod
+    def _condition_sizes(condition) -> list[tuple[int, int]]:
+        """`(height, width)` of each image in one ControlNet's condition, in the layouts `VaeImageProcessor` reads."""
+        if isinstance(condition, list) and condition:
+            return [size for one in condition for size in SyncDiffusionControlNetPipeline._condition_sizes(one)]
+        if isinstance(condition, PIL.Image.Image):
+            return [(condition.height, condition.width)]
+        if isinstance(condition, np.ndarray) and condition.ndim in (3, 4):  # (batch,) height, width, channels
+            return [tuple(condition.shape[-3:-1])] * (condition.shape[0] if condition.ndim == 4 else 1)
+        if isinstance(condition, torch.Tensor) and condition.ndim in (3, 4):  # (batch,) channels, height, width
+            return [tuple(condition.shape[-2:])] * (condition.shape[0] if condition.ndim == 4 else 1)
+        raise ValueError(
+            "`image` has to be a PIL image, a numpy array (height, width, channels), a tensor (channels, height,"
+            f" width), a batch of them or a list of them, but is {type(condition).__name__}."
+        )
+
+    def _default_size(self, image, height, width):
+        """`height` and `width`, each defaulting to the first condition image's size (unchanged when unreadable)."""
+        try:
+            size = self._condition_sizes(self._images_per_controlnet(image)[0])[0]
+        except (ValueError, IndexError, TypeError):
+            return height, width
+        return height or size[0], width or size[1]
+
+    def prepare_control_images(self, image, height, width, num_images, num_images_per_prompt, device) -> list:
+        """The condition images as tensors in [0, 1], one `(num_images, channels, height, width)` per ControlNet."""
+        return [
+            self.prepare_image(
+                image=condition,
+                width=width,
+                height=height,
+                batch_size=num_images,
+                num_images_per_prompt=num_images_per_prompt,
+                device=device,
+                dtype=net.dtype,
+                do_classifier_free_guidance=False,
+            )
+            for condition, net in zip(self._images_per_controlnet(image), self.controlnet_models)
+        ]
+
+    def get_view_condition(self, condition: torch.Tensor, views: list) -> torch.Tensor:
+        """The crops of a panorama-sized condition under `views` (latent windows), stacked view-major."""
+        factor = self.vae_scale_factor
+        return self.get_view_latents(condition, [tuple(factor * side for side in view) for view in views])
+
+    def view_conditioning(self, conditioning: dict, views: list) -> dict:
+        """`conditioning` for a stack of `views`: each view's crop of every ControlNet's condition."""
+        crops = [self.get_view_condition(condition, views) for condition in conditioning["control_image"]]
+        return {**conditioning, "control_crops": crops}
+
+    @staticmethod
+    def control_keep(num_steps, control_guidance_start, control_guidance_end) -> list[list[float]]:
+        """Per step, per ControlNet: 1 inside `[control_guidance_start, control_guidance_end]`, else 0."""
+        return [
+            [1.0 - float(i / num_steps < start or (i + 1) / num_steps > end) for start, end in zip(control_guidance_start, control_guidance_end)]
+            for i in range(num_steps)
+        ]
+
+    # Copied from pipeline_syncdiffusion.SyncDiffusionPipeline.get_views
+    def get_views(
+        self,
+        panorama_height: int,
+        panorama_width: int,
+        window_size: int | None = None,
+        stride: int = 8,
+        circular_padding: bool = False,
+    ) -> list[tuple[int, int, int, int]]:
+        """
+        Windows of the panorama latent, row-major, as `(h_start, h_end, w_start, w_end)` in latent pixels.
+
+        Args:
+            panorama_height (`int`): Panorama height in image pixels.
+            panorama_width (`int`): Panorama width in image pixels.
+            window_size (`int`, *optional*): View side in latent pixels; defaults to `unet.config.sample_size`.
+            stride (`int`, defaults to 8): Distance between neighbouring views in latent pixels.
+            circular_padding (`bool`, defaults to `False`):
+                Whether views wrap around the right edge (then `w_end` may exceed the latent width).
+
+        Returns:
+            `list[tuple[int, int, int, int]]`. If the stride does not divide the span, one more row (column) of views
+            is added flush with the bottom (right) edge, so that every latent pixel is denoised.
+        """
+        window = window_size or self.unet.config.sample_size
+        height = panorama_height // self.vae_scale_factor
+        width = panorama_width // self.vae_scale_factor
+        rows = self._view_starts(height, window, stride, circular=False)
+        cols = self._view_starts(width, window, stride, circular=circular_padding)
+        window_h, window_w = min(window, height), min(window, width)
+        return [(h, h + window_h, w, w + window_w) for h in rows for w in cols]
+
+    # Copied from pipeline_syncdiffusion.SyncDiffusionPipeline._view_starts
+    @staticmethod
+    def _view_starts(size, window, stride, circular):
+        """Start offsets of the views along one axis."""
+        if size <= window:
+            return [0]
+        if circular:
+            # Views start every `stride` pixels all the way round; the last ones wrap past the edge.
+            return list(range(0, size, stride))
+        starts = list(range(0, size - window + 1, stride))
+        if starts[-1] != size - window:
+            starts.append(size - window)
+        return starts
+
+    # Copied from pipeline_syncdiffusion.SyncDiffusionPipeline._view_columns
+    @staticmethod
+    def _view_columns(view, width, device):
+        """Column indices of a view, wrapped around the panorama for circular views."""
+        return torch.arange(view[2], view[3], device=device) % width
+
+    # Copied from pipeline_syncdiffusion.SyncDiffusionPipeline.get_view_latents
+    def get_view_latents(self, latents: torch.Tensor, views: list) -> torch.Tensor:
+        """The latents of `views`, stacked view-major: `(len(views) * batch, channels, window, window)`."""
+        width = latents.shape[-1]
+        crops = []
+        for view in views:
+            h_start, h_end, w_start, w_end = view
+            if w_end <= width:
+                crops.append(latents[:, :, h_start:h_end, w_start:w_end])
+            else:
+                crops.append(latents[:, :, h_start:h_end].index_select(3, self._view_columns(view, width, latents.device)))
+        return torch.cat(crops)
+
+    # Copied from pipeline_syncdiffusion.SyncDiffusionPipeline.add_view_latents
+    def add_view_latents(self, value: torch.Tensor, count: torch.Tensor, view_latents: torch.Tensor, views: list):
+        """Accumulate denoised view latents into the panorama sums `value` and their counts `count`."""
+        width = value.shape[-1]
+        for crop, view in zip(view_latents.chunk(len(views)), views):
+            h_start, h_end, w_start, w_end = view
+            if w_end <= width:
+                value[:, :, h_start:h_end, w_start:w_end] += crop
+                count[:, :, h_start:h_end, w_start:w_end] += 1
+            else:
+                columns = self._view_columns(view, width, value.device)
+                value[:, :, h_start:h_end].index_add_(3, columns, crop)
+                count[:, :, h_start:h_end].index_add_(3, columns, torch.ones_like(crop))
+
+    # ------------------------------------------------------------------------------------------------------------
+    # The denoiser: ControlNet residuals, guided noise and the scheduler's clean-latent prediction
+    # ------------------------------------------------------------------------------------------------------------
+
+    def control_residuals(self, model_input: torch.Tensor, t, encoder_hidden_states, conditioning: dict):
+        """
+        The ControlNet residuals for the UNet input of a stack of views (rows as `predict_noise` forms them), from
+        each view's crop in `conditioning["control_crops"]`. `(None, None)` when every scale is 0 at this step.
+
+        With guidance and `guess_mode` the ControlNet sees the conditional rows only and the unconditional rows get
+        no residuals, as in `StableDiffusionControlNetPipeline`.
+        """
+        scales = conditioning["control_scale"]
+        if all(scale == 0 for scale in scales):
+            return None, None
+        crops = conditioning["control_crops"]
+        guess_mode = conditioning["guess_mode"]
+        cfg = self.do_classifier_free_guidance
+        if cfg and guess_mode:
+            control_input, embeds = model_input, encoder_hidden_states[1::2]
+        elif cfg:
+            control_input, embeds = model_input.repeat_interleave(2, dim=0), encoder_hidden_states
+            crops = [crop.repeat_interleave(2, dim=0) for crop in crops]
+        else:
+            control_input, embeds = model_input, encoder_hidden_states
+        if self._multi_controlnet:
+            cond, scale = crops, scales
+        else:
+            cond, scale = crops[0], scales[0]
+        down_block_res_samples, mid_block_res_sample = self.controlnet(
+            control_input.to(self.controlnet.dtype),
+            t,
+            encoder_hidden_states=embeds.to(self.controlnet.dtype),
+            controlnet_cond=cond,
+            conditioning_scale=scale,
+            guess_mode=guess_mode,
+            return_dict=False,
+        )
+        if cfg and guess_mode:
+            down_block_res_samples = [torch.stack([torch.zeros_like(d), d], 1).flatten(0, 1) for d in down_block_res_samples]
+            mid_block_res_sample = torch.stack([torch.zeros_like(mid_block_res_sample), mid_block_res_sample], 1).flatten(0, 1)
+        return down_block_res_samples, mid_block_res_sample
+
+    def predict_noise(self, model_input: torch.Tensor, t, conditioning: dict) -> torch.Tensor:
+        """
+        Guided noise prediction for a stack of views (view-major, `batch` images each), with the ControlNet
+        residuals of each view's condition crop (`view_conditioning`).
+
+        `model_input` is already scaled by `scheduler.scale_model_input`. With guidance the UNet sees every latent
+        twice, interleaved `[uncond, cond]`, as the panorama pipeline does.
+        """
+        embeds = conditioning["encoder_hidden_states"]
+        num_views = model_input.shape[0] // conditioning["batch_size"]
+        cfg = self.do_classifier_free_guidance
+        added_cond_kwargs = None
+        if conditioning["image_embeds"] is not None:
+            image_embeds = [e.repeat(num_views, *[1] * (e.ndim - 1)) for e in conditioning["image_embeds"]]
+            added_cond_kwargs = {"image_embeds": image_embeds}
+        timestep_cond = conditioning["timestep_cond"]
+        if timestep_cond is not None:
+            timestep_cond = timestep_cond.repeat(num_views, 1)
+        encoder_hidden_states = embeds.repeat(num_views, 1, 1)
+        down_block_res_samples, mid_block_res_sample = self.control_residuals(
+            model_input, t, encoder_hidden_states, conditioning
+        )
+        noise_pred = self.unet(
+            model_input.repeat_interleave(2, dim=0) if cfg else model_input,
+            t,
+            encoder_hidden_states=encoder_hidden_states,
+            timestep_cond=timestep_cond,
+            cross_attention_kwargs=self.cross_attention_kwargs,
+            down_block_additional_residuals=down_block_res_samples,
+            mid_block_additional_residual=mid_block_res_sample,
+            added_cond_kwargs=added_cond_kwargs,
+            return_dict=False,
+        )[0]
+        if not cfg:
+            return noise_pred
+        noise_pred_uncond, noise_pred_text = noise_pred[::2], noise_pred[1::2]
+        guided = noise_pred_uncond + self.guidance_scale * (noise_pred_text - noise_pred_uncond)
+        if self.guidance_rescale > 0.0:
+            # Section 3.4 of https://huggingface.co/papers/2305.08891
+            guided = rescale_noise_cfg(guided, noise_pred_text, guidance_rescale=self.guidance_rescale)
+        return guided
+
+    # Copied from pipeline_syncdiffusion.SyncDiffusionPipeline._alpha_sigma
+    def _alpha_sigma(self, t, device, dtype):
+        """
+        `(alpha_t, sigma_t)` of the current step in variance-preserving form, `x_t = alpha_t x_0 + sigma_t eps`,
+        read from the scheduler's own parameterization.
+        """
+        scheduler = self.scheduler
+        if hasattr(scheduler, "sigmas"):
+            # Sigma-parameterized schedulers (Euler, DPM-Solver, UniPC, LMS, ...): the sigma of this step, which
+            # also covers Karras and other non-integer timestep schedules.
+            index = scheduler.step_index
+            if index is None:
+                index = scheduler.index_for_timestep(t)
+            sigma = scheduler.sigmas[index].to(device=device, dtype=torch.float32)
+            alpha_t = (sigma**2 + 1) ** -0.5
+            sigma_t = sigma * alpha_t
+        else:
+            alpha_prod = scheduler.alphas_cumprod[int(t)].to(device=device, dtype=torch.float32)
+            alpha_t, sigma_t = alpha_prod**0.5, (1 - alpha_prod) ** 0.5
+        return alpha_t.to(dtype), sigma_t.to(dtype)
+
+    # Copied from pipeline_syncdiffusion.SyncDiffusionPipeline.predict_clean_latents
+    def predict_clean_latents(self, model_input: torch.Tensor, noise_pred: torch.Tensor, t) -> torch.Tensor:
+        """
+        The clean latent `x0` that the scheduler predicts from `noise_pred`, without advancing the scheduler.
+
+        `model_input = scheduler.scale_model_input(latents, t)` is the variance-preserving noisy latent for every
+        scheduler (sigma-based schedulers divide by `sqrt(sigma**2 + 1)` there). For DDIM this equals
+        `scheduler.step(...).pred_original_sample`; for Euler, `latents - sigma * noise_pred`.
+        """
+        alpha_t, sigma_t = self._alpha_sigma(t, model_input.device, model_input.dtype)
+        prediction_type = self.scheduler.config.prediction_type
+        if prediction_type == "epsilon":
+            return (model_input - sigma_t * noise_pred) / alpha_t
+        if prediction_type == "v_prediction":
+            return alpha_t * model_input - sigma_t * noise_pred
+        if prediction_type == "sample":
+            return noise_pred
+        raise ValueError(f"Unsupported `prediction_type` {prediction_type!r}.")
+
+    # ------------------------------------------------------------------------------------------------------------
+    # Synchronization (Section 4 of the paper)
+    # ------------------------------------------------------------------------------------------------------------
+
+    # Copied from pipeline_syncdiffusion.SyncDiffusionPipeline.set_perceptual_loss
+    def set_perceptual_loss(self, module: torch.nn.Module | None = None, *, vgg_weights: str | os.PathLike | None = None):
+        """
+        Replace the perceptual loss, by default `lpips.LPIPS(net="vgg")` built on first use.
+
+        Args:
+            module (`torch.nn.Module`, *optional*):
+                `module(images_a, images_b)` takes two image batches in [-1, 1] and returns one distance per image.
+                It runs in float32 whatever the pipeline's dtype. `None` goes back to the default.
+            vgg_weights (`str` or `os.PathLike`, *optional*):
+                A local copy of torchvision's VGG-16 weights (`vgg16-397923af.pth`): LPIPS-VGG is built from it now
+                instead of downloading them on first use.
+        """
+        if module is not None and vgg_weights is not None:
+            raise ValueError("Pass either `module` or `vgg_weights` to `set_perceptual_loss`, not both.")
+        self._perceptual_loss = self._lpips_vgg(vgg_weights) if vgg_weights is not None else module
+
+    # Copied from pipeline_syncdiffusion.SyncDiffusionPipeline.perceptual_loss
+    def perceptual_loss(self, device) -> torch.nn.Module:
+        """The perceptual loss module on `device` in float32, creating LPIPS-VGG on first use."""
+        if self._perceptual_loss is None:
+            self._perceptual_loss = self._lpips_vgg()
+        return self._perceptual_loss.to(device=device, dtype=torch.float32)
+
+    # Copied from pipeline_syncdiffusion.SyncDiffusionPipeline.decode_for_sync
+    def decode_for_sync(self, clean_latents: torch.Tensor, decoder=None, downsample: int = 1) -> torch.Tensor:
+        """
+        `D(x) = clamp(decoder.decode(x / scaling_factor) / 2 + 0.5, 0, 1)`: the image the loss compares.
+
+        With `downsample > 1` the clean latent is average-pooled by that factor first, so the decoder renders a
+        smaller image (`downsample**2` times fewer pixels to decode, differentiate and compare).
+        """
+        decoder = decoder if decoder is not None else self.vae
+        if downsample > 1:
+            clean_latents = F.avg_pool2d(clean_latents, downsample)
+        scaling_factor = getattr(decoder.config, "scaling_factor", 1.0)
+        clean_latents = clean_latents.to(decoder.dtype)
+        image = decoder.decode(clean_latents / scaling_factor, return_dict=False)[0]
+        return (image / 2 + 0.5).clamp(0, 1)
+
+    # Copied from pipeline_syncdiffusion.SyncDiffusionPipeline.perceptual_distance
+    def perceptual_distance(self, images, anchor_images, lpips_size=None) -> torch.Tensor:
+        """LPIPS distance per image between images in [0, 1], computed in float32."""
+        images, anchor_images = images.float() * 2 - 1, anchor_images.float() * 2 - 1
+        if lpips_size is not None and max(images.shape[-2:]) > lpips_size:
+            scale = lpips_size / max(images.shape[-2:])
+            size = [max(1, round(side * scale)) for side in images.shape[-2:]]
+            images = F.interpolate(images, size=size, mode="bilinear", antialias=True, align_corners=False)
+            anchor_images = F.interpolate(anchor_images, size=size, mode="bilinear", antialias=True, align_corners=False)
+        return self.perceptual_loss(images.device)(images, anchor_images).reshape(images.shape[0], -1).sum(1)
+
+    # Copied from pipeline_syncdiffusion.SyncDiffusionPipeline.synchronize_views
+    def synchronize_views(self, view_latents, anchor_images, t, weight, conditioning, sync):
+        """
+        One SyncDiffusion update of a stack of (non-anchor) views:
+        `z_v <- z_v - w * d LPIPS(D(x0(z_v)), D(x0(z_anchor))) / d z_v`.
+
+        The step is taken on the variance-preserving latent `scale_model_input(z_v)`, which is `z_v` itself for DDIM
+        (the paper's), DPM-Solver and UniPC; for sigma-scaled schedulers (Euler, LMS) this makes `sync_weight` mean
+        the same as with DDIM instead of a step `sigma**2 + 1` times smaller.
+
+        Returns the updated latents and the noise prediction made before the update.
+        """
+        model_input = self.scheduler.scale_model_input(view_latents, t).detach().requires_grad_(True)
+        with torch.enable_grad(), self._sync_checkpointing(sync["checkpointing"]):
+            with torch.set_grad_enabled(sync["gradient"] == "unet"):
+                noise_pred = self.predict_noise(model_input, t, conditioning)
+            clean_latents = self.predict_clean_latents(model_input, noise_pred, t)
+            clean_grad = self.perceptual_gradient(clean_latents.detach(), anchor_images, sync)
+            # The chain rule in two backward passes: model CPU offloading moves the UNet off the device while the
+            # decoder runs, and its backward needs the weights back first.
+            self._onload(self.unet)
+            (grad,) = torch.autograd.grad(clean_latents, model_input, clean_grad)
+        input_scale = self.scheduler.scale_model_input(torch.ones_like(view_latents[:1, :1, :1, :1]), t)
+        updated = (model_input.detach() - weight * grad.to(view_latents.dtype)) / input_scale
+        return updated, noise_pred.detach()
+
+    # Copied from pipeline_syncdiffusion.SyncDiffusionPipeline.perceptual_gradient
+    def perceptual_gradient(self, clean_latents, anchor_images, sync) -> torch.Tensor:
+        """`d LPIPS(D(x0), A) / d x0` for a stack of clean latents `x0`, one anchor image per latent."""
+        clean_latents = clean_latents.requires_grad_(True)
+        images = self.decode_for_sync(clean_latents, sync["decoder"], sync["decode_downsample"])
+        loss = self.perceptual_distance(images, anchor_images, sync["lpips_size"]).sum()
+        # Each view's loss depends only on its own latent, so one backward of the sum gives every view's gradient.
+        (grad,) = torch.autograd.grad(loss, clean_latents)
+        return grad
+
+    # Copied from pipeline_syncdiffusion.SyncDiffusionPipeline._onload
+    @staticmethod
+    def _onload(model):
+        """Move `model` back to the execution device if model CPU offloading took it away (as a forward call would)."""
+        hook = getattr(model, "_hf_hook", None)
+        if hook is not None and hasattr(hook, "pre_forward"):
+            hook.pre_forward(model)
+
+    @contextmanager
+    def _sync_checkpointing(self, enabled):
+        """Activation checkpointing in the UNet, the ControlNets and the VAE decoder during the gradient pass only."""
+        candidates = (self.unet, *self.controlnet_models, self.vae)
+        models = [m for m in candidates if enabled and getattr(m, "_supports_gradient_checkpointing", False)]
+        previous = [m.is_gradient_checkpointing for m in models]
+        for model in models:
+            model.enable_gradient_checkpointing()
+        try:
+            yield
+        finally:
+            for model, was_enabled in zip(models, previous):
+                if not was_enabled:
+                    model.disable_gradient_checkpointing()
+
+    def denoise_view_batch(self, view_latents, views, anchor, t, conditioning, sync):
+        """
+        Guided noise for one batch of views, synchronizing the non-anchor ones first on a synchronized step. Every
+        UNet and ControlNet pass, the gradient pass included, sees each view's own crop of the condition.
+
+        Returns the (possibly updated) view latents and their noise prediction, both view-major.
+        """
+        if sync is None:
+            model_input = self.scheduler.scale_model_input(view_latents, t)
+            return view_latents, self.predict_noise(model_input, t, self.view_conditioning(conditioning, views))
+
+        batch = conditioning["batch_size"]
+        latents_per_view = list(view_latents.split(batch))
+        others = [k for k, view in enumerate(views) if view != anchor["view"]]
+        noise_per_view = [anchor["noise_pred"]] * len(views)  # the anchor keeps its own prediction
+        if others:
+            others_conditioning = self.view_conditioning(conditioning, [views[k] for k in others])
+            stacked = torch.cat([latents_per_view[k] for k in others])
+            anchor_images = anchor["images"].repeat(len(others), 1, 1, 1)
+            updated, noise_before = self.synchronize_views(
+                stacked, anchor_images, t, sync["weight"], others_conditioning, sync
+            )
+            if sync["reuse_noise"]:
+                noise_after = noise_before
+            else:
+                noise_after = self.predict_noise(self.scheduler.scale_model_input(updated, t), t, others_conditioning)
+            for k, latents_k, noise_k in zip(others, updated.split(batch), noise_after.split(batch)):
+                latents_per_view[k], noise_per_view[k] = latents_k, noise_k
+        return torch.cat(latents_per_view), torch.cat(noise_per_view)
+
+    # Copied from pipeline_syncdiffusion.SyncDiffusionPipeline.prepare_anchor
+    def prepare_anchor(self, latents, anchor_view, t, conditioning, sync):
+        """The anchor view's noise prediction (reused for its own step) and its decoded clean image, no gradient."""
+        anchor_latents = self.get_view_latents(latents, [anchor_view])
+        model_input = self.scheduler.scale_model_input(anchor_latents, t)
+        noise_pred = self.predict_noise(model_input, t, conditioning)
+        clean_latents = self.predict_clean_latents(model_input, noise_pred, t)
+        images = self.decode_for_sync(clean_latents, sync["decoder"], sync["decode_downsample"])
+        return {"view": anchor_view, "noise_pred": noise_pred, "images": images}
+
+    # Copied from pipeline_syncdiffusion.SyncDiffusionPipeline.decode_latents_with_padding
+    def decode_latents_with_padding(self, latents: torch.Tensor, padding: int = 8) -> torch.Tensor:
+        """
+        Decode a circular panorama seam-free: decode with `padding` latent columns wrapped onto each side, then crop.
+
+        Args:
+            latents (`torch.Tensor`): The panorama latents.
+            padding (`int`, defaults to 8): Latent columns borrowed from the opposite edge on each side.
+        """
+        padding = min(padding, latents.shape[-1])
+        latents = latents / self.vae.config.scaling_factor
+        latents = torch.cat((latents[..., -padding:], latents, latents[..., :padding]), dim=-1)
+        image = self.vae.decode(latents, return_dict=False)[0]
+        padding_pixels = self.vae_scale_factor * padding
+        return image[..., padding_pixels:-padding_pixels]
+
+    # ------------------------------------------------------------------------------------------------------------
+    # Properties
+    # ------------------------------------------------------------------------------------------------------------
+
+    # Copied from pipeline_syncdiffusion.SyncDiffusionPipeline.guidance_scale
+    @property
+    def guidance_scale(self):
+        return self._guidance_scale
+
+    # Copied from pipeline_syncdiffusion.SyncDiffusionPipeline.guidance_rescale
+    @property
+    def guidance_rescale(self):
+        return self._guidance_rescale
+
+    # Copied from pipeline_syncdiffusion.SyncDiffusionPipeline.cross_attention_kwargs
+    @property
+    def cross_attention_kwargs(self):
+        return self._cross_attention_kwargs
+
+    # Copied from pipeline_syncdiffusion.SyncDiffusionPipeline.clip_skip
+    @property
+    def clip_skip(self):
+        return self._clip_skip
+
+    # Copied from pipeline_syncdiffusion.SyncDiffusionPipeline.do_classifier_free_guidance
+    @property
+    def do_classifier_free_guidance(self):
+        return self._guidance_scale > 1 and self.unet.config.time_cond_proj_dim is None
+
+    # Copied from pipeline_syncdiffusion.SyncDiffusionPipeline.num_timesteps
+    @property
+    def num_timesteps(self):
+        return self._num_timesteps
+
+    # Copied from pipeline_syncdiffusion.SyncDiffusionPipeline.interrupt
+    @property
+    def interrupt(self):
+        return self._interrupt
+
+    # ------------------------------------------------------------------------------------------------------------
+    # Generation
+    # ------------------------------------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    @replace_example_docstring(EXAMPLE_DOC_STRING)
+    def __call__(
+        self,
+        prompt: str | list[str] = None,
+        image: PipelineImageInput = None,
+        height: int | None = None,
+        width: int | None = None,
+        num_inference_steps: int = 50,
+        timesteps: list[int] = None,
+        guidance_scale: float = 7.5,
+        view_batch_size: int = 1,
+        negative_prompt: str | list[str] | None = None,
+        num_images_per_prompt: int | None = 1,
+        eta: float = 0.0,
+        generator: torch.Generator | list[torch.Generator] | None = None,
+        latents: torch.Tensor | None = None,
+        prompt_embeds: torch.Tensor | None = None,
+        negative_prompt_embeds: torch.Tensor | None = None,
+        ip_adapter_image: PipelineImageInput | None = None,
+        ip_adapter_image_embeds: list[torch.Tensor] | None = None,
+        output_type: str | None = "pil",
+        return_dict: bool = True,
+        cross_attention_kwargs: dict[str, Any] | None = None,
+        controlnet_conditioning_scale: float | list[float] = 1.0,
+        guess_mode: bool = False,
+        control_guidance_start: float | list[float] = 0.0,
+        control_guidance_end: float | list[float] = 1.0,
+        guidance_rescale: float = 0.0,
+        circular_padding: bool = False,
+        clip_skip: int | None = None,
+        callback_on_step_end: Callable[[int, int], None] | None = None,
+        callback_on_step_end_tensor_inputs: list[str] = ["latents"],
+        stride: int = 8,
+        sync_weight: float = 20.0,
+        sync_decay_rate: float = 0.95,
+        sync_freq: int = 1,
+        sync_thres: int = 5,
+        sync_mode: str = "exact",
+        sync_gradient: str | None = None,
+        sync_reuse_noise: bool | None = None,
+        sync_decoder: Any | None = None,
+        sync_lpips_size: int | None = None,
+        sync_gradient_checkpointing: bool = False,
+        sync_decode_downsample: int = 1,
+        **kwargs: Any,
+    ):
+        r"""
+        The call function to the pipeline for generation.
+
+        Args:
+            prompt (`str` or `list[str]`, *optional*):
+                The prompt or prompts to guide image generation. If not defined, you need to pass `prompt_embeds`.
+            image (`PIL.Image.Image`, `np.ndarray`, `torch.Tensor` or a list of them):
+                The ControlNet condition of the whole panorama (a depth map, edges, a pose, ...), `height x width`
+                pixels: every view's ControlNet sees its crop of it. Tensors are `(channels, height, width)` or
+                batched, in [0, 1]. A list gives one image per prompt; with several ControlNets, one entry per
+                ControlNet (or, as in `StableDiffusionControlNetPipeline`, one list of per-ControlNet images per
+                prompt).
+            height (`int`, *optional*):
+                The height in pixels of the generated image: a multiple of the VAE scale factor, equal to the
+                condition's. Defaults to the condition's height. Taller than the UNet's window
+                (`unet.config.sample_size * vae_scale_factor`) gives several rows of views.
+            width (`int`, *optional*):
+                The width in pixels of the generated image: a multiple of the VAE scale factor, equal to the
+                condition's. Defaults to the condition's width.
+            num_inference_steps (`int`, *optional*, defaults to 50):
+                The number of denoising steps.
+            timesteps (`list[int]`, *optional*):
+                Custom timesteps for schedulers that accept them.
+            guidance_scale (`float`, *optional*, defaults to 7.5):
+                Classifier-free guidance scale; guidance is enabled when `guidance_scale > 1`.
+            view_batch_size (`int`, *optional*, defaults to 1):
+                How many views are denoised, and synchronized, in one batch. Larger is faster on a large GPU and
+                uses more memory; the result is the same.
+            negative_prompt (`str` or `list[str]`, *optional*):
+                The prompt or prompts not to guide the image generation. Ignored without guidance.
+            num_images_per_prompt (`int`, *optional*, defaults to 1):
+                The number of images to generate per prompt. Each image is synchronized to its own anchor.
+            eta (`float`, *optional*, defaults to 0.0):
+                DDIM's eta; ignored by other schedulers.
+            generator (`torch.Generator` or `list[torch.Generator]`, *optional*):
+                A generator to make generation deterministic.
+            latents (`torch.Tensor`, *optional*):
+                Pre-generated noisy latents of shape `(batch, 4, height / 8, width / 8)`.
+            prompt_embeds (`torch.Tensor`, *optional*):
+                Pre-generated text embeddings, instead of `prompt`.
+            negative_prompt_embeds (`torch.Tensor`, *optional*):
+                Pre-generated negative text embeddings, instead of `negative_prompt`.
+            ip_adapter_image: (`PipelineImageInput`, *optional*):
+                Optional image input to work with IP Adapters.
+            ip_adapter_image_embeds (`list[torch.Tensor]`, *optional*):
+                Pre-generated image embeddings for IP-Adapter, one tensor per adapter, with the negative embeddings
+                first when guidance is on (as `prepare_ip_adapter_image_embeds` returns them).
+            output_type (`str`, *optional*, defaults to `"pil"`):
+                `"pil"`, `"np"`, `"pt"` or `"latent"`.
+            return_dict (`bool`, *optional*, defaults to `True`):
+                Whether to return a [`~pipelines.stable_diffusion.StableDiffusionPipelineOutput`] or a tuple.
+            cross_attention_kwargs (`dict`, *optional*):
+                Keyword arguments passed to the attention processors.
+            controlnet_conditioning_scale (`float` or `list[float]`, *optional*, defaults to 1.0):
+                The ControlNet residuals are multiplied by this before they are added to the UNet's; one per
+                ControlNet, or one for all. `0` gives [`SyncDiffusionPipeline`]'s images.
+            guess_mode (`bool`, *optional*, defaults to `False`):
+                The ControlNet recognizes the condition even without a prompt: with guidance it conditions only the
+                conditional half of the batch, and its residuals are scaled from 0.1 (shallowest) to 1 (deepest).
+                Always on for ControlNets with `global_pool_conditions`.
+            control_guidance_start (`float` or `list[float]`, *optional*, defaults to 0.0):
+                The fraction of the steps after which each ControlNet starts to apply.
+            control_guidance_end (`float` or `list[float]`, *optional*, defaults to 1.0):
+                The fraction of the steps after which each ControlNet stops applying.
+            guidance_rescale (`float`, *optional*, defaults to 0.0):
+                Guidance rescale factor from [Common Diffusion Noise Schedules and Sample Steps are
+                Flawed](https://huggingface.co/papers/2305.08891); applied when guidance is on.
+            circular_padding (`bool`, *optional*, defaults to `False`):
+                Whether views wrap around the right edge, for a 360-degree panorama whose left and right edges meet
+                without a seam. Works with several rows.
+            clip_skip (`int`, *optional*):
+                Number of layers to be skipped from CLIP while computing the prompt embeddings.
+            callback_on_step_end (`Callable`, *optional*):
+                Called at the end of each step as `callback_on_step_end(self, step, timestep, callback_kwargs)`; it
+                may return replacements for the tensors in `callback_kwargs`.
+            callback_on_step_end_tensor_inputs (`list[str]`, *optional*, defaults to `["latents"]`):
+                Tensors passed to `callback_on_step_end`: any of `latents`, `prompt_embeds`, `negative_prompt_embeds`.
+            stride (`int`, *optional*, defaults to 8):
+                Distance between neighbouring views, in latent pixels (1 to the view size). The paper used 16;
+                smaller strides mean more views and more overlap.
+            sync_weight (`float`, *optional*, defaults to 20.0):
+                Step size `w` of the synchronization gradient descent. `0` turns synchronization off
+                (MultiDiffusion).
+            sync_decay_rate (`float`, *optional*, defaults to 0.95):
+                The weight at step `i` is `sync_weight * sync_decay_rate ** i`. In (0, 1].
+            sync_freq (`int`, *optional*, defaults to 1):
+                Synchronize every `sync_freq`-th step.
+            sync_thres (`int`, *optional*, defaults to 5):
+                Synchronize only the first `sync_thres` steps (the layout is set early). The authors' sample script
+                used 10.
+            sync_mode (`str`, *optional*, defaults to `"exact"`):
+                `"exact"` is the paper's algorithm. `"fast"` sets `sync_gradient="x0"` and `sync_reuse_noise=True`
+                unless those are given: a synchronized step then costs as many UNet passes as a MultiDiffusion step.
+            sync_gradient (`str`, *optional*):
+                `"unet"` (exact) backpropagates through the UNet; `"x0"` treats the noise prediction as constant, so
+                `d x0 / d z_t` is a per-step scale and no UNet backward runs. Defaults from `sync_mode`.
+            sync_reuse_noise (`bool`, *optional*):
+                Whether a view's denoising step reuses the noise predicted before its synchronization update instead
+                of predicting it again from the updated latent. Defaults from `sync_mode`.
+            sync_decoder (*optional*):
+                A decoder with `decode` (e.g. [`AutoencoderTiny`], TAESD) that makes the images the loss compares,
+                instead of the full VAE. The final image is always decoded by the VAE.
+            sync_lpips_size (`int`, *optional*):
+                Resize the compared images so their longer side is this many pixels before LPIPS.
+            sync_gradient_checkpointing (`bool`, *optional*, defaults to `False`):
+                Recompute UNet and VAE-decoder activations in the gradient pass instead of storing them: lower peak
+                memory, one more forward of each per synchronized view, the same result.
+            sync_decode_downsample (`int`, *optional*, defaults to 1):
+                Average-pool the predicted clean latents by this factor before decoding the images the loss
+                compares (2: a 256x256 image for a 512x512 view). Decoder and LPIPS cost fall by its square; the
+                loss then sees layout and colour at lower resolution rather than fine texture. Not in the paper.
+
+        Examples:
+
+        Returns:
+            [`~pipelines.stable_diffusion.StableDiffusionPipelineOutput`] or `tuple`:
+                The generated images and, per image, whether the safety checker flagged it (`None` without one).
+        """
+        callback = kwargs.pop("callback", None)
+        callback_steps = kwargs.pop("callback_steps", None)
+        if callback is not None:
+            deprecate("callback", "1.0.0", "Use `callback_on_step_end` instead of `callback`.")
+        if callback_steps is not None:
+            deprecate("callback_steps", "1.0.0", "Use `callback_on_step_end` instead of `callback_steps`.")
+
+        # 0. Default height and width to the condition's
+        height, width = self._default_size(image, height, width)
+
+        # 1. Check inputs
+        self.check_inputs(
+            prompt,
+            image,
+            height,
+            width,
+            callback_steps,
+            negative_prompt,
+            prompt_embeds,
+            negative_prompt_embeds,
+            ip_adapter_image,
+            ip_adapter_image_embeds,
+            callback_on_step_end_tensor_inputs,
+            controlnet_conditioning_scale=controlnet_conditioning_scale,
+            control_guidance_start=control_guidance_start,
+            control_guidance_end=control_guidance_end,
+            num_inference_steps=num_inference_steps if timesteps is None else len(timesteps),
+            num_images_per_prompt=num_images_per_prompt,
+            latents=latents,
+            view_batch_size=view_batch_size,
+            stride=stride,
+            guidance_rescale=guidance_rescale,
+            sync_weight=sync_weight,
+            sync_decay_rate=sync_decay_rate,
+            sync_freq=sync_freq,
+            sync_thres=sync_thres,
+            sync_mode=sync_mode,
+            sync_gradient=sync_gradient,
+            sync_reuse_noise=sync_reuse_noise,
+            sync_decoder=sync_decoder,
+            sync_lpips_size=sync_lpips_size,
+            sync_decode_downsample=sync_decode_downsample,
+        )
+
+        self._guidance_scale = guidance_scale
+        self._guidance_rescale = guidance_rescale
+        self._clip_skip = clip_skip
+        self._cross_attention_kwargs = cross_attention_kwargs
+        self._interrupt = False
+
+        # 2. Define call parameters
+        if prompt is not None and isinstance(prompt, str):
+            batch_size = 1
+        elif prompt is not None and isinstance(prompt, list):
+            batch_size = len(prompt)
+        else:
+            batch_size = prompt_embeds.shape[0]
+        num_images = batch_size * num_images_per_prompt
+        device = self._execution_device
+
+        guess_mode = guess_mode or self.controlnet_models[0].config.global_pool_conditions
+        control_scales = self._per_controlnet(controlnet_conditioning_scale)
+
+        # 3. Encode input prompt (and IP-Adapter image)
+        lora_scale = cross_attention_kwargs.get("scale", None) if cross_attention_kwargs is not None else None
+        prompt_embeds, negative_prompt_embeds = self.encode_prompt(
+            prompt,
+            device,
+            num_images_per_prompt,
+            self.do_classifier_free_guidance,
+            negative_prompt,
+            prompt_embeds=prompt_embeds,
+            negative_prompt_embeds=negative_prompt_embeds,
+            lora_scale=lora_scale,
+            clip_skip=clip_skip,
+        )
+        image_embeds = None
+        if ip_adapter_image is not None or ip_adapter_image_embeds is not None:
+            image_embeds = self.prepare_ip_adapter_image_embeds(
+                ip_adapter_image, ip_adapter_image_embeds, device, num_images, self.do_classifier_free_guidance
+            )
+
+        # 4. Prepare the condition images (one per ControlNet, the panorama's size) and timesteps
+        control_images = self.prepare_control_images(
+            image, height, width, num_images, num_images_per_prompt, device
+        )
+
+        timesteps, num_inference_steps = retrieve_timesteps(self.scheduler, num_inference_steps, device, timesteps)
+
+        # 5. Prepare latent variables
+        latents = self.prepare_latents(
+            num_images,
+            self.unet.config.in_channels,
+            height,
+            width,
+            prompt_embeds.dtype,
+            device,
+            generator,
+            latents,
+        )
+
+        # 6. Views, their batches, and one scheduler state per batch (multistep schedulers keep per-sample history)
+        views = self.get_views(height, width, stride=stride, circular_padding=circular_padding)
+        views_batch = [views[i : i + view_batch_size] for i in range(0, len(views), view_batch_size)]
+        views_scheduler_status = [copy.deepcopy(self.scheduler.__dict__)] * len(views_batch)
+        anchor_view = views[len(views) // 2]
+        anchor_batch = len(views) // 2 // view_batch_size
+        count = torch.zeros_like(latents)
+        value = torch.zeros_like(latents)
+
+        # 7. Extra step kwargs, conditioning and synchronization settings
+        extra_step_kwargs = self.prepare_extra_step_kwargs(generator, eta)
+        timestep_cond = None
+        if self.unet.config.time_cond_proj_dim is not None:
+            guidance_scale_tensor = torch.tensor(self.guidance_scale - 1).repeat(num_images)
+            timestep_cond = self.get_guidance_scale_embedding(
+                guidance_scale_tensor, embedding_dim=self.unet.config.time_cond_proj_dim
+            ).to(device=device, dtype=latents.dtype)
+        conditioning = self._conditioning(prompt_embeds, negative_prompt_embeds, image_embeds, timestep_cond, num_images)
+        control = {"control_image": control_images, "guess_mode": guess_mode}
+        controlnet_keep = self.control_keep(
+            len(timesteps),
+            self._per_controlnet(control_guidance_start),
+            self._per_controlnet(control_guidance_end),
+        )
+        sync_settings = self._sync_settings(
+            sync_mode,
+            sync_gradient,
+            sync_reuse_noise,
+            sync_decoder,
+            sync_lpips_size,
+            sync_gradient_checkpointing,
+            sync_decode_downsample,
+        )
+
+        # 8. Denoising loop: MultiDiffusion over the views, with a synchronization update in the early steps
+        num_warmup_steps = len(timesteps) - num_inference_steps * self.scheduler.order
+        self._num_timesteps = len(timesteps)
+        with self.progress_bar(total=num_inference_steps) as progress_bar:
+            for i, t in enumerate(timesteps):
+                if self.interrupt:
+                    continue
+                count.zero_()
+                value.zero_()
+                step_conditioning = {
+                    **conditioning,
+                    **control,
+                    "control_scale": [scale * keep for scale, keep in zip(control_scales, controlnet_keep[i])],
+                }
+
+                sync, anchor = None, None
+                if sync_weight > 0 and i < sync_thres and (i + 1) % sync_freq == 0 and len(views) > 1:
+                    sync = {**sync_settings, "weight": sync_weight * sync_decay_rate**i}
+                    self.scheduler.__dict__.update(views_scheduler_status[anchor_batch])
+                    anchor_conditioning = self.view_conditioning(step_conditioning, [anchor_view])
+                    anchor = self.prepare_anchor(latents, anchor_view, t, anchor_conditioning, sync)
+
+                for j, batch_view in enumerate(views_batch):
+                    # rematch the batch's scheduler state
+                    self.scheduler.__dict__.update(views_scheduler_status[j])
+                    latents_for_view = self.get_view_latents(latents, batch_view)
+                    latents_for_view, noise_pred = self.denoise_view_batch(
+                        latents_for_view, batch_view, anchor, t, step_conditioning, sync
+                    )
+                    latents_denoised = self.scheduler.step(
+                        noise_pred, t, latents_for_view, **extra_step_kwargs, return_dict=False
+                    )[0]
+                    views_scheduler_status[j] = copy.deepcopy(self.scheduler.__dict__)
+                    self.add_view_latents(value, count, latents_denoised, batch_view)
+
+                # MultiDiffusion's step: every latent pixel is the mean of the views covering it (Eq. 5)
+                latents = torch.where(count > 0, value / count, value)
+
+                if callback_on_step_end is not None:
+                    callback_kwargs = {}
+                    for k in callback_on_step_end_tensor_inputs:
+                        callback_kwargs[k] = locals()[k]
+                    callback_outputs = callback_on_step_end(self, i, t, callback_kwargs)
+                    latents = callback_outputs.pop("latents", latents)
+                    new_prompt_embeds = callback_outputs.pop("prompt_embeds", prompt_embeds)
+                    new_negative_prompt_embeds = callback_outputs.pop("negative_prompt_embeds", negative_prompt_embeds)
+                    if new_prompt_embeds is not prompt_embeds or new_negative_prompt_embeds is not negative_prompt_embeds:
+                        prompt_embeds, negative_prompt_embeds = new_prompt_embeds, new_negative_prompt_embeds
+                        conditioning = self._conditioning(
+                            prompt_embeds, negative_prompt_embeds, image_embeds, timestep_cond, num_images
+                        )
+
+                if i == len(timesteps) - 1 or ((i + 1) > num_warmup_steps and (i + 1) % self.scheduler.order == 0):
+                    progress_bar.update()
+                    if callback is not None and i % callback_steps == 0:
+                        step_idx = i // getattr(self.scheduler, "order", 1)
+                        callback(step_idx, t, latents)
+
+        # 9. Decode
+        if output_type != "latent":
+            if circular_padding:
+                image = self.decode_latents_with_padding(latents)
+            else:
+                image = self.vae.decode(latents / self.vae.config.scaling_factor, return_dict=False)[0]
+            image, has_nsfw_concept = self.run_safety_checker(image, device, prompt_embeds.dtype)
+        else:
+            image = latents
+            has_nsfw_concept = None
+
+        if has_nsfw_concept is None:
+            do_denormalize = [True] * image.shape[0]
+        else:
+            do_denormalize = [not has_nsfw for has_nsfw in has_nsfw_concept]
+        image = self.image_processor.postprocess(image, output_type=output_type, do_denormalize=do_denormalize)
+
+        self.maybe_free_model_hooks()
+
+        if not return_dict:
+            return (image, has_nsfw_concept)
+        return StableDiffusionPipelineOutput(images=image, nsfw_content_detected=has_nsfw_concept)
+
+
+    # Copied from pipeline_syncdiffusion.SyncDiffusionPipeline._sync_settings
+    @staticmethod
+    def _sync_settings(
+        mode="exact", gradient=None, reuse_noise=None, decoder=None, lpips_size=None, checkpointing=False, decode_downsample=1
+    ):
+        """How synchronization runs: `sync_mode="fast"` means an x0 gradient and noise reuse unless those are given."""
+        return {
+            "gradient": gradient or ("x0" if mode == "fast" else "unet"),
+            "reuse_noise": mode == "fast" if reuse_noise is None else reuse_noise,
+            "decoder": decoder,
+            "lpips_size": lpips_size,
+            "checkpointing": checkpointing,
+            "decode_downsample": decode_downsample,
+        }
+
+    # Copied from pipeline_syncdiffusion.SyncDiffusionPipeline._conditioning
+    def _conditioning(self, prompt_embeds, negative_prompt_embeds, image_embeds, timestep_cond, num_images):
+        """Per-image UNet conditioning; with guidance each image's `[negative, positive]` pair is interleaved."""
+        if self.do_classifier_free_guidance:
+            encoder_hidden_states = torch.stack([negative_prompt_embeds, prompt_embeds], dim=1).flatten(0, 1)
+            if image_embeds is not None:
+                image_embeds = [torch.stack(e.chunk(2), dim=1).flatten(0, 1) for e in image_embeds]
+            if timestep_cond is not None:
+                timestep_cond = timestep_cond.repeat_interleave(2, dim=0)
+        else:
+            encoder_hidden_states = prompt_embeds
+        return {
+            "encoder_hidden_states": encoder_hidden_states,
+            "image_embeds": image_embeds,
+            "timestep_cond": timestep_cond,
+            "batch_size": num_images,
+        }
