@@ -968,7 +968,7 @@ class SyncDiffusionXLPipeline(
         clip_skip: int | None = None,
         callback_on_step_end: Callable[[int, int], None] | PipelineCallback | MultiPipelineCallbacks | None = None,
         callback_on_step_end_tensor_inputs: list[str] = ["latents"],
-        stride: int = 16,
+        stride: int | None = None,
         sync_weight: float = 20.0,
         sync_decay_rate: float = 0.95,
         sync_freq: int = 1,
@@ -1065,10 +1065,11 @@ class SyncDiffusionXLPipeline(
             callback_on_step_end_tensor_inputs (`list[str]`, *optional*, defaults to `["latents"]`):
                 Tensors passed to `callback_on_step_end`, any of `_callback_tensor_inputs`. The embeddings and time
                 ids are per image (positive and negative apart), not concatenated as in `StableDiffusionXLPipeline`.
-            stride (`int`, *optional*, defaults to 16):
-                Distance between neighbouring views, in latent pixels (1 to the view size). 16 is an eighth of the
-                SDXL window, the same overlap as the SD pipeline's default (8 of 64): a 1024 x 4096 panorama has 25
-                views. Smaller strides mean more views, more overlap, and a proportionally slower run.
+            stride (`int`, *optional*):
+                Distance between neighbouring views, in latent pixels (1 to the view size). Defaults to an eighth of
+                the view size, 16 for SDXL's 128-latent window: the same overlap as the SD pipeline's default (8 of
+                64), and 25 views for 1024 x 4096. Smaller strides mean more views, more overlap, and a
+                proportionally slower run.
             sync_weight (`float`, *optional*, defaults to 20.0):
                 Step size `w` of the synchronization gradient descent; `0` turns synchronization off (MultiDiffusion).
                 20 is the paper's, tuned for SD 2 at 512 px and kept here untuned: LPIPS averages over pixels, so at
@@ -1116,9 +1117,10 @@ class SyncDiffusionXLPipeline(
         if isinstance(callback_on_step_end, (PipelineCallback, MultiPipelineCallbacks)):
             callback_on_step_end_tensor_inputs = callback_on_step_end.tensor_inputs
 
-        # 0. Default height and width to the UNet's window
+        # 0. Default height and width to the UNet's window, the stride to an eighth of it
         height = height or self.default_sample_size * self.vae_scale_factor
         width = width or self.default_sample_size * self.vae_scale_factor
+        stride = stride if stride is not None else max(1, self.unet.config.sample_size // 8)
 
         # 1. Check inputs
         self.check_inputs(
