@@ -11,7 +11,7 @@ import tempfile
 from dataclasses import dataclass
 
 import torch
-from diffusers import AutoencoderKL, AutoencoderTiny, DDIMScheduler, UNet2DConditionModel
+from diffusers import AutoencoderKL, AutoencoderTiny, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
 from pipeline_syncdiffusion import SyncDiffusionPipeline
@@ -32,8 +32,13 @@ def _bytes_to_unicode():
 
 
 def make_tokenizer(folder=None):
-    """A CLIP tokenizer with a character-level vocabulary (no merges), written to `folder` and loaded back."""
-    folder = folder or tempfile.mkdtemp(prefix="syncdiffusion-tokenizer-")
+    """A CLIP tokenizer with a character-level vocabulary (no merges), written to `folder` and loaded back.
+
+    Without `folder` the files go to a temporary folder, removed once the tokenizer is loaded.
+    """
+    if folder is None:
+        with tempfile.TemporaryDirectory(prefix="syncdiffusion-tokenizer-") as folder:
+            return make_tokenizer(folder)
     vocab = {}
     for char in _bytes_to_unicode():
         vocab[char] = len(vocab)
@@ -228,8 +233,11 @@ def tiny_pipeline(sample_size=8, seed=0, lpips_module=True, pipeline_class=SyncD
 
 
 def save_tiny_pipeline(folder, sample_size=8, seed=0):
-    """Save a tiny pipeline in diffusers' folder layout (`model_index.json` and one folder per component)."""
-    pipe = tiny_pipeline(sample_size=sample_size, seed=seed, lpips_module=False)
+    """Save the tiny components as a plain Stable Diffusion model folder (`model_index.json` naming
+    `StableDiffusionPipeline`, one folder per component): what `custom_pipeline` is applied to. A saved
+    `SyncDiffusionPipeline` folder would carry, and run, its own code instead.
+    """
+    pipe = tiny_pipeline(sample_size=sample_size, seed=seed, lpips_module=False, pipeline_class=StableDiffusionPipeline)
     pipe.save_pretrained(folder)
     return folder
 
