@@ -1,0 +1,306 @@
+"""Loading as diffusers users do: saved pipelines that reload themselves, single-file checkpoints, LPIPS weights
+offline, and test helpers that leave nothing behind. All offline; the Hub side is in `test_hub.py`.
+"""
+
+import glob
+import json
+import os
+import socket
+import sys
+import tempfile
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from diffusers import DiffusionPipeline, StableDiffusionPipeline
+from diffusers.utils import dynamic_modules_utils
+from safetensors.torch import save_file
+
+import pipeline_syncdiffusion
+from pipeline_syncdiffusion import SyncDiffusionPipeline
+from syncdiffusion_utils.testing import make_tokenizer
+
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+SMALL = dict(height=64, width=128, num_inference_steps=3, sync_thres=2, output_type="np")
+CLASS_NAME = ["syncdiffusion", "SyncDiffusionPipeline"]
+
+
+@pytest.fixture
+def modules_cache(monkeypatch, tmp_path):
+    """diffusers copies custom code into its modules cache and imports it from there: keep both in `tmp_path`."""
+    monkeypatch.setattr(dynamic_modules_utils, "HF_MODULES_CACHE", str(tmp_path / "modules"))
+    monkeypatch.setattr(sys, "path", list(sys.path))
+    before = set(sys.modules)
+    yield
+    for name in set(sys.modules) - before:
+        if name.startswith("diffusers_modules"):
+            del sys.modules[name]
+
+
+def images(pipe, lpips_module, **kwargs):
+    pipe.set_perceptual_loss(lpips_module)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe("a photo of a beach", generator=torch.Generator().manual_seed(0), **SMALL, **kwargs).images
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Saved pipelines reload themselves
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def test_saved_pipeline_carries_its_source(pipe, tmp_path):
+    pipe.save_pretrained(tmp_path)
+
+    assert (tmp_path / "syncdiffusion.py").read_bytes() == Path(pipeline_syncdiffusion.__file__).read_bytes()
+    model_index = json.loads((tmp_path / "model_index.json").read_text())
+    assert model_index["_class_name"] == CLASS_NAME
+    assert model_index["unet"] == ["diffusers", "UNet2DConditionModel"]
+    assert pipe.config["_class_name"] == "SyncDiffusionPipeline"  # only the saved file names the source
+
+
+def test_saved_pipeline_reloads_three_ways_with_the_same_images(pipe, lpips_module, tmp_path, modules_cache):
+    expected = images(pipe, lpips_module)
+    pipe.save_pretrained(tmp_path / "saved")
+    folder = str(tmp_path / "saved")
+
+    direct = SyncDiffusionPipeline.from_pretrained(folder)
+    by_class_name = DiffusionPipeline.from_pretrained(folder, trust_remote_code=True)
+    by_file_name = DiffusionPipeline.from_pretrained(folder, custom_pipeline="syncdiffusion", trust_remote_code=True)
+
+    # Through the class itself: the installed class, no remote code; through DiffusionPipeline: the saved file.
+    assert type(direct) is SyncDiffusionPipeline
+    for loaded in (by_class_name, by_file_name):
+        module = sys.modules[type(loaded).__module__]
+        assert type(loaded).__name__ == "SyncDiffusionPipeline" and type(loaded) is not SyncDiffusionPipeline
+        assert Path(module.__file__).name == "syncdiffusion.py"
+        assert Path(module.__file__).read_bytes() == Path(pipeline_syncdiffusion.__file__).read_bytes()
+    # Same weights, same code, same CPU, one thread: bit-identical (measured max difference 0).
+    for loaded in (direct, by_class_name, by_file_name):
+        np.testing.assert_array_equal(images(loaded, lpips_module), expected)
+
+
+def test_saved_pipeline_needs_trust_remote_code_only_through_diffusion_pipeline(pipe, tmp_path, modules_cache):
+    pipe.save_pretrained(tmp_path)
+    with pytest.raises(ValueError, match="trust_remote_code=True"):
+        DiffusionPipeline.from_pretrained(str(tmp_path))
+
+
+def test_a_reloaded_pipeline_saves_the_same_source(pipe, tmp_path, modules_cache):
+    pipe.save_pretrained(tmp_path / "first")
+    loaded = DiffusionPipeline.from_pretrained(str(tmp_path / "first"), trust_remote_code=True)
+    loaded.save_pretrained(tmp_path / "second")
+
+    assert (tmp_path / "second" / "syncdiffusion.py").read_bytes() == (tmp_path / "first" / "syncdiffusion.py").read_bytes()
+    assert json.loads((tmp_path / "second" / "model_index.json").read_text())["_class_name"] == CLASS_NAME
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Single-file checkpoints (the original Stable Diffusion layout of A1111 / Civitai files)
+# ---------------------------------------------------------------------------------------------------------------
+
+_RESNET = [("norm1", "in_layers.0"), ("conv1", "in_layers.2"), ("norm2", "out_layers.0"), ("conv2", "out_layers.3"),
+           ("time_emb_proj", "emb_layers.1"), ("conv_shortcut", "skip_connection")]
+_VAE_ATTENTION = [("group_norm", "norm"), ("to_q", "q"), ("to_k", "k"), ("to_v", "v"), ("to_out.0", "proj_out")]
+
+
+def _renamed(state_dict, prefixes, inner=()):
+    """`state_dict` with each diffusers prefix replaced by its original one, and inner names renamed under it."""
+    converted = {}
+    for key, value in state_dict.items():
+        for new, old in prefixes:
+            if key.startswith(new):
+                rest = key[len(new):]
+                for diffusers_name, original_name in inner:
+                    if rest.startswith(diffusers_name + "."):
+                        rest = original_name + rest[len(diffusers_name):]
+                converted[old + rest] = value
+                break
+        else:
+            raise KeyError(f"no original name for {key}")
+    return converted
+
+
+def original_unet_state_dict(unet):
+    """The UNet in the original (LDM) layout: the inverse of diffusers' `convert_ldm_unet_checkpoint`."""
+    config, n = unet.config, len(unet.config.block_out_channels)
+    layers = config.layers_per_block
+    blocks = [("time_embedding.linear_1.", "time_embed.0."), ("time_embedding.linear_2.", "time_embed.2."),
+              ("conv_in.", "input_blocks.0.0."), ("conv_norm_out.", "out.0."), ("conv_out.", "out.2.")]
+    resnets = [("mid_block.resnets.0.", "middle_block.0."), ("mid_block.resnets.1.", "middle_block.2.")]
+    blocks.append(("mid_block.attentions.0.", "middle_block.1."))
+    for i in range(n):
+        for j in range(layers):
+            resnets.append((f"down_blocks.{i}.resnets.{j}.", f"input_blocks.{1 + i * (layers + 1) + j}.0."))
+            blocks.append((f"down_blocks.{i}.attentions.{j}.", f"input_blocks.{1 + i * (layers + 1) + j}.1."))
+        blocks.append((f"down_blocks.{i}.downsamplers.0.conv.", f"input_blocks.{(i + 1) * (layers + 1)}.0.op."))
+        has_attention = "CrossAttn" in config.up_block_types[i]
+        for j in range(layers + 1):
+            resnets.append((f"up_blocks.{i}.resnets.{j}.", f"output_blocks.{i * (layers + 1) + j}.0."))
+            blocks.append((f"up_blocks.{i}.attentions.{j}.", f"output_blocks.{i * (layers + 1) + j}.1."))
+        upsampler = f"output_blocks.{i * (layers + 1) + layers}.{2 if has_attention else 1}.conv."
+        blocks.append((f"up_blocks.{i}.upsamplers.0.conv.", upsampler))
+    state_dict = unet.state_dict()
+    converted = _renamed({k: v for k, v in state_dict.items() if ".resnets." in k}, resnets, _RESNET)
+    converted.update(_renamed({k: v for k, v in state_dict.items() if ".resnets." not in k}, blocks))
+    return {"model.diffusion_model." + key: value for key, value in converted.items()}
+
+
+def original_vae_state_dict(vae):
+    """The VAE in the original layout: the inverse of diffusers' `convert_ldm_vae_checkpoint`."""
+    n = len(vae.config.block_out_channels)
+    prefixes = [("quant_conv.", "quant_conv."), ("post_quant_conv.", "post_quant_conv.")]
+    for part in ("encoder", "decoder"):
+        prefixes += [(f"{part}.conv_in.", f"{part}.conv_in."), (f"{part}.conv_out.", f"{part}.conv_out."),
+                     (f"{part}.conv_norm_out.", f"{part}.norm_out."),
+                     (f"{part}.mid_block.resnets.0.", f"{part}.mid.block_1."),
+                     (f"{part}.mid_block.resnets.1.", f"{part}.mid.block_2."),
+                     (f"{part}.mid_block.attentions.0.", f"{part}.mid.attn_1.")]
+    for i in range(n):
+        prefixes += [(f"encoder.down_blocks.{i}.resnets.", f"encoder.down.{i}.block."),
+                     (f"encoder.down_blocks.{i}.downsamplers.0.", f"encoder.down.{i}.downsample."),
+                     (f"decoder.up_blocks.{i}.resnets.", f"decoder.up.{n - 1 - i}.block."),
+                     (f"decoder.up_blocks.{i}.upsamplers.0.", f"decoder.up.{n - 1 - i}.upsample.")]
+    converted = {}
+    for key, value in _renamed(vae.state_dict(), prefixes, _VAE_ATTENTION).items():
+        key = key.replace(".conv_shortcut.", ".nin_shortcut.")
+        if ".attn_1." in key and key.endswith("weight") and value.ndim == 2:
+            value = value[:, :, None, None]  # linear in diffusers, 1x1 convolution originally
+        converted["first_stage_model." + key] = value
+    return converted
+
+
+def original_text_encoder_state_dict(text_encoder):
+    """CLIP in the original layout: transformers' names (as of transformers 4, under `text_model.`)."""
+    return {
+        "cond_stage_model.transformer." + (key if key.startswith("text_model.") else "text_model." + key): value
+        for key, value in text_encoder.state_dict().items()
+        if not key.endswith("position_ids")
+    }
+
+
+def write_single_file(pipe, path):
+    """`pipe`'s UNet, VAE and text encoder as one original-layout `.safetensors` checkpoint."""
+    state_dict = {
+        **original_unet_state_dict(pipe.unet),
+        **original_vae_state_dict(pipe.vae),
+        **original_text_encoder_state_dict(pipe.text_encoder),
+    }
+    save_file({key: value.contiguous() for key, value in state_dict.items()}, str(path))
+    return path
+
+
+def save_config_folder(pipe, folder):
+    """A plain Stable Diffusion folder with the same architecture, but other (random) weights: the `config`."""
+    components = {name: component for name, component in pipe.components.items() if name != "image_encoder"}
+    other = StableDiffusionPipeline(**components, requires_safety_checker=False)
+    other.save_pretrained(folder)
+    for model in ("unet", "vae", "text_encoder"):  # only the configs are read: leave no weights to fall back on
+        for weights in (Path(folder) / model).glob("*.safetensors"):
+            weights.unlink()
+    return folder
+
+
+def test_from_single_file_loads_the_original_layout(pipe, lpips_module, tmp_path):
+    checkpoint = write_single_file(pipe, tmp_path / "tiny.safetensors")
+    config = save_config_folder(pipe, tmp_path / "config")
+
+    loaded = SyncDiffusionPipeline.from_single_file(str(checkpoint), config=str(config), local_files_only=True)
+
+    assert type(loaded) is SyncDiffusionPipeline
+    for name in ("unet", "vae", "text_encoder"):
+        expected, actual = getattr(pipe, name).state_dict(), getattr(loaded, name).state_dict()
+        assert set(actual) == set(expected), name
+        for key in expected:
+            torch.testing.assert_close(actual[key], expected[key], rtol=0, atol=0, msg=f"{name}: {key}")
+    np.testing.assert_array_equal(images(loaded, lpips_module), images(pipe, lpips_module))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# LPIPS weights offline
+# ---------------------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def no_network(monkeypatch, tmp_path):
+    """No connection can be opened, and torch's hub cache is an empty folder."""
+
+    def refuse(*args, **kwargs):
+        raise OSError("network access blocked by the test")
+
+    monkeypatch.setattr(socket.socket, "connect", refuse)
+    monkeypatch.setattr(socket, "create_connection", refuse)
+    monkeypatch.setattr(torch.hub, "_hub_dir", str(tmp_path / "torch-hub"))
+    return tmp_path / "torch-hub"
+
+
+def test_missing_lpips_weights_is_one_line_with_both_ways_out(pipe, no_network):
+    pipe.set_perceptual_loss(None)
+    with pytest.raises(OSError) as excinfo:
+        pipe("a photo", height=64, width=128, num_inference_steps=2, output_type="np")
+
+    message = str(excinfo.value)
+    assert "\n" not in message
+    assert "network access blocked by the test" in message
+    assert str(no_network / "checkpoints" / "vgg16-397923af.pth") in message
+    assert "set_perceptual_loss(vgg_weights=PATH)" in message and "set_perceptual_loss(module)" in message
+    with pytest.raises(OSError):  # the test really is offline
+        urllib.request.urlopen("https://download.pytorch.org/models/vgg16-397923af.pth", timeout=5)
+
+
+def vgg16_state_dict(seed=0):
+    """What torchvision's `vgg16-397923af.pth` holds, with random values: `features.*` of VGG-16 (configuration
+    "D") and a `classifier.*` tensor (a small stand-in: building the real 120M-parameter classifier takes seconds)."""
+    from torchvision.models.vgg import cfgs, make_layers
+
+    torch.manual_seed(seed)
+    features = {f"features.{key}": value for key, value in make_layers(cfgs["D"]).state_dict().items()}
+    return {**features, "classifier.0.weight": torch.randn(4, 8)}
+
+
+def test_local_vgg_weights_build_lpips_from_that_file(pipe, tmp_path):
+    weights = vgg16_state_dict()
+    torch.save(weights, tmp_path / "vgg16.pth")
+
+    pipe.set_perceptual_loss(vgg_weights=tmp_path / "vgg16.pth")
+
+    loss = pipe.perceptual_loss("cpu")
+    layers = dict(module for part in loss.net.children() for module in part.named_children())
+    features = {key: value for key, value in weights.items() if key.startswith("features.")}
+    assert len(features) == 26  # 13 convolutions, weight and bias
+    for key, value in features.items():
+        _, index, parameter = key.split(".")
+        assert torch.equal(getattr(layers[index], parameter), value), key
+    assert not any(parameter.requires_grad for parameter in loss.parameters())
+
+
+def test_local_vgg_weights_errors(pipe, tmp_path):
+    with pytest.raises(ValueError, match="`vgg_weights` .*missing.pth.* is not a file"):
+        pipe.set_perceptual_loss(vgg_weights=tmp_path / "missing.pth")
+    torch.save({"features.0.weight": torch.zeros(3)}, tmp_path / "other.pth")
+    with pytest.raises(ValueError, match="not torchvision's VGG-16 weights .*26 `features"):
+        pipe.set_perceptual_loss(vgg_weights=tmp_path / "other.pth")
+    with pytest.raises(ValueError, match="either `module` or `vgg_weights`"):
+        pipe.set_perceptual_loss(torch.nn.Identity(), vgg_weights=tmp_path / "other.pth")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Hygiene
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def test_make_tokenizer_leaves_no_temporary_folder(tmp_path):
+    pattern = os.path.join(tempfile.gettempdir(), "syncdiffusion-tokenizer-*")
+    before = set(glob.glob(pattern))
+
+    tokenizer = make_tokenizer()
+
+    assert set(glob.glob(pattern)) <= before
+    # Still whole without its files: it tokenizes, and saves and reloads the same.
+    ids = tokenizer("a cat").input_ids
+    assert ids[0] == tokenizer.bos_token_id and ids[-1] == tokenizer.eos_token_id and len(ids) == 6
+    tokenizer.save_pretrained(tmp_path)
+    assert type(tokenizer).from_pretrained(tmp_path)("a cat").input_ids == ids
