@@ -12,6 +12,11 @@
 """SyncDiffusionXLPipeline: SDXL MultiDiffusion panoramas whose windows are synchronized by an LPIPS gradient."""
 
 import copy
+import inspect
+import json
+import os
+import shutil
+import warnings
 from contextlib import contextmanager
 from typing import Any, Callable
 
@@ -46,6 +51,24 @@ logger = logging.get_logger(__name__)  # pylint: disable=invalid-name
 SYNC_MODES = ("exact", "fast")
 # Copied from pipeline_syncdiffusion.SYNC_GRADIENTS
 SYNC_GRADIENTS = ("unet", "x0")
+# Copied from pipeline_syncdiffusion._VGG16_URL
+_VGG16_URL = "https://download.pytorch.org/models/vgg16-397923af.pth"
+# Copied from pipeline_syncdiffusion._VGG16_FILE
+_VGG16_FILE = _VGG16_URL.rsplit("/", 1)[-1]
+
+
+# Copied from pipeline_syncdiffusion._missing_vgg_weights_message
+def _missing_vgg_weights_message(error) -> str:
+    """One line: LPIPS-VGG's backbone could not be downloaded, and the two ways out."""
+    cache = os.path.join(torch.hub.get_dir(), "checkpoints", _VGG16_FILE)
+    reason = " ".join(str(getattr(error, "reason", None) or error).split())
+    return (
+        f"LPIPS-VGG needs torchvision's VGG-16 weights and could not download them ({reason}): put {_VGG16_FILE}"
+        f" (from {_VGG16_URL}) at {cache}, or pass a local copy with"
+        " `pipe.set_perceptual_loss(vgg_weights=PATH)` (another loss: `pipe.set_perceptual_loss(module)`)."
+    )
+
+
 # The tensors `_conditioning` is built from, in its argument order; a step-end callback may replace them.
 _CONDITIONING_INPUTS = (
     "prompt_embeds",
@@ -146,6 +169,9 @@ class SyncDiffusionXLPipeline(
         "negative_add_time_ids",
     ]
 
+    # A saved pipeline carries its source as `{_source_name}.py`; `custom_pipeline="syncdiffusion_xl"` names it.
+    _source_name = "syncdiffusion_xl"
+
     def __init__(
         self,
         vae: AutoencoderKL,
@@ -185,6 +211,40 @@ class SyncDiffusionXLPipeline(
         self.watermark = StableDiffusionXLWatermarker() if add_watermarker else None
         # LPIPS is not a saved component: it is built on first synchronized call (see `perceptual_loss`).
         self._perceptual_loss = None
+
+    # Copied from pipeline_syncdiffusion.SyncDiffusionPipeline.save_config
+    def save_config(self, save_directory: str | os.PathLike, push_to_hub: bool = False, **kwargs):
+        """
+        Write `model_index.json` and, next to it, this pipeline's source file as `{_source_name}.py`.
+
+        The config's `_class_name` is `[_source_name, class name]`, so the saved folder or pushed repo loads itself:
+        `DiffusionPipeline.from_pretrained(folder, trust_remote_code=True)` runs the saved file.
+        """
+        os.makedirs(save_directory, exist_ok=True)
+        source = os.path.join(save_directory, f"{self._source_name}.py")
+        shutil.copyfile(inspect.getsourcefile(type(self)), source)
+        super().save_config(save_directory, push_to_hub=push_to_hub, **kwargs)
+
+    # Copied from pipeline_syncdiffusion.SyncDiffusionPipeline.to_json_string
+    def to_json_string(self) -> str:
+        """The config as JSON, with `_class_name` naming the saved source file and the class in it."""
+        config = json.loads(super().to_json_string())
+        config["_class_name"] = [self._source_name, type(self).__name__]
+        return json.dumps(config, indent=2, sort_keys=True) + "\n"
+
+    # Copied from pipeline_syncdiffusion.SyncDiffusionPipeline._dict_from_json_file
+    @classmethod
+    def _dict_from_json_file(cls, json_file: str | os.PathLike):
+        """
+        A saved config. Loaded through this class itself (`SyncDiffusionPipeline.from_pretrained`), a `_class_name`
+        `[file, this class]` becomes the plain class name: the installed class is used, not the file saved with it
+        (which diffusers would run only with `trust_remote_code=True`).
+        """
+        config = super()._dict_from_json_file(json_file)
+        class_name = config.get("_class_name")
+        if isinstance(class_name, list) and class_name[-1] in {base.__name__ for base in cls.__mro__}:
+            config["_class_name"] = class_name[-1]
+        return config
 
     # Prompt, image and latent preparation are Stable Diffusion XL's own, shared rather than copied.
     encode_prompt = StableDiffusionXLPipeline.encode_prompt
@@ -319,6 +379,7 @@ class SyncDiffusionXLPipeline(
         sync_decoder=None,
         sync_lpips_size=None,
         sync_decode_downsample=1,
+        sync_gradient_checkpointing=False,
     ):
         """Raise a `ValueError` naming the argument, its value and what is allowed, before any model runs."""
         factor = self.vae_scale_factor
@@ -367,8 +428,8 @@ class SyncDiffusionXLPipeline(
         window = self.unet.config.sample_size
         if not isinstance(stride, int) or not 1 <= stride <= window:
             raise ValueError(f"`stride` has to be an integer in 1..{window} (the view size in latents), but is {stride!r}.")
-        if not isinstance(view_batch_size, int) or view_batch_size < 1:
-            raise ValueError(f"`view_batch_size` has to be a positive integer, but is {view_batch_size!r}.")
+        if view_batch_size != "auto" and (not isinstance(view_batch_size, int) or view_batch_size < 1):
+            raise ValueError(f"`view_batch_size` has to be a positive integer or 'auto', but is {view_batch_size!r}.")
         if not isinstance(num_inference_steps, int) or num_inference_steps < 1:
             raise ValueError(f"`num_inference_steps` has to be a positive integer, but is {num_inference_steps!r}.")
         if not isinstance(num_images_per_prompt, int) or num_images_per_prompt < 1:
@@ -406,6 +467,12 @@ class SyncDiffusionXLPipeline(
             raise ValueError(f"`sync_reuse_noise` has to be True, False or None, but is {sync_reuse_noise!r}.")
         if sync_decoder is not None and not callable(getattr(sync_decoder, "decode", None)):
             raise ValueError(f"`sync_decoder` has to have a `decode` method (e.g. `AutoencoderTiny`), but is {sync_decoder!r}.")
+        if sync_gradient_checkpointing and sync_decoder is not None:
+            if not getattr(sync_decoder, "_supports_gradient_checkpointing", False):
+                raise ValueError(
+                    "`sync_gradient_checkpointing=True` needs a `sync_decoder` that supports gradient checkpointing"
+                    f" (`enable_gradient_checkpointing`), but {type(sync_decoder).__name__} does not."
+                )
         if sync_lpips_size is not None and (not isinstance(sync_lpips_size, int) or sync_lpips_size < 32):
             raise ValueError(f"`sync_lpips_size` has to be an integer >= 32 (pixels) or None, but is {sync_lpips_size!r}.")
 
@@ -514,8 +581,86 @@ class SyncDiffusionXLPipeline(
                 count[:, :, h_start:h_end, w_start:w_end] += 1
             else:
                 columns = self._view_columns(view, width, value.device)
-                value[:, :, h_start:h_end].index_add_(3, columns, crop)
-                count[:, :, h_start:h_end].index_add_(3, columns, torch.ones_like(crop))
+                value[:, :, h_start:h_end].index_add_(3, columns, crop.to(value.dtype))
+                count[:, :, h_start:h_end].index_add_(3, columns, torch.ones_like(crop, dtype=count.dtype))
+
+    # ------------------------------------------------------------------------------------------------------------
+    # View batches sized to memory (`view_batch_size="auto"`; the element counts were measured on SD 2)
+    # ------------------------------------------------------------------------------------------------------------
+
+    # Copied from pipeline_syncdiffusion.SyncDiffusionPipeline.UNET_FORWARD_ELEMENTS
+    UNET_FORWARD_ELEMENTS = 48
+    # Copied from pipeline_syncdiffusion.SyncDiffusionPipeline.UNET_SAVED_ELEMENTS
+    UNET_SAVED_ELEMENTS = 355
+    # Copied from pipeline_syncdiffusion.SyncDiffusionPipeline.DECODER_SAVED_ELEMENTS
+    DECODER_SAVED_ELEMENTS = 45
+    # Copied from pipeline_syncdiffusion.SyncDiffusionPipeline.LPIPS_SAVED_ELEMENTS
+    LPIPS_SAVED_ELEMENTS = 610
+    # Copied from pipeline_syncdiffusion.SyncDiffusionPipeline.CHECKPOINTED_FRACTION
+    CHECKPOINTED_FRACTION = 0.2
+    # Copied from pipeline_syncdiffusion.SyncDiffusionPipeline.AUTO_MEMORY_FRACTION
+    AUTO_MEMORY_FRACTION = 0.8
+    # Copied from pipeline_syncdiffusion.SyncDiffusionPipeline.AUTO_HOST_VIEW_BATCH_SIZE
+    AUTO_HOST_VIEW_BATCH_SIZE = 16
+
+    # Copied from pipeline_syncdiffusion.SyncDiffusionPipeline.view_memory
+    def view_memory(self, num_images, dtype, sync=None) -> int:
+        """
+        Estimated bytes one view needs: its guided UNet forward, or with `sync` (the synchronization settings) its
+        whole gradient pass (UNet forward and backward, decoder forward and backward, LPIPS in float32).
+        """
+        window = self.unet.config.sample_size
+        samples = num_images * (2 if self.do_classifier_free_guidance else 1)
+        unet_units = window * window * samples * self.unet.config.block_out_channels[0]
+        element = torch.finfo(dtype).bits // 8
+        if sync is None:
+            return self.UNET_FORWARD_ELEMENTS * unet_units * element
+
+        kept = self.CHECKPOINTED_FRACTION if sync["checkpointing"] else 1.0
+        unet = self.UNET_SAVED_ELEMENTS * unet_units * element * kept if sync["gradient"] == "unet" else 0
+        decoder = sync["decoder"] if sync["decoder"] is not None else self.vae
+        channels = getattr(decoder.config, "block_out_channels", None) or decoder.config.decoder_block_out_channels
+        pixels = (window * self.vae_scale_factor // sync["decode_downsample"]) ** 2
+        decode = self.DECODER_SAVED_ELEMENTS * pixels * num_images * min(channels) * element * kept
+        compared = pixels if sync["lpips_size"] is None else min(pixels, sync["lpips_size"] ** 2)
+        lpips = self.LPIPS_SAVED_ELEMENTS * compared * num_images * 4
+        return int(unet + decode + lpips)
+
+    # Copied from pipeline_syncdiffusion.SyncDiffusionPipeline.auto_view_batch_sizes
+    def auto_view_batch_sizes(self, num_views, num_images, device, dtype, sync_active, sync):
+        """
+        `view_batch_size="auto"`: `(views per denoising batch, views per gradient pass, gradient checkpointing)`.
+
+        On CUDA, as many views as fit in `AUTO_MEMORY_FRACTION` of the free memory (`torch.cuda.mem_get_info`) by
+        the estimates of `view_memory`, in batches of nearly equal size (fewer distinct shapes for compiled models).
+        The gradient pass is sized separately, since a view holds ~20x more memory there; if not even one view fits,
+        activation checkpointing is turned on for it (the same result, more compute). Elsewhere there is no memory
+        reading: `AUTO_HOST_VIEW_BATCH_SIZE` views per denoising batch and one per gradient pass.
+        """
+        checkpointing = sync["checkpointing"]
+        device = torch.device(device)
+        if device.type != "cuda":
+            return self._balanced(num_views, self.AUTO_HOST_VIEW_BATCH_SIZE), 1, checkpointing
+
+        budget = torch.cuda.mem_get_info(device)[0] * self.AUTO_MEMORY_FRACTION
+        view_batch_size = self._balanced(num_views, budget // self.view_memory(num_images, dtype))
+        if not sync_active:
+            return view_batch_size, 1, checkpointing
+        per_view = self.view_memory(num_images, dtype, sync)
+        if per_view > budget and not checkpointing:
+            checkpointing = True
+            per_view = self.view_memory(num_images, dtype, {**sync, "checkpointing": True})
+            logger.info("view_batch_size='auto': one view's gradient pass does not fit; using gradient checkpointing.")
+        gradient_batch_size = self._balanced(view_batch_size, budget // per_view)
+        return view_batch_size, gradient_batch_size, checkpointing
+
+    # Copied from pipeline_syncdiffusion.SyncDiffusionPipeline._balanced
+    @staticmethod
+    def _balanced(count, limit):
+        """The batch size that splits `count` items into the fewest batches of at most `limit`, as even as can be."""
+        limit = int(min(max(limit, 1), count))
+        batches = -(-count // limit)
+        return -(-count // batches)
 
     # ------------------------------------------------------------------------------------------------------------
     # The denoiser: guided noise and the scheduler's clean-latent prediction
@@ -609,28 +754,66 @@ class SyncDiffusionXLPipeline(
     # ------------------------------------------------------------------------------------------------------------
 
     # Copied from pipeline_syncdiffusion.SyncDiffusionPipeline.set_perceptual_loss
-    def set_perceptual_loss(self, module: torch.nn.Module | None):
+    def set_perceptual_loss(self, module: torch.nn.Module | None = None, *, vgg_weights: str | os.PathLike | None = None):
         """
         Replace the perceptual loss, by default `lpips.LPIPS(net="vgg")` built on first use.
 
-        `module(images_a, images_b)` takes two image batches in [-1, 1] and returns one distance per image. It runs
-        in float32 whatever the pipeline's dtype. `None` goes back to the default.
+        Args:
+            module (`torch.nn.Module`, *optional*):
+                `module(images_a, images_b)` takes two image batches in [-1, 1] and returns one distance per image.
+                It runs in float32 whatever the pipeline's dtype. `None` goes back to the default.
+            vgg_weights (`str` or `os.PathLike`, *optional*):
+                A local copy of torchvision's VGG-16 weights (`vgg16-397923af.pth`): LPIPS-VGG is built from it now
+                instead of downloading them on first use.
         """
-        self._perceptual_loss = module
+        if module is not None and vgg_weights is not None:
+            raise ValueError("Pass either `module` or `vgg_weights` to `set_perceptual_loss`, not both.")
+        self._perceptual_loss = self._lpips_vgg(vgg_weights) if vgg_weights is not None else module
 
     # Copied from pipeline_syncdiffusion.SyncDiffusionPipeline.perceptual_loss
     def perceptual_loss(self, device) -> torch.nn.Module:
         """The perceptual loss module on `device` in float32, creating LPIPS-VGG on first use."""
         if self._perceptual_loss is None:
-            try:
-                import lpips
-            except ImportError as error:
-                raise ImportError(
-                    "SyncDiffusion needs the `lpips` package for its perceptual loss: `pip install lpips`, or pass"
-                    " `sync_weight=0` for plain MultiDiffusion."
-                ) from error
-            self._perceptual_loss = lpips.LPIPS(net="vgg", verbose=False).eval().requires_grad_(False)
+            self._perceptual_loss = self._lpips_vgg()
         return self._perceptual_loss.to(device=device, dtype=torch.float32)
+
+    # Copied from pipeline_syncdiffusion.SyncDiffusionPipeline._lpips_vgg
+    @staticmethod
+    def _lpips_vgg(vgg_weights=None) -> torch.nn.Module:
+        """LPIPS-VGG with torchvision's VGG-16 from `vgg_weights`, or downloaded into torch's hub cache."""
+        try:
+            import lpips
+        except ImportError as error:
+            raise ImportError(
+                "SyncDiffusion needs the `lpips` package for its perceptual loss: `pip install lpips`, or pass"
+                " `sync_weight=0` for plain MultiDiffusion."
+            ) from error
+        if vgg_weights is None:
+            try:
+                loss = lpips.LPIPS(net="vgg", verbose=False)
+            except OSError as error:  # no network: urllib's URLError, or a refused connection
+                raise OSError(_missing_vgg_weights_message(error)) from None
+            return loss.eval().requires_grad_(False)
+
+        if not os.path.isfile(vgg_weights):
+            raise ValueError(f"`vgg_weights` {str(vgg_weights)!r} is not a file; expected {_VGG16_FILE}.")
+        with warnings.catch_warnings():  # torchvision's notes about `pretrained=False`
+            warnings.simplefilter("ignore", UserWarning)
+            loss = lpips.LPIPS(net="vgg", pnet_rand=True, verbose=False)
+        # lpips splits torchvision's `vgg16().features` into five slices that keep the layer indices as names.
+        layers = dict(module for part in loss.net.children() for module in part.named_children())
+        features = torch.nn.Sequential(*(layers[str(index)] for index in range(len(layers))))
+        state_dict = torch.load(vgg_weights, map_location="cpu", weights_only=True)
+        state_dict = {key[len("features.") :]: value for key, value in state_dict.items() if key.startswith("features.")}
+        expected = features.state_dict()
+        wrong = [key for key in expected if getattr(state_dict.get(key), "shape", None) != expected[key].shape]
+        if wrong:
+            raise ValueError(
+                f"`vgg_weights` {str(vgg_weights)!r}: not torchvision's VGG-16 weights ({len(wrong)} of the"
+                f" {len(expected)} `features.*` tensors missing or of another shape, e.g. `features.{wrong[0]}`)."
+            )
+        features.load_state_dict(state_dict)
+        return loss.eval().requires_grad_(False)
 
     # Adapted from pipeline_syncdiffusion.SyncDiffusionPipeline.decode_for_sync: the VAE's latents_mean/latents_std
     def decode_for_sync(self, clean_latents: torch.Tensor, decoder=None, downsample: int = 1) -> torch.Tensor:
@@ -705,27 +888,63 @@ class SyncDiffusionXLPipeline(
         Returns the updated latents and the noise prediction made before the update.
         """
         model_input = self.scheduler.scale_model_input(view_latents, t).detach().requires_grad_(True)
-        with torch.enable_grad(), self._sync_checkpointing(sync["checkpointing"]):
+        with torch.enable_grad(), self._sync_checkpointing(sync["checkpointing"], sync["decoder"]):
             with torch.set_grad_enabled(sync["gradient"] == "unet"):
                 noise_pred = self.predict_noise(model_input, t, conditioning)
             clean_latents = self.predict_clean_latents(model_input, noise_pred, t)
-            clean_grad = self.perceptual_gradient(clean_latents.detach(), anchor_images, sync)
+            clean_grad, loss_scale = self.perceptual_gradient(clean_latents.detach(), anchor_images, sync)
             # The chain rule in two backward passes: model CPU offloading moves the UNet off the device while the
             # decoder runs, and its backward needs the weights back first.
             self._onload(self.unet)
-            (grad,) = torch.autograd.grad(clean_latents, model_input, clean_grad)
-        input_scale = self.scheduler.scale_model_input(torch.ones_like(view_latents[:1, :1, :1, :1]), t)
-        updated = (model_input.detach() - weight * grad.to(view_latents.dtype)) / input_scale
-        return updated, noise_pred.detach()
+            (grad,) = torch.autograd.grad(clean_latents, model_input, clean_grad.to(clean_latents.dtype))
+        grad = self._unscale_gradient(grad, loss_scale)
+        input_scale = self.scheduler.scale_model_input(torch.ones_like(view_latents[:1, :1, :1, :1]), t).float()
+        updated = (model_input.detach().float() - weight * grad) / input_scale
+        return updated.to(view_latents.dtype), noise_pred.detach()
 
     # Copied from pipeline_syncdiffusion.SyncDiffusionPipeline.perceptual_gradient
-    def perceptual_gradient(self, clean_latents, anchor_images, sync) -> torch.Tensor:
-        """`d LPIPS(D(x0), A) / d x0` for a stack of clean latents `x0`, one anchor image per latent."""
+    def perceptual_gradient(self, clean_latents, anchor_images, sync):
+        """
+        `d LPIPS(D(x0), A) / d x0` for a stack of clean latents `x0`, one anchor image per latent, times a loss scale.
+
+        LPIPS runs and differentiates in float32. In float16, LPIPS gradients (~1e-6 per pixel at 512x512) fall below
+        the smallest normal number (6e-5) on their way back through the decoder: as in mixed-precision training, each
+        view's gradient is multiplied by a power of two before that backward pass. Returns `(grad, loss_scale)`;
+        `grad / loss_scale` is the gradient.
+        """
         clean_latents = clean_latents.requires_grad_(True)
         images = self.decode_for_sync(clean_latents, sync["decoder"], sync["decode_downsample"])
-        loss = self.perceptual_distance(images, anchor_images, sync["lpips_size"]).sum()
+        compared = images.detach().float().requires_grad_(True)
+        loss = self.perceptual_distance(compared, anchor_images, sync["lpips_size"]).sum()
         # Each view's loss depends only on its own latent, so one backward of the sum gives every view's gradient.
-        (grad,) = torch.autograd.grad(loss, clean_latents)
+        (image_grad,) = torch.autograd.grad(loss, compared)
+        loss_scale = self._loss_scale(image_grad, images.dtype)
+        (grad,) = torch.autograd.grad(images, clean_latents, (image_grad * loss_scale).to(images.dtype))
+        return grad, loss_scale
+
+    # Copied from pipeline_syncdiffusion.SyncDiffusionPipeline._loss_scale
+    @staticmethod
+    def _loss_scale(image_grad, dtype):
+        """Per view, the power of two that brings the largest float16 image gradient to 2**6 (1 in other dtypes).
+
+        2**6 leaves a factor of 1000 of headroom below float16's maximum for the growth of gradients through the
+        decoder and the UNet, and keeps the median gradient well above float16's smallest normal number.
+        """
+        if dtype != torch.float16:
+            return torch.ones((), device=image_grad.device)
+        peak = image_grad.abs().flatten(1).amax(1).clamp_min(torch.finfo(torch.float32).tiny)
+        return torch.exp2(torch.floor(torch.log2(2.0**6 / peak))).view(-1, 1, 1, 1)
+
+    # Copied from pipeline_syncdiffusion.SyncDiffusionPipeline._unscale_gradient
+    @staticmethod
+    def _unscale_gradient(grad, loss_scale):
+        """The float32 gradient `grad / loss_scale`; a clear error rather than a NaN panorama if float16 overflowed."""
+        grad = grad.float() / loss_scale
+        if loss_scale.ndim and not torch.isfinite(grad).all():
+            raise FloatingPointError(
+                "the synchronization gradient overflowed in float16; run the VAE in float32"
+                " (`pipe.vae.to(torch.float32)`) or the pipeline in bfloat16."
+            )
         return grad
 
     # Copied from pipeline_syncdiffusion.SyncDiffusionPipeline._onload
@@ -738,9 +957,10 @@ class SyncDiffusionXLPipeline(
 
     # Copied from pipeline_syncdiffusion.SyncDiffusionPipeline._sync_checkpointing
     @contextmanager
-    def _sync_checkpointing(self, enabled):
-        """Activation checkpointing in the UNet and VAE decoder during the gradient pass only."""
-        models = [m for m in (self.unet, self.vae) if enabled and getattr(m, "_supports_gradient_checkpointing", False)]
+    def _sync_checkpointing(self, enabled, decoder=None):
+        """Activation checkpointing in the UNet and the synchronization's decoder during the gradient pass only."""
+        decoder = decoder if decoder is not None else self.vae
+        models = [m for m in (self.unet, decoder) if enabled and getattr(m, "_supports_gradient_checkpointing", False)]
         previous = [m.is_gradient_checkpointing for m in models]
         for model in models:
             model.enable_gradient_checkpointing()
@@ -766,18 +986,20 @@ class SyncDiffusionXLPipeline(
         latents_per_view = list(view_latents.split(batch))
         others = [k for k, view in enumerate(views) if view != anchor["view"]]
         noise_per_view = [anchor["noise_pred"]] * len(views)  # the anchor keeps its own prediction
-        if others:
-            stacked = torch.cat([latents_per_view[k] for k in others])
-            anchor_images = anchor["images"].repeat(len(others), 1, 1, 1)
-            updated, noise_before = self.synchronize_views(
-                stacked, anchor_images, t, sync["weight"], conditioning, sync
-            )
-            if sync["reuse_noise"]:
-                noise_after = noise_before
-            else:
-                noise_after = self.predict_noise(self.scheduler.scale_model_input(updated, t), t, conditioning)
-            for k, latents_k, noise_k in zip(others, updated.split(batch), noise_after.split(batch)):
+        # The gradient pass holds far more memory per view than a forward: it runs on chunks of the other views.
+        for start in range(0, len(others), sync["gradient_batch_size"]):
+            chunk = others[start : start + sync["gradient_batch_size"]]
+            stacked = torch.cat([latents_per_view[k] for k in chunk])
+            anchor_images = anchor["images"].repeat(len(chunk), 1, 1, 1)
+            updated, noise_before = self.synchronize_views(stacked, anchor_images, t, sync["weight"], conditioning, sync)
+            for k, latents_k, noise_k in zip(chunk, updated.split(batch), noise_before.split(batch)):
                 latents_per_view[k], noise_per_view[k] = latents_k, noise_k
+        if others and not sync["reuse_noise"]:
+            # The denoising step predicts the noise again from the updated latents, in one call for the whole batch.
+            updated = torch.cat([latents_per_view[k] for k in others])
+            noise_after = self.predict_noise(self.scheduler.scale_model_input(updated, t), t, conditioning)
+            for k, noise_k in zip(others, noise_after.split(batch)):
+                noise_per_view[k] = noise_k
         return torch.cat(latents_per_view), torch.cat(noise_per_view)
 
     # Copied from pipeline_syncdiffusion.SyncDiffusionPipeline.prepare_anchor
@@ -941,7 +1163,7 @@ class SyncDiffusionXLPipeline(
         sigmas: list[float] = None,
         denoising_end: float | None = None,
         guidance_scale: float = 5.0,
-        view_batch_size: int = 1,
+        view_batch_size: int | str = 1,
         negative_prompt: str | list[str] | None = None,
         negative_prompt_2: str | list[str] | None = None,
         num_images_per_prompt: int | None = 1,
@@ -1226,12 +1448,33 @@ class SyncDiffusionXLPipeline(
 
         # 6. Views, their batches, and one scheduler state per batch (multistep schedulers keep per-sample history)
         views = self.get_views(height, width, stride=stride, circular_padding=circular_padding)
+        sync_active = sync_weight > 0 and sync_thres > 0 and len(views) > 1
+        if view_batch_size == "auto":
+            view_batch_size, gradient_batch_size, sync_gradient_checkpointing = self.auto_view_batch_sizes(
+                len(views),
+                num_images,
+                device,
+                latents.dtype,
+                sync_active,
+                self._sync_settings(
+                    sync_mode,
+                    sync_gradient,
+                    sync_reuse_noise,
+                    sync_decoder,
+                    sync_lpips_size,
+                    sync_gradient_checkpointing,
+                    sync_decode_downsample,
+                ),
+            )
+        else:
+            gradient_batch_size = view_batch_size
         views_batch = [views[i : i + view_batch_size] for i in range(0, len(views), view_batch_size)]
-        views_scheduler_status = [copy.deepcopy(self.scheduler.__dict__)] * len(views_batch)
+        views_scheduler_status = [copy.deepcopy(self.scheduler.__dict__) for _ in views_batch]
         anchor_view = views[len(views) // 2]
         anchor_batch = len(views) // 2 // view_batch_size
-        count = torch.zeros_like(latents)
-        value = torch.zeros_like(latents)
+        # A pixel can be the sum of dozens of views: accumulate in float32 whatever the latents' dtype.
+        count = torch.zeros_like(latents, dtype=torch.float32)
+        value = torch.zeros_like(latents, dtype=torch.float32)
 
         # 7. Extra step kwargs, conditioning (SDXL's micro-conditioning per view) and synchronization settings
         extra_step_kwargs = self.prepare_extra_step_kwargs(generator, eta)
@@ -1280,23 +1523,29 @@ class SyncDiffusionXLPipeline(
             sync_lpips_size,
             sync_gradient_checkpointing,
             sync_decode_downsample,
+            gradient_batch_size,
         )
-        sync_decodes_with_vae = sync_weight > 0 and sync_thres > 0 and len(views) > 1 and sync_decoder is None
 
         # 8. Denoising loop: MultiDiffusion over the views, with a synchronization update in the early steps
         num_warmup_steps = max(len(timesteps) - num_inference_steps * self.scheduler.order, 0)
         self._num_timesteps = len(timesteps)
-        with self.progress_bar(total=num_inference_steps) as progress_bar, self.upcast_vae_if_needed(sync_decodes_with_vae):
+        step = -1  # the denoising step; second-order schedulers evaluate the model twice per step
+        upcast = self.upcast_vae_if_needed(sync_active and sync_decoder is None)
+        with self.progress_bar(total=num_inference_steps) as progress_bar, upcast:
             for i, t in enumerate(timesteps):
                 if self.interrupt:
                     continue
                 count.zero_()
                 value.zero_()
 
+                # Synchronize on a step's first evaluation only: the correction of a second-order step (Heun, KDPM2)
+                # starts again from the sample the first evaluation stored, so an update there would be lost.
+                self.scheduler.__dict__.update(views_scheduler_status[anchor_batch])
+                first_evaluation = getattr(self.scheduler, "state_in_first_order", True)
+                step += first_evaluation
                 sync, anchor = None, None
-                if sync_weight > 0 and i < sync_thres and (i + 1) % sync_freq == 0 and len(views) > 1:
-                    sync = {**sync_settings, "weight": sync_weight * sync_decay_rate**i}
-                    self.scheduler.__dict__.update(views_scheduler_status[anchor_batch])
+                if sync_active and first_evaluation and step < sync_thres and (step + 1) % sync_freq == 0:
+                    sync = {**sync_settings, "weight": sync_weight * sync_decay_rate**step}
                     anchor = self.prepare_anchor(latents, anchor_view, t, conditioning, sync)
 
                 for j, batch_view in enumerate(views_batch):
@@ -1313,7 +1562,7 @@ class SyncDiffusionXLPipeline(
                     self.add_view_latents(value, count, latents_denoised, batch_view)
 
                 # MultiDiffusion's step: every latent pixel is the mean of the views covering it (Eq. 5)
-                latents = torch.where(count > 0, value / count, value)
+                latents = torch.where(count > 0, value / count, value).to(latents.dtype)
 
                 if callback_on_step_end is not None:
                     callback_kwargs = {}
@@ -1368,7 +1617,14 @@ class SyncDiffusionXLPipeline(
     # Copied from pipeline_syncdiffusion.SyncDiffusionPipeline._sync_settings
     @staticmethod
     def _sync_settings(
-        mode="exact", gradient=None, reuse_noise=None, decoder=None, lpips_size=None, checkpointing=False, decode_downsample=1
+        mode="exact",
+        gradient=None,
+        reuse_noise=None,
+        decoder=None,
+        lpips_size=None,
+        checkpointing=False,
+        decode_downsample=1,
+        gradient_batch_size=1,
     ):
         """How synchronization runs: `sync_mode="fast"` means an x0 gradient and noise reuse unless those are given."""
         return {
@@ -1378,4 +1634,5 @@ class SyncDiffusionXLPipeline(
             "lpips_size": lpips_size,
             "checkpointing": checkpointing,
             "decode_downsample": decode_downsample,
+            "gradient_batch_size": gradient_batch_size,
         }
