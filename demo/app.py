@@ -1,0 +1,26 @@
+"""SyncDiffusion panoramas as a Hugging Face Space: the app of `syncdiffusion demo`, from the same code.
+
+Settings are environment variables (on a Space: Settings, Variables): SYNCDIFFUSION_MODEL, a Hub id or a folder
+(default stabilityai/stable-diffusion-2-base; `tiny` runs the offline random tiny model, to try the page anywhere).
+The model is loaded once, in float16 on a GPU. From a checkout: `python demo/app.py` (http://127.0.0.1:7860).
+"""
+
+import os
+import sys
+
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+if not os.path.exists(os.path.join(HERE, "pipeline_syncdiffusion.py")):  # run from a checkout: use the repository's
+    sys.path.insert(0, os.path.dirname(HERE))
+
+from syncdiffusion_utils.cli import DEFAULT_MODEL, load_pipeline, resolve_device  # noqa: E402
+from syncdiffusion_utils.demo import build_app, launch  # noqa: E402
+
+
+MODEL = os.environ.get("SYNCDIFFUSION_MODEL", DEFAULT_MODEL)
+
+pipe = load_pipeline(MODEL, fp16=resolve_device() == "cuda", progress=False)
+demo = build_app(pipe, MODEL)
+
+if __name__ == "__main__":
+    launch(demo)  # a Space sets GRADIO_SERVER_NAME=0.0.0.0; elsewhere gradio serves on 127.0.0.1

@@ -1,0 +1,348 @@
+"""`syncdiffusion demo`: a Gradio web app for panoramas (needs the `[demo]` extra: `pip install -e ".[demo]"`).
+
+    syncdiffusion demo                          # stabilityai/stable-diffusion-2-base on http://127.0.0.1:7860
+    syncdiffusion demo --model tiny --port 8000 # offline, on the tiny random pipeline (seconds on a CPU)
+
+The model is loaded once; the queue runs one generation at a time. `build_app(pipe)` builds the page for any loaded
+`SyncDiffusionPipeline` and `launch(app)` serves it (`demo/app.py`, the Hugging Face Space, uses the same two).
+gradio, torch and diffusers are imported only when the app is built, so `syncdiffusion --help` stays instant.
+"""
+
+import argparse
+import random
+import threading
+import time
+
+from syncdiffusion_utils.cli import (
+    DEFAULT_MODEL,
+    DEFAULT_SCHEDULER,
+    DEFAULT_SIZE,
+    SCHEDULERS,
+    TINY,
+    CLIError,
+    _input_error,
+    _Parser,
+    generator,
+    load_pipeline,
+    set_scheduler,
+)
+
+
+INSTALL_HINT = 'the demo needs gradio: pip install "syncdiffusion[demo]" (or pip install "gradio>=6")'
+
+# Size presets in windows (the UNet's view, e.g. 512 pixels for Stable Diffusion 2 base): rows, columns, circular.
+PRESETS = {
+    "wide": (1, 4, False),
+    "wider": (1, 6, False),
+    "360°": (1, 8, True),
+    "tall": (4, 1, False),
+}
+CUSTOM = "custom"
+DEFAULT_PRESET = "wide"
+
+EXAMPLES = [
+    "a photo of a mountain range at twilight",
+    "a cinematic view of a castle in the sunset",
+    "natural landscape in anime style illuminated with mountains",
+    "a photo of a city skyline at night",
+    "a watercolor painting of a beach with palm trees",
+    "a photo of a forest with a river, morning fog",
+]
+
+MAX_SEED = 2**32 - 1
+MULTIDIFFUSION = "MultiDiffusion"
+SYNCDIFFUSION = "SyncDiffusion"
+
+
+def window_pixels(pipe):
+    """The side of one view in image pixels: the UNet's sample size times the VAE's scale factor."""
+    return pipe.unet.config.sample_size * pipe.vae_scale_factor
+
+
+def preset_sizes(window):
+    """`{label: (height, width, circular)}` of the presets for views of `window` pixels, e.g. "wide 512x2048"."""
+    sizes = {}
+    for name, (rows, columns, circular) in PRESETS.items():
+        height, width = rows * window, columns * window
+        sizes[f"{name} {height}x{width}"] = (height, width, circular)
+    return sizes
+
+
+class InputError(ValueError):
+    """Bad input that the demo itself finds (the pipeline's `check_inputs` finds the rest)."""
+
+
+def _whole(value):
+    """A whole number from a form field as an `int` (fields send floats); anything else as given, for the pipeline
+    to reject by name."""
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    return value
+
+
+class PanoramaDemo:
+    """The app's state around one loaded pipeline: generation, its progress and the stop request."""
+
+    def __init__(self, pipe, model=DEFAULT_MODEL):
+        self.pipe = pipe
+        self.model = model
+        self.window = window_pixels(pipe)
+        self.sizes = preset_sizes(self.window)
+        self.default_steps = DEFAULT_SIZE[TINY if model == TINY else "real"][2]
+        self._stop = threading.Event()
+        self._lock = threading.Lock()  # the pipeline is stateful (scheduler, `_interrupt`): one call at a time
+
+    def stop(self):
+        """Ask the running generation to stop after its current step (the pipeline's `_interrupt`)."""
+        self._stop.set()
+
+    def generate(
+        self,
+        prompt,
+        negative_prompt="",
+        height=None,
+        width=None,
+        circular=False,
+        steps=None,
+        seed=None,
+        random_seed=True,
+        scheduler=DEFAULT_SCHEDULER,
+        stride=8,
+        guidance=7.5,
+        sync_weight=20.0,
+        sync_thres=5,
+        sync_mode="exact",
+        compare=False,
+        progress=None,
+    ):
+        """Run the pipeline (MultiDiffusion first, from the same seed, when `compare`).
+
+        Returns `(syncdiffusion_image, multidiffusion_image, seed, status)`; an image is None when it was not made.
+        `progress(done, total, label)` is called after every step. Raises `ValueError` with the pipeline's message
+        for bad input, before any model runs.
+        """
+        if random_seed:
+            seed = random.randint(0, MAX_SEED)
+        seed = _whole(seed)
+        if not isinstance(seed, int) or not 0 <= seed <= MAX_SEED:
+            raise InputError(f"`seed` has to be a whole number in 0..{MAX_SEED} (or tick 'random seed'), but is {seed!r}.")
+        steps = _whole(steps if steps is not None else self.default_steps)
+        call = dict(
+            prompt=prompt,
+            negative_prompt=negative_prompt or None,
+            height=_whole(height),
+            width=_whole(width),
+            circular_padding=bool(circular),
+            num_inference_steps=steps,
+            stride=_whole(stride),
+            guidance_scale=guidance,
+            sync_thres=_whole(sync_thres),
+            sync_mode=sync_mode,
+        )
+        runs = [(SYNCDIFFUSION, sync_weight)]
+        if compare:
+            runs.insert(0, (MULTIDIFFUSION, 0.0))
+
+        with self._lock:
+            self._stop.clear()
+            set_scheduler(self.pipe, scheduler)
+            images, started = {}, time.perf_counter()
+            for label, weight in runs:
+                image, done = self._run(call, weight, seed, label, progress)
+                if done < steps:
+                    return None, None, seed, f"Stopped at step {done} of {steps} ({label}); nothing was kept."
+                images[label] = image
+        seconds = time.perf_counter() - started
+        sync_image = images[SYNCDIFFUSION]
+        made = " and ".join(images)
+        status = (
+            f"{made}: {steps}/{steps} steps, {sync_image.width}x{sync_image.height} pixels, seed {seed},"
+            f" {seconds:.1f} s."
+        )
+        return sync_image, images.get(MULTIDIFFUSION), seed, status
+
+    def _run(self, call, sync_weight, seed, label, progress):
+        """One pipeline call; returns the image and how many steps ran (fewer when stopped)."""
+        total = call["num_inference_steps"]
+        done = 0
+
+        def on_step_end(pipe, step, timestep, callback_kwargs):
+            nonlocal done
+            done = step + 1
+            if progress is not None:
+                progress(done, total, label)
+            if self._stop.is_set():
+                pipe._interrupt = True
+            return {}
+
+        image = self.pipe(
+            **call, sync_weight=sync_weight, generator=generator(seed), callback_on_step_end=on_step_end
+        ).images[0]
+        return image, done
+
+
+def _user_error(error):
+    """The one-line message to show in the page for an expected failure, or None for a bug (re-raised)."""
+    import torch
+
+    if isinstance(error, (CLIError, InputError)):
+        return str(error)
+    if isinstance(error, ValueError) and _input_error(error) is not None:
+        return " ".join(str(error).split())  # the pipeline's own words: its argument names are the page's labels
+    if isinstance(error, getattr(torch, "OutOfMemoryError", torch.cuda.OutOfMemoryError)):
+        return "Out of GPU memory: try a smaller size, fewer synchronization steps or sync mode 'fast'."
+    return None
+
+
+def build_app(pipe, model=DEFAULT_MODEL):
+    """The Gradio page (a `gr.Blocks`) around a loaded `SyncDiffusionPipeline`; serve it with `launch`."""
+    import gradio as gr
+
+    demo = PanoramaDemo(pipe, model)
+    sizes = demo.sizes
+    default_size = next(label for label in sizes if label.startswith(DEFAULT_PRESET))
+    height0, width0, circular0 = sizes[default_size]
+    latent_window = pipe.unet.config.sample_size
+
+    def generate(
+        prompt, negative_prompt, height, width, circular, steps, seed, random_seed, scheduler, stride, guidance,
+        sync_weight, sync_thres, sync_mode, compare, progress=gr.Progress(),
+    ):
+        def report(done, total, label):
+            progress((done, total), desc=label, unit="steps")
+
+        try:
+            return demo.generate(
+                prompt, negative_prompt, height, width, circular, steps, seed, random_seed, scheduler, stride,
+                guidance, sync_weight, sync_thres, sync_mode, compare, progress=report,
+            )
+        except Exception as error:
+            message = _user_error(error)
+            if message is None:
+                raise
+            raise gr.Error(message, duration=None, title="Cannot generate", print_exception=False) from None
+
+    def choose_size(label):
+        if label == CUSTOM:
+            return gr.skip(), gr.skip(), gr.skip()
+        return sizes[label]
+
+    with gr.Blocks(title="SyncDiffusion panoramas") as app:
+        gr.Markdown(
+            "# SyncDiffusion panoramas\n"
+            "Coherent panoramas: MultiDiffusion's overlapping views, synchronized by an LPIPS gradient toward one"
+            f" anchor view in the first steps. Model: `{model}` (views of {demo.window}x{demo.window} pixels)."
+        )
+        with gr.Row():
+            with gr.Column(scale=3):
+                prompt = gr.Textbox(label="Prompt", value=EXAMPLES[0], lines=2, elem_id="prompt")
+                negative_prompt = gr.Textbox(label="Negative prompt", elem_id="negative-prompt")
+            with gr.Column(scale=1, min_width=200):
+                generate_button = gr.Button("Generate", variant="primary", elem_id="generate")
+                stop_button = gr.Button("Stop", variant="stop", elem_id="stop")
+                compare = gr.Checkbox(label="Compare with MultiDiffusion (same seed)", elem_id="compare")
+        with gr.Row():
+            size = gr.Radio([*sizes, CUSTOM], value=default_size, label="Size (height x width)", elem_id="size")
+            height = gr.Number(height0, label="Height", step=8, elem_id="height")
+            width = gr.Number(width0, label="Width", step=8, elem_id="width")
+            circular = gr.Checkbox(circular0, label="360° (the edges meet)", elem_id="circular")
+        with gr.Accordion("Settings", open=False):
+            with gr.Row():
+                steps = gr.Slider(1, 100, value=demo.default_steps, step=1, label="Steps", elem_id="steps")
+                guidance = gr.Slider(1, 20, value=7.5, step=0.5, label="Guidance scale")
+                scheduler = gr.Dropdown(list(SCHEDULERS), value=DEFAULT_SCHEDULER, label="Scheduler")
+                stride = gr.Slider(
+                    1, latent_window, value=min(8, latent_window), step=1, label="Stride (latent pixels between views)"
+                )
+            with gr.Row():
+                seed = gr.Number(0, label="Seed", precision=0, minimum=0, maximum=MAX_SEED, elem_id="seed")
+                random_seed = gr.Checkbox(True, label="Random seed", elem_id="random-seed")
+            with gr.Row():
+                sync_weight = gr.Slider(0, 50, value=20, step=0.5, label="Sync weight (0 = MultiDiffusion)")
+                sync_thres = gr.Slider(0, 50, value=5, step=1, label="Synchronized steps (the first N)")
+                sync_mode = gr.Radio(["exact", "fast"], value="exact", label="Sync mode (exact: the paper's)")
+        status = gr.Markdown(elem_id="status")
+        result = gr.Image(
+            label=SYNCDIFFUSION, type="pil", format="png", interactive=False, buttons=["download", "fullscreen"],
+            elem_id="result",
+        )
+        baseline = gr.Image(
+            label=f"{MULTIDIFFUSION} (same seed, sync weight 0)", type="pil", format="png", interactive=False,
+            buttons=["download", "fullscreen"], visible=False, elem_id="baseline",
+        )
+        gr.Examples([[text] for text in EXAMPLES], inputs=[prompt], label="Example prompts")
+
+        size.change(choose_size, size, [height, width, circular], queue=False, api_visibility="private")
+        for field in (height, width, circular):
+            field.input(lambda: CUSTOM, None, size, queue=False, api_visibility="private")
+        generate_button.click(
+            generate,
+            [prompt, negative_prompt, height, width, circular, steps, seed, random_seed, scheduler, stride, guidance,
+             sync_weight, sync_thres, sync_mode, compare],
+            [result, baseline, seed, status],
+            api_name="generate",
+            concurrency_limit=1,
+            concurrency_id="pipeline",
+        )
+        compare.change(lambda on: gr.update(visible=on), compare, baseline, queue=False, api_visibility="private")
+        stop_button.click(demo.stop, None, None, queue=False, api_name="stop")
+    app.panorama_demo = demo
+    return app
+
+
+def launch(app, **kwargs):
+    """Serve `app` with a queue (one generation at a time) and a theme on system fonts (nothing fetched from the
+    web); `kwargs` go to `gr.Blocks.launch` (server_name, server_port, share, prevent_thread_lock, ...)."""
+    import gradio as gr
+
+    theme = gr.themes.Default(
+        font=["ui-sans-serif", "system-ui", "sans-serif"], font_mono=["ui-monospace", "monospace"]
+    )
+    app.queue(default_concurrency_limit=1)
+    return app.launch(theme=theme, **kwargs)
+
+
+def _port(text):
+    try:
+        value = int(text)
+    except ValueError:
+        value = None
+    if value is None or not 1 <= value <= 65535:
+        raise argparse.ArgumentTypeError(f"expected a port number in 1..65535, got {text!r}")
+    return value
+
+
+def build_parser():
+    parser = _Parser(
+        prog="syncdiffusion demo",
+        description="Serve a web app for panoramas (Gradio): prompt, sizes, synchronization settings, a MultiDiffusion"
+        " comparison, progress and stop. Needs the [demo] extra.",
+    )
+    parser.add_argument(
+        "--model", default=DEFAULT_MODEL,
+        help=f"Hub model id or local diffusers folder (default: {DEFAULT_MODEL}); `tiny`: offline random tiny model",
+    )
+    parser.add_argument("--host", default="127.0.0.1", help="address to serve on (default: 127.0.0.1; 0.0.0.0: all)")
+    parser.add_argument("--port", type=_port, default=7860, help="port (default: 7860)")
+    parser.add_argument("--share", action="store_true", help="also serve on a temporary public gradio.live link")
+    parser.add_argument("--device", default="auto", help="cuda, mps, cpu, ... (default: auto)")
+    parser.add_argument("--fp16", action="store_true", help="half precision (GPU)")
+    parser.add_argument("--cpu-offload", action="store_true", help="keep models on the CPU until used (GPU)")
+    return parser
+
+
+def main(argv=None) -> int:
+    """`syncdiffusion demo ...`: load the model once and serve the app until interrupted."""
+    args = build_parser().parse_args(argv)
+    try:
+        import gradio  # noqa: F401  (checked before the model loads)
+    except ImportError:
+        raise CLIError(INSTALL_HINT) from None
+
+    pipe = load_pipeline(args.model, args.device, args.fp16, cpu_offload=args.cpu_offload, progress=False)
+    app = build_app(pipe, args.model)
+    try:
+        launch(app, server_name=args.host, server_port=args.port, share=args.share)
+    except OSError as error:  # the port is taken, or the address cannot be bound
+        raise CLIError(f"--host {args.host} --port {args.port}: cannot serve there: {error}") from None
+    return 0

@@ -1,0 +1,386 @@
+"""The web demo (`syncdiffusion demo`): its generation against direct pipeline calls, its command line, and the app
+served by the real command on the tiny model, driven in a headless Chromium (Debian's, through Selenium and
+/usr/bin/chromedriver) and through gradio_client.
+
+Set SYNCDIFFUSION_DEMO_SCREENSHOT=docs/demo.png to keep the browser test's screenshot of a finished comparison.
+"""
+
+import contextlib
+import importlib.util
+import io
+import os
+import runpy
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from syncdiffusion_utils import cli, demo
+from syncdiffusion_utils.cli import generator
+from syncdiffusion_utils.demo import PanoramaDemo, preset_sizes
+
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+ROOT = Path(__file__).resolve().parents[1]
+CHROMIUM, CHROMEDRIVER = "/usr/bin/chromium", "/usr/bin/chromedriver"
+PIPELINE_MESSAGE = "`width` has to be a positive multiple of the VAE scale factor 8, but is 100."
+# The served app's arguments of /generate, in order: a 64x256 panorama (four 64x64 views), 4 steps.
+API_ARGUMENTS = dict(
+    prompt="a photo of a lake", negative_prompt="", height=64, width=256, circular=False, steps=4, seed=3,
+    random_seed=False, scheduler="ddim", stride=8, guidance=7.5, sync_weight=20, sync_thres=2, sync_mode="exact",
+    compare=False,
+)
+
+
+def pixels(image):
+    return np.asarray(image.convert("RGB"))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Without a server
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def test_importing_the_demo_and_its_help_import_nothing_heavy():
+    code = (
+        "import sys; from syncdiffusion_utils.cli import main; main(['demo', '--help']);"
+        " print(sorted(m for m in ('torch', 'gradio', 'diffusers', 'transformers') if m in sys.modules))"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, cwd=ROOT)
+    assert done.returncode == 0, done.stderr
+    assert "--share" in done.stdout and "--model" in done.stdout
+    assert done.stdout.strip().splitlines()[-1] == "[]"
+
+
+def test_presets_are_multiples_of_the_models_window():
+    # Stable Diffusion 2 base: 512-pixel views, the paper's 512x2048 and 512x3072.
+    assert preset_sizes(512) == {
+        "wide 512x2048": (512, 2048, False),
+        "wider 512x3072": (512, 3072, False),
+        "360° 512x4096": (512, 4096, True),
+        "tall 2048x512": (2048, 512, False),
+    }
+    assert preset_sizes(64)["wide 64x256"] == (64, 256, False)
+
+
+def test_without_gradio_the_command_says_how_to_install_before_loading(monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "gradio", None)  # `import gradio` raises ImportError
+    monkeypatch.setattr(demo, "load_pipeline", lambda *args, **kwargs: pytest.fail("loaded the model"))
+    assert cli.main(["demo", "--model", "tiny"]) == 1
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "syncdiffusion[demo]" in err and err.startswith("syncdiffusion: error:")
+
+
+def test_bad_port_is_a_one_line_error(capsys):
+    assert cli.main(["demo", "--port", "70000"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "--port" in err and "70000" in err
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Generation, in process on the tiny pipeline: 64x128 (two views at stride 4), 3 steps, 2 synchronized
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def generate(app, **overrides):
+    """`app.generate` with the small settings above; returns its result and the progress reports."""
+    reports = []
+    arguments = dict(
+        prompt="a photo of a lake", height=64, width=128, steps=3, stride=4, sync_weight=20.0, sync_thres=2,
+        progress=lambda done, total, label: reports.append((done, total, label)),
+    )
+    arguments.update(overrides)
+    return app.generate(**arguments), reports
+
+
+def test_comparison_is_the_pipeline_at_sync_weight_20_and_0_from_the_shown_random_seed(pipe):
+    app = PanoramaDemo(pipe, "tiny")
+    (sync_image, multi_image, seed, status), reports = generate(app, compare=True, random_seed=True)
+
+    call = dict(prompt="a photo of a lake", height=64, width=128, num_inference_steps=3, stride=4, sync_thres=2)
+    reference_sync = pipe(**call, sync_weight=20.0, generator=generator(seed)).images[0]
+    reference_multi = pipe(**call, sync_weight=0.0, generator=generator(seed)).images[0]
+    # Same seed, same CPU, same arguments: bit-identical (measured: max difference 0).
+    assert np.array_equal(pixels(sync_image), pixels(reference_sync))
+    assert np.array_equal(pixels(multi_image), pixels(reference_multi))
+    assert np.abs(pixels(sync_image).astype(int) - pixels(multi_image)).max() > 0, "synchronization changed nothing"
+    assert sync_image.size == (128, 64)
+    assert reports == [(i, 3, label) for label in ("MultiDiffusion", "SyncDiffusion") for i in (1, 2, 3)]
+    assert f"seed {seed}" in status and "3/3 steps" in status and "128x64" in status
+
+
+def test_stop_ends_the_run_after_the_current_step_and_the_next_run_is_whole(pipe):
+    app = PanoramaDemo(pipe, "tiny")
+    reports = []
+
+    def stop_at_two(done, total, label):
+        reports.append((done, label))
+        if done == 2:
+            app.stop()
+
+    sync_image, multi_image, _, status = app.generate(
+        "a photo of a lake", height=64, width=128, steps=3, stride=4, compare=True, progress=stop_at_two
+    )
+    assert sync_image is multi_image is None
+    assert status.startswith("Stopped at step 2 of 3 (MultiDiffusion)")
+    assert reports == [(1, "MultiDiffusion"), (2, "MultiDiffusion")], "the run went on, or SyncDiffusion started"
+
+    (sync_image, _, _, status), reports = generate(app)  # the stop request does not outlive its run
+    assert sync_image is not None and len(reports) == 3 and "3/3 steps" in status
+
+
+def test_bad_input_is_the_pipelines_one_line_message_before_any_step(pipe):
+    app = PanoramaDemo(pipe, "tiny")
+    with pytest.raises(ValueError) as caught:
+        generate(app, width=100, progress=lambda *report: pytest.fail("a step ran"))
+    assert demo._user_error(caught.value) == PIPELINE_MESSAGE
+
+    with pytest.raises(demo.InputError) as caught:
+        generate(app, seed=-1, random_seed=False)
+    assert demo._user_error(caught.value).startswith("`seed` has to be a whole number in 0..4294967295")
+    assert demo._user_error(TypeError("a bug")) is None  # bugs are not dressed up as input errors
+
+
+def test_space_app_loads_the_configured_model_once_and_builds_the_same_app(monkeypatch, pipe):
+    # The app itself is built and served below; here, what app.py adds: its model, loaded once, in float32 on a CPU.
+    calls = []
+    monkeypatch.setattr(cli, "load_pipeline", lambda *args, **kwargs: calls.append(("load", args, kwargs)) or pipe)
+    monkeypatch.setattr(demo, "build_app", lambda *args: calls.append(("build", args)) or "the app")
+    monkeypatch.setenv("SYNCDIFFUSION_MODEL", "tiny")
+    monkeypatch.setattr(sys, "path", list(sys.path))  # app.py may add the checkout to it
+    space = runpy.run_path(str(ROOT / "demo" / "app.py"), run_name="space")  # not "__main__": builds, no launch
+    assert calls == [("load", ("tiny",), {"fp16": False, "progress": False}), ("build", (pipe, "tiny"))]
+    assert space["demo"] == "the app"
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The served app: `python -m syncdiffusion_utils.cli demo --model tiny` on 127.0.0.1
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def _require(module):
+    """Import `module`, or skip (fail under CI, which installs everything: a skip there would hide a broken setup)."""
+    try:
+        return __import__(module)
+    except ImportError:
+        if os.environ.get("CI"):
+            raise
+        pytest.skip(f"{module} is not installed (pip install -e '.[test]')")
+
+
+def _free_port():
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def _fetch(url, timeout=10):
+    """GET a local URL, ignoring any proxy settings."""
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+    with opener.open(url, timeout=timeout) as response:
+        return response.read()
+
+
+def _wait(condition, timeout, what, interval=0.1):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = condition()
+        if value:
+            return value
+        time.sleep(interval)
+    pytest.fail(f"timed out after {timeout} s waiting for {what}")
+
+
+@pytest.fixture(scope="module", autouse=True)
+def demo_process(tmp_path_factory):
+    """The real command serving the tiny model on a free port, started with the module's first test so that its
+    start (imports, model) overlaps the in-process tests; stopped after the module's last test."""
+    if importlib.util.find_spec("gradio") is None:  # (importing it here would cost seconds)
+        yield None
+        return
+    folder = tmp_path_factory.mktemp("demo-server")
+    port = _free_port()
+    env = {
+        **os.environ,
+        "GRADIO_TEMP_DIR": str(folder / "gradio"),  # the served images, removed with the folder
+        "GRADIO_ANALYTICS_ENABLED": "False",
+        "HF_HUB_OFFLINE": "1",
+        "OMP_NUM_THREADS": "1",  # see conftest's one_thread
+        "PYTHONPATH": str(ROOT),
+    }
+    command = [sys.executable, "-m", "syncdiffusion_utils.cli", "demo", "--model", "tiny", "--port", str(port)]
+    log_path = folder / "server.log"
+    with open(log_path, "w") as log:
+        process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=ROOT)
+    try:
+        yield SimpleNamespace(process=process, url=f"http://127.0.0.1:{port}/", log=log_path)
+    finally:
+        process.terminate()
+        try:
+            process.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait(timeout=10)
+
+
+@pytest.fixture
+def server(demo_process):
+    """`demo_process` once it answers HTTP."""
+    _require("gradio")
+
+    def serving():
+        if demo_process.process.poll() is not None:
+            pytest.fail(f"the demo exited with {demo_process.process.returncode}:\n{demo_process.log.read_text()}")
+        with contextlib.suppress(OSError):
+            return _fetch(demo_process.url, timeout=2)
+
+    _wait(serving, 120, f"the demo to serve {demo_process.url}", interval=0.5)
+    return demo_process
+
+
+@pytest.fixture(scope="module")
+def browser(tmp_path_factory):
+    """Debian's headless Chromium, resolving no host but 127.0.0.1 (nothing leaves the machine)."""
+    _require("selenium")
+    if not (os.path.exists(CHROMIUM) and os.path.exists(CHROMEDRIVER)):
+        if os.environ.get("CI"):
+            pytest.fail("Chromium is missing: .ci/run installs the chromium and chromium-driver packages")
+        pytest.skip("no system Chromium: apt-get install chromium chromium-driver")
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    options = webdriver.ChromeOptions()
+    options.binary_location = CHROMIUM
+    profile = tmp_path_factory.mktemp("chromium-profile")
+    for argument in (
+        "--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--window-size=1280,1000",
+        f"--user-data-dir={profile}", "--host-resolver-rules=MAP * ~NOTFOUND , EXCLUDE 127.0.0.1",
+    ):
+        options.add_argument(argument)
+    driver = webdriver.Chrome(options=options, service=Service(CHROMEDRIVER))
+    driver.set_page_load_timeout(60)
+    try:
+        yield driver
+    finally:
+        driver.quit()
+
+
+def _type(driver, selector, text):
+    """Replace the text of the field under `selector` as a person would (select all, type, leave the field)."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.common.keys import Keys
+
+    field = driver.find_element(By.CSS_SELECTOR, selector)
+    field.click()
+    field.send_keys(Keys.CONTROL, "a")
+    field.send_keys(text, Keys.TAB)
+
+
+def _text(driver, selector):
+    from selenium.webdriver.common.by import By
+
+    found = driver.find_elements(By.CSS_SELECTOR, selector)
+    return found[0].text if found else ""
+
+
+def _served_image(driver, selector):
+    """The image shown under `selector`, downloaded from its download link (the full-resolution PNG)."""
+    from selenium.webdriver.common.by import By
+
+    shown = driver.find_element(By.CSS_SELECTOR, f"{selector} img").get_attribute("src")
+    download = driver.find_element(By.CSS_SELECTOR, f"{selector} a[download]").get_attribute("href")
+    assert download == shown
+    path = Path(download.split("file=", 1)[1])
+    image = Image.open(io.BytesIO(_fetch(download)))
+    assert image.format == "PNG"
+    return image, path
+
+
+# Records every text the progress bars show: a run on the tiny model lasts a second or two, too short to poll.
+RECORD_PROGRESS = """
+window.progressSeen = [];
+new MutationObserver(() => {
+  for (const bar of document.querySelectorAll('.progress-text')) window.progressSeen.push(bar.textContent.trim());
+}).observe(document.body, {subtree: true, childList: true, characterData: true});
+"""
+
+
+def test_in_a_browser_generate_compare_bad_input_and_stop(server, browser, tmp_path):
+    from selenium.webdriver.common.by import By
+
+    driver = browser
+    driver.get(server.url)
+    _wait(lambda: driver.find_elements(By.CSS_SELECTOR, "#generate button, button#generate"), 60, "the page")
+    driver.execute_script(RECORD_PROGRESS)
+
+    _type(driver, "#prompt textarea", "a photo of a lake at dawn")
+    driver.find_element(By.XPATH, "//button[contains(., 'Settings')]").click()
+    _type(driver, "#steps input[type=number]", "4")
+    driver.find_element(By.CSS_SELECTOR, "#compare input").click()
+    _wait(lambda: driver.find_elements(By.CSS_SELECTOR, "#baseline"), 10, "the MultiDiffusion image's box")
+    driver.find_element(By.CSS_SELECTOR, "#generate").click()
+    status = _wait(lambda: "steps" in _text(driver, "#status") and _text(driver, "#status"), 60, "the result")
+
+    seed = driver.find_element(By.CSS_SELECTOR, "#seed input").get_attribute("value")
+    assert status.startswith("MultiDiffusion and SyncDiffusion: 4/4 steps, 256x64 pixels") and f"seed {seed}" in status
+    images = {}
+    for selector in ("#result", "#baseline"):
+        image, path = _served_image(driver, selector)
+        assert image.size == (256, 64), f"{selector} is {image.size}, not the requested 256x64"
+        images[selector] = pixels(image)
+        assert str(path).startswith(str(Path(server.log).parent)), "served from outside the app's folder"
+    assert images["#result"].std() > 5, "blank panorama"
+    assert not np.array_equal(images["#result"], images["#baseline"])
+    assert "4/4 steps" in " ".join(driver.execute_script("return window.progressSeen")), "progress never reached 4/4"
+    driver.save_screenshot(str(tmp_path / "compare.png"))
+    if os.environ.get("SYNCDIFFUSION_DEMO_SCREENSHOT"):
+        shutil.copyfile(tmp_path / "compare.png", os.environ["SYNCDIFFUSION_DEMO_SCREENSHOT"])
+
+    # Bad input: the pipeline's one-line message, in the page; typing a size switches the preset to "custom".
+    _type(driver, "#width input", "100")
+    assert driver.find_element(By.CSS_SELECTOR, "#size input[value=custom]").is_selected()
+    driver.find_element(By.CSS_SELECTOR, "#generate").click()
+    message = PIPELINE_MESSAGE.replace("`", "")
+    _wait(lambda: message in driver.find_element(By.TAG_NAME, "body").text.replace("`", ""), 30, "the error message")
+    driver.save_screenshot(str(tmp_path / "bad-input.png"))
+
+    # Stop: a long run ends at the step after the click, and says so.
+    _type(driver, "#width input", "256")
+    _type(driver, "#steps input[type=number]", "100")
+    driver.execute_script("window.progressSeen = [];")
+    driver.find_element(By.CSS_SELECTOR, "#generate").click()
+    _wait(lambda: any("/100 steps" in text for text in driver.execute_script("return window.progressSeen")), 60,
+          "the long run to start")
+    driver.find_element(By.CSS_SELECTOR, "#stop").click()
+    status = _wait(lambda: "Stopped" in _text(driver, "#status") and _text(driver, "#status"), 60, "the stop")
+    assert status.startswith("Stopped at step") and "of 100 (MultiDiffusion)" in status
+    driver.save_screenshot(str(tmp_path / "stopped.png"))
+
+
+def test_through_gradio_client_the_api_returns_the_image_and_keeps_serving(server, tmp_path):
+    _require("gradio_client")
+    from gradio_client import Client
+    from gradio_client.exceptions import AppError
+
+    client = Client(server.url, download_files=str(tmp_path), verbose=False, analytics_enabled=False)
+    with pytest.raises(AppError, match="VAE scale factor 8, but is 100"):
+        client.predict(*{**API_ARGUMENTS, "width": 100}.values(), api_name="/generate")
+
+    sync_path, multi_path, seed, status = client.predict(*{**API_ARGUMENTS, "compare": True}.values(), api_name="/generate")
+    again_path, none, _, _ = client.predict(*API_ARGUMENTS.values(), api_name="/generate")
+    assert seed == 3 and "256x64" in status and none is None
+    with Image.open(sync_path) as sync, Image.open(multi_path) as multi, Image.open(again_path) as again:
+        assert sync.size == multi.size == again.size == (256, 64)
+        # The same seed gives the same panorama, with or without the comparison (measured: identical).
+        assert np.array_equal(pixels(sync), pixels(again))
+        assert not np.array_equal(pixels(sync), pixels(multi))
+    assert all(Path(path).is_relative_to(tmp_path) for path in (sync_path, multi_path, again_path))
