@@ -54,8 +54,14 @@ def authors_views(height, width, window, stride):
 
 @pytest.mark.parametrize(
     "height, width, window, stride, crops",
-    [(512, 3072, 512, 512, 6), (512, 2048, 512, 256, 7), (512, 3017, 512, 512, 5), (1024, 2048, 512, 512, 8),
-     (512, 512, 512, 512, 1), (64, 200, 32, 24, 16)],
+    [
+        (512, 3072, 512, 512, 6),
+        (512, 2048, 512, 256, 7),
+        (512, 3017, 512, 512, 5),
+        (1024, 2048, 512, 512, 8),
+        (512, 512, 512, 512, 1),
+        (64, 200, 32, 24, 16),
+    ],
 )
 def test_crop_layout_is_the_authors(height, width, window, stride, crops):
     boxes = evaluation.crop_boxes(height, width, window, stride)
@@ -94,7 +100,9 @@ def test_intra_lpips_is_the_authors_mean_over_pairs(networks):
     # The authors' loop: one pair at a time, [-1, 1], mean over the 2-combinations.
     crops = [halves[:, :, i * W : (i + 1) * W] * 2 - 1 for i in range(4)]
     with torch.no_grad():
-        expected = np.mean([loss(crops[i][None], crops[j][None]).item() for i, j in itertools.combinations(range(4), 2)])
+        expected = np.mean(
+            [loss(crops[i][None], crops[j][None]).item() for i, j in itertools.combinations(range(4), 2)]
+        )
     score = evaluation.intra_lpips(halves, W, W, loss=loss, batch_size=4)
     assert score > 0.01
     assert score == pytest.approx(expected, rel=1e-5)  # batched against one-by-one convolutions: float32 rounding
@@ -162,9 +170,7 @@ def test_clip_score_is_clips_own_cosine(networks):
     score = evaluation.clip_score(images, prompts, model=(model, processor))
 
     # CLIP's forward pass: logits_per_image = exp(logit_scale) * cos, for every image-text pair; the diagonal.
-    inputs = processor(
-        text=prompts, images=[evaluation.to_uint8(i) for i in images], return_tensors="pt", padding=True
-    )
+    inputs = processor(text=prompts, images=[evaluation.to_uint8(i) for i in images], return_tensors="pt", padding=True)
     with torch.no_grad():
         logits = model(**inputs).logits_per_image.diagonal() / model.logit_scale.exp()
     expected = (100 * logits).clamp(min=0).mean().item()
@@ -248,7 +254,9 @@ def write_set(folder, count, coherent, seed, height=W, tiles_per_row=4):
     rng = np.random.default_rng(seed)
     for i in range(count):
         first = rng.integers(0, 256, (height, W, 3), dtype=np.uint8)
-        row = [first if coherent else rng.integers(0, 256, (height, W, 3), dtype=np.uint8) for _ in range(tiles_per_row)]
+        row = [
+            first if coherent else rng.integers(0, 256, (height, W, 3), dtype=np.uint8) for _ in range(tiles_per_row)
+        ]
         Image.fromarray(np.concatenate(row, axis=1)).save(folder / f"{i:02d}.png")
     return folder
 
@@ -262,7 +270,9 @@ def toy_sets(tmp_path, networks, monkeypatch):
     reference = tmp_path / "reference"
     reference.mkdir()
     for i in range(6):
-        Image.fromarray(np.random.default_rng(10 + i).integers(0, 256, (W, W, 3), dtype=np.uint8)).save(reference / f"{i}.png")
+        Image.fromarray(np.random.default_rng(10 + i).integers(0, 256, (W, W, 3), dtype=np.uint8)).save(
+            reference / f"{i}.png"
+        )
     return tmp_path, coherent, mixed, reference
 
 
@@ -280,7 +290,9 @@ def test_evaluate_writes_table_json_csv_and_plot(toy_sets, capsys):
 
     table = capsys.readouterr().out.strip().splitlines()
     assert table[0].startswith("| set | panoramas | Intra-LPIPS ↓ | Intra-Style-L ↓ | Mean-CLIP-S ↑ | Mean-GIQA ↑")
-    assert table[2].startswith("| MultiDiffusion | 3 | 0 ± 0 | 0 ± 0 |") and table[3].startswith("| SyncDiffusion | 3 |")
+    assert table[2].startswith("| MultiDiffusion | 3 | 0 ± 0 | 0 ± 0 |") and table[3].startswith(
+        "| SyncDiffusion | 3 |"
+    )
 
     results = json.loads((out / "r.json").read_text())
     first, second = results["sets"]
