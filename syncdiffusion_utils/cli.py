@@ -26,6 +26,8 @@ import warnings
 DEFAULT_MODEL = "stabilityai/stable-diffusion-2-base"
 TINY = "tiny"  # `--model tiny`: the offline random tiny pipeline of `syncdiffusion_utils.testing`
 DEFAULT_SIZE = {"real": (512, 2048, 50), TINY: (64, 256, 10)}  # height, width, steps when not given
+TINY_XL = "tiny-xl"  # `--model tiny-xl`: the offline random tiny SDXL pipeline (SyncDiffusionXLPipeline)
+DEFAULT_SIZE[TINY_XL] = DEFAULT_SIZE[TINY]
 DEFAULT_OUTPUT = "panorama.png"
 DEFAULT_COMPARE_OUTPUT = "compare.png"
 SCHEDULERS = ("ddim", "euler", "dpm++")
@@ -161,7 +163,7 @@ def _from_pretrained(model, torch_dtype):
         )
     try:
         with _quiet_loading():
-            return SyncDiffusionPipeline.from_pretrained(
+            return _pipeline_class(model, SyncDiffusionPipeline).from_pretrained(
                 model, torch_dtype=torch_dtype, local_files_only=_offline() or None
             )
     except (OSError, ValueError) as error:
@@ -171,6 +173,20 @@ def _from_pretrained(model, torch_dtype):
         raise CLIError(
             f"--model {model!r}: cannot find or download it from {where}. " + _WEIGHTS_HINT.format(model=model)
         ) from None
+
+
+def _pipeline_class(model, default):
+    """`SyncDiffusionXLPipeline` when the model's `model_index.json` names an SDXL pipeline, else `default`."""
+    from diffusers import DiffusionPipeline
+
+    config = DiffusionPipeline.load_config(model, local_files_only=_offline() or None)
+    class_name = config.get("_class_name")
+    class_name = class_name[-1] if isinstance(class_name, (list, tuple)) else str(class_name)
+    if "XL" not in class_name:
+        return default
+    from pipeline_syncdiffusion_xl import SyncDiffusionXLPipeline
+
+    return SyncDiffusionXLPipeline
 
 
 def load_pipeline(
@@ -205,6 +221,14 @@ def load_pipeline(
         with warnings.catch_warnings():  # torchvision's notes about the random LPIPS backbone's arguments
             warnings.simplefilter("ignore", UserWarning)
             pipe = tiny_pipeline()
+        if dtype != torch.float32:
+            pipe.to(dtype=dtype)
+    elif model == TINY_XL:
+        from syncdiffusion_utils.testing import tiny_xl_pipeline
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)
+            pipe = tiny_xl_pipeline()
         if dtype != torch.float32:
             pipe.to(dtype=dtype)
     else:
@@ -364,7 +388,8 @@ def build_parser():
     parser.add_argument(
         "--model",
         default=DEFAULT_MODEL,
-        help=f"Hub model id or local diffusers folder (default: {DEFAULT_MODEL}); `tiny`: offline random tiny model",
+        help=f"Hub model id or local diffusers folder, SD or SDXL (default: {DEFAULT_MODEL}); `tiny`, `tiny-xl`:"
+        " offline random tiny models",
     )
     parser.add_argument("--height", type=_positive_int, help="pixels, a multiple of 8 (default: 512; tiny: 64)")
     parser.add_argument("--width", type=_positive_int, help="pixels, a multiple of 8 (default: 2048; tiny: 256)")
@@ -439,7 +464,7 @@ def _input_error(error):
 
 
 def _generate(args):
-    tiny = args.model == TINY
+    tiny = args.model in (TINY, TINY_XL)
     default_height, default_width, default_steps = DEFAULT_SIZE[TINY if tiny else "real"]
     height = args.height or default_height
     width = args.width or default_width
