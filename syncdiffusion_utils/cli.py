@@ -3,6 +3,8 @@
     syncdiffusion "a photo of a mountain range at twilight" -o mountains.png
     syncdiffusion "a photo of a city skyline at night" --compare -o compare.png
     syncdiffusion "a cozy living room" --model tiny -o smoke.png      # offline smoke run, random weights
+    syncdiffusion "a coastal town" --control-image depth.png --controlnet lllyasviel/control_v11f1p_sd15_depth \
+        --model stable-diffusion-v1-5/stable-diffusion-v1-5                 # follows the layout of depth.png
     syncdiffusion publish your-name/syncdiffusion                     # upload the pipeline to the Hub
 
 Also `python -m syncdiffusion_utils.cli`. Expected failures (a bad size or stride, a model that cannot be found,
@@ -55,6 +57,8 @@ ARGUMENT_FLAGS = {
     "sync_lpips_size": "--sync-lpips-size",
     "sync_decode_downsample": "--sync-decode-downsample",
     "sync_gradient_checkpointing": "--sync-gradient-checkpointing",
+    "image": "--control-image",
+    "controlnet_conditioning_scale": "--controlnet-scale",
 }
 
 _WEIGHTS_HINT = (
@@ -291,6 +295,64 @@ def load_sync_decoder(name, pipe):
     return decoder.to(device=device).eval().requires_grad_(False)
 
 
+def load_control_image(path):
+    """The ControlNet condition at `path` as an RGB PIL image; raises `CLIError` naming --control-image."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as image:
+            return image.convert("RGB")
+    except (OSError, UnidentifiedImageError) as error:
+        raise CLIError(f"--control-image {path!r} cannot be read as an image: {_first_line(error)}") from None
+
+
+def with_controlnet(pipe, name):
+    """`pipe` as a `SyncDiffusionControlNetPipeline` sharing its models (on its device, offloaded if it was), with the
+    `ControlNetModel` `name`: a Hub id or folder (e.g. lllyasviel/control_v11f1p_sd15_depth), or `"tiny"` (random
+    weights, for the tiny pipeline)."""
+    from diffusers import ControlNetModel
+
+    from pipeline_syncdiffusion import SyncDiffusionPipeline
+    from pipeline_syncdiffusion_controlnet import SyncDiffusionControlNetPipeline
+
+    if not isinstance(pipe, SyncDiffusionPipeline):
+        raise CLIError(f"--controlnet works with Stable Diffusion 1.x and 2.x models, not a {type(pipe).__name__}.", 2)
+    device, dtype = pipe._execution_device, pipe.unet.dtype
+    if name == TINY:
+        from syncdiffusion_utils.testing import make_tiny_controlnet
+
+        controlnet = make_tiny_controlnet(pipe.unet)
+    else:
+        if not os.path.isdir(name) and (name.startswith(("/", "./", "../", "~")) or name.count("/") > 1):
+            raise CLIError(f"--controlnet {name!r}: no such folder, and not a Hub model id.")
+        try:
+            with _quiet_loading():
+                controlnet = ControlNetModel.from_pretrained(name, torch_dtype=dtype, local_files_only=_offline() or None)
+        except (OSError, ValueError) as error:
+            raise CLIError(
+                f"--controlnet {name!r}: cannot load a ControlNetModel ({_first_line(error)}). Run"
+                f" `hf download {name}` where there is network, or pass a local folder."
+            ) from None
+    expected, found = pipe.unet.config.cross_attention_dim, controlnet.config.cross_attention_dim
+    if expected != found:
+        raise CLIError(
+            f"--controlnet {name!r} was trained for another base model (text features of size {found}, the UNet's"
+            f" are {expected}): use a ControlNet for this --model (SD 1.5 ControlNets need an SD 1.5 --model)."
+        )
+    offloaded = bool(getattr(pipe, "_all_hooks", None))
+    if offloaded:
+        pipe.remove_all_hooks()  # offloading is set up again on the new pipeline, with the ControlNet
+    with _quiet_loading():  # `from_pipe` casts every model to `torch_dtype`, warning for each
+        pipe = SyncDiffusionControlNetPipeline.from_pipe(
+            pipe, controlnet=controlnet.eval().requires_grad_(False), torch_dtype=dtype
+        )
+    if offloaded:
+        pipe.enable_model_cpu_offload(device=device)
+    else:
+        pipe.to(device)
+    return pipe
+
+
 def generator(seed):
     """A CPU `torch.Generator` seeded with `seed`: the same noise whatever the device."""
     import torch
@@ -424,6 +486,17 @@ def build_parser():
         "--compare", action="store_true", help="write MultiDiffusion and SyncDiffusion (same seed) stacked, labelled"
     )
 
+    control = parser.add_argument_group("ControlNet (a panorama that follows a layout)")
+    control.add_argument(
+        "--control-image", metavar="PATH",
+        help="the condition for the whole panorama (depth, edges, pose, ...); its size is the default --height/--width",
+    )
+    control.add_argument(
+        "--controlnet", metavar="ID_OR_PATH",
+        help="ControlNet Hub id or folder, e.g. lllyasviel/control_v11f1p_sd15_depth (`tiny` with --model tiny)",
+    )
+    control.add_argument("--controlnet-scale", type=float, default=1.0, help="ControlNet conditioning scale (default: 1)")
+
     run = parser.add_argument_group("panorama and hardware")
     run.add_argument("--circular", action="store_true", help="360-degree panorama: the left and right edges meet")
     run.add_argument("--view-batch-size", type=_positive_int, default=1, help="views per batch (default: 1)")
@@ -463,9 +536,26 @@ def _input_error(error):
     return re.sub(r"`(\w+)`", lambda m: ARGUMENT_FLAGS.get(m.group(1), m.group(0)), str(error))
 
 
+def _control_image(args, tiny):
+    """The --control-image, once it is known to come with a --controlnet that fits --model; None without either."""
+    if args.control_image is None and args.controlnet is None:
+        return None
+    if args.control_image is None or args.controlnet is None:
+        missing = "--control-image PATH" if args.control_image is None else "--controlnet ID_OR_PATH"
+        raise CLIError(f"{missing} is missing: a ControlNet panorama needs both --control-image and --controlnet.", 2)
+    if args.controlnet == TINY and not tiny:
+        raise CLIError("--controlnet tiny is a random ControlNet for `--model tiny` only; use e.g. a Hub id.", 2)
+    if tiny and args.controlnet != TINY:
+        raise CLIError(f"--controlnet {args.controlnet!r} does not fit the tiny random UNet of `--model tiny`: use --controlnet tiny.", 2)
+    return load_control_image(args.control_image)
+
+
 def _generate(args):
     tiny = args.model in (TINY, TINY_XL)
     default_height, default_width, default_steps = DEFAULT_SIZE[TINY if tiny else "real"]
+    control_image = _control_image(args, args.model == TINY)
+    if control_image is not None:  # the condition covers the whole panorama: its size is the default size
+        default_height, default_width = control_image.height, control_image.width
     height = args.height or default_height
     width = args.width or default_width
     steps = args.steps or default_steps
@@ -486,6 +576,8 @@ def _generate(args):
         attention_slicing=args.attention_slicing,
         cpu_offload=args.cpu_offload,
     )
+    if control_image is not None:
+        pipe = with_controlnet(pipe, args.controlnet)
     sync_decoder = load_sync_decoder(args.sync_decoder, pipe) if args.sync_decoder else None
     loaded = time.perf_counter()
 
@@ -510,6 +602,8 @@ def _generate(args):
         sync_decode_downsample=args.sync_decode_downsample,
         sync_gradient_checkpointing=args.sync_gradient_checkpointing,
     )
+    if control_image is not None:
+        call.update(image=control_image, controlnet_conditioning_scale=args.controlnet_scale)
     runs = [(f"SyncDiffusion (sync weight {args.sync_weight:g}, {args.sync_mode})", args.sync_weight)]
     if args.compare:
         runs.insert(0, ("MultiDiffusion (sync weight 0)", 0.0))

@@ -3,12 +3,16 @@ reference loop (crop per view, residuals into the UNet, gradient through Control
 
 import copy
 
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 from diffusers import DDIMScheduler, MultiControlNetModel, StableDiffusionControlNetPipeline
 
 from pipeline_syncdiffusion import SyncDiffusionPipeline
 from pipeline_syncdiffusion_controlnet import SyncDiffusionControlNetPipeline
+from syncdiffusion_utils import cli
+from syncdiffusion_utils.cli import main, with_controlnet
 from syncdiffusion_utils.testing import make_components, make_tiny_controlnet
 
 
@@ -285,3 +289,59 @@ def test_from_pipe_shares_models(parts, lpips_module):
     pipe = SyncDiffusionControlNetPipeline.from_pipe(sync_pipe, controlnet=controlnet_pipe.controlnet)
     assert pipe.unet is sync_pipe.unet and pipe.controlnet is controlnet_pipe.controlnet
     assert pipe.perceptual_loss("cpu") is lpips_module  # LPIPS is not a component; it is shared too
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The command: --control-image and --controlnet
+# ---------------------------------------------------------------------------------------------------------------
+
+BASE = ["a photo of a valley", "--model", "tiny", "--steps", "2", "--stride", "4", "--sync-thres", "1", "--seed", "0"]
+
+
+def write_condition(path, height=64, width=128):
+    pixels = (condition(height, width)[0].permute(1, 2, 0).numpy() * 255).astype(np.uint8)
+    Image.fromarray(pixels).save(path)
+    return str(path)
+
+
+def test_command_writes_the_pipelines_panorama_at_the_conditions_size(tmp_path, capsys, monkeypatch):
+    built = []
+    monkeypatch.setattr(cli, "with_controlnet", lambda *args: built.append(with_controlnet(*args)) or built[-1])
+    control, output = write_condition(tmp_path / "depth.png"), tmp_path / "panorama.png"
+    argv = ["--control-image", control, "--controlnet", "tiny", "--controlnet-scale", "0.8", "-o", str(output)]
+    assert main(BASE + argv) == 0
+    assert "wrote" in capsys.readouterr().out
+
+    # The same call on the pipeline the command built: a tiny pipeline with a tiny ControlNet.
+    (pipe,) = built
+    assert isinstance(pipe, SyncDiffusionControlNetPipeline)
+    with torch.no_grad():
+        expected = pipe(
+            "a photo of a valley", image=Image.open(control).convert("RGB"), num_inference_steps=2, stride=4,
+            sync_thres=1, controlnet_conditioning_scale=0.8, generator=torch.Generator().manual_seed(0),
+        ).images[0]
+    with Image.open(output) as written:
+        assert written.size == (128, 64)  # the condition's size: no --height or --width given
+        np.testing.assert_array_equal(np.asarray(written.convert("RGB")), np.asarray(expected))
+
+
+@pytest.mark.parametrize(
+    "flags, needles",
+    [
+        (["--controlnet", "tiny"], ["--control-image PATH is missing"]),
+        (["--control-image", "{control}", "--controlnet", "tiny", "--model", "some/model"], ["--controlnet tiny", "--model tiny"]),
+        (["--control-image", "{control}", "--controlnet", "lllyasviel/control_v11f1p_sd15_depth"], ["does not fit", "--controlnet tiny"]),
+        (["--control-image", "{missing}", "--controlnet", "tiny"], ["--control-image", "cannot be read"]),
+        (["--control-image", "{control}", "--controlnet", "tiny", "--width", "256"], ["--control-image has to cover the whole panorama, 64x256"]),
+    ],
+    ids=["no_image", "tiny_controlnet_real_model", "real_controlnet_tiny_model", "unreadable_image", "wrong_size"],
+)
+def test_command_errors_are_one_line_naming_the_flag(tmp_path, capsys, flags, needles):
+    values = {"control": write_condition(tmp_path / "depth.png"), "missing": str(tmp_path / "missing.png")}
+    output = tmp_path / "out.png"
+    assert main(BASE + [flag.format(**values) for flag in flags] + ["-o", str(output)]) != 0
+    err = capsys.readouterr().err
+    lines = [line for line in err.strip().splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("syncdiffusion: error: "), err
+    assert all(needle in lines[0] for needle in needles), lines[0]
+    assert not output.exists()
