@@ -942,8 +942,9 @@ def plot(results, path):
     for axis, name in zip(axes[0], metrics):
         title, better, _ = METRICS[name]
         means = [r["metrics"][name]["mean"] for r in results]
-        stds = [r["metrics"][name]["std"] or 0.0 for r in results]
-        axis.bar(range(len(results)), means, yerr=stds, color=colors, capsize=4)
+        stds = [r["metrics"][name]["std"] for r in results]
+        yerr = None if all(std is None for std in stds) else [std or 0.0 for std in stds]  # FID has no spread
+        axis.bar(range(len(results)), means, yerr=yerr, color=colors, capsize=4)
         axis.set_xticks(
             range(len(results)),
             labels,
