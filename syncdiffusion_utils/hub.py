@@ -1,14 +1,20 @@
-"""Publish `SyncDiffusionPipeline` to the Hugging Face Hub as a custom pipeline.
+"""Publish `SyncDiffusionPipeline` to the Hugging Face Hub, as a custom pipeline or as a ready-to-use model.
 
 `publish(repo_id)` uploads the pipeline file as `pipeline.py` and a model card as `README.md`, so that
 
     DiffusionPipeline.from_pretrained(model, custom_pipeline=repo_id, trust_remote_code=True)
 
-loads it.
+loads it. `publish_model(pipe, repo_id)` uploads a whole pipeline (weights, `syncdiffusion.py`, model card), so that
+
+    DiffusionPipeline.from_pretrained(repo_id, trust_remote_code=True)
+
+loads it; `export(pipe, folder)` writes the same files to a local folder.
 """
 
 import inspect
+import os
 import re
+import tempfile
 
 from huggingface_hub import CommitOperationAdd, HfApi
 from huggingface_hub.errors import HfHubHTTPError, HFValidationError
@@ -130,6 +136,67 @@ def _parameters_table() -> str:
     return "\n".join(rows)
 
 
+_MODEL_REPO_CARD = """\
+---
+library_name: diffusers
+pipeline_tag: text-to-image
+{base_model}tags:
+- diffusers
+- text-to-image
+- panorama
+- stable-diffusion
+- syncdiffusion
+---
+
+# {name}: SyncDiffusion panoramas
+
+{weights} with the [SyncDiffusion](https://huggingface.co/papers/2306.05178) pipeline (Lee et al., NeurIPS 2023):
+coherent panoramas from overlapping windows that are synchronized by an LPIPS gradient. The repository holds the
+weights and the pipeline code, `syncdiffusion.py`, which `model_index.json` names.
+
+## Usage
+
+```python
+from diffusers import DiffusionPipeline
+
+pipe = DiffusionPipeline.from_pretrained("{repo_id}", trust_remote_code=True).to("cuda")
+image = pipe("a photo of a mountain range at twilight", height=512, width=2048).images[0]
+```
+
+`trust_remote_code=True` runs this repository's `syncdiffusion.py` on your machine: read it first, and pin a reviewed
+version with `revision="<commit>"`. The perceptual loss is LPIPS-VGG from the `lpips` package (`pip install lpips`);
+it downloads torchvision's VGG-16 weights on first use.
+
+## Parameters
+
+{parameters}
+
+## Citation
+
+```bibtex
+{citation}
+```
+"""
+
+
+def model_repo_card(repo_id: str, base_model: str | None = None) -> str:
+    """`README.md` of a ready-to-use model repo: usage in two lines, parameters, citation; `base_model` if a Hub id."""
+    is_hub_id = base_model is not None and not os.path.exists(base_model) and base_model.count("/") == 1
+    weights = f"[{base_model}](https://huggingface.co/{base_model})'s weights" if is_hub_id else "Stable Diffusion weights"
+    fields = {
+        "{base_model}": f"base_model: {base_model}\n" if is_hub_id else "",
+        "{name}": repo_id.split("/")[-1],
+        "{weights}": weights + (", under that model's license," if is_hub_id else ""),
+        "{repo_id}": repo_id,
+        "{parameters}": _parameters_table(),
+        "{citation}": _CITATION,
+    }
+    card = _MODEL_REPO_CARD
+    for field, value in fields.items():
+        card = card.replace(field, value)
+    return card
+
+
 def model_card(repo_id: str) -> str:
     """The Hub repository's `README.md`: metadata, what the pipeline is, usage with `repo_id`, parameters, citation."""
     card = _MODEL_CARD.replace("{parameters}", _parameters_table()).replace("{citation}", _CITATION)
@@ -183,11 +250,56 @@ def publish(
         api.create_repo(repo_id, exist_ok=True, private=private, token=token)
         info = api.create_commit(repo_id, operations, commit_message=commit_message, token=token)
     except HfHubHTTPError as err:
-        status = getattr(err.response, "status_code", None)
-        if status in (401, 403):
-            err.append_to_message(
-                f"\n\nCould not write to {repo_id!r} on the Hub: authentication failed, or the token cannot write"
-                " there. Run `hf auth login` with a write token, pass `token=`, or set `HF_TOKEN`."
-            )
+        _explain_auth_error(err, repo_id)
         raise
     return str(info.commit_url)
+
+
+def _explain_auth_error(err, repo_id):
+    """Add how to log in to a 401/403 from the Hub."""
+    if getattr(err.response, "status_code", None) in (401, 403):
+        err.append_to_message(
+            f"\n\nCould not write to {repo_id!r} on the Hub: authentication failed, or the token cannot write"
+            " there. Run `hf auth login` with a write token, pass `token=`, or set `HF_TOKEN`."
+        )
+
+
+def export(pipe, folder, base_model: str | None = None, repo_id: str | None = None) -> str:
+    """Save `pipe` to `folder` as a model that loads itself (weights, `syncdiffusion.py`, `model_index.json`)
+    with its model card `README.md` (`repo_id` in the usage; default: the folder's name)."""
+    pipe.save_pretrained(folder)
+    card = model_repo_card(repo_id or os.path.basename(os.path.abspath(folder)), base_model)
+    with open(os.path.join(folder, MODEL_CARD_FILENAME), "w", encoding="utf-8") as f:
+        f.write(card)
+    return str(folder)
+
+
+def publish_model(
+    pipe,
+    repo_id: str,
+    *,
+    base_model: str | None = None,
+    token: str | None = None,
+    private: bool = False,
+    commit_message: str = "Upload SyncDiffusion pipeline with weights",
+    api=None,
+) -> str:
+    """Upload `pipe` as a ready-to-use model repo `repo_id`: what `export` writes, in one commit.
+
+    `DiffusionPipeline.from_pretrained(repo_id, trust_remote_code=True)` then loads it. Arguments as in `publish`;
+    `base_model` (the Hub id the weights come from) goes into the model card.
+
+    Returns:
+        `str`: the URL of the commit.
+    """
+    _check_repo_id(repo_id)
+    api = api if api is not None else HfApi()
+    with tempfile.TemporaryDirectory(prefix="syncdiffusion-export-") as folder:
+        export(pipe, folder, base_model=base_model, repo_id=repo_id)
+        try:
+            api.create_repo(repo_id, exist_ok=True, private=private, token=token)
+            info = api.upload_folder(repo_id=repo_id, folder_path=folder, commit_message=commit_message, token=token)
+        except HfHubHTTPError as err:
+            _explain_auth_error(err, repo_id)
+            raise
+    return str(getattr(info, "commit_url", info))

@@ -18,17 +18,19 @@ from pathlib import Path
 from types import SimpleNamespace
 from urllib.parse import unquote, urlsplit
 
+import numpy as np
 import pytest
+import torch
 import yaml
 from diffusers import DiffusionPipeline
 from diffusers.utils import dynamic_modules_utils
 from huggingface_hub import constants as hub_constants
-from huggingface_hub import hf_api, set_client_factory
+from huggingface_hub import hf_api
 from huggingface_hub.errors import HfHubHTTPError
 from huggingface_hub.utils import _http
 
 import pipeline_syncdiffusion
-from syncdiffusion_utils.hub import model_card, pipeline_source, publish
+from syncdiffusion_utils.hub import model_card, model_repo_card, pipeline_source, publish, publish_model
 from syncdiffusion_utils.testing import save_tiny_pipeline
 
 
@@ -45,6 +47,10 @@ SYNC_PARAMETERS = [
     "sync_lpips_size",
     "sync_gradient_checkpointing",
 ]
+
+
+DATASET = "datasets/"  # dataset repos are stored under this prefix
+COMMUNITY_MIRROR = DATASET + "diffusers/community-pipelines-mirror"
 
 
 def pipeline_file_bytes():
@@ -140,10 +146,14 @@ def _make_handler(hub):
         def _route(self):
             path = unquote(urlsplit(self.path).path)
             hub.requests.append((self.command, path))
+            if self.command == "GET" and (m := re.fullmatch(r"/api/models/([^/]+/[^/]+)/tree/([^/]+)", path)):
+                return self._tree(*m.groups())
             if self.command == "GET" and (m := re.fullmatch(r"/api/models/([^/]+/[^/]+)(?:/revision/(.+))?", path)):
                 return self._model_info(m.group(1), m.group(2) or "main")
             if self.command in ("GET", "HEAD") and (m := re.fullmatch(r"/([^/]+/[^/]+)/resolve/([^/]+)/(.+)", path)):
                 return self._resolve(*m.groups())
+            if self.command in ("GET", "HEAD") and (m := re.fullmatch(r"/datasets/([^/]+/[^/]+)/resolve/([^/]+)/(.+)", path)):
+                return self._resolve(DATASET + m.group(1), m.group(2), m.group(3))
             if self.command == "POST" and path == "/api/repos/create":
                 return self._create_repo(json.loads(self._body()))
             if self.command == "POST" and path == "/api/validate-yaml":
@@ -163,6 +173,16 @@ def _make_handler(hub):
             siblings = [{"rfilename": name} for name in sorted(repo["files"])]
             info = {"id": repo_id, "modelId": repo_id, "sha": repo["sha"], "private": repo["private"], "tags": []}
             self._send(200, {**info, "siblings": siblings})
+
+        def _tree(self, repo_id, revision):
+            """`list_repo_tree(recursive=True)`, which `snapshot_download` uses: every file, one page."""
+            if (repo := self._repo(repo_id, revision)) is None:
+                return
+            entries = [
+                {"type": "file", "path": name, "size": len(content), "oid": hashlib.sha1(content).hexdigest()}
+                for name, content in sorted(repo["files"].items())
+            ]
+            self._send(200, entries)
 
         def _resolve(self, repo_id, revision, filename):
             if (repo := self._repo(repo_id, revision)) is None:
@@ -235,6 +255,14 @@ def _client_with_timeout():
     return client
 
 
+def _set_client_factory(factory):
+    """huggingface_hub >= 1 (httpx) takes a client factory; older versions (requests) time out by themselves."""
+    if hasattr(_http, "default_client_factory"):
+        from huggingface_hub import set_client_factory
+
+        set_client_factory(factory or _http.default_client_factory)
+
+
 @pytest.fixture
 def fake_hub(monkeypatch, tmp_path):
     """Start a fake Hub and point huggingface_hub and diffusers (and their caches) at it, then stop it."""
@@ -258,11 +286,11 @@ def fake_hub(monkeypatch, tmp_path):
     monkeypatch.setattr(sys, "path", list(sys.path))  # diffusers appends its modules cache
     monkeypatch.chdir(tmp_path)  # so no local folder named like the repo id can be picked up
     modules_before = set(sys.modules)
-    set_client_factory(_client_with_timeout)
+    _set_client_factory(_client_with_timeout)
     try:
         yield hub
     finally:
-        set_client_factory(_http.default_client_factory)
+        _set_client_factory(None)
         hub.stop()
         for name in set(sys.modules) - modules_before:
             if name.startswith("diffusers_modules"):
@@ -423,3 +451,98 @@ def test_publish_without_credentials_explains_how_to_log_in(fake_hub):
     assert excinfo.value.response.status_code == 401
     assert "HF_TOKEN" in str(excinfo.value)
     assert "syncdiffusion-test/unauthorized" not in fake_hub.repos
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Saved pipelines, model repos and the community name, through the fake Hub
+# ---------------------------------------------------------------------------------------------------------------
+
+CLASS_NAME = ["syncdiffusion", "SyncDiffusionPipeline"]
+SMALL = dict(height=64, width=128, num_inference_steps=3, sync_thres=2, output_type="np")
+
+
+def images(pipe, lpips_module):
+    pipe.set_perceptual_loss(lpips_module)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe("a photo of a beach", generator=torch.Generator().manual_seed(0), **SMALL).images
+
+
+def folder_files(folder):
+    return {path.relative_to(folder).as_posix(): path.read_bytes() for path in Path(folder).rglob("*") if path.is_file()}
+
+
+def check_loads_back(repo_id, pipe, lpips_module):
+    """Through `DiffusionPipeline` (the repo's own `syncdiffusion.py`) and through the class: the same images."""
+    expected = images(pipe, lpips_module)
+    remote = DiffusionPipeline.from_pretrained(repo_id, trust_remote_code=True)
+    module_file = Path(sys.modules[type(remote).__module__].__file__)
+    assert module_file.name == "syncdiffusion.py" and module_file.read_bytes() == pipeline_file_bytes()
+    direct = pipeline_syncdiffusion.SyncDiffusionPipeline.from_pretrained(repo_id)
+    assert type(direct) is pipeline_syncdiffusion.SyncDiffusionPipeline
+    # Same weights and code on the same CPU, one thread: bit-identical (measured max difference 0).
+    for loaded in (remote, direct):
+        np.testing.assert_array_equal(images(loaded, lpips_module), expected)
+
+
+def test_push_to_hub_then_load_back(fake_hub, pipe, lpips_module, tmp_path):
+    repo_id = "syncdiffusion-test/pushed"
+
+    pipe.save_pretrained(str(tmp_path / "local"), push_to_hub=True, repo_id=repo_id, token=fake_hub.token)
+
+    files = fake_hub.repos[repo_id]["files"]
+    assert files["syncdiffusion.py"] == pipeline_file_bytes()
+    assert json.loads(files["model_index.json"])["_class_name"] == CLASS_NAME
+    assert {name for name in files if name.endswith(".safetensors")} == {
+        "unet/diffusion_pytorch_model.safetensors", "vae/diffusion_pytorch_model.safetensors",
+        "text_encoder/model.safetensors",
+    }
+    check_loads_back(repo_id, pipe, lpips_module)
+
+
+def test_publish_model_then_load_back(fake_hub, pipe, lpips_module, tmp_path):
+    repo_id = "syncdiffusion-test/panorama-tiny"
+
+    url = publish_model(pipe, repo_id, base_model="someone/tiny-sd", token=fake_hub.token, commit_message="model")
+
+    repo = fake_hub.repos[repo_id]
+    assert [commit["summary"] for commit in repo["commits"]] == ["model"]
+    assert url == f"{fake_hub.url}/{repo_id}/commit/{repo['sha']}"
+    card = repo["files"]["README.md"].decode()
+    assert card == model_repo_card(repo_id, "someone/tiny-sd")
+    assert "base_model: someone/tiny-sd" in card
+    assert f'DiffusionPipeline.from_pretrained("{repo_id}", trust_remote_code=True)' in card
+    # Exactly what `save_pretrained` writes, plus the card.
+    pipe.save_pretrained(tmp_path / "saved")
+    assert {**folder_files(tmp_path / "saved"), "README.md": card.encode()} == repo["files"]
+    check_loads_back(repo_id, pipe, lpips_module)
+
+
+def plain_model_repo(fake_hub, folder, repo_id="syncdiffusion-test/plain-sd"):
+    """A plain Stable Diffusion model repo (no pipeline code), like stabilityai/stable-diffusion-2-base."""
+    fake_hub.add_repo(repo_id, folder_files(save_tiny_pipeline(folder)))
+    return repo_id
+
+
+@pytest.mark.parametrize("released", [True, False], ids=["release", "main"])
+def test_community_name_loads_from_the_mirror(fake_hub, tmp_path, monkeypatch, released):
+    """`custom_pipeline="syncdiffusion"` on a plain model: diffusers' community mirror, `v<version>/` or `main/`."""
+    import diffusers
+
+    version = diffusers.__version__
+    served = {
+        f"v{version}/syncdiffusion.py": pipeline_file_bytes() + b'\nSERVED_FROM = "release"\n',
+        "main/syncdiffusion.py": pipeline_file_bytes() + b'\nSERVED_FROM = "main"\n',
+    }
+    fake_hub.add_repo(COMMUNITY_MIRROR, served)
+    # diffusers asks PyPI which releases exist, to pick `v<version>/` or `main/`: answered here, offline.
+    monkeypatch.setattr(dynamic_modules_utils, "get_diffusers_versions", lambda: [version] if released else [])
+    repo_id = plain_model_repo(fake_hub, tmp_path / "plain")
+
+    pipe = DiffusionPipeline.from_pretrained(repo_id, custom_pipeline="syncdiffusion")  # no trust_remote_code
+
+    module = sys.modules[type(pipe).__module__]
+    assert type(pipe).__name__ == "SyncDiffusionPipeline" and type(pipe) is not pipeline_syncdiffusion.SyncDiffusionPipeline
+    assert module.SERVED_FROM == ("release" if released else "main")
+    folder = f"v{version}" if released else "main"
+    assert fake_hub.requested("GET", f"/datasets/diffusers/community-pipelines-mirror/resolve/main/{folder}/syncdiffusion.py")
+    check_tiny_generation(pipe)
