@@ -242,10 +242,21 @@ def build_app(pipe, model=DEFAULT_MODEL):
                 stop_button = gr.Button("Stop", variant="stop", elem_id="stop")
                 compare = gr.Checkbox(label="Compare with MultiDiffusion (same seed)", elem_id="compare")
         with gr.Row():
-            size = gr.Radio([*sizes, CUSTOM], value=default_size, label="Size (height x width)", elem_id="size")
-            height = gr.Number(height0, label="Height", step=8, elem_id="height")
-            width = gr.Number(width0, label="Width", step=8, elem_id="width")
-            circular = gr.Checkbox(circular0, label="360° (the edges meet)", elem_id="circular")
+            size = gr.Radio(
+                [*sizes, CUSTOM], value=default_size, label="Size (height x width)", scale=3, elem_id="size"
+            )
+            height = gr.Number(height0, label="Height", step=8, min_width=100, elem_id="height")
+            width = gr.Number(width0, label="Width", step=8, min_width=100, elem_id="width")
+            circular = gr.Checkbox(circular0, label="360° (the edges meet)", min_width=100, elem_id="circular")
+        status = gr.Markdown(elem_id="status")
+        result = gr.Image(
+            label=SYNCDIFFUSION, type="pil", format="png", interactive=False, buttons=["download", "fullscreen"],
+            elem_id="result",
+        )
+        baseline = gr.Image(
+            label=f"{MULTIDIFFUSION} (same seed, sync weight 0)", type="pil", format="png", interactive=False,
+            buttons=["download", "fullscreen"], visible=False, elem_id="baseline",
+        )
         with gr.Accordion("Settings", open=False):
             with gr.Row():
                 steps = gr.Slider(1, 100, value=demo.default_steps, step=1, label="Steps", elem_id="steps")
@@ -261,15 +272,6 @@ def build_app(pipe, model=DEFAULT_MODEL):
                 sync_weight = gr.Slider(0, 50, value=20, step=0.5, label="Sync weight (0 = MultiDiffusion)")
                 sync_thres = gr.Slider(0, 50, value=5, step=1, label="Synchronized steps (the first N)")
                 sync_mode = gr.Radio(["exact", "fast"], value="exact", label="Sync mode (exact: the paper's)")
-        status = gr.Markdown(elem_id="status")
-        result = gr.Image(
-            label=SYNCDIFFUSION, type="pil", format="png", interactive=False, buttons=["download", "fullscreen"],
-            elem_id="result",
-        )
-        baseline = gr.Image(
-            label=f"{MULTIDIFFUSION} (same seed, sync weight 0)", type="pil", format="png", interactive=False,
-            buttons=["download", "fullscreen"], visible=False, elem_id="baseline",
-        )
         gr.Examples([[text] for text in EXAMPLES], inputs=[prompt], label="Example prompts")
 
         size.change(choose_size, size, [height, width, circular], queue=False, api_visibility="private")

@@ -5,6 +5,7 @@ served by the real command on the tiny model, driven in a headless Chromium (Deb
 Set SYNCDIFFUSION_DEMO_SCREENSHOT=docs/demo.png to keep the browser test's screenshot of a finished comparison.
 """
 
+import base64
 import contextlib
 import importlib.util
 import io
@@ -305,6 +306,18 @@ def _served_image(driver, selector):
     return image, path
 
 
+def _screenshot(driver, path):
+    """A PNG of the whole page, below the window's bottom too (Chromium's DevTools protocol)."""
+    width, height = driver.execute_script(
+        "return [document.documentElement.scrollWidth, document.documentElement.scrollHeight]"
+    )
+    shot = driver.execute_cdp_cmd(
+        "Page.captureScreenshot",
+        {"captureBeyondViewport": True, "clip": {"x": 0, "y": 0, "width": width, "height": height, "scale": 1}},
+    )
+    Path(path).write_bytes(base64.b64decode(shot["data"]))
+
+
 # Records every text the progress bars show: a run on the tiny model lasts a second or two, too short to poll.
 RECORD_PROGRESS = """
 window.progressSeen = [];
@@ -341,7 +354,7 @@ def test_in_a_browser_generate_compare_bad_input_and_stop(server, browser, tmp_p
     assert images["#result"].std() > 5, "blank panorama"
     assert not np.array_equal(images["#result"], images["#baseline"])
     assert "4/4 steps" in " ".join(driver.execute_script("return window.progressSeen")), "progress never reached 4/4"
-    driver.save_screenshot(str(tmp_path / "compare.png"))
+    _screenshot(driver, tmp_path / "compare.png")
     if os.environ.get("SYNCDIFFUSION_DEMO_SCREENSHOT"):
         shutil.copyfile(tmp_path / "compare.png", os.environ["SYNCDIFFUSION_DEMO_SCREENSHOT"])
 
@@ -351,7 +364,7 @@ def test_in_a_browser_generate_compare_bad_input_and_stop(server, browser, tmp_p
     driver.find_element(By.CSS_SELECTOR, "#generate").click()
     message = PIPELINE_MESSAGE.replace("`", "")
     _wait(lambda: message in driver.find_element(By.TAG_NAME, "body").text.replace("`", ""), 30, "the error message")
-    driver.save_screenshot(str(tmp_path / "bad-input.png"))
+    _screenshot(driver, tmp_path / "bad-input.png")
 
     # Stop: a long run ends at the step after the click, and says so.
     _type(driver, "#width input", "256")
@@ -363,7 +376,7 @@ def test_in_a_browser_generate_compare_bad_input_and_stop(server, browser, tmp_p
     driver.find_element(By.CSS_SELECTOR, "#stop").click()
     status = _wait(lambda: "Stopped" in _text(driver, "#status") and _text(driver, "#status"), 60, "the stop")
     assert status.startswith("Stopped at step") and "of 100 (MultiDiffusion)" in status
-    driver.save_screenshot(str(tmp_path / "stopped.png"))
+    _screenshot(driver, tmp_path / "stopped.png")
 
 
 def test_through_gradio_client_the_api_returns_the_image_and_keeps_serving(server, tmp_path):
