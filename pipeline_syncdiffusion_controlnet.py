@@ -388,6 +388,7 @@ class SyncDiffusionControlNetPipeline(
         sync_decoder=None,
         sync_lpips_size=None,
         sync_decode_downsample=1,
+        sync_gradient_checkpointing=False,
     ):
         """Raise a `ValueError` naming the argument, its value and what is allowed, before any model runs."""
         factor = self.vae_scale_factor
@@ -436,8 +437,8 @@ class SyncDiffusionControlNetPipeline(
         window = self.unet.config.sample_size
         if not isinstance(stride, int) or not 1 <= stride <= window:
             raise ValueError(f"`stride` has to be an integer in 1..{window} (the view size in latents), but is {stride!r}.")
-        if not isinstance(view_batch_size, int) or view_batch_size < 1:
-            raise ValueError(f"`view_batch_size` has to be a positive integer, but is {view_batch_size!r}.")
+        if view_batch_size != "auto" and (not isinstance(view_batch_size, int) or view_batch_size < 1):
+            raise ValueError(f"`view_batch_size` has to be a positive integer or 'auto', but is {view_batch_size!r}.")
         if not isinstance(num_inference_steps, int) or num_inference_steps < 1:
             raise ValueError(f"`num_inference_steps` has to be a positive integer, but is {num_inference_steps!r}.")
         if not isinstance(num_images_per_prompt, int) or num_images_per_prompt < 1:
@@ -475,6 +476,12 @@ class SyncDiffusionControlNetPipeline(
             raise ValueError(f"`sync_reuse_noise` has to be True, False or None, but is {sync_reuse_noise!r}.")
         if sync_decoder is not None and not callable(getattr(sync_decoder, "decode", None)):
             raise ValueError(f"`sync_decoder` has to have a `decode` method (e.g. `AutoencoderTiny`), but is {sync_decoder!r}.")
+        if sync_gradient_checkpointing and sync_decoder is not None:
+            if not getattr(sync_decoder, "_supports_gradient_checkpointing", False):
+                raise ValueError(
+                    "`sync_gradient_checkpointing=True` needs a `sync_decoder` that supports gradient checkpointing"
+                    f" (`enable_gradient_checkpointing`), but {type(sync_decoder).__name__} does not."
+                )
         if sync_lpips_size is not None and (not isinstance(sync_lpips_size, int) or sync_lpips_size < 32):
             raise ValueError(f"`sync_lpips_size` has to be an integer >= 32 (pixels) or None, but is {sync_lpips_size!r}.")
 
@@ -665,8 +672,98 @@ class SyncDiffusionControlNetPipeline(
                 count[:, :, h_start:h_end, w_start:w_end] += 1
             else:
                 columns = self._view_columns(view, width, value.device)
-                value[:, :, h_start:h_end].index_add_(3, columns, crop)
-                count[:, :, h_start:h_end].index_add_(3, columns, torch.ones_like(crop))
+                value[:, :, h_start:h_end].index_add_(3, columns, crop.to(value.dtype))
+                count[:, :, h_start:h_end].index_add_(3, columns, torch.ones_like(crop, dtype=count.dtype))
+
+    # ------------------------------------------------------------------------------------------------------------
+    # View batches sized to memory (`view_batch_size="auto"`)
+    # ------------------------------------------------------------------------------------------------------------
+
+    # Tensor elements saved per pixel, per sample and per channel of the UNet's first block: how they were measured is
+    # told in pipeline_syncdiffusion.py, where these come from.
+    # Copied from pipeline_syncdiffusion.SyncDiffusionPipeline.UNET_FORWARD_ELEMENTS
+    UNET_FORWARD_ELEMENTS = 48
+    # Copied from pipeline_syncdiffusion.SyncDiffusionPipeline.UNET_SAVED_ELEMENTS
+    UNET_SAVED_ELEMENTS = 355
+    # Copied from pipeline_syncdiffusion.SyncDiffusionPipeline.DECODER_SAVED_ELEMENTS
+    DECODER_SAVED_ELEMENTS = 45
+    # Copied from pipeline_syncdiffusion.SyncDiffusionPipeline.LPIPS_SAVED_ELEMENTS
+    LPIPS_SAVED_ELEMENTS = 610
+    # Copied from pipeline_syncdiffusion.SyncDiffusionPipeline.CHECKPOINTED_FRACTION
+    CHECKPOINTED_FRACTION = 0.2
+    # Copied from pipeline_syncdiffusion.SyncDiffusionPipeline.AUTO_MEMORY_FRACTION
+    AUTO_MEMORY_FRACTION = 0.8
+    # Copied from pipeline_syncdiffusion.SyncDiffusionPipeline.AUTO_HOST_VIEW_BATCH_SIZE
+    AUTO_HOST_VIEW_BATCH_SIZE = 16
+
+    def view_memory(self, num_images, dtype, sync=None) -> int:
+        """
+        Estimated bytes one view needs, as [`SyncDiffusionPipeline`] estimates them, with the ControlNets' share: they
+        copy the UNet's encoder, so their activations are counted as the UNet's times their parameter count over its
+        own (an overestimate, since the decoder's and LPIPS's share is scaled too: batches come out a little small).
+        """
+        unet_parameters = sum(p.numel() for p in self.unet.parameters())
+        controlnet_parameters = sum(p.numel() for net in self.controlnet_models for p in net.parameters())
+        return int(self.panorama_view_memory(num_images, dtype, sync) * (1 + controlnet_parameters / unet_parameters))
+
+    # Copied from pipeline_syncdiffusion.SyncDiffusionPipeline.view_memory with view_memory->panorama_view_memory
+    def panorama_view_memory(self, num_images, dtype, sync=None) -> int:
+        """
+        Estimated bytes one view needs: its guided UNet forward, or with `sync` (the synchronization settings) its
+        whole gradient pass (UNet forward and backward, decoder forward and backward, LPIPS in float32).
+        """
+        window = self.unet.config.sample_size
+        samples = num_images * (2 if self.do_classifier_free_guidance else 1)
+        unet_units = window * window * samples * self.unet.config.block_out_channels[0]
+        element = torch.finfo(dtype).bits // 8
+        if sync is None:
+            return self.UNET_FORWARD_ELEMENTS * unet_units * element
+
+        kept = self.CHECKPOINTED_FRACTION if sync["checkpointing"] else 1.0
+        unet = self.UNET_SAVED_ELEMENTS * unet_units * element * kept if sync["gradient"] == "unet" else 0
+        decoder = sync["decoder"] if sync["decoder"] is not None else self.vae
+        channels = getattr(decoder.config, "block_out_channels", None) or decoder.config.decoder_block_out_channels
+        pixels = (window * self.vae_scale_factor // sync["decode_downsample"]) ** 2
+        decode = self.DECODER_SAVED_ELEMENTS * pixels * num_images * min(channels) * element * kept
+        compared = pixels if sync["lpips_size"] is None else min(pixels, sync["lpips_size"] ** 2)
+        lpips = self.LPIPS_SAVED_ELEMENTS * compared * num_images * 4
+        return int(unet + decode + lpips)
+
+    # Copied from pipeline_syncdiffusion.SyncDiffusionPipeline.auto_view_batch_sizes
+    def auto_view_batch_sizes(self, num_views, num_images, device, dtype, sync_active, sync):
+        """
+        `view_batch_size="auto"`: `(views per denoising batch, views per gradient pass, gradient checkpointing)`.
+
+        On CUDA, as many views as fit in `AUTO_MEMORY_FRACTION` of the free memory (`torch.cuda.mem_get_info`) by
+        the estimates of `view_memory`, in batches of nearly equal size (fewer distinct shapes for compiled models).
+        The gradient pass is sized separately, since a view holds ~20x more memory there; if not even one view fits,
+        activation checkpointing is turned on for it (the same result, more compute). Elsewhere there is no memory
+        reading: `AUTO_HOST_VIEW_BATCH_SIZE` views per denoising batch and one per gradient pass.
+        """
+        checkpointing = sync["checkpointing"]
+        device = torch.device(device)
+        if device.type != "cuda":
+            return self._balanced(num_views, self.AUTO_HOST_VIEW_BATCH_SIZE), 1, checkpointing
+
+        budget = torch.cuda.mem_get_info(device)[0] * self.AUTO_MEMORY_FRACTION
+        view_batch_size = self._balanced(num_views, budget // self.view_memory(num_images, dtype))
+        if not sync_active:
+            return view_batch_size, 1, checkpointing
+        per_view = self.view_memory(num_images, dtype, sync)
+        if per_view > budget and not checkpointing:
+            checkpointing = True
+            per_view = self.view_memory(num_images, dtype, {**sync, "checkpointing": True})
+            logger.info("view_batch_size='auto': one view's gradient pass does not fit; using gradient checkpointing.")
+        gradient_batch_size = self._balanced(view_batch_size, budget // per_view)
+        return view_batch_size, gradient_batch_size, checkpointing
+
+    # Copied from pipeline_syncdiffusion.SyncDiffusionPipeline._balanced
+    @staticmethod
+    def _balanced(count, limit):
+        """The batch size that splits `count` items into the fewest batches of at most `limit`, as even as can be."""
+        limit = int(min(max(limit, 1), count))
+        batches = -(-count // limit)
+        return -(-count // batches)
 
     # ------------------------------------------------------------------------------------------------------------
     # The denoiser: ControlNet residuals, guided noise and the scheduler's clean-latent prediction
@@ -861,27 +958,63 @@ class SyncDiffusionControlNetPipeline(
         Returns the updated latents and the noise prediction made before the update.
         """
         model_input = self.scheduler.scale_model_input(view_latents, t).detach().requires_grad_(True)
-        with torch.enable_grad(), self._sync_checkpointing(sync["checkpointing"]):
+        with torch.enable_grad(), self._sync_checkpointing(sync["checkpointing"], sync["decoder"]):
             with torch.set_grad_enabled(sync["gradient"] == "unet"):
                 noise_pred = self.predict_noise(model_input, t, conditioning)
             clean_latents = self.predict_clean_latents(model_input, noise_pred, t)
-            clean_grad = self.perceptual_gradient(clean_latents.detach(), anchor_images, sync)
+            clean_grad, loss_scale = self.perceptual_gradient(clean_latents.detach(), anchor_images, sync)
             # The chain rule in two backward passes: model CPU offloading moves the UNet off the device while the
             # decoder runs, and its backward needs the weights back first.
             self._onload(self.unet)
-            (grad,) = torch.autograd.grad(clean_latents, model_input, clean_grad)
-        input_scale = self.scheduler.scale_model_input(torch.ones_like(view_latents[:1, :1, :1, :1]), t)
-        updated = (model_input.detach() - weight * grad.to(view_latents.dtype)) / input_scale
-        return updated, noise_pred.detach()
+            (grad,) = torch.autograd.grad(clean_latents, model_input, clean_grad.to(clean_latents.dtype))
+        grad = self._unscale_gradient(grad, loss_scale)
+        input_scale = self.scheduler.scale_model_input(torch.ones_like(view_latents[:1, :1, :1, :1]), t).float()
+        updated = (model_input.detach().float() - weight * grad) / input_scale
+        return updated.to(view_latents.dtype), noise_pred.detach()
 
     # Copied from pipeline_syncdiffusion.SyncDiffusionPipeline.perceptual_gradient
-    def perceptual_gradient(self, clean_latents, anchor_images, sync) -> torch.Tensor:
-        """`d LPIPS(D(x0), A) / d x0` for a stack of clean latents `x0`, one anchor image per latent."""
+    def perceptual_gradient(self, clean_latents, anchor_images, sync):
+        """
+        `d LPIPS(D(x0), A) / d x0` for a stack of clean latents `x0`, one anchor image per latent, times a loss scale.
+
+        LPIPS runs and differentiates in float32. In float16, LPIPS gradients (~1e-6 per pixel at 512x512) fall below
+        the smallest normal number (6e-5) on their way back through the decoder: as in mixed-precision training, each
+        view's gradient is multiplied by a power of two before that backward pass. Returns `(grad, loss_scale)`;
+        `grad / loss_scale` is the gradient.
+        """
         clean_latents = clean_latents.requires_grad_(True)
         images = self.decode_for_sync(clean_latents, sync["decoder"], sync["decode_downsample"])
-        loss = self.perceptual_distance(images, anchor_images, sync["lpips_size"]).sum()
+        compared = images.detach().float().requires_grad_(True)
+        loss = self.perceptual_distance(compared, anchor_images, sync["lpips_size"]).sum()
         # Each view's loss depends only on its own latent, so one backward of the sum gives every view's gradient.
-        (grad,) = torch.autograd.grad(loss, clean_latents)
+        (image_grad,) = torch.autograd.grad(loss, compared)
+        loss_scale = self._loss_scale(image_grad, images.dtype)
+        (grad,) = torch.autograd.grad(images, clean_latents, (image_grad * loss_scale).to(images.dtype))
+        return grad, loss_scale
+
+    # Copied from pipeline_syncdiffusion.SyncDiffusionPipeline._loss_scale
+    @staticmethod
+    def _loss_scale(image_grad, dtype):
+        """Per view, the power of two that brings the largest float16 image gradient to 2**6 (1 in other dtypes).
+
+        2**6 leaves a factor of 1000 of headroom below float16's maximum for the growth of gradients through the
+        decoder and the UNet, and keeps the median gradient well above float16's smallest normal number.
+        """
+        if dtype != torch.float16:
+            return torch.ones((), device=image_grad.device)
+        peak = image_grad.abs().flatten(1).amax(1).clamp_min(torch.finfo(torch.float32).tiny)
+        return torch.exp2(torch.floor(torch.log2(2.0**6 / peak))).view(-1, 1, 1, 1)
+
+    # Copied from pipeline_syncdiffusion.SyncDiffusionPipeline._unscale_gradient
+    @staticmethod
+    def _unscale_gradient(grad, loss_scale):
+        """The float32 gradient `grad / loss_scale`; a clear error rather than a NaN panorama if float16 overflowed."""
+        grad = grad.float() / loss_scale
+        if loss_scale.ndim and not torch.isfinite(grad).all():
+            raise FloatingPointError(
+                "the synchronization gradient overflowed in float16; run the VAE in float32"
+                " (`pipe.vae.to(torch.float32)`) or the pipeline in bfloat16."
+            )
         return grad
 
     # Copied from pipeline_syncdiffusion.SyncDiffusionPipeline._onload
@@ -893,9 +1026,13 @@ class SyncDiffusionControlNetPipeline(
             hook.pre_forward(model)
 
     @contextmanager
-    def _sync_checkpointing(self, enabled):
-        """Activation checkpointing in the UNet, the ControlNets and the VAE decoder during the gradient pass only."""
-        candidates = (self.unet, *self.controlnet_models, self.vae)
+    def _sync_checkpointing(self, enabled, decoder=None):
+        """
+        Activation checkpointing in the UNet, the ControlNets and the synchronization's decoder during the gradient
+        pass only.
+        """
+        decoder = decoder if decoder is not None else self.vae
+        candidates = (self.unet, *self.controlnet_models, decoder)
         models = [m for m in candidates if enabled and getattr(m, "_supports_gradient_checkpointing", False)]
         previous = [m.is_gradient_checkpointing for m in models]
         for model in models:
@@ -922,19 +1059,24 @@ class SyncDiffusionControlNetPipeline(
         latents_per_view = list(view_latents.split(batch))
         others = [k for k, view in enumerate(views) if view != anchor["view"]]
         noise_per_view = [anchor["noise_pred"]] * len(views)  # the anchor keeps its own prediction
-        if others:
-            others_conditioning = self.view_conditioning(conditioning, [views[k] for k in others])
-            stacked = torch.cat([latents_per_view[k] for k in others])
-            anchor_images = anchor["images"].repeat(len(others), 1, 1, 1)
+        # The gradient pass holds far more memory per view than a forward: it runs on chunks of the other views.
+        for start in range(0, len(others), sync["gradient_batch_size"]):
+            chunk = others[start : start + sync["gradient_batch_size"]]
+            chunk_conditioning = self.view_conditioning(conditioning, [views[k] for k in chunk])
+            stacked = torch.cat([latents_per_view[k] for k in chunk])
+            anchor_images = anchor["images"].repeat(len(chunk), 1, 1, 1)
             updated, noise_before = self.synchronize_views(
-                stacked, anchor_images, t, sync["weight"], others_conditioning, sync
+                stacked, anchor_images, t, sync["weight"], chunk_conditioning, sync
             )
-            if sync["reuse_noise"]:
-                noise_after = noise_before
-            else:
-                noise_after = self.predict_noise(self.scheduler.scale_model_input(updated, t), t, others_conditioning)
-            for k, latents_k, noise_k in zip(others, updated.split(batch), noise_after.split(batch)):
+            for k, latents_k, noise_k in zip(chunk, updated.split(batch), noise_before.split(batch)):
                 latents_per_view[k], noise_per_view[k] = latents_k, noise_k
+        if others and not sync["reuse_noise"]:
+            # The denoising step predicts the noise again from the updated latents, in one call for the whole batch.
+            updated = torch.cat([latents_per_view[k] for k in others])
+            others_conditioning = self.view_conditioning(conditioning, [views[k] for k in others])
+            noise_after = self.predict_noise(self.scheduler.scale_model_input(updated, t), t, others_conditioning)
+            for k, noise_k in zip(others, noise_after.split(batch)):
+                noise_per_view[k] = noise_k
         return torch.cat(latents_per_view), torch.cat(noise_per_view)
 
     # Copied from pipeline_syncdiffusion.SyncDiffusionPipeline.prepare_anchor
@@ -1017,7 +1159,7 @@ class SyncDiffusionControlNetPipeline(
         num_inference_steps: int = 50,
         timesteps: list[int] = None,
         guidance_scale: float = 7.5,
-        view_batch_size: int = 1,
+        view_batch_size: int | str = 1,
         negative_prompt: str | list[str] | None = None,
         num_images_per_prompt: int | None = 1,
         eta: float = 0.0,
@@ -1078,9 +1220,12 @@ class SyncDiffusionControlNetPipeline(
                 Custom timesteps for schedulers that accept them.
             guidance_scale (`float`, *optional*, defaults to 7.5):
                 Classifier-free guidance scale; guidance is enabled when `guidance_scale > 1`.
-            view_batch_size (`int`, *optional*, defaults to 1):
-                How many views are denoised, and synchronized, in one batch. Larger is faster on a large GPU and
-                uses more memory; the result is the same.
+            view_batch_size (`int` or `"auto"`, *optional*, defaults to 1):
+                How many views are denoised, and synchronized, in one batch. Larger is faster on a GPU (one 64x64
+                window per UNet call leaves it mostly idle) and uses more memory; the result is the same. `"auto"`
+                sizes the denoising batches and, separately, the synchronization's gradient pass to the free GPU
+                memory (see `auto_view_batch_sizes`), turning on gradient checkpointing if one view's gradient pass
+                would not fit.
             negative_prompt (`str` or `list[str]`, *optional*):
                 The prompt or prompts not to guide the image generation. Ignored without guidance.
             num_images_per_prompt (`int`, *optional*, defaults to 1):
@@ -1213,7 +1358,10 @@ class SyncDiffusionControlNetPipeline(
             sync_decoder=sync_decoder,
             sync_lpips_size=sync_lpips_size,
             sync_decode_downsample=sync_decode_downsample,
+            sync_gradient_checkpointing=sync_gradient_checkpointing,
         )
+        if callback is not None and callback_steps is None:
+            callback_steps = 1
 
         self._guidance_scale = guidance_scale
         self._guidance_rescale = guidance_rescale
@@ -1257,7 +1405,6 @@ class SyncDiffusionControlNetPipeline(
         control_images = self.prepare_control_images(
             image, height, width, num_images, num_images_per_prompt, device
         )
-
         timesteps, num_inference_steps = retrieve_timesteps(self.scheduler, num_inference_steps, device, timesteps)
 
         # 5. Prepare latent variables
@@ -1274,12 +1421,33 @@ class SyncDiffusionControlNetPipeline(
 
         # 6. Views, their batches, and one scheduler state per batch (multistep schedulers keep per-sample history)
         views = self.get_views(height, width, stride=stride, circular_padding=circular_padding)
+        sync_active = sync_weight > 0 and sync_thres > 0 and len(views) > 1
+        if view_batch_size == "auto":
+            view_batch_size, gradient_batch_size, sync_gradient_checkpointing = self.auto_view_batch_sizes(
+                len(views),
+                num_images,
+                device,
+                latents.dtype,
+                sync_active,
+                self._sync_settings(
+                    sync_mode,
+                    sync_gradient,
+                    sync_reuse_noise,
+                    sync_decoder,
+                    sync_lpips_size,
+                    sync_gradient_checkpointing,
+                    sync_decode_downsample,
+                ),
+            )
+        else:
+            gradient_batch_size = view_batch_size
         views_batch = [views[i : i + view_batch_size] for i in range(0, len(views), view_batch_size)]
-        views_scheduler_status = [copy.deepcopy(self.scheduler.__dict__)] * len(views_batch)
+        views_scheduler_status = [copy.deepcopy(self.scheduler.__dict__) for _ in views_batch]
         anchor_view = views[len(views) // 2]
         anchor_batch = len(views) // 2 // view_batch_size
-        count = torch.zeros_like(latents)
-        value = torch.zeros_like(latents)
+        # A pixel can be the sum of dozens of views: accumulate in float32 whatever the latents' dtype.
+        count = torch.zeros_like(latents, dtype=torch.float32)
+        value = torch.zeros_like(latents, dtype=torch.float32)
 
         # 7. Extra step kwargs, conditioning and synchronization settings
         extra_step_kwargs = self.prepare_extra_step_kwargs(generator, eta)
@@ -1304,11 +1472,13 @@ class SyncDiffusionControlNetPipeline(
             sync_lpips_size,
             sync_gradient_checkpointing,
             sync_decode_downsample,
+            gradient_batch_size,
         )
 
         # 8. Denoising loop: MultiDiffusion over the views, with a synchronization update in the early steps
         num_warmup_steps = len(timesteps) - num_inference_steps * self.scheduler.order
         self._num_timesteps = len(timesteps)
+        step = -1  # the denoising step; second-order schedulers evaluate the model twice per step
         with self.progress_bar(total=num_inference_steps) as progress_bar:
             for i, t in enumerate(timesteps):
                 if self.interrupt:
@@ -1321,10 +1491,14 @@ class SyncDiffusionControlNetPipeline(
                     "control_scale": [scale * keep for scale, keep in zip(control_scales, controlnet_keep[i])],
                 }
 
+                # Synchronize on a step's first evaluation only: the correction of a second-order step (Heun, KDPM2)
+                # starts again from the sample the first evaluation stored, so an update there would be lost.
+                self.scheduler.__dict__.update(views_scheduler_status[anchor_batch])
+                first_evaluation = getattr(self.scheduler, "state_in_first_order", True)
+                step += first_evaluation
                 sync, anchor = None, None
-                if sync_weight > 0 and i < sync_thres and (i + 1) % sync_freq == 0 and len(views) > 1:
-                    sync = {**sync_settings, "weight": sync_weight * sync_decay_rate**i}
-                    self.scheduler.__dict__.update(views_scheduler_status[anchor_batch])
+                if sync_active and first_evaluation and step < sync_thres and (step + 1) % sync_freq == 0:
+                    sync = {**sync_settings, "weight": sync_weight * sync_decay_rate**step}
                     anchor_conditioning = self.view_conditioning(step_conditioning, [anchor_view])
                     anchor = self.prepare_anchor(latents, anchor_view, t, anchor_conditioning, sync)
 
@@ -1342,7 +1516,7 @@ class SyncDiffusionControlNetPipeline(
                     self.add_view_latents(value, count, latents_denoised, batch_view)
 
                 # MultiDiffusion's step: every latent pixel is the mean of the views covering it (Eq. 5)
-                latents = torch.where(count > 0, value / count, value)
+                latents = torch.where(count > 0, value / count, value).to(latents.dtype)
 
                 if callback_on_step_end is not None:
                     callback_kwargs = {}
@@ -1391,7 +1565,14 @@ class SyncDiffusionControlNetPipeline(
     # Copied from pipeline_syncdiffusion.SyncDiffusionPipeline._sync_settings
     @staticmethod
     def _sync_settings(
-        mode="exact", gradient=None, reuse_noise=None, decoder=None, lpips_size=None, checkpointing=False, decode_downsample=1
+        mode="exact",
+        gradient=None,
+        reuse_noise=None,
+        decoder=None,
+        lpips_size=None,
+        checkpointing=False,
+        decode_downsample=1,
+        gradient_batch_size=1,
     ):
         """How synchronization runs: `sync_mode="fast"` means an x0 gradient and noise reuse unless those are given."""
         return {
@@ -1401,6 +1582,7 @@ class SyncDiffusionControlNetPipeline(
             "lpips_size": lpips_size,
             "checkpointing": checkpointing,
             "decode_downsample": decode_downsample,
+            "gradient_batch_size": gradient_batch_size,
         }
 
     # Copied from pipeline_syncdiffusion.SyncDiffusionPipeline._conditioning

@@ -170,7 +170,7 @@ def test_zero_scale_equals_synchronized_syncdiffusion(parts, lpips_module):
 @torch.no_grad()
 @pytest.mark.parametrize(
     "width, circular, view_batch_size",
-    [(128, False, 1), (96, True, 3)],
+    [(128, False, 1), (96, True, "auto")],  # "auto" on the CPU: all views in one batch, gradient pass per view
     ids=["3_views", "circular_wraps_condition"],
 )
 def test_synchronized_views_match_reference_loop(pipe, width, circular, view_batch_size):
