@@ -32,6 +32,7 @@ TINY_XL = "tiny-xl"  # `--model tiny-xl`: the offline random tiny SDXL pipeline 
 DEFAULT_SIZE[TINY_XL] = DEFAULT_SIZE[TINY]
 DEFAULT_OUTPUT = "panorama.png"
 DEFAULT_COMPARE_OUTPUT = "compare.png"
+SINGLE_FILE_EXTENSIONS = (".safetensors", ".ckpt")  # `--model` as one checkpoint file in the original layout
 SCHEDULERS = ("ddim", "euler", "dpm++")
 DEFAULT_SCHEDULER = "ddim"  # the paper's
 
@@ -153,6 +154,8 @@ def _from_pretrained(model, torch_dtype):
     """`SyncDiffusionPipeline.from_pretrained`, turning "not found" into a `CLIError` that says how to get it."""
     from pipeline_syncdiffusion import SyncDiffusionPipeline
 
+    if model.endswith(SINGLE_FILE_EXTENSIONS):
+        return _from_single_file(model, torch_dtype)
     is_folder = os.path.isdir(model)
     looks_local = model.startswith(("/", "./", "../", "~", ".\\")) or "\\" in model or model.count("/") > 1
     if not is_folder and looks_local:
@@ -176,6 +179,24 @@ def _from_pretrained(model, torch_dtype):
         where = "the local cache (HF_HUB_OFFLINE is set)" if _offline() else "the Hub or the local cache"
         raise CLIError(
             f"--model {model!r}: cannot find or download it from {where}. " + _WEIGHTS_HINT.format(model=model)
+        ) from None
+
+
+def _from_single_file(path, torch_dtype):
+    """`SyncDiffusionPipeline.from_single_file` for a checkpoint in the original layout (A1111 / Civitai files)."""
+    from pipeline_syncdiffusion import SyncDiffusionPipeline
+
+    if not os.path.isfile(path):
+        raise CLIError(f"--model {path!r}: no such checkpoint file.")
+    try:
+        with _quiet_loading():
+            return SyncDiffusionPipeline.from_single_file(path, torch_dtype=torch_dtype, local_files_only=_offline())
+    except _PROGRAMMING_ERRORS:
+        raise
+    except Exception as error:  # a corrupt file, or the component configs not cached and no network, ...
+        raise CLIError(
+            f"--model {path!r}: cannot load this checkpoint: {_first_line(error)} (the component configs of its"
+            " base model come from the Hub, or its local cache, on first use)"
         ) from None
 
 
@@ -353,6 +374,19 @@ def with_controlnet(pipe, name):
     return pipe
 
 
+def load_perceptual_loss(pipe, weights=None):
+    """Build `pipe`'s LPIPS now, from `weights` (torchvision's VGG-16 file) or torch's hub cache (downloading it),
+    so that missing weights are a one-line `CLIError` before any model runs."""
+    try:
+        if weights is not None:
+            pipe.set_perceptual_loss(vgg_weights=os.path.expanduser(weights))
+        pipe.perceptual_loss(pipe._execution_device)
+    except ValueError as error:
+        raise CLIError(str(error).replace("`vgg_weights`", "--lpips-weights"), code=2) from None
+    except OSError as error:  # no network and no cached weights
+        raise CLIError(f"{error} In this command: --lpips-weights PATH (or --sync-weight 0: MultiDiffusion).") from None
+
+
 def generator(seed):
     """A CPU `torch.Generator` seeded with `seed`: the same noise whatever the device."""
     import torch
@@ -483,6 +517,10 @@ def build_parser():
     )
     sync.add_argument("--sync-gradient-checkpointing", action="store_true", help="less memory, more compute")
     sync.add_argument(
+        "--lpips-weights", metavar="PATH",
+        help="torchvision's VGG-16 weights (vgg16-397923af.pth) for LPIPS, instead of downloading them on first use",
+    )
+    sync.add_argument(
         "--compare", action="store_true", help="write MultiDiffusion and SyncDiffusion (same seed) stacked, labelled"
     )
 
@@ -579,6 +617,8 @@ def _generate(args):
     if control_image is not None:
         pipe = with_controlnet(pipe, args.controlnet)
     sync_decoder = load_sync_decoder(args.sync_decoder, pipe) if args.sync_decoder else None
+    if args.sync_weight != 0 or args.lpips_weights:
+        load_perceptual_loss(pipe, args.lpips_weights)
     loaded = time.perf_counter()
 
     call = dict(
@@ -643,13 +683,27 @@ def _generate(args):
 _PROGRAMMING_ERRORS = (TypeError, AttributeError, NameError, ImportError, AssertionError, KeyError, IndexError)
 
 
+def _load_for_export(model):
+    """The pipeline to save: `model` (Hub id, diffusers folder or single-file checkpoint) in float32, on the CPU."""
+    import torch
+
+    if model == TINY:
+        from syncdiffusion_utils.testing import tiny_pipeline
+
+        return tiny_pipeline(lpips_module=False)
+    return _from_pretrained(model, torch.float32)
+
+
 def _publish(argv):
     parser = _Parser(
         prog="syncdiffusion publish",
         description="Upload the pipeline file (as pipeline.py) and its model card to a Hub model repository, so that"
-        " `DiffusionPipeline.from_pretrained(model, custom_pipeline=REPO_ID, trust_remote_code=True)` loads it.",
+        " `DiffusionPipeline.from_pretrained(model, custom_pipeline=REPO_ID, trust_remote_code=True)` loads it."
+        " With --model: upload a ready-to-use model repo instead (the model's weights, syncdiffusion.py and a model"
+        " card), which `DiffusionPipeline.from_pretrained(REPO_ID, trust_remote_code=True)` loads.",
     )
     parser.add_argument("repo_id", help="namespace/name, e.g. your-name/syncdiffusion")
+    parser.add_argument("--model", help="Hub model id, diffusers folder or .safetensors checkpoint whose weights to upload")
     parser.add_argument("--token", help="a Hub token with write access (default: the saved login or HF_TOKEN)")
     parser.add_argument("--private", action="store_true", help="create the repository private")
     parser.add_argument("--message", help="commit message")
@@ -661,7 +715,12 @@ def _publish(argv):
     if args.message:
         kwargs["commit_message"] = args.message
     try:
-        url = hub.publish(args.repo_id, **kwargs)
+        if args.model:
+            hub._check_repo_id(args.repo_id)  # before loading any weights
+            pipe = _load_for_export(args.model)
+            url = hub.publish_model(pipe, args.repo_id, base_model=args.model, **kwargs)
+        else:
+            url = hub.publish(args.repo_id, **kwargs)
     except _PROGRAMMING_ERRORS:
         raise
     except ValueError as error:  # an invalid repo id
@@ -672,9 +731,37 @@ def _publish(argv):
     return 0
 
 
+def _export(argv):
+    parser = _Parser(
+        prog="syncdiffusion export",
+        description="Save a model with the SyncDiffusion pipeline to a folder that loads itself: its weights,"
+        " syncdiffusion.py and a model card. `DiffusionPipeline.from_pretrained(FOLDER, trust_remote_code=True)` and"
+        " `SyncDiffusionPipeline.from_pretrained(FOLDER)` load it; `hf upload` can publish it.",
+    )
+    parser.add_argument("folder", help="a new (or empty) folder to write")
+    parser.add_argument(
+        "--model", default=DEFAULT_MODEL,
+        help=f"Hub model id, diffusers folder or .safetensors checkpoint (default: {DEFAULT_MODEL}; `tiny`: random)",
+    )
+    args = parser.parse_args(argv)
+
+    if os.path.isfile(args.folder) or (os.path.isdir(args.folder) and os.listdir(args.folder)):
+        raise CLIError(f"FOLDER {args.folder!r} already exists and is not an empty folder; give a new one.", code=2)
+    from syncdiffusion_utils import hub
+
+    pipe = _load_for_export(args.model)
+    try:
+        hub.export(pipe, args.folder, base_model=None if args.model == TINY else args.model)
+    except OSError as error:
+        raise CLIError(f"FOLDER {args.folder!r} cannot be written: {error.strerror or error}.") from None
+    print(f"exported {args.model} to {args.folder}")
+    return 0
+
+
 # `syncdiffusion NAME ...`: subcommands, each a `main(argv) -> int` imported only when it runs (keeps --help instant).
 SUBCOMMANDS = {
     "publish": "syncdiffusion_utils.cli:_publish",
+    "export": "syncdiffusion_utils.cli:_export",
     "evaluate": "syncdiffusion_utils.evaluation:main",
     "generate-set": "syncdiffusion_utils.generate_set:main",
     "demo": "syncdiffusion_utils.demo:main",

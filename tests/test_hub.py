@@ -546,3 +546,51 @@ def test_community_name_loads_from_the_mirror(fake_hub, tmp_path, monkeypatch, r
     folder = f"v{version}" if released else "main"
     assert fake_hub.requested("GET", f"/datasets/diffusers/community-pipelines-mirror/resolve/main/{folder}/syncdiffusion.py")
     check_tiny_generation(pipe)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The command: publish --model, --model CHECKPOINT.safetensors
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def test_publish_command_uploads_a_model_repo(fake_hub, tmp_path, capsys):
+    from syncdiffusion_utils.cli import main
+
+    repo_id = "syncdiffusion-test/panorama-plain"
+    model = save_tiny_pipeline(tmp_path / "plain")
+
+    assert main(["publish", repo_id, "--model", str(model), "--token", fake_hub.token]) == 0
+
+    files = fake_hub.repos[repo_id]["files"]
+    assert files["syncdiffusion.py"] == pipeline_file_bytes()
+    assert files["README.md"].decode() == model_repo_card(repo_id, str(model))
+    assert files["unet/diffusion_pytorch_model.safetensors"] == (model / "unet/diffusion_pytorch_model.safetensors").read_bytes()
+    assert f"published {repo_id}: " in capsys.readouterr().out
+    assert type(DiffusionPipeline.from_pretrained(repo_id, trust_remote_code=True)).__name__ == "SyncDiffusionPipeline"
+
+    assert main(["publish", "not-a-repo-id", "--model", str(model)]) == 2  # checked before loading anything
+    assert "namespace/name" in capsys.readouterr().err
+
+
+def test_single_file_checkpoint_in_the_command(fake_hub, tmp_path, capsys):
+    """`--model x.safetensors`: diffusers infers the base model (SD 1.5 here) and reads its configs from the Hub."""
+    from test_loading import write_single_file
+
+    from syncdiffusion_utils.cli import main
+    from syncdiffusion_utils.testing import tiny_pipeline
+
+    pipe = tiny_pipeline(lpips_module=False)
+    checkpoint = write_single_file(pipe, tmp_path / "tiny.safetensors")
+    configs = {name: data for name, data in folder_files(save_tiny_pipeline(tmp_path / "plain")).items()
+               if not name.endswith(".safetensors")}
+    fake_hub.add_repo("stable-diffusion-v1-5/stable-diffusion-v1-5", configs)
+    output = tmp_path / "single.png"
+
+    args = ["a lake", "--model", str(checkpoint), "--height", "64", "--width", "128", "--steps", "2"]
+    assert main(args + ["--sync-weight", "0", "-o", str(output)]) == 0
+
+    assert f"wrote {output}" in capsys.readouterr().out
+    served = [path for method, path in fake_hub.requests if method == "GET" and "/resolve/" in path]
+    assert any(path.startswith("/stable-diffusion-v1-5/") and path.endswith("/unet/config.json") for path in served)
+    assert main(args + ["--model", str(tmp_path / "missing.safetensors"), "-o", str(output)]) == 1
+    assert "no such checkpoint file" in capsys.readouterr().err

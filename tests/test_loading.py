@@ -304,3 +304,65 @@ def test_make_tokenizer_leaves_no_temporary_folder(tmp_path):
     assert ids[0] == tokenizer.bos_token_id and ids[-1] == tokenizer.eos_token_id and len(ids) == 6
     tokenizer.save_pretrained(tmp_path)
     assert type(tokenizer).from_pretrained(tmp_path)("a cat").input_ids == ids
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The command: export, --lpips-weights
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def test_export_command_writes_a_folder_that_loads_itself(tmp_path, capsys):
+    from syncdiffusion_utils.cli import main
+    from syncdiffusion_utils.hub import model_repo_card
+    from syncdiffusion_utils.testing import save_tiny_pipeline
+
+    model = save_tiny_pipeline(tmp_path / "plain")
+    out = tmp_path / "panorama-model"
+
+    assert main(["export", str(out), "--model", str(model)]) == 0
+
+    assert (out / "syncdiffusion.py").read_bytes() == Path(pipeline_syncdiffusion.__file__).read_bytes()
+    assert json.loads((out / "model_index.json").read_text())["_class_name"] == CLASS_NAME
+    assert (out / "README.md").read_text() == model_repo_card("panorama-model", str(model))
+    assert (out / "unet" / "diffusion_pytorch_model.safetensors").read_bytes() == (
+        model / "unet" / "diffusion_pytorch_model.safetensors"
+    ).read_bytes()
+    assert type(SyncDiffusionPipeline.from_pretrained(out)) is SyncDiffusionPipeline
+    assert f"exported {model} to {out}" in capsys.readouterr().out
+
+    assert main(["export", str(out), "--model", "tiny"]) == 2  # never over an existing folder
+    err = error_line(capsys.readouterr().err)
+    assert "already exists" in err and str(out) in err
+
+
+def error_line(err):
+    """The command's one error line (stderr may also hold progress bars)."""
+    lines = [line for line in err.splitlines() if "syncdiffusion: error:" in line]
+    assert len(lines) == 1 and "Traceback" not in err, err
+    return lines[0]
+
+
+def cli_args(model, output):
+    return ["a lake", "--model", str(model), "--height", "64", "--width", "128", "--steps", "2", "-o", str(output)]
+
+
+def test_lpips_weights_flag(tmp_path, capsys, no_network):
+    from syncdiffusion_utils.cli import main
+    from syncdiffusion_utils.testing import save_tiny_pipeline
+
+    model = save_tiny_pipeline(tmp_path / "plain")
+    torch.save(vgg16_state_dict(), tmp_path / "vgg16.pth")
+
+    # Without the weights and without network: one line naming the file, where it goes, and the flag.
+    assert main(cli_args(model, tmp_path / "missing.png")) == 1
+    err = error_line(capsys.readouterr().err)
+    assert str(no_network / "checkpoints" / "vgg16-397923af.pth") in err and "--lpips-weights PATH" in err
+    assert not (tmp_path / "missing.png").exists()
+
+    assert main(cli_args(model, tmp_path / "bad.png") + ["--lpips-weights", str(tmp_path / "nope.pth")]) == 2
+    err = error_line(capsys.readouterr().err)
+    assert "--lpips-weights" in err and "nope.pth" in err
+
+    # With the local file: synchronized, offline.
+    assert main(cli_args(model, tmp_path / "ok.png") + ["--lpips-weights", str(tmp_path / "vgg16.pth")]) == 0
+    assert f"wrote {tmp_path / 'ok.png'}" in capsys.readouterr().out
