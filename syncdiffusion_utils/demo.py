@@ -10,6 +10,7 @@ gradio, torch and diffusers are imported only when the app is built, so `syncdif
 
 import argparse
 import random
+import socket
 import threading
 import time
 
@@ -314,6 +315,15 @@ def _port(text):
     return value
 
 
+def check_address(host, port):
+    """Raise `CLIError` naming --host and --port unless a server can listen there (checked before the model loads)."""
+    try:
+        with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as probe:
+            probe.bind((host, port))
+    except OSError as error:
+        raise CLIError(f"--host {host} --port {port}: cannot serve there ({error.strerror or error}).") from None
+
+
 def build_parser():
     parser = _Parser(
         prog="syncdiffusion demo",
@@ -336,6 +346,7 @@ def build_parser():
 def main(argv=None) -> int:
     """`syncdiffusion demo ...`: load the model once and serve the app until interrupted."""
     args = build_parser().parse_args(argv)
+    check_address(args.host, args.port)
     try:
         import gradio  # noqa: F401  (checked before the model loads)
     except ImportError:
@@ -345,6 +356,6 @@ def main(argv=None) -> int:
     app = build_app(pipe, args.model)
     try:
         launch(app, server_name=args.host, server_port=args.port, share=args.share)
-    except OSError as error:  # the port is taken, or the address cannot be bound
-        raise CLIError(f"--host {args.host} --port {args.port}: cannot serve there: {error}") from None
+    except OSError as error:  # taken meanwhile
+        raise CLIError(f"--host {args.host} --port {args.port}: cannot serve there ({error}).") from None
     return 0

@@ -76,7 +76,7 @@ def test_presets_are_multiples_of_the_models_window():
 def test_without_gradio_the_command_says_how_to_install_before_loading(monkeypatch, capsys):
     monkeypatch.setitem(sys.modules, "gradio", None)  # `import gradio` raises ImportError
     monkeypatch.setattr(demo, "load_pipeline", lambda *args, **kwargs: pytest.fail("loaded the model"))
-    assert cli.main(["demo", "--model", "tiny"]) == 1
+    assert cli.main(["demo", "--model", "tiny", "--port", str(_free_port())]) == 1
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and "syncdiffusion[demo]" in err and err.startswith("syncdiffusion: error:")
 
@@ -85,6 +85,17 @@ def test_bad_port_is_a_one_line_error(capsys):
     assert cli.main(["demo", "--port", "70000"]) == 2
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and "--port" in err and "70000" in err
+
+
+def test_a_taken_port_is_a_one_line_error_before_loading(monkeypatch, capsys):
+    monkeypatch.setattr(demo, "load_pipeline", lambda *args, **kwargs: pytest.fail("loaded the model"))
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        assert cli.main(["demo", "--model", "tiny", "--port", str(port)]) == 1
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and f"--port {port}: cannot serve there" in err
 
 
 # ----------------------------------------------------------------------------------------------------------------
