@@ -14,7 +14,11 @@
 """SyncDiffusionControlNetPipeline: synchronized panoramas that follow a panorama-sized ControlNet condition."""
 
 import copy
+import inspect
+import json
 import os
+import shutil
+import warnings
 from contextlib import contextmanager
 from typing import Any, Callable
 
@@ -48,6 +52,24 @@ logger = logging.get_logger(__name__)  # pylint: disable=invalid-name
 
 SYNC_MODES = ("exact", "fast")
 SYNC_GRADIENTS = ("unet", "x0")
+# torchvision's VGG-16 weights, the backbone of LPIPS-VGG, downloaded into `torch.hub.get_dir()/checkpoints` on first use.
+# Copied from pipeline_syncdiffusion._VGG16_URL
+_VGG16_URL = "https://download.pytorch.org/models/vgg16-397923af.pth"
+# Copied from pipeline_syncdiffusion._VGG16_FILE
+_VGG16_FILE = _VGG16_URL.rsplit("/", 1)[-1]
+
+
+# Copied from pipeline_syncdiffusion._missing_vgg_weights_message
+def _missing_vgg_weights_message(error) -> str:
+    """One line: LPIPS-VGG's backbone could not be downloaded, and the two ways out."""
+    cache = os.path.join(torch.hub.get_dir(), "checkpoints", _VGG16_FILE)
+    reason = " ".join(str(getattr(error, "reason", None) or error).split())
+    return (
+        f"LPIPS-VGG needs torchvision's VGG-16 weights and could not download them ({reason}): put {_VGG16_FILE}"
+        f" (from {_VGG16_URL}) at {cache}, or pass a local copy with"
+        " `pipe.set_perceptual_loss(vgg_weights=PATH)` (another loss: `pipe.set_perceptual_loss(module)`)."
+    )
+
 
 EXAMPLE_DOC_STRING = """
     Examples:
@@ -126,6 +148,8 @@ class SyncDiffusionControlNetPipeline(
     _optional_components = ["safety_checker", "feature_extractor", "image_encoder"]
     _exclude_from_cpu_offload = ["safety_checker"]
     _callback_tensor_inputs = ["latents", "prompt_embeds", "negative_prompt_embeds"]
+    # A saved pipeline carries its source as `{_source_name}.py`; `custom_pipeline="syncdiffusion_controlnet"` names it.
+    _source_name = "syncdiffusion_controlnet"
 
     def __init__(
         self,
@@ -175,6 +199,40 @@ class SyncDiffusionControlNetPipeline(
         self.register_to_config(requires_safety_checker=requires_safety_checker)
         # LPIPS is not a saved component: it is built on first synchronized call (see `perceptual_loss`).
         self._perceptual_loss = None
+
+    # Copied from pipeline_syncdiffusion.SyncDiffusionPipeline.save_config
+    def save_config(self, save_directory: str | os.PathLike, push_to_hub: bool = False, **kwargs):
+        """
+        Write `model_index.json` and, next to it, this pipeline's source file as `{_source_name}.py`.
+
+        The config's `_class_name` is `[_source_name, class name]`, so the saved folder or pushed repo loads itself:
+        `DiffusionPipeline.from_pretrained(folder, trust_remote_code=True)` runs the saved file.
+        """
+        os.makedirs(save_directory, exist_ok=True)
+        source = os.path.join(save_directory, f"{self._source_name}.py")
+        shutil.copyfile(inspect.getsourcefile(type(self)), source)
+        super().save_config(save_directory, push_to_hub=push_to_hub, **kwargs)
+
+    # Copied from pipeline_syncdiffusion.SyncDiffusionPipeline.to_json_string
+    def to_json_string(self) -> str:
+        """The config as JSON, with `_class_name` naming the saved source file and the class in it."""
+        config = json.loads(super().to_json_string())
+        config["_class_name"] = [self._source_name, type(self).__name__]
+        return json.dumps(config, indent=2, sort_keys=True) + "\n"
+
+    # Copied from pipeline_syncdiffusion.SyncDiffusionPipeline._dict_from_json_file
+    @classmethod
+    def _dict_from_json_file(cls, json_file: str | os.PathLike):
+        """
+        A saved config. Loaded through this class itself (`SyncDiffusionPipeline.from_pretrained`), a `_class_name`
+        `[file, this class]` becomes the plain class name: the installed class is used, not the file saved with it
+        (which diffusers would run only with `trust_remote_code=True`).
+        """
+        config = super()._dict_from_json_file(json_file)
+        class_name = config.get("_class_name")
+        if isinstance(class_name, list) and class_name[-1] in {base.__name__ for base in cls.__mro__}:
+            config["_class_name"] = class_name[-1]
+        return config
 
     @classmethod
     def from_pipe(cls, pipeline, **kwargs):
@@ -917,6 +975,44 @@ class SyncDiffusionControlNetPipeline(
         if self._perceptual_loss is None:
             self._perceptual_loss = self._lpips_vgg()
         return self._perceptual_loss.to(device=device, dtype=torch.float32)
+
+    # Copied from pipeline_syncdiffusion.SyncDiffusionPipeline._lpips_vgg
+    @staticmethod
+    def _lpips_vgg(vgg_weights=None) -> torch.nn.Module:
+        """LPIPS-VGG with torchvision's VGG-16 from `vgg_weights`, or downloaded into torch's hub cache."""
+        try:
+            import lpips
+        except ImportError as error:
+            raise ImportError(
+                "SyncDiffusion needs the `lpips` package for its perceptual loss: `pip install lpips`, or pass"
+                " `sync_weight=0` for plain MultiDiffusion."
+            ) from error
+        if vgg_weights is None:
+            try:
+                loss = lpips.LPIPS(net="vgg", verbose=False)
+            except OSError as error:  # no network: urllib's URLError, or a refused connection
+                raise OSError(_missing_vgg_weights_message(error)) from None
+            return loss.eval().requires_grad_(False)
+
+        if not os.path.isfile(vgg_weights):
+            raise ValueError(f"`vgg_weights` {str(vgg_weights)!r} is not a file; expected {_VGG16_FILE}.")
+        with warnings.catch_warnings():  # torchvision's notes about `pretrained=False`
+            warnings.simplefilter("ignore", UserWarning)
+            loss = lpips.LPIPS(net="vgg", pnet_rand=True, verbose=False)
+        # lpips splits torchvision's `vgg16().features` into five slices that keep the layer indices as names.
+        layers = dict(module for part in loss.net.children() for module in part.named_children())
+        features = torch.nn.Sequential(*(layers[str(index)] for index in range(len(layers))))
+        state_dict = torch.load(vgg_weights, map_location="cpu", weights_only=True)
+        state_dict = {key[len("features.") :]: value for key, value in state_dict.items() if key.startswith("features.")}
+        expected = features.state_dict()
+        wrong = [key for key in expected if getattr(state_dict.get(key), "shape", None) != expected[key].shape]
+        if wrong:
+            raise ValueError(
+                f"`vgg_weights` {str(vgg_weights)!r}: not torchvision's VGG-16 weights ({len(wrong)} of the"
+                f" {len(expected)} `features.*` tensors missing or of another shape, e.g. `features.{wrong[0]}`)."
+            )
+        features.load_state_dict(state_dict)
+        return loss.eval().requires_grad_(False)
 
     # Copied from pipeline_syncdiffusion.SyncDiffusionPipeline.decode_for_sync
     def decode_for_sync(self, clean_latents: torch.Tensor, decoder=None, downsample: int = 1) -> torch.Tensor:

@@ -345,3 +345,11 @@ def test_command_errors_are_one_line_naming_the_flag(tmp_path, capsys, flags, ne
     assert len(lines) == 1 and lines[0].startswith("syncdiffusion: error: "), err
     assert all(needle in lines[0] for needle in needles), lines[0]
     assert not output.exists()
+
+
+def test_saved_pipeline_carries_its_source_and_loads_back(pipe, tmp_path):
+    pipe.save_pretrained(tmp_path / "saved")
+    assert (tmp_path / "saved" / "syncdiffusion_controlnet.py").is_file()
+    loaded = SyncDiffusionControlNetPipeline.from_pretrained(tmp_path / "saved")
+    assert isinstance(loaded, SyncDiffusionControlNetPipeline)
+    torch.testing.assert_close(loaded.controlnet.controlnet_mid_block.weight, pipe.controlnet.controlnet_mid_block.weight)
