@@ -126,7 +126,9 @@ class PanoramaDemo:
             seed = random.randint(0, MAX_SEED)
         seed = _whole(seed)
         if not isinstance(seed, int) or not 0 <= seed <= MAX_SEED:
-            raise InputError(f"`seed` has to be a whole number in 0..{MAX_SEED} (or tick 'random seed'), but is {seed!r}.")
+            raise InputError(
+                f"`seed` has to be a whole number in 0..{MAX_SEED} (or tick 'random seed'), but is {seed!r}."
+            )
         steps = _whole(steps if steps is not None else self.default_steps)
         call = dict(
             prompt=prompt,
@@ -149,29 +151,28 @@ class PanoramaDemo:
             set_scheduler(self.pipe, scheduler)
             images, started = {}, time.perf_counter()
             for label, weight in runs:
-                image, done = self._run(call, weight, seed, label, progress)
-                if done < steps:
-                    return None, None, seed, f"Stopped at step {done} of {steps} ({label}); nothing was kept."
+                image, done, total = self._run(call, weight, seed, label, progress)
+                if done < total:
+                    return None, None, seed, f"Stopped at step {done} of {total} ({label}); nothing was kept."
                 images[label] = image
         seconds = time.perf_counter() - started
         sync_image = images[SYNCDIFFUSION]
         made = " and ".join(images)
         status = (
-            f"{made}: {steps}/{steps} steps, {sync_image.width}x{sync_image.height} pixels, seed {seed},"
+            f"{made}: {total}/{total} steps, {sync_image.width}x{sync_image.height} pixels, seed {seed},"
             f" {seconds:.1f} s."
         )
         return sync_image, images.get(MULTIDIFFUSION), seed, status
 
     def _run(self, call, sync_weight, seed, label, progress):
-        """One pipeline call; returns the image and how many steps ran (fewer when stopped)."""
-        total = call["num_inference_steps"]
+        """One pipeline call; returns the image, how many steps ran (fewer when stopped) and how many there were."""
         done = 0
 
         def on_step_end(pipe, step, timestep, callback_kwargs):
             nonlocal done
             done = step + 1
             if progress is not None:
-                progress(done, total, label)
+                progress(done, pipe.num_timesteps, label)
             if self._stop.is_set():
                 pipe._interrupt = True
             return {}
@@ -179,7 +180,7 @@ class PanoramaDemo:
         image = self.pipe(
             **call, sync_weight=sync_weight, generator=generator(seed), callback_on_step_end=on_step_end
         ).images[0]
-        return image, done
+        return image, done, self.pipe.num_timesteps
 
 
 def _user_error(error):

@@ -146,8 +146,10 @@ def test_stop_ends_the_run_after_the_current_step_and_the_next_run_is_whole(pipe
     assert status.startswith("Stopped at step 2 of 3 (MultiDiffusion)")
     assert reports == [(1, "MultiDiffusion"), (2, "MultiDiffusion")], "the run went on, or SyncDiffusion started"
 
-    (sync_image, _, _, status), reports = generate(app)  # the stop request does not outlive its run
+    # The stop request does not outlive its run; the scheduler is the one chosen.
+    (sync_image, _, _, status), reports = generate(app, scheduler="dpm++")
     assert sync_image is not None and len(reports) == 3 and "3/3 steps" in status
+    assert type(pipe.scheduler).__name__ == "DPMSolverMultistepScheduler"
 
 
 def test_bad_input_is_the_pipelines_one_line_message_before_any_step(pipe):
@@ -399,7 +401,8 @@ def test_through_gradio_client_the_api_returns_the_image_and_keeps_serving(serve
     with pytest.raises(AppError, match="VAE scale factor 8, but is 100"):
         client.predict(*{**API_ARGUMENTS, "width": 100}.values(), api_name="/generate")
 
-    sync_path, multi_path, seed, status = client.predict(*{**API_ARGUMENTS, "compare": True}.values(), api_name="/generate")
+    compare = {**API_ARGUMENTS, "compare": True}
+    sync_path, multi_path, seed, status = client.predict(*compare.values(), api_name="/generate")
     again_path, none, _, _ = client.predict(*API_ARGUMENTS.values(), api_name="/generate")
     assert seed == 3 and "256x64" in status and none is None
     with Image.open(sync_path) as sync, Image.open(multi_path) as multi, Image.open(again_path) as again:
