@@ -934,7 +934,7 @@ class SyncDiffusionPipeline(
         num_inference_steps: int = 50,
         timesteps: list[int] = None,
         guidance_scale: float = 7.5,
-        view_batch_size: int = 1,
+        view_batch_size: int | str = 1,
         negative_prompt: str | list[str] | None = None,
         num_images_per_prompt: int | None = 1,
         eta: float = 0.0,
@@ -983,9 +983,12 @@ class SyncDiffusionPipeline(
                 Custom timesteps for schedulers that accept them.
             guidance_scale (`float`, *optional*, defaults to 7.5):
                 Classifier-free guidance scale; guidance is enabled when `guidance_scale > 1`.
-            view_batch_size (`int`, *optional*, defaults to 1):
-                How many views are denoised, and synchronized, in one batch. Larger is faster on a large GPU and
-                uses more memory; the result is the same.
+            view_batch_size (`int` or `"auto"`, *optional*, defaults to 1):
+                How many views are denoised, and synchronized, in one batch. Larger is faster on a GPU (one 64x64
+                window per UNet call leaves it mostly idle) and uses more memory; the result is the same. `"auto"`
+                sizes the denoising batches and, separately, the synchronization's gradient pass to the free GPU
+                memory (see `auto_view_batch_sizes`), turning on gradient checkpointing if one view's gradient pass
+                would not fit.
             negative_prompt (`str` or `list[str]`, *optional*):
                 The prompt or prompts not to guide the image generation. Ignored without guidance.
             num_images_per_prompt (`int`, *optional*, defaults to 1):

@@ -49,7 +49,38 @@ MODES = {
     # the loss image rendered from the clean latent pooled 2x: a quarter of the pixels to decode and compare
     "fast+tiny-decoder+downsample2": {"sync_mode": "fast", "sync_decoder": "tiny", "sync_decode_downsample": 2},
 }
+# diffusers' own StableDiffusionPanoramaPipeline on the same components (MultiDiffusion; its stride is fixed at 8).
+PANORAMA_MODE = "panorama-pipeline"
 REFERENCE_MODE = "multidiffusion"
+# Whole runs that measure the GPU goals, each one command: `--preset NAME`.
+PRESETS = {
+    # The command's default panorama: 512x2048, 50 steps, stride 8 (25 views), 5 synchronized steps, fp16.
+    "gpu-default": {
+        "arch": "sd2",
+        "height": 512,
+        "width": 2048,
+        "stride": 8,
+        "steps": 50,
+        "sync_thres": 5,
+        "dtype": "float16",
+        "view_batch_size": "auto",
+        "reference": PANORAMA_MODE,
+        "modes": [PANORAMA_MODE, "multidiffusion@1", "multidiffusion", "exact", "fast", "fast+tiny-decoder+lpips256"],
+    },
+    # Any width on a 6 GB card: peak memory at 512x8192 (3 steps, 2 synchronized), tiled final decode.
+    "gpu-wide": {
+        "arch": "sd2",
+        "height": 512,
+        "width": 8192,
+        "stride": 16,
+        "steps": 3,
+        "sync_thres": 2,
+        "dtype": "float16",
+        "view_batch_size": "auto",
+        "vae_tiling": True,
+        "modes": ["multidiffusion", "exact", "fast"],
+    },
+}
 PASS_KEYS = ("unet_fwd", "unet_bwd", "dec_fwd", "dec_bwd", "lpips_fwd")
 CHECKED_KEYS = ("unet_fwd", "unet_recompute", "unet_bwd", "dec_fwd", "dec_bwd", "lpips_fwd", "lpips_bwd")
 ARCH_DEFAULTS = {
@@ -225,6 +256,9 @@ def run_benchmark(
     project_sync_thres=5,
     progress=True,
     pipe=None,
+    reference=REFERENCE_MODE,
+    compile=False,
+    vae_tiling=False,
 ):
     """
     Run MultiDiffusion and the SyncDiffusion `modes` on the same inputs; return a list with one dict per mode (a
@@ -233,7 +267,10 @@ def run_benchmark(
     projected_ratio` (wall clock), the same prefixed `cpu_` (this process's CPU time), `passes` (whole call),
     `passes_sync_step` (first synchronized step), `expected_sync_step, expected_passes, passes_match, final_decode,
     peak_mem_mib, memory_kind`; MultiDiffusion's also `md_step_seconds`. MultiDiffusion always runs first, as the
-    reference of the ratios. With `repeat > 1` the fastest (wall clock) of the repeats is kept.
+    reference of the ratios (or `reference`). With `repeat > 1` the fastest (wall clock) of the repeats is kept.
+    A mode named `NAME@K` runs mode `NAME` with `view_batch_size=K` (an integer or `auto`); `panorama-pipeline` is
+    diffusers' `StableDiffusionPanoramaPipeline` on the same components with all views in one batch (`@K` too).
+    `compile` runs the UNet and the VAE decoder through `torch.compile`; `vae_tiling` decodes in tiles.
     Progress lines go to `progress` (`True`: standard error; a file; `None`: silent).
     `pipe` reuses a pipeline built by `build_pipeline` (its `arch`/`width_mult`/`sample_size` then only label the run).
     """
@@ -246,22 +283,30 @@ def run_benchmark(
     width = width or defaults["width"]
     stride = stride or defaults["stride"]
     modes = list(modes) if modes else list(MODES)
-    unknown = [m for m in modes if m not in MODES]
+    unknown = [m for m in modes + [reference] if m.partition("@")[0] not in (*MODES, PANORAMA_MODE)]
     if unknown:
-        raise ValueError(f"unknown modes {unknown}; choose from {list(MODES)}")
-    modes = [REFERENCE_MODE] + [m for m in dict.fromkeys(modes) if m != REFERENCE_MODE]
+        raise ValueError(f"unknown modes {unknown}; choose from {list(MODES) + [PANORAMA_MODE]}, optionally @K or @auto")
+    modes = [reference] + [m for m in dict.fromkeys(modes) if m != reference]
     synchronize = _synchronizer(device)
 
     t_build = time.perf_counter()
     if pipe is None:
         _log(progress, f"building {arch} (width x{width_mult}) on {device} in {dtype_name} ...")
         pipe = build_pipeline(arch, width_mult, sample_size, device, torch_dtype, seed)
+    if vae_tiling:
+        pipe.vae.enable_tiling()
+    if compile:
+        # Fixed shapes (views come in batches of at most two sizes), so no dynamic-shape compilation.
+        pipe.unet = torch.compile(pipe.unet, dynamic=False)
+        pipe.vae.decoder = torch.compile(pipe.vae.decoder, dynamic=False)
     build_seconds = time.perf_counter() - t_build
     sample_size = pipe.unet.config.sample_size
     views = pipe.get_views(height, width, stride=stride)
     num_views = len(views)
+    if any(m.partition("@")[0] == PANORAMA_MODE for m in modes) and (sample_size != 64 or stride != 8):
+        raise ValueError(f"{PANORAMA_MODE} has a fixed 64-latent window and stride 8: use --sample-size 64 --stride 8")
     tiny_decoder = None
-    if any(MODES[m].get("sync_decoder") == "tiny" for m in modes):
+    if any(MODES.get(m.partition("@")[0], {}).get("sync_decoder") == "tiny" for m in modes):
         from syncdiffusion_utils.testing import make_tiny_decoder
 
         tiny_decoder = make_tiny_decoder(seed=seed, width_mult=1.0).to(device=device, dtype=torch_dtype)
@@ -297,6 +342,9 @@ def run_benchmark(
         "dtype": dtype_name,
         "device": str(device),
         "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({torch.get_num_threads()} threads)",
+        "reference": reference,
+        "compile": compile,
+        "vae_tiling": vae_tiling,
         "torch": torch.__version__,
         "repeat": repeat,
         "final_decode": decode,
@@ -322,22 +370,34 @@ def run_benchmark(
         _log(progress, f"warm-up call: {time.perf_counter() - t0:.1f} s")
 
     rows = []
-    reference = None
+    reference_name, reference = reference, None
     for index, mode in enumerate(modes, 1):
-        kwargs = dict(MODES[mode])
+        base, _, batch = mode.partition("@")
+        panorama = base == PANORAMA_MODE
+        kwargs = {"sync_weight": 0.0} if panorama else dict(MODES[base])
         if kwargs.get("sync_decoder") == "tiny":
             kwargs["sync_decoder"] = tiny_decoder
+        if batch or panorama:
+            kwargs["view_batch_size"] = num_views if not batch else batch if batch == "auto" else int(batch)
+        measured = _panorama_pipeline(pipe) if panorama else pipe
+        ignored = ("sync_thres", "stride", "sync_weight") if panorama else ()  # MultiDiffusion only; its stride is 8
+
+        def run(**call):
+            return measured(**{k: v for k, v in {**common, **call}.items() if k not in ignored})
+
         sync, *_ = _mode_settings(kwargs)
         synced_steps = min(steps, sync_thres) if sync and num_views > 1 else 0
         _log(progress, f"[{index}/{len(modes)}] {mode}: running ...")
         best = None
         for _ in range(max(1, repeat)):
             _release_memory(device)
-            with PeakMemory(device) as memory, PassCounter(pipe, sync_decoder=kwargs.get("sync_decoder")) as counter:
-                with StepRecorder(pipe, counter, synchronize) as recorder:
+            with PeakMemory(device) as memory, PassCounter(measured, sync_decoder=kwargs.get("sync_decoder")) as counter:
+                if panorama:  # its `do_classifier_free_guidance` is always False (a known bug), though it guides
+                    counter._guided = lambda: guidance_scale > 1
+                with StepRecorder(measured, counter, synchronize) as recorder:
                     synchronize()
                     start, start_cpu = time.perf_counter(), time.process_time()
-                    pipe(**common, **kwargs, latents=latents.clone(), callback_on_step_end=recorder)
+                    run(**kwargs, latents=latents.clone(), callback_on_step_end=recorder)
                     synchronize()
                     seconds, cpu_seconds = time.perf_counter() - start, time.process_time() - start_cpu
             if best is None or seconds < best["seconds"]:
@@ -370,7 +430,7 @@ def run_benchmark(
             "peak_mem_mib": best["peak_mem_mib"],
             "memory_kind": best["memory_kind"],
         }
-        if mode == REFERENCE_MODE:
+        if mode == reference_name:
             reference = row
         # The same figures on two clocks: wall time, and this process's CPU time (steadier on a shared CPU).
         for prefix in ("", "cpu_"):
@@ -379,7 +439,7 @@ def run_benchmark(
             row[prefix + "step_seconds"] = step_seconds
             row[prefix + "sync_step_seconds"] = _mean(step_seconds[:synced_steps]) if synced_steps else None
             row[prefix + "plain_step_seconds"] = _mean(step_seconds[synced_steps:]) if steps > synced_steps else None
-            if mode == REFERENCE_MODE:
+            if mode == reference_name:
                 row[prefix + "md_step_seconds"] = _mean(step_seconds)
             md_step = reference[prefix + "md_step_seconds"]
             row[prefix + "ratio"] = row[prefix + "seconds"] / reference[prefix + "seconds"]
@@ -399,6 +459,15 @@ def run_benchmark(
             f" peak {row['peak_mem_mib']:.0f} MiB, passes {'as expected' if passes_match else 'NOT as expected'}",
         )
     return BenchmarkRows(rows, info)
+
+
+def _panorama_pipeline(pipe):
+    """diffusers' `StableDiffusionPanoramaPipeline` on `pipe`'s components."""
+    from diffusers import StableDiffusionPanoramaPipeline
+
+    panorama = StableDiffusionPanoramaPipeline(**pipe.components)
+    panorama.set_progress_bar_config(disable=True)
+    return panorama
 
 
 class BenchmarkRows(list):
@@ -436,7 +505,9 @@ def format_table(info, rows):
         f" synchronized step, exact mode: UNet fwd 2N-1={exp['unet_fwd']}, UNet bwd N-1={exp['unet_bwd']},"
         f" decoder fwd N={exp['dec_fwd']}, decoder bwd N-1={exp['dec_bwd']}, LPIPS N-1={exp['lpips_fwd']};"
         f" MultiDiffusion: UNet fwd N={n}. 'ok' = every count (step and whole call) equals the formula.",
-        f"x MD: whole call vs multidiffusion; step x MD: mean synchronized step vs mean MultiDiffusion step;"
+        f"MD = the reference mode, {info['reference']}"
+        f"{' (compiled UNet and decoder)' if info['compile'] else ''}{'; VAE tiling' if info['vae_tiling'] else ''}."
+        f" x MD: whole call vs the reference; step x MD: mean synchronized step vs the reference's mean step;"
         f" proj. x MD: a {info['project_steps']}-step run with sync_thres={info['project_sync_thres']},"
         f" projected from the per-step figures. 'cpu': the same ratios in this process's CPU time (steadier than wall"
         f" time when other processes share the CPU; meaningless on a GPU).",
@@ -488,28 +559,51 @@ def format_table(info, rows):
     return "\n".join(lines)
 
 
+# Options a preset may set: the command line's defaults apply only where neither says anything.
+OPTION_DEFAULTS = {"arch": "tiny", "steps": 2, "sync_thres": 2, "dtype": "float32", "view_batch_size": 1}
+
+
+def _view_batch_size(text):
+    if text == "auto":
+        return text
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: a positive integer or auto")
+    return value
+
+
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(
         prog="python -m syncdiffusion_utils.benchmark",
         description="Time, count passes and measure memory of SyncDiffusion's modes against MultiDiffusion"
         " (random-weight models, nothing downloaded).",
     )
-    parser.add_argument("--arch", choices=sorted(ARCH_DEFAULTS), default="tiny", help="architecture preset (default tiny)")
+    parser.add_argument("--arch", choices=sorted(ARCH_DEFAULTS), help="architecture preset (default tiny)")
     parser.add_argument("--width-mult", type=float, default=1.0, help="scale channel widths (default 1: the real widths)")
     parser.add_argument("--sample-size", type=int, default=None, help="UNet window in latents (default: 8 tiny, 64 sd2)")
     parser.add_argument("--height", type=int, default=None, help="image height in pixels (default: 64 tiny, 512 sd2)")
     parser.add_argument("--width", type=int, default=None, help="image width in pixels (default: 192 tiny, 1024 sd2)")
-    parser.add_argument("--steps", type=int, default=2, help="denoising steps (default 2)")
-    parser.add_argument("--sync-thres", type=int, default=2, help="synchronized steps (default 2: all of them)")
+    parser.add_argument("--steps", type=int, help="denoising steps (default 2)")
+    parser.add_argument("--sync-thres", type=int, help="synchronized steps (default 2: all of them)")
     parser.add_argument("--stride", type=int, default=None, help="view stride in latents (default: 4 tiny, 16 sd2)")
-    parser.add_argument("--view-batch-size", type=int, default=1)
+    parser.add_argument(
+        "--view-batch-size", type=_view_batch_size, default=None, help="views per UNet call: an integer or auto (default 1)"
+    )
+    parser.add_argument("--preset", choices=sorted(PRESETS), help="a whole GPU measurement: " + ", ".join(
+        f"{name} ({p['height']}x{p['width']}, {p['steps']} steps)" for name, p in PRESETS.items()))
+    parser.add_argument("--reference", default=None, help=f"the mode ratios refer to (default {REFERENCE_MODE})")
+    parser.add_argument("--compile", action="store_true", help="torch.compile the UNet and the VAE decoder")
+    parser.add_argument("--vae-tiling", action="store_true", help="decode the panorama in tiles (vae.enable_tiling)")
     parser.add_argument("--guidance-scale", type=float, default=7.5)
-    parser.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
+    parser.add_argument("--dtype", choices=sorted(DTYPES), help="default float32")
     parser.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:1, ...")
     parser.add_argument(
         "--modes",
-        default=",".join(MODES),
-        help=f"comma-separated subset of {','.join(MODES)}; multidiffusion always runs first as the reference",
+        help=f"comma-separated subset of {','.join(MODES)},{PANORAMA_MODE}, each optionally NAME@K or NAME@auto"
+        " (its view_batch_size); the reference (multidiffusion) always runs first; default: all",
     )
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     parser.add_argument("--repeat", type=int, default=1, help="run each mode this many times, keep the fastest")
@@ -527,6 +621,14 @@ def main(argv=None):
     args = parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
+    # A preset fills in what the command line leaves unset, then the defaults fill in the rest.
+    preset = PRESETS[args.preset] if args.preset else {}
+    for key, value in {**preset, "modes": ",".join(preset.get("modes", MODES))}.items():
+        if getattr(args, key, None) in (None, False):
+            setattr(args, key, value)
+    for key, value in OPTION_DEFAULTS.items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
     rows = run_benchmark(
         arch=args.arch,
         width_mult=args.width_mult,
@@ -539,6 +641,9 @@ def main(argv=None):
         view_batch_size=args.view_batch_size,
         dtype=args.dtype,
         device=args.device,
+        reference=args.reference or REFERENCE_MODE,
+        compile=args.compile,
+        vae_tiling=args.vae_tiling,
         modes=[m.strip() for m in args.modes.split(",") if m.strip()],
         repeat=args.repeat,
         seed=args.seed,
@@ -551,7 +656,11 @@ def main(argv=None):
     )
     info = rows.config
     print(format_table(info, rows))
+    if args.preset and not args.json:
+        device = "".join(c if c.isalnum() else "-" for c in info["device_name"].lower()).strip("-")
+        args.json = os.path.join("benchmarks", f"{args.preset}-{device}.json")
     if args.json:
+        os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
         with open(args.json, "w", encoding="utf-8") as f:
             json.dump({"config": info, "rows": list(rows)}, f, indent=2)
     return 0 if all(row["passes_match"] for row in rows) else 1
