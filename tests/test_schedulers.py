@@ -19,7 +19,7 @@ from diffusers import (
     PNDMScheduler,
     UniPCMultistepScheduler,
 )
-from reference_loop import reference_syncdiffusion
+from reference_loop import assert_trajectories_match, for_reference_comparison, pipeline_trajectory, reference_syncdiffusion
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -48,19 +48,10 @@ PROMPT = "a photo of a forest"
 CALL = {"height": 64, "width": 96, "stride": 4, "num_inference_steps": 3, "sync_weight": 20.0, "sync_thres": 2}
 LATENTS = torch.randn(1, 4, 8, 12, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
 
-# Pipeline and reference run in float64 (LPIPS in float32 in both, as always). In float32 their rounding differs
-# by 1e-6 of the latents, and LPIPS's feature normalization amplifies that through the gradient: up to 5.8e-4 at
-# the second step with v-prediction (Euler), a third of what a 5% weight error there does. In float64 the
-# pipeline and the reference agree to 4.5e-8..1.5e-6 (the largest: Heun, v-prediction) of the largest latent,
-# every step, every scheduler; a weight of 20 instead of 19 at the second synchronized step moves them by 9.4e-6
-# (KDPM2-Ancestral), 1.1e-5 (Euler, LMS) to 1.7e-3 (Euler, v-prediction). 3e-6 lies between;
-# test_tolerance_catches_a_wrong_weight_at_one_step checks the smallest case.
-RELATIVE_TOLERANCE = 3e-6
-
 
 @pytest.fixture
 def pipe(pipe):
-    return pipe.to(torch.float64)
+    return for_reference_comparison(pipe)  # see reference_loop.RELATIVE_TOLERANCE
 
 
 def scheduler_for(pipe, name, prediction_type="epsilon"):
@@ -68,36 +59,19 @@ def scheduler_for(pipe, name, prediction_type="epsilon"):
     return cls.from_config(pipe.scheduler.config, prediction_type=prediction_type, **options)
 
 
-def pipeline_trajectory(pipe, **kwargs):
-    """The panorama latents after every scheduler evaluation (`callback_on_step_end` sees each one)."""
-    trajectory = []
-
-    def record(pipeline, step, timestep, tensors):
-        trajectory.append(tensors["latents"].clone())
-        return {}
-
-    call = {**CALL, **kwargs}
-    with torch.no_grad():
-        pipe(PROMPT, latents=LATENTS, generator=torch.Generator().manual_seed(7), callback_on_step_end=record,
-             output_type="latent", **call)
-    return trajectory
+def pipeline_steps(pipe, **kwargs):
+    """The pipeline's latents after every evaluation."""
+    return pipeline_trajectory(pipe, PROMPT, LATENTS, generator=torch.Generator().manual_seed(7), **{**CALL, **kwargs})
 
 
 def reference_trajectory(pipe, **kwargs):
     call = {**CALL, **kwargs}
-    trajectory = []
+    steps = []
     reference_syncdiffusion(
         pipe, PROMPT, LATENTS, steps=call.pop("num_inference_steps"), generator=torch.Generator().manual_seed(7),
-        trajectory=trajectory, **{k: v for k, v in call.items() if k not in ("height", "width")},
+        trajectory=steps, **{k: v for k, v in call.items() if k not in ("height", "width")},
     )
-    return trajectory
-
-
-def assert_trajectories_match(ours, expected):
-    assert len(ours) == len(expected)
-    for step, (a, b) in enumerate(zip(ours, expected)):
-        error = ((a - b).abs().max() / b.abs().max()).item()
-        assert error < RELATIVE_TOLERANCE, f"evaluation {step}: relative error {error:.2e}"
+    return steps
 
 
 @pytest.mark.parametrize(
@@ -107,21 +81,21 @@ def test_scheduler_matches_the_reference_loop(pipe, name):
     pipe.scheduler = scheduler_for(pipe, name)
     expected = reference_trajectory(pipe, scheduler=pipe.scheduler)
     try:
-        ours = pipeline_trajectory(pipe)
+        ours = pipeline_steps(pipe)
     except ValueError as error:
         # PNDM's second PLMS evaluation rebuilds from a stored sample; refusing it with a clear error is allowed.
         assert name == "pndm" and "PNDMScheduler" in str(error)
         return
     assert_trajectories_match(ours, expected)
     # Synchronization acted, far above the tolerance.
-    plain = pipeline_trajectory(pipe, sync_weight=0.0)[-1]
+    plain = pipeline_steps(pipe, sync_weight=0.0)[-1]
     assert ((ours[-1] - plain).abs().max() / plain.abs().max()).item() > 1e-3
 
 
 @pytest.mark.parametrize("name", ["ddim", "euler", "heun"])
 def test_v_prediction_matches_the_reference_loop(pipe, name):
     pipe.scheduler = scheduler_for(pipe, name, prediction_type="v_prediction")
-    assert_trajectories_match(pipeline_trajectory(pipe), reference_trajectory(pipe, scheduler=pipe.scheduler))
+    assert_trajectories_match(pipeline_steps(pipe), reference_trajectory(pipe, scheduler=pipe.scheduler))
 
 
 def test_second_order_sync_freq_and_decay_count_real_steps(pipe):
@@ -130,7 +104,7 @@ def test_second_order_sync_freq_and_decay_count_real_steps(pipe):
     pipe.scheduler = scheduler_for(pipe, "heun")
     schedule = {"num_inference_steps": 4, "sync_thres": 4, "sync_freq": 2, "sync_decay_rate": 0.5, "sync_weight": 20.0}
     expected = reference_trajectory(pipe, scheduler=pipe.scheduler, **schedule)
-    assert_trajectories_match(pipeline_trajectory(pipe, **schedule), expected)
+    assert_trajectories_match(pipeline_steps(pipe, **schedule), expected)
 
 
 def test_tolerance_catches_a_wrong_weight_at_one_step(pipe):
