@@ -3,6 +3,8 @@
     python -m syncdiffusion_utils.benchmark                       # tiny architecture, seconds on a CPU
     python -m syncdiffusion_utils.benchmark --arch sd2 --height 512 --width 1024 --stride 16 \\
         --steps 2 --sync-thres 2 --modes exact,fast,fast+tiny-decoder+lpips256 --json out.json
+    python -m syncdiffusion_utils.benchmark --arch sdxl --width-mult 0.25 --modes exact,fast   # SyncDiffusionXLPipeline
+    python -m syncdiffusion_utils.benchmark --controlnet          # SyncDiffusionControlNetPipeline, a random ControlNet
 
 Every mode runs in one process on the same prompt, seed and initial latents, MultiDiffusion (`sync_weight=0`)
 first, after a warm-up call. For each mode it reports
@@ -82,12 +84,27 @@ PRESETS = {
     },
 }
 PASS_KEYS = ("unet_fwd", "unet_bwd", "dec_fwd", "dec_bwd", "lpips_fwd")
-CHECKED_KEYS = ("unet_fwd", "unet_recompute", "unet_bwd", "dec_fwd", "dec_bwd", "lpips_fwd", "lpips_bwd")
+CONTROLNET_KEYS = ("controlnet_fwd", "controlnet_bwd")
+CHECKED_KEYS = (
+    "unet_fwd",
+    "unet_recompute",
+    "unet_bwd",
+    "controlnet_fwd",
+    "controlnet_recompute",
+    "controlnet_bwd",
+    "dec_fwd",
+    "dec_bwd",
+    "lpips_fwd",
+    "lpips_bwd",
+)
 ARCH_DEFAULTS = {
-    # sample_size (latent window), height, width, stride: 5 views either way
+    # sample_size (latent window), height, width, stride: 5 views each
     "tiny": {"sample_size": 8, "height": 64, "width": 192, "stride": 4},
     "sd2": {"sample_size": 64, "height": 512, "width": 1024, "stride": 16},
+    # stabilityai/stable-diffusion-xl-base-1.0's architecture and 1024-pixel window (SyncDiffusionXLPipeline)
+    "sdxl": {"sample_size": 128, "height": 1024, "width": 2048, "stride": 32},
 }
+XL_ARCHS = ("sdxl",)
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
@@ -200,29 +217,67 @@ def _mode_settings(kwargs):
     )
 
 
-def expected_passes(kwargs, num_views, steps, sync_thres):
-    """Expected view-passes of a mode: `(per synchronized step or None, whole call)`, in `CHECKED_KEYS`."""
+def expected_passes(kwargs, num_views, steps, sync_thres, controlnet=False):
+    """Expected view-passes of a mode: `(per synchronized step or None, whole call)`, in `CHECKED_KEYS`.
+    `controlnet`: a ControlNet runs at every step (the pipeline's default guidance range)."""
     sync, gradient, reuse, checkpointing, tiny = _mode_settings(kwargs)
     synced = min(steps, sync_thres) if sync and num_views > 1 else 0
     per_sync = None
     if synced:
-        per_sync = expected_sync_step(num_views, gradient, reuse, checkpointing, tiny)
-    plain = expected_plain_step(num_views)
+        per_sync = expected_sync_step(num_views, gradient, reuse, checkpointing, tiny, controlnet)
+    plain = expected_plain_step(num_views, controlnet)
     total = {key: (per_sync[key] * synced if per_sync else 0) + plain[key] * (steps - synced) for key in CHECKED_KEYS}
     return ({key: per_sync[key] for key in CHECKED_KEYS} if per_sync else None), total
 
 
-def build_pipeline(arch="tiny", width_mult=1.0, sample_size=None, device="cpu", dtype=torch.float32, seed=0):
-    """A `SyncDiffusionPipeline` of random-weight `arch` components with a random-backbone LPIPS, on `device`."""
-    from pipeline_syncdiffusion import SyncDiffusionPipeline
-    from syncdiffusion_utils.testing import make_components, make_lpips
+def build_pipeline(
+    arch="tiny", width_mult=1.0, sample_size=None, device="cpu", dtype=torch.float32, seed=0, controlnet=False
+):
+    """
+    A pipeline of random-weight `arch` components with a random-backbone LPIPS, on `device`: a
+    `SyncDiffusionXLPipeline` for `sdxl`, else a `SyncDiffusionPipeline`, or with `controlnet` a
+    `SyncDiffusionControlNetPipeline` with a random ControlNet made from the UNet (`ControlNetModel.from_unet`).
+    """
+    from syncdiffusion_utils.testing import make_lpips
 
     sample_size = sample_size or ARCH_DEFAULTS[arch]["sample_size"]
-    components = make_components(arch, sample_size=sample_size, width_mult=width_mult, seed=seed)
-    pipe = SyncDiffusionPipeline(**components, safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    if arch in XL_ARCHS:
+        if controlnet:
+            raise ValueError("--controlnet: there is no SDXL ControlNet pipeline; use --arch tiny or sd2")
+        pipe = _xl_pipeline(arch, sample_size, width_mult, seed)
+    else:
+        pipe = _sd_pipeline(arch, sample_size, width_mult, seed, controlnet)
     pipe.set_perceptual_loss(make_lpips().requires_grad_(False))
     pipe.set_progress_bar_config(disable=True)
     return pipe.to(device=device, dtype=dtype)
+
+
+def _sd_pipeline(arch, sample_size, width_mult, seed, controlnet):
+    from pipeline_syncdiffusion import SyncDiffusionPipeline
+    from pipeline_syncdiffusion_controlnet import SyncDiffusionControlNetPipeline
+    from syncdiffusion_utils.testing import make_components, make_controlnet, make_tiny_controlnet
+
+    components = make_components(arch, sample_size=sample_size, width_mult=width_mult, seed=seed)
+    pipeline_class = SyncDiffusionPipeline
+    if controlnet:
+        make = make_tiny_controlnet if arch == "tiny" else make_controlnet
+        components["controlnet"] = make(components["unet"], seed=seed)
+        pipeline_class = SyncDiffusionControlNetPipeline
+    return pipeline_class(**components, safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+
+
+def _xl_pipeline(arch, sample_size, width_mult, seed):
+    from pipeline_syncdiffusion_xl import SyncDiffusionXLPipeline
+    from syncdiffusion_utils.testing import make_sdxl_components
+
+    components = make_sdxl_components(arch, sample_size=sample_size, width_mult=width_mult, seed=seed)
+    return SyncDiffusionXLPipeline(**components, add_watermarker=False)
+
+
+def _condition_image(height, width, seed):
+    """A random condition image of the panorama's size (values in [0, 1]), as a ControlNet's `image`."""
+    generator = torch.Generator("cpu").manual_seed(seed)
+    return torch.rand((1, 3, height, width), generator=generator)
 
 
 def _log(progress, message):
@@ -259,6 +314,7 @@ def run_benchmark(
     reference=REFERENCE_MODE,
     compile=False,
     vae_tiling=False,
+    controlnet=False,
 ):
     """
     Run MultiDiffusion and the SyncDiffusion `modes` on the same inputs; return a list with one dict per mode (a
@@ -271,6 +327,8 @@ def run_benchmark(
     A mode named `NAME@K` runs mode `NAME` with `view_batch_size=K` (an integer or `auto`); `panorama-pipeline` is
     diffusers' `StableDiffusionPanoramaPipeline` on the same components with all views in one batch (`@K` too).
     `compile` runs the UNet and the VAE decoder through `torch.compile`; `vae_tiling` decodes in tiles.
+    `arch="sdxl"` runs `SyncDiffusionXLPipeline`; `controlnet` runs `SyncDiffusionControlNetPipeline` with a random
+    ControlNet and a random condition image of the panorama's size (its passes counted as `controlnet_*`).
     Progress lines go to `progress` (`True`: standard error; a file; `None`: silent).
     `pipe` reuses a pipeline built by `build_pipeline` (its `arch`/`width_mult`/`sample_size` then only label the run).
     """
@@ -287,12 +345,15 @@ def run_benchmark(
     if unknown:
         raise ValueError(f"unknown modes {unknown}; choose from {list(MODES) + [PANORAMA_MODE]}, optionally @K or @auto")
     modes = [reference] + [m for m in dict.fromkeys(modes) if m != reference]
+    if (arch in XL_ARCHS or controlnet) and any(m.partition("@")[0] == PANORAMA_MODE for m in modes):
+        raise ValueError(f"{PANORAMA_MODE} is StableDiffusionPanoramaPipeline: SD 1.x/2.x without ControlNet only")
     synchronize = _synchronizer(device)
 
     t_build = time.perf_counter()
     if pipe is None:
         _log(progress, f"building {arch} (width x{width_mult}) on {device} in {dtype_name} ...")
-        pipe = build_pipeline(arch, width_mult, sample_size, device, torch_dtype, seed)
+        pipe = build_pipeline(arch, width_mult, sample_size, device, torch_dtype, seed, controlnet)
+    controlnet = getattr(pipe, "controlnet", None) is not None
     if vae_tiling:
         pipe.vae.enable_tiling()
     if compile:
@@ -326,7 +387,10 @@ def run_benchmark(
         "sync_thres": sync_thres,
         "output_type": "np" if decode else "latent",
     }
-    expected_exact, _ = expected_passes({}, num_views, 1, 1)
+    condition = _condition_image(height, width, seed).to(device=device, dtype=torch_dtype) if controlnet else None
+    if controlnet:
+        common["image"] = condition
+    expected_exact, _ = expected_passes({}, num_views, 1, 1, controlnet)
     info = {
         "arch": arch,
         "width_mult": width_mult,
@@ -345,6 +409,8 @@ def run_benchmark(
         "reference": reference,
         "compile": compile,
         "vae_tiling": vae_tiling,
+        "pipeline": type(pipe).__name__,
+        "controlnet": controlnet,
         "torch": torch.__version__,
         "repeat": repeat,
         "final_decode": decode,
@@ -358,14 +424,19 @@ def run_benchmark(
         f"{num_views} views of {sample_size}x{sample_size} latents; per synchronized step the exact mode should make"
         f" {expected_exact['unet_fwd']} UNet fwd (2N-1), {expected_exact['unet_bwd']} UNet bwd (N-1),"
         f" {expected_exact['dec_fwd']} decoder fwd (N), {expected_exact['dec_bwd']} decoder bwd (N-1),"
-        f" {expected_exact['lpips_fwd']} LPIPS (N-1) view-passes",
+        f" {expected_exact['lpips_fwd']} LPIPS (N-1) view-passes"
+        + (f"; ControlNet as the UNet: {expected_exact['controlnet_fwd']} fwd, {expected_exact['controlnet_bwd']} bwd"
+           if controlnet else ""),
     )
 
     if warmup:
         # First-call costs (allocator, kernels, lazy imports) must not count against the first mode measured.
         t0 = time.perf_counter()
         window = sample_size * factor
-        pipe(**{**common, "height": window, "width": window, "num_inference_steps": 1, "sync_weight": 0.0})
+        warmup_call = {**common, "height": window, "width": window, "num_inference_steps": 1, "sync_weight": 0.0}
+        if controlnet:
+            warmup_call["image"] = condition[..., :window, :window]
+        pipe(**warmup_call)
         synchronize()
         _log(progress, f"warm-up call: {time.perf_counter() - t0:.1f} s")
 
@@ -411,7 +482,7 @@ def run_benchmark(
                     "peak_mem_mib": memory.peak_mib,
                     "memory_kind": memory.kind,
                 }
-        expected_step, expected_total = expected_passes(kwargs, num_views, steps, sync_thres)
+        expected_step, expected_total = expected_passes(kwargs, num_views, steps, sync_thres, controlnet)
         step0 = best["step_counts"][0] if best["step_counts"] else {}
         passes_sync_step = {key: step0.get(key) for key in CHECKED_KEYS} if synced_steps else None
         passes_match = all(best["passes"][key] == expected_total[key] for key in CHECKED_KEYS)
@@ -495,8 +566,11 @@ def format_table(info, rows):
     """The header lines and the table as text."""
     n = info["num_views"]
     exp = info["expected_exact_sync_step"]
+    controlnet = info.get("controlnet", False)
+    pass_keys = PASS_KEYS[:2] + CONTROLNET_KEYS + PASS_KEYS[2:] if controlnet else PASS_KEYS
     lines = [
-        f"SyncDiffusion benchmark: arch={info['arch']} width_mult={info['width_mult']} dtype={info['dtype']}"
+        f"SyncDiffusion benchmark: {info.get('pipeline', 'SyncDiffusionPipeline')} arch={info['arch']}"
+        f" width_mult={info['width_mult']} dtype={info['dtype']}"
         f" device={info['device']} [{info['device_name']}] torch {info['torch']}",
         f"{info['height']}x{info['width']} px, views of {info['sample_size']}x{info['sample_size']} latents at stride"
         f" {info['stride']}: N={n} views, view_batch_size={info['view_batch_size']}, {info['steps']} steps,"
@@ -504,7 +578,9 @@ def format_table(info, rows):
         f"Passes are view-passes in the first denoising step (synchronized except for multidiffusion). Expected per"
         f" synchronized step, exact mode: UNet fwd 2N-1={exp['unet_fwd']}, UNet bwd N-1={exp['unet_bwd']},"
         f" decoder fwd N={exp['dec_fwd']}, decoder bwd N-1={exp['dec_bwd']}, LPIPS N-1={exp['lpips_fwd']};"
-        f" MultiDiffusion: UNet fwd N={n}. 'ok' = every count (step and whole call) equals the formula.",
+        f" MultiDiffusion: UNet fwd N={n}."
+        + (" ControlNet (cn) fwd and bwd: the UNet's." if controlnet else "")
+        + " 'ok' = every count (step and whole call) equals the formula.",
         f"MD = the reference mode, {info['reference']}"
         f"{' (compiled UNet and decoder)' if info['compile'] else ''}{'; VAE tiling' if info['vae_tiling'] else ''}."
         f" x MD: whole call vs the reference; step x MD: mean synchronized step vs the reference's mean step;"
@@ -525,6 +601,7 @@ def format_table(info, rows):
         "cpu proj. x MD",
         "unet fwd",
         "unet bwd",
+        *(("cn fwd", "cn bwd") if controlnet else ()),
         "dec fwd",
         "dec bwd",
         "lpips",
@@ -534,7 +611,7 @@ def format_table(info, rows):
     table = []
     for row in rows:
         counts = row["passes_sync_step"] or (
-            {key: row["passes"][key] / info["steps"] for key in PASS_KEYS} if info["steps"] else {}
+            {key: row["passes"][key] / info["steps"] for key in pass_keys} if info["steps"] else {}
         )
         step_time = row["sync_step_seconds"] if row["sync_step_seconds"] is not None else _mean(row["step_seconds"])
         cells = [
@@ -547,7 +624,7 @@ def format_table(info, rows):
             _fmt(row["cpu_step_ratio"], ".2f"),
             _fmt(row["cpu_projected_ratio"], ".3f"),
         ]
-        cells += [_fmt(counts.get(key), "g") for key in PASS_KEYS]
+        cells += [_fmt(counts.get(key), "g") for key in pass_keys]
         cells += ["ok" if row["passes_match"] else "NO", _fmt(row["peak_mem_mib"], ".0f")]
         table.append(cells)
     widths = [max(len(str(r[i])) for r in [header] + table) for i in range(len(header))]
@@ -583,12 +660,20 @@ def parse_args(argv=None):
     )
     parser.add_argument("--arch", choices=sorted(ARCH_DEFAULTS), help="architecture preset (default tiny)")
     parser.add_argument("--width-mult", type=float, default=1.0, help="scale channel widths (default 1: the real widths)")
-    parser.add_argument("--sample-size", type=int, default=None, help="UNet window in latents (default: 8 tiny, 64 sd2)")
-    parser.add_argument("--height", type=int, default=None, help="image height in pixels (default: 64 tiny, 512 sd2)")
-    parser.add_argument("--width", type=int, default=None, help="image width in pixels (default: 192 tiny, 1024 sd2)")
+    parser.add_argument(
+        "--sample-size", type=int, default=None, help="UNet window in latents (default: 8 tiny, 64 sd2, 128 sdxl)"
+    )
+    parser.add_argument(
+        "--height", type=int, default=None, help="image height in pixels (default: 64 tiny, 512 sd2, 1024 sdxl)"
+    )
+    parser.add_argument(
+        "--width", type=int, default=None, help="image width in pixels (default: 192 tiny, 1024 sd2, 2048 sdxl)"
+    )
     parser.add_argument("--steps", type=int, help="denoising steps (default 2)")
     parser.add_argument("--sync-thres", type=int, help="synchronized steps (default 2: all of them)")
-    parser.add_argument("--stride", type=int, default=None, help="view stride in latents (default: 4 tiny, 16 sd2)")
+    parser.add_argument(
+        "--stride", type=int, default=None, help="view stride in latents (default: 4 tiny, 16 sd2, 32 sdxl)"
+    )
     parser.add_argument(
         "--view-batch-size", type=_view_batch_size, default=None, help="views per UNet call: an integer or auto (default 1)"
     )
@@ -597,6 +682,11 @@ def parse_args(argv=None):
     parser.add_argument("--reference", default=None, help=f"the mode ratios refer to (default {REFERENCE_MODE})")
     parser.add_argument("--compile", action="store_true", help="torch.compile the UNet and the VAE decoder")
     parser.add_argument("--vae-tiling", action="store_true", help="decode the panorama in tiles (vae.enable_tiling)")
+    parser.add_argument(
+        "--controlnet",
+        action="store_true",
+        help="SyncDiffusionControlNetPipeline with a random ControlNet of the arch and a random condition image",
+    )
     parser.add_argument("--guidance-scale", type=float, default=7.5)
     parser.add_argument("--dtype", choices=sorted(DTYPES), help="default float32")
     parser.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:1, ...")
@@ -644,6 +734,7 @@ def main(argv=None):
         reference=args.reference or REFERENCE_MODE,
         compile=args.compile,
         vae_tiling=args.vae_tiling,
+        controlnet=args.controlnet,
         modes=[m.strip() for m in args.modes.split(",") if m.strip()],
         repeat=args.repeat,
         seed=args.seed,

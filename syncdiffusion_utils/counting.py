@@ -1,6 +1,6 @@
-"""Count the passes a `SyncDiffusionPipeline` call makes: UNet, VAE decoder, LPIPS; forward and backward.
+"""Count the passes a `SyncDiffusionPipeline` call makes: UNet, ControlNet, VAE decoder, LPIPS; forward and backward.
 
-SyncDiffusion's cost is in passes (DESIGN.md §6), so they are counted, not guessed::
+SyncDiffusion's cost is in passes, so they are counted, not guessed::
 
     from syncdiffusion_utils.counting import PassCounter
 
@@ -21,6 +21,10 @@ What is counted, with hooks only (nothing in the pipeline changes; everything is
   submodules ran forward again counts one recomputed forward per view, even though the (small) layers that
   diffusers does not checkpoint, like `conv_in`, are not re-run.
 - `unet_bwd`: backward passes through `pipe.unet` (a full backward hook; the batch of the gradient).
+- `controlnet_fwd`, `controlnet_bwd`, `controlnet_recompute`: the same for `pipe.controlnet` when the pipeline has
+  one (`SyncDiffusionControlNetPipeline`; a `MultiControlNetModel` counts once per call, like one model). With
+  guidance it sees every view twice, as the UNet does, except in `guess_mode` (conditional rows only): either way
+  one view counts one.
 - `vae_dec_fwd`, `vae_dec_bwd`, `vae_dec_recompute`: `pipe.vae.decoder` while it makes images for the
   synchronization loss (inside `pipe.decode_for_sync`); recomputation included in `vae_dec_fwd` as for the UNet.
 - `final_decode`: every other `pipe.vae.decoder` call, i.e. the decode of the finished panorama (once per image,
@@ -44,6 +48,9 @@ COUNT_KEYS = (
     "unet_fwd",
     "unet_recompute",
     "unet_bwd",
+    "controlnet_fwd",
+    "controlnet_recompute",
+    "controlnet_bwd",
     "vae_dec_fwd",
     "vae_dec_recompute",
     "vae_dec_bwd",
@@ -81,6 +88,7 @@ class _TrackedModule:
 
     def __init__(self, counter, module, on_forward, on_backward, on_recompute, track_recompute):
         self.counter = counter
+        self.guided = None  # whether the last outermost forward had guidance rows; its backward is counted alike
         self.module = module
         self.on_forward = on_forward
         self.on_backward = on_backward
@@ -89,7 +97,7 @@ class _TrackedModule:
         self.in_backward = 0  # >0 between the module's backward pre-hook and its backward hook
         self.recomputed = False
         self.handles = [
-            module.register_forward_pre_hook(self._pre_forward),
+            module.register_forward_pre_hook(self._pre_forward, with_kwargs=True),
             module.register_forward_hook(self._post_forward),
             module.register_full_backward_pre_hook(self._pre_backward),
             module.register_full_backward_hook(self._post_backward),
@@ -100,10 +108,10 @@ class _TrackedModule:
                 if sub is not module:
                     self.handles.append(sub.register_forward_pre_hook(self._sub_forward))
 
-    def _pre_forward(self, module, args):
+    def _pre_forward(self, module, args, kwargs):
         self.depth += 1
         if self.depth == 1:
-            self.on_forward(_batch(args), args)
+            self.on_forward(_batch(args) or _batch(kwargs), args, kwargs)
 
     def _post_forward(self, module, args, output):
         self.depth -= 1
@@ -206,25 +214,37 @@ class PassCounter:
         except (AttributeError, TypeError):
             return False
 
-    def _add(self, key, batch, guidance=False):
+    def _add(self, key, batch, guided=False):
         if batch is None:
             return
-        per_view = self._num_images() * (2 if guidance and self._guided() else 1)
+        per_view = self._num_images() * (2 if guided else 1)
         self._counts[key] += Fraction(batch, per_view)
 
     # -- hooks -------------------------------------------------------------------------------------------------
 
     def _track(self, module, fwd, bwd, recompute, guidance=False, forward_key=None, track_recompute=None):
-        def on_forward(batch, args):
-            self._add(forward_key(args) if forward_key else fwd, batch, guidance)
+        """Hook `module`. `guidance`: whether its batches hold two rows per view under classifier-free guidance;
+        `True`, `False`, or a function of the forward's `kwargs` (the ControlNet's `guess_mode` drops a row)."""
+
+        def on_forward(batch, args, kwargs):
+            guided = guidance(kwargs) if callable(guidance) else guidance
+            tracked.guided = bool(guided) and self._guided()
+            self._add(forward_key(args) if forward_key else fwd, batch, tracked.guided)
+
+        def on_backward(batch):
+            self._add(bwd, batch, tracked.guided)
+
+        def on_recompute(batch):
+            # a recomputed forward is a forward: it goes in both the forward count and its own count
+            self._add(recompute, batch, tracked.guided)
+            self._add(fwd, batch, tracked.guided)
 
         tracked = _TrackedModule(
             self,
             module,
             on_forward,
-            lambda batch: self._add(bwd, batch, guidance),
-            # a recomputed forward is a forward: it goes in both the forward count and its own count
-            lambda batch: (self._add(recompute, batch, guidance), self._add(fwd, batch, guidance)),
+            on_backward,
+            on_recompute,
             self.track_recompute if track_recompute is None else track_recompute,
         )
         self._tracked.append(tracked)
@@ -241,6 +261,14 @@ class PassCounter:
     def __enter__(self):
         pipe = self.pipe
         self._track(pipe.unet, "unet_fwd", "unet_bwd", "unet_recompute", guidance=True)
+        if getattr(pipe, "controlnet", None) is not None:
+            self._track(
+                pipe.controlnet,
+                "controlnet_fwd",
+                "controlnet_bwd",
+                "controlnet_recompute",
+                guidance=lambda kwargs: not kwargs.get("guess_mode", False),
+            )
 
         vae_decoder = getattr(pipe.vae, "decoder", pipe.vae)
         self._track(
@@ -318,13 +346,17 @@ class PassCounter:
 _MISSING = object()
 
 
-def expected_sync_step(num_views, gradient="unet", reuse_noise=False, checkpointing=False, tiny_decoder=False):
+def expected_sync_step(
+    num_views, gradient="unet", reuse_noise=False, checkpointing=False, tiny_decoder=False, controlnet=False
+):
     """
     View-passes of one synchronized step with `num_views` views, in `PassCounter`'s keys, for the pipeline's
-    algorithm (DESIGN.md §3): the anchor's guided forward and decode without gradient; for each of the other
+    algorithm: the anchor's guided forward and decode without gradient; for each of the other
     `N - 1` views a gradient pass (UNet forward, decoder forward, LPIPS, and their backwards) and, unless the
     noise is reused, a second UNet forward. With `checkpointing` the backwards recompute the UNet (only when the
     gradient goes through it) and the VAE decoder (not a separate `sync_decoder`, which is not checkpointed).
+    With `controlnet` (a ControlNet that runs at this step) every UNet pass has a ControlNet pass before it, and the
+    gradient goes back through it too, so its counts are the UNet's.
 
     Exact mode: `2N-1` UNet forward, `N-1` UNet backward, `N` decoder forward, `N-1` decoder backward, `N-1`
     LPIPS forward and backward (the paper's released code does `2N+1, N, N+1, N`).
@@ -334,10 +366,15 @@ def expected_sync_step(num_views, gradient="unet", reuse_noise=False, checkpoint
     unet_grad = gradient == "unet"
     unet_recompute = others if checkpointing and unet_grad else 0
     dec_recompute = others if checkpointing and not tiny_decoder else 0
+    unet_fwd = 1 + others + (0 if reuse_noise else others) + unet_recompute
+    unet_bwd = others if unet_grad else 0
     counts = {
-        "unet_fwd": 1 + others + (0 if reuse_noise else others) + unet_recompute,
+        "unet_fwd": unet_fwd,
         "unet_recompute": unet_recompute,
-        "unet_bwd": others if unet_grad else 0,
+        "unet_bwd": unet_bwd,
+        "controlnet_fwd": unet_fwd if controlnet else 0,
+        "controlnet_recompute": unet_recompute if controlnet else 0,
+        "controlnet_bwd": unet_bwd if controlnet else 0,
         "dec_fwd": n + dec_recompute,
         "dec_bwd": others,
         "lpips_fwd": others,
@@ -346,12 +383,15 @@ def expected_sync_step(num_views, gradient="unet", reuse_noise=False, checkpoint
     return counts
 
 
-def expected_plain_step(num_views):
-    """View-passes of one unsynchronized (MultiDiffusion) step: one guided UNet forward per view."""
+def expected_plain_step(num_views, controlnet=False):
+    """View-passes of one unsynchronized (MultiDiffusion) step: one guided UNet (and ControlNet) forward per view."""
     return {
         "unet_fwd": num_views,
         "unet_recompute": 0,
         "unet_bwd": 0,
+        "controlnet_fwd": num_views if controlnet else 0,
+        "controlnet_recompute": 0,
+        "controlnet_bwd": 0,
         "dec_fwd": 0,
         "dec_bwd": 0,
         "lpips_fwd": 0,
@@ -362,8 +402,9 @@ def expected_plain_step(num_views):
 class StepRecorder:
     """
     A `callback_on_step_end` that records, for every denoising step, its wall time, this process's CPU time and
-    (given a `PassCounter`) its passes. Step 0 starts at the call's first UNet forward (a forward pre-hook); pass the
-    recorder as `callback_on_step_end=recorder` and use it as a context manager around the call.
+    (given a `PassCounter`) its passes. Step 0 starts at the call's first UNet forward, or ControlNet forward, which
+    comes before it (forward pre-hooks); pass the recorder as `callback_on_step_end=recorder` and use it as a context
+    manager around the call.
     """
 
     def __init__(self, pipe, counter=None, synchronize=None):
@@ -373,7 +414,7 @@ class StepRecorder:
         self.step_seconds = []
         self.step_cpu_seconds = []
         self.step_counts = []
-        self._handle = None
+        self._handles = []
 
     def __enter__(self):
         self.step_seconds, self.step_cpu_seconds, self.step_counts = [], [], []
@@ -381,7 +422,8 @@ class StepRecorder:
         self._last_cpu = None
         self._last_counts = None
         # prepend: run before a `PassCounter`'s hook, so that step 0 includes the first forward
-        self._handle = self.pipe.unet.register_forward_pre_hook(self._start, prepend=True)
+        models = [self.pipe.unet, getattr(self.pipe, "controlnet", None)]
+        self._handles = [m.register_forward_pre_hook(self._start, prepend=True) for m in models if m is not None]
         return self
 
     def _start(self, module, args):
@@ -405,7 +447,7 @@ class StepRecorder:
         return {}
 
     def __exit__(self, *exc):
-        if self._handle is not None:
-            self._handle.remove()
-            self._handle = None
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
         return False

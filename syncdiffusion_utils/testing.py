@@ -436,3 +436,17 @@ def make_tiny_controlnet(unet, seed=0):
         torch.nn.init.normal_(conv.weight, std=0.1)
         torch.nn.init.normal_(conv.bias, std=0.1)
     return controlnet.eval()
+
+
+def make_controlnet(unet, seed=0):
+    """A random-weight `ControlNetModel` for `unet` with the real condition encoder (`ControlNetModel.from_unet`, as
+    the SD 1.5 and 2.x ControlNets are built), for benchmarks: its zero-initialized output convolutions get the
+    default random initialization, so that its residuals, like a trained one's, are not zero."""
+    from diffusers import ControlNetModel
+
+    torch.manual_seed(seed)
+    controlnet = ControlNetModel.from_unet(unet)
+    zero_initialized = [controlnet.controlnet_cond_embedding.conv_out, controlnet.controlnet_mid_block]
+    for conv in [*zero_initialized, *controlnet.controlnet_down_blocks]:
+        conv.reset_parameters()
+    return controlnet.eval()
