@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 from accelerate.hooks import ModelHook, add_hook_to_module
-from diffusers import DiffusionPipeline, StableDiffusionPanoramaPipeline
+from diffusers import DiffusionPipeline, HeunDiscreteScheduler, StableDiffusionPanoramaPipeline
 from diffusers.models.attention_processor import AttnProcessor
 
 import pipeline_syncdiffusion
@@ -199,8 +199,20 @@ def test_clip_skip_uses_an_earlier_text_encoder_layer(pipe):
     assert (latents_of(pipe, clip_skip=1) - latents_of(pipe)).abs().max() > 1e-4
 
 
-def test_guidance_rescale_changes_the_result_with_sync(pipe):
-    assert (latents_of(pipe, guidance_rescale=0.7) - latents_of(pipe)).abs().max() > 1e-4
+# `guidance_rescale` against diffusers' `rescale_noise_cfg` in the reference loop: test_synchronization.py.
+
+
+@pytest.mark.parametrize("scheduler", ["ddim", "heun"])
+def test_deprecated_callback_without_callback_steps_runs_every_step(pipe, scheduler):
+    """`callback=` alone (as the panorama pipeline's users call it) is called after every real step, with its index
+    and the panorama latents; Heun's two evaluations per step give one call."""
+    if scheduler == "heun":
+        pipe.scheduler = HeunDiscreteScheduler.from_config(pipe.scheduler.config)
+    calls = []
+    out = pipe("a photo", **{**SMALL, "num_inference_steps": 3}, sync_weight=0, output_type="latent",
+               callback=lambda step, timestep, latents: calls.append((step, latents.clone())))
+    assert [step for step, _ in calls] == [0, 1, 2]
+    torch.testing.assert_close(calls[-1][1], out.images, atol=0, rtol=0)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -209,21 +221,14 @@ def test_guidance_rescale_changes_the_result_with_sync(pipe):
 
 
 def test_float16_synchronization_runs_lpips_in_float32(pipe):
+    """LPIPS sees float32 images in a float16 pipeline; the latents stay float16. Whether the float16 update is
+    right (against float32, with loss scaling) is test_fp16.py's."""
     pipe = pipe.to(torch.float16)
-    lpips_dtypes, grad_dtypes = [], []
+    lpips_dtypes = []
     pipe.perceptual_loss("cpu").register_forward_pre_hook(lambda m, args: lpips_dtypes.append(args[0].dtype))
-    original = pipe.synchronize_views
-
-    def recording(*args, **kwargs):
-        updated, noise = original(*args, **kwargs)
-        grad_dtypes.append(updated.dtype)
-        return updated, noise
-
-    pipe.synchronize_views = recording
-    image = pipe("a photo", **SMALL, output_type="np", generator=torch.Generator().manual_seed(0)).images
-    assert np.isfinite(image).all() and image.std() > 0
+    latents = pipe("a photo", **SMALL, output_type="latent", generator=torch.Generator().manual_seed(0)).images
     assert lpips_dtypes and set(lpips_dtypes) == {torch.float32}
-    assert grad_dtypes and set(grad_dtypes) == {torch.float16}
+    assert latents.dtype == torch.float16 and torch.isfinite(latents).all()
 
 
 def test_attention_slicing_gives_the_same_result(pipe):
