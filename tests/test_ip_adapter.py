@@ -5,6 +5,12 @@ import torch
 from diffusers import StableDiffusionPanoramaPipeline
 from diffusers.models.attention_processor import IPAdapterAttnProcessor
 from diffusers.models.embeddings import ImageProjection
+from reference_loop import (
+    assert_trajectories_match,
+    for_reference_comparison,
+    pipeline_trajectory,
+    reference_syncdiffusion,
+)
 
 
 def random_ip_adapter(unet):
@@ -67,3 +73,17 @@ def test_ip_adapter_with_view_batches_and_synchronization(ip_pipe):
     three = ip_pipe("a cat", view_batch_size=3, **kwargs).images
     torch.testing.assert_close(three, one, atol=1e-3, rtol=1e-3)
     assert torch.isfinite(one).all()
+
+
+def test_ip_adapter_synchronization_matches_the_reference_loop(ip_pipe):
+    """The image embeddings condition every UNet pass, the gradient pass's included: compared step by step with the
+    reference loop (float64, tests/reference_loop.py). Measured: 6e-8 of the largest latent; the reference with zero
+    image embeddings in its gradient pass only is 5.4e-2 away."""
+    for_reference_comparison(ip_pipe)
+    latents, embeds = LATENTS.double(), EMBEDS[0].double()
+    sync = {"stride": 4, "sync_weight": 20.0, "sync_thres": 2}
+    ours = pipeline_trajectory(ip_pipe, "a cat", latents, ip_adapter_image_embeds=[embeds], height=64, width=128,
+                               num_inference_steps=2, **sync)
+    expected = []
+    reference_syncdiffusion(ip_pipe, "a cat", latents, 2, image_embeds=embeds, trajectory=expected, **sync)
+    assert_trajectories_match(ours, expected)
