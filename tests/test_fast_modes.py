@@ -7,6 +7,9 @@ import torch.nn.functional as F
 from syncdiffusion_utils.testing import make_tiny_decoder
 
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
 # 64x160 pixels: 5 views at stride 4; one synchronized step, then one plain step.
 CALL = {"height": 64, "width": 160, "num_inference_steps": 2, "stride": 4, "sync_thres": 1, "output_type": "latent"}
 
@@ -22,19 +25,26 @@ def cosine(a, b):
     return F.cosine_similarity(a.flatten(), b.flatten(), dim=0).item()
 
 
-@pytest.mark.parametrize(
-    "options",
-    [{"sync_gradient": "x0"}, {"sync_reuse_noise": True}, {"sync_mode": "fast"}, {"sync_lpips_size": 32}],
-    ids=["x0_gradient", "reuse_noise", "fast", "lpips_size"],
-)
-def test_fast_mode_update_points_where_the_exact_one_does(pipe, options):
-    """With a small weight the fast update is a different, but well-aligned, step (cosine > 0.6 here; 0.78-0.96 measured)."""
+# Measured on this tiny model (seeded LPIPS): the fast update's cosine with the exact one and its norm ratio.
+# Deterministic up to float32 rounding (1e-4); bounds leave 0.05 of cosine and 0.1 of norm ratio for other CPUs.
+FAST_OPTIONS = {
+    "x0_gradient": ({"sync_gradient": "x0"}, 0.830, 0.681),
+    "reuse_noise": ({"sync_reuse_noise": True}, 0.842, 0.692),
+    "fast": ({"sync_mode": "fast"}, 0.776, 0.592),
+    "lpips_size": ({"sync_lpips_size": 32}, 0.958, 1.217),
+}
+
+
+@pytest.mark.parametrize("name", list(FAST_OPTIONS))
+def test_fast_mode_update_points_where_the_exact_one_does(pipe, name):
+    """With a small weight the fast update is a different, but well-aligned, step, as aligned as measured."""
+    options, measured_cosine, measured_ratio = FAST_OPTIONS[name]
     exact = sync_update(pipe)
     fast = sync_update(pipe, **options)
     assert exact.abs().max() > 1e-3
     assert (fast - exact).abs().max() > 1e-6  # the mode really changed something
-    assert cosine(fast, exact) > 0.6
-    assert fast.norm() / exact.norm() == pytest.approx(1.0, abs=0.5)
+    assert cosine(fast, exact) > measured_cosine - 0.05
+    assert (fast.norm() / exact.norm()).item() == pytest.approx(measured_ratio, abs=0.1)
 
 
 @pytest.mark.parametrize("view_batch_size", [1, 5])

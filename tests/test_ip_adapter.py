@@ -13,6 +13,9 @@ from reference_loop import (
 )
 
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
 def random_ip_adapter(unet):
     """An IP-Adapter state dict (`image_proj` and `ip_adapter`) with random weights, as `load_ip_adapter` reads it."""
     cross = unet.config.cross_attention_dim
