@@ -86,3 +86,13 @@ def test_decode_downsample_update_descends_the_pooled_distance(sync_step):
         assert pooled_distance(updated) < pooled_distance(view)
     # a different objective from the paper's: not the exact update
     assert (updated - exact_update).abs().max() > 1e-4
+
+
+def test_gradient_checkpointing_covers_a_custom_sync_decoder(pipe):
+    """A `sync_decoder` is checkpointed in the gradient pass like the VAE (same result), and restored after."""
+    decoder = make_tiny_decoder(width_mult=0.25)
+    checkpointing = []
+    decoder.decoder.register_forward_pre_hook(lambda module, args: checkpointing.append(decoder.is_gradient_checkpointing))
+    checkpointed = sync_update(pipe, 20.0, sync_decoder=decoder, sync_gradient_checkpointing=True)
+    assert True in checkpointing and not decoder.is_gradient_checkpointing
+    torch.testing.assert_close(checkpointed, sync_update(pipe, 20.0, sync_decoder=decoder), atol=1e-5, rtol=1e-5)
