@@ -33,8 +33,9 @@ DEFAULT_SIZE[TINY_XL] = DEFAULT_SIZE[TINY]
 DEFAULT_OUTPUT = "panorama.png"
 DEFAULT_COMPARE_OUTPUT = "compare.png"
 SINGLE_FILE_EXTENSIONS = (".safetensors", ".ckpt")  # `--model` as one checkpoint file in the original layout
-SCHEDULERS = ("ddim", "euler", "dpm++")
-DEFAULT_SCHEDULER = "ddim"  # the paper's
+SCHEDULERS = ("ddim", "euler", "dpm++", "keep")
+# The paper's scheduler, with which its default `sync_weight=20` was chosen; `keep` leaves the model's own.
+DEFAULT_SCHEDULER = "ddim"
 
 # Pipeline argument -> the flag that sets it, to turn the pipeline's input errors into command-line errors.
 ARGUMENT_FLAGS = {
@@ -119,6 +120,12 @@ def check_device(device):
     available = {"cpu": True, "cuda": torch.cuda.is_available(), "mps": mps is not None and mps.is_available()}
     if not available.get(kind, True):
         raise CLIError(f"--device {device!r}: {kind} is not available on this machine; use --device auto or cpu.")
+    index = torch.device(device).index
+    if kind == "cuda" and index is not None and index >= torch.cuda.device_count():
+        raise CLIError(
+            f"--device {device!r}: this machine has {torch.cuda.device_count()} CUDA device(s), cuda:0 to"
+            f" cuda:{torch.cuda.device_count() - 1}; use one of those or --device auto."
+        )
 
 
 def _offline():
@@ -310,10 +317,13 @@ def set_vae_tiling(pipe, mode, height, width):
 
 
 def set_scheduler(pipe, name):
-    """Replace `pipe.scheduler` by `name` ("ddim", "euler" or "dpm++") built from the current scheduler's config."""
+    """Replace `pipe.scheduler` by `name` ("ddim", "euler" or "dpm++") built from the current scheduler's config;
+    `"keep"` leaves the model's own scheduler."""
     from diffusers import DDIMScheduler, DPMSolverMultistepScheduler, EulerDiscreteScheduler
 
-    if name == "ddim":
+    if name == "keep":
+        pass
+    elif name == "ddim":
         pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
     elif name == "euler":
         pipe.scheduler = EulerDiscreteScheduler.from_config(pipe.scheduler.config)
@@ -536,9 +546,20 @@ def build_parser():
     parser.add_argument("--steps", type=_positive_int, help="denoising steps (default: 50; tiny: 10)")
     parser.add_argument("--guidance", type=float, default=7.5, help="classifier-free guidance scale (default: 7.5)")
     parser.add_argument("--seed", type=int, help="random seed (default: a random one, printed)")
-    parser.add_argument("--stride", type=int, default=8, help="distance between views in latent pixels (default: 8)")
+    parser.add_argument(
+        "--stride",
+        type=int,
+        default=8,
+        help="distance between views in latent pixels (default: 8: 25 views at 2048 px, twice the paper's 13 at 16;"
+        " time grows with the view count)",
+    )
     parser.add_argument("--negative-prompt", help="what the panorama should not show")
-    parser.add_argument("--scheduler", choices=SCHEDULERS, default=DEFAULT_SCHEDULER, help="default: ddim (the paper's)")
+    parser.add_argument(
+        "--scheduler",
+        choices=SCHEDULERS,
+        default=DEFAULT_SCHEDULER,
+        help="default: ddim, the paper's, with which --sync-weight 20 was chosen; keep: the model's own scheduler",
+    )
 
     sync = parser.add_argument_group("synchronization (SyncDiffusion)")
     sync.add_argument("--sync-weight", type=float, default=20.0, help="gradient step size; 0 = MultiDiffusion (default: 20)")

@@ -217,3 +217,28 @@ def test_unavailable_device(tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     assert main(TINY + ["--device", "cuda", "-o", str(tmp_path / "x.png")]) != 0
     assert_one_line_error(capsys.readouterr().err, "--device")
+
+
+def test_device_index_beyond_the_machines_gpus(tmp_path, capsys, monkeypatch):
+    """`--device cuda:7` on a one-GPU machine: one line naming the devices there, before any model loads."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    assert main(TINY + ["--device", "cuda:7", "-o", str(tmp_path / "x.png")]) != 0
+    assert_one_line_error(capsys.readouterr().err, "--device 'cuda:7'", "cuda:0")
+
+
+def test_scheduler_keep_leaves_the_models_own_and_the_default_is_ddim():
+    from diffusers import DDIMScheduler, EulerDiscreteScheduler
+
+    from syncdiffusion_utils.testing import tiny_pipeline
+
+    pipe = tiny_pipeline(lpips_module=False)
+    own = pipe.scheduler = EulerDiscreteScheduler.from_config(pipe.scheduler.config)
+    assert cli.set_scheduler(pipe, "keep") is own
+    assert isinstance(cli.set_scheduler(pipe, cli.DEFAULT_SCHEDULER), DDIMScheduler)
+
+
+def test_help_says_what_the_default_stride_costs(capsys):
+    assert main(["--help"]) == 0
+    help_text = " ".join(capsys.readouterr().out.split())
+    assert "25 views at 2048 px" in help_text and "keep" in help_text
