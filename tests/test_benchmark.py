@@ -146,3 +146,110 @@ def test_peak_memory_sees_an_allocation():
         time.sleep(0.05)  # for the sampling thread
         del block
     assert memory.peak_mib >= 48
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# SDXL: the real architecture at a tiny width
+# ----------------------------------------------------------------------------------------------------------------
+
+# stabilityai/stable-diffusion-xl-base-1.0: unet/config.json, vae/config.json, text_encoder(_2)/config.json
+SDXL_BASE_UNET = {
+    "block_out_channels": (320, 640, 1280),
+    "down_block_types": ("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+    "up_block_types": ("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+    "transformer_layers_per_block": (1, 2, 10),
+    "layers_per_block": 2,
+    "attention_head_dim": (5, 10, 20),
+    "addition_time_embed_dim": 256,
+    "cross_attention_dim": 2048,
+    "projection_class_embeddings_input_dim": 2816,
+}
+SDXL_ARGS = ["--arch", "sdxl", "--width-mult", "0.05", "--sample-size", "8", "--height", "64", "--width", "128"]
+SDXL_ARGS += ["--stride", "4", "--steps", "2", "--sync-thres", "1", "--modes", "exact", "--no-warmup", "--no-decode"]
+
+
+def test_sdxl_preset_is_sdxl_base():
+    from syncdiffusion_utils.testing import XL_PRESETS, _scaled
+
+    preset = XL_PRESETS["sdxl"]
+    full_width = {
+        "block_out_channels": _scaled(preset.unet_channels, 1.0, preset.norm_num_groups),
+        "down_block_types": preset.unet_down,
+        "up_block_types": preset.unet_up,
+        "transformer_layers_per_block": preset.transformer_layers_per_block,
+        "layers_per_block": preset.layers_per_block,
+        "attention_head_dim": preset.attention_heads,  # SDXL's config names head counts so
+        "addition_time_embed_dim": preset.addition_time_embed_dim,
+        "cross_attention_dim": sum(preset.text_hidden),
+        "projection_class_embeddings_input_dim": 6 * preset.addition_time_embed_dim + preset.text_hidden[1],
+    }
+    assert full_width == SDXL_BASE_UNET
+    assert (preset.vae_channels, preset.vae_layers_per_block) == ((128, 256, 512, 512), 2)
+    assert (preset.text_hidden, preset.text_layers, preset.text_heads) == ((768, 1280), (12, 32), (12, 20))
+    assert benchmark.ARCH_DEFAULTS["sdxl"]["sample_size"] == 128  # SDXL's 1024-pixel window
+
+
+def test_sdxl_arch_counts_as_expected(tmp_path, capsys):
+    path = tmp_path / "sdxl.json"
+    assert main(SDXL_ARGS + ["--json", str(path)]) == 0
+    report = json.loads(path.read_text())
+    config, rows = report["config"], {row["mode"]: row for row in report["rows"]}
+    assert config["pipeline"] == "SyncDiffusionXLPipeline" and config["arch"] == "sdxl" and config["num_views"] == 3
+    assert list(rows) == ["multidiffusion", "exact"]
+    assert all(row["passes_match"] for row in rows.values())
+    step = rows["exact"]["passes_sync_step"]
+    assert (step["unet_fwd"], step["unet_bwd"], step["dec_fwd"], step["dec_bwd"], step["lpips_fwd"]) == (5, 2, 3, 2, 2)
+    assert rows["multidiffusion"]["passes"]["unet_fwd"] == 6
+    assert "SyncDiffusionXLPipeline arch=sdxl" in capsys.readouterr().out
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# ControlNet: its passes counted like the UNet's
+# ----------------------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def controlnet_pipe():
+    return benchmark.build_pipeline("tiny", controlnet=True)
+
+
+def test_controlnet_counts_as_expected(controlnet_pipe, tmp_path, capsys, monkeypatch):
+    def build_pipeline(*args):  # the command's call, answered with the module's pipeline (built once)
+        assert args[-1] is True, "--controlnet did not reach build_pipeline"
+        return controlnet_pipe
+
+    monkeypatch.setattr(benchmark, "build_pipeline", build_pipeline)
+    path = tmp_path / "controlnet.json"
+    modes = ["--modes", "exact,exact+ckpt,fast", "--no-warmup", "--no-decode"]
+    assert main(ARGS + ["--controlnet"] + modes + ["--json", str(path)]) == 0
+    report = json.loads(path.read_text())
+    n = report["config"]["num_views"]
+    assert report["config"]["pipeline"] == "SyncDiffusionControlNetPipeline" and report["config"]["controlnet"]
+    rows = {row["mode"]: row for row in report["rows"]}
+    assert all(row["passes_match"] for row in rows.values())
+    exact = rows["exact"]["passes_sync_step"]
+    assert (exact["controlnet_fwd"], exact["controlnet_bwd"]) == (2 * n - 1, n - 1)  # the UNet's
+    ckpt = rows["exact+ckpt"]["passes_sync_step"]
+    assert (ckpt["controlnet_recompute"], ckpt["controlnet_fwd"]) == (n - 1, 3 * n - 2)
+    assert (rows["fast"]["passes_sync_step"]["controlnet_fwd"], rows["fast"]["passes_sync_step"]["controlnet_bwd"]) == (n, 0)
+    # MultiDiffusion: one ControlNet pass per view and step, two steps
+    assert rows["multidiffusion"]["passes"]["controlnet_fwd"] == 2 * n
+    assert "cn fwd" in capsys.readouterr().out
+
+
+def test_controlnet_counter_follows_the_pipeline(controlnet_pipe):
+    """Counted in the pipeline itself: `guess_mode` (conditional rows only) counts as much per view; a ControlNet that
+    does not run (scale 0) counts nothing."""
+    from syncdiffusion_utils.counting import PassCounter, expected_sync_step
+
+    pipe = controlnet_pipe
+    call = {"prompt": "a lake", "height": 64, "width": 128, "stride": 4, "num_inference_steps": 1}
+    call.update(output_type="latent", image=torch.rand(1, 3, 64, 128))
+    keys = ("unet_fwd", "unet_bwd", "controlnet_fwd", "controlnet_recompute", "controlnet_bwd")
+    for kwargs, controlnet in (({"guess_mode": True}, True), ({"controlnet_conditioning_scale": 0.0}, False)):
+        with PassCounter(pipe) as counter:
+            pipe(**call, **kwargs)
+        expected = expected_sync_step(3, controlnet=controlnet)
+        assert {key: counter.as_dict()[key] for key in keys} == {key: expected[key] for key in keys}, kwargs
+    with pytest.raises(ValueError, match="panorama-pipeline"):
+        benchmark.run_benchmark(controlnet=True, modes=["panorama-pipeline"], progress=None)

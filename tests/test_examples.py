@@ -17,7 +17,8 @@ EXAMPLES = sorted((Path(__file__).resolve().parent.parent / "examples").glob("*.
 
 
 def test_there_are_examples():
-    assert len(EXAMPLES) >= 6, [path.name for path in EXAMPLES]
+    assert len(EXAMPLES) >= 8, [path.name for path in EXAMPLES]
+    assert {"controlnet_panorama", "sdxl_panorama"} <= {path.stem for path in EXAMPLES}
 
 
 @pytest.mark.parametrize("example", EXAMPLES, ids=lambda path: path.stem)
