@@ -3,8 +3,8 @@
     python -m syncdiffusion_utils.benchmark                       # tiny architecture, seconds on a CPU
     python -m syncdiffusion_utils.benchmark --arch sd2 --height 512 --width 1024 --stride 16 \\
         --steps 2 --sync-thres 2 --modes exact,fast,fast+tiny-decoder+lpips256 --json out.json
-    python -m syncdiffusion_utils.benchmark --arch sdxl --width-mult 0.25 --modes exact,fast   # SyncDiffusionXLPipeline
-    python -m syncdiffusion_utils.benchmark --controlnet          # SyncDiffusionControlNetPipeline, a random ControlNet
+    python -m syncdiffusion_utils.benchmark --arch sdxl --width-mult 0.25 --modes exact,fast  # SDXL pipeline
+    python -m syncdiffusion_utils.benchmark --controlnet     # SyncDiffusionControlNetPipeline, random ControlNet
 
 Every mode runs in one process on the same prompt, seed and initial latents, MultiDiffusion (`sync_weight=0`)
 first, after a warm-up call. For each mode it reports

@@ -231,7 +231,8 @@ def test_controlnet_counts_as_expected(controlnet_pipe, tmp_path, capsys, monkey
     assert (exact["controlnet_fwd"], exact["controlnet_bwd"]) == (2 * n - 1, n - 1)  # the UNet's
     ckpt = rows["exact+ckpt"]["passes_sync_step"]
     assert (ckpt["controlnet_recompute"], ckpt["controlnet_fwd"]) == (n - 1, 3 * n - 2)
-    assert (rows["fast"]["passes_sync_step"]["controlnet_fwd"], rows["fast"]["passes_sync_step"]["controlnet_bwd"]) == (n, 0)
+    fast = rows["fast"]["passes_sync_step"]
+    assert (fast["controlnet_fwd"], fast["controlnet_bwd"]) == (n, 0)
     # MultiDiffusion: one ControlNet pass per view and step, two steps
     assert rows["multidiffusion"]["passes"]["controlnet_fwd"] == 2 * n
     assert "cn fwd" in capsys.readouterr().out

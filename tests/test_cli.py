@@ -51,6 +51,27 @@ def test_tiny_run_writes_the_panorama(tmp_path, capsys):
     assert f"wrote {output}" in out and "128x64" in out and " s generating" in out
 
 
+def test_tiny_xl_runs_the_sdxl_pipeline(tmp_path, capsys, monkeypatch):
+    """`syncdiffusion "..." --model tiny-xl -o x.png`: the offline tiny SDXL, through SyncDiffusionXLPipeline."""
+    from pipeline_syncdiffusion_xl import SyncDiffusionXLPipeline
+
+    calls = []
+    original = SyncDiffusionXLPipeline.__call__
+
+    def call(self, *args, **kwargs):
+        calls.append(type(self).__name__)
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(SyncDiffusionXLPipeline, "__call__", call)
+    output = tmp_path / "x.png"
+    args = ["a harbour at dawn", "--model", "tiny-xl", "--height", "64", "--width", "128", "--steps", "2"]
+    assert main(args + ["--sync-thres", "1", "-o", str(output)]) == 0
+    assert calls, "the SDXL pipeline did not run"
+    image = pixels(output)
+    assert image.shape == (64, 128, 3) and image.std() > 5
+    assert f"wrote {output}" in capsys.readouterr().out
+
+
 def test_compare_stacks_labelled_multidiffusion_and_syncdiffusion(tmp_path, capsys):
     output = tmp_path / "compare.png"
     assert main(TINY + ["--compare", "-o", str(output)]) == 0
