@@ -562,6 +562,11 @@ class SyncDiffusionControlNetPipeline(
                     "`sync_gradient='x0'` (also implied by `sync_mode='fast'`) treats the UNet output as constant,"
                     " which leaves no gradient with `prediction_type='sample'`; use `sync_gradient='unet'`."
                 )
+            if hasattr(self.scheduler, "ets") and not self.scheduler.config.get("skip_prk_steps", True):
+                raise ValueError(
+                    "synchronization does not support PNDMScheduler's Runge-Kutta warm-up (`skip_prk_steps=False`):"
+                    " use `PNDMScheduler.from_config(pipe.scheduler.config, skip_prk_steps=True)` or another scheduler."
+                )
             if not hasattr(self.scheduler, "sigmas") and not hasattr(self.scheduler, "alphas_cumprod"):
                 raise ValueError(
                     f"synchronization needs a scheduler with `alphas_cumprod` or `sigmas`, but"
@@ -917,17 +922,26 @@ class SyncDiffusionControlNetPipeline(
         scheduler = self.scheduler
         if hasattr(scheduler, "sigmas"):
             # Sigma-parameterized schedulers (Euler, DPM-Solver, UniPC, LMS, ...): the sigma of this step, which
-            # also covers Karras and other non-integer timestep schedules.
+            # also covers Karras and other non-integer timestep schedules. They keep `sigmas` on the host: a number.
             index = scheduler.step_index
             if index is None:
                 index = scheduler.index_for_timestep(t)
-            sigma = scheduler.sigmas[index].to(device=device, dtype=torch.float32)
+            sigma = float(scheduler.sigmas[index])
             alpha_t = (sigma**2 + 1) ** -0.5
-            sigma_t = sigma * alpha_t
-        else:
-            alpha_prod = scheduler.alphas_cumprod[int(t)].to(device=device, dtype=torch.float32)
-            alpha_t, sigma_t = alpha_prod**0.5, (1 - alpha_prod) ** 0.5
-        return alpha_t.to(dtype), sigma_t.to(dtype)
+            return alpha_t, sigma * alpha_t
+        # `alphas_cumprod` lives on the host and `t` on the device: index a device copy, or the host would wait.
+        alphas_cumprod = self._device_table(scheduler.alphas_cumprod, device)
+        alpha_prod = alphas_cumprod[torch.as_tensor(t, device=device).long()]
+        return (alpha_prod**0.5).to(dtype), ((1 - alpha_prod) ** 0.5).to(dtype)
+
+    # Copied from pipeline_syncdiffusion.SyncDiffusionPipeline._device_table
+    def _device_table(self, table, device):
+        """`table` (a scheduler's host tensor) in float32 on `device`, copied once and reused while it is unchanged."""
+        cached = getattr(self, "_device_tables", None)
+        if cached is None or cached[0] is not table or cached[1].device != torch.device(device):
+            cached = (table, table.to(device=device, dtype=torch.float32))
+            self._device_tables = cached
+        return cached[1]
 
     # Copied from pipeline_syncdiffusion.SyncDiffusionPipeline.predict_clean_latents
     def predict_clean_latents(self, model_input: torch.Tensor, noise_pred: torch.Tensor, t) -> torch.Tensor:
@@ -1538,7 +1552,7 @@ class SyncDiffusionControlNetPipeline(
         else:
             gradient_batch_size = view_batch_size
         views_batch = [views[i : i + view_batch_size] for i in range(0, len(views), view_batch_size)]
-        views_scheduler_status = [copy.deepcopy(self.scheduler.__dict__) for _ in views_batch]
+        views_scheduler_status = [self._scheduler_state() for _ in views_batch]
         anchor_view = views[len(views) // 2]
         anchor_batch = len(views) // 2 // view_batch_size
         # A pixel can be the sum of dozens of views: accumulate in float32 whatever the latents' dtype.
@@ -1590,7 +1604,7 @@ class SyncDiffusionControlNetPipeline(
                 # Synchronize on a step's first evaluation only: the correction of a second-order step (Heun, KDPM2)
                 # starts again from the sample the first evaluation stored, so an update there would be lost.
                 self.scheduler.__dict__.update(views_scheduler_status[anchor_batch])
-                first_evaluation = getattr(self.scheduler, "state_in_first_order", True)
+                first_evaluation = self._first_evaluation()
                 step += first_evaluation
                 sync, anchor = None, None
                 if sync_active and first_evaluation and step < sync_thres and (step + 1) % sync_freq == 0:
@@ -1608,7 +1622,7 @@ class SyncDiffusionControlNetPipeline(
                     latents_denoised = self.scheduler.step(
                         noise_pred, t, latents_for_view, **extra_step_kwargs, return_dict=False
                     )[0]
-                    views_scheduler_status[j] = copy.deepcopy(self.scheduler.__dict__)
+                    views_scheduler_status[j] = self._scheduler_state()
                     self.add_view_latents(value, count, latents_denoised, batch_view)
 
                 # MultiDiffusion's step: every latent pixel is the mean of the views covering it (Eq. 5)
@@ -1657,6 +1671,28 @@ class SyncDiffusionControlNetPipeline(
             return (image, has_nsfw_concept)
         return StableDiffusionPipelineOutput(images=image, nsfw_content_detected=has_nsfw_concept)
 
+
+    # Copied from pipeline_syncdiffusion.SyncDiffusionPipeline._first_evaluation
+    def _first_evaluation(self):
+        """
+        Whether the scheduler's next model evaluation starts a denoising step. Not so for the correction of a
+        second-order step (Heun, KDPM2), nor for PNDM's second evaluation of its first timestep: those start again
+        from the sample their step's first evaluation stored, so an update made there would be lost.
+        """
+        scheduler = self.scheduler
+        if hasattr(scheduler, "state_in_first_order"):
+            return scheduler.state_in_first_order
+        if hasattr(scheduler, "cur_sample") and hasattr(scheduler, "ets"):  # PNDM with PLMS steps (`check_inputs`)
+            return scheduler.counter != 1
+        return True
+
+    # Copied from pipeline_syncdiffusion.SyncDiffusionPipeline._scheduler_state
+    def _scheduler_state(self):
+        """
+        The scheduler's state for one view batch: its history (lists, dicts) copied, tensors shared. Schedulers rebind
+        their tensors rather than change them in place, so this is a deep copy without copying device tensors.
+        """
+        return {k: copy.copy(v) if isinstance(v, (list, dict)) else v for k, v in self.scheduler.__dict__.items()}
 
     # Copied from pipeline_syncdiffusion.SyncDiffusionPipeline._sync_settings
     @staticmethod

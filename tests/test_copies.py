@@ -23,20 +23,46 @@ def test_sdxl_pipeline_copies_the_panorama_and_synchronization_code():
             "perceptual_gradient", "denoise_view_batch", "prepare_anchor", "check_inputs", "_sync_settings"} <= names
 
 
-def test_copied_code_finds_every_attribute_it_uses():
+def tiny_controlnet_pipeline():
+    from pipeline_syncdiffusion_controlnet import SyncDiffusionControlNetPipeline
+    from syncdiffusion_utils.testing import make_components, make_tiny_controlnet
+
+    components = make_components("tiny")
+    controlnet = make_tiny_controlnet(components["unet"])
+    return SyncDiffusionControlNetPipeline(
+        **components, controlnet=controlnet, safety_checker=None, feature_extractor=None, requires_safety_checker=False
+    )
+
+
+# Attributes `__call__` sets before any copied code runs.
+SET_BY_CALL = {"_clip_skip", "_cross_attention_kwargs", "_num_timesteps", "_interrupt"}
+
+
+@pytest.mark.parametrize(
+    "module, build",
+    [
+        (pipeline_syncdiffusion_xl, lambda: tiny_xl_pipeline(lpips_module=False)),
+        (pytest.importorskip("pipeline_syncdiffusion_controlnet"), tiny_controlnet_pipeline),
+    ],
+    ids=["xl", "controlnet"],
+)
+def test_copied_code_finds_every_attribute_it_uses(module, build):
     """A copy that calls a helper the source class gained (and the copy's class lacks) fails here, not at run time."""
-    pipe = tiny_xl_pipeline(lpips_module=False)
-    available = set(dir(pipe))
-    missing = set()
-    for block in check_copies.find_copies(pipeline_syncdiffusion_xl.__file__):
-        tree = ast.parse(textwrap.dedent(block.observed))
-        for node in ast.walk(tree):
+    available = set(dir(build()))
+    used, assigned = {}, set()
+    for block in check_copies.find_copies(module.__file__):
+        for node in ast.walk(ast.parse(textwrap.dedent(block.observed))):
             if isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) and node.value.id == "self":
-                if node.attr not in available and not node.attr.startswith("_guidance") and node.attr not in {
-                    "_clip_skip", "_cross_attention_kwargs", "_num_timesteps", "_interrupt"
-                }:  # set by `__call__`
-                    missing.add(f"{block.name}: self.{node.attr}")
-    assert not missing, sorted(missing)
+                if isinstance(node.ctx, ast.Store):
+                    assigned.add(node.attr)  # a cache or state the copied code creates itself
+                else:
+                    used.setdefault(node.attr, block.name)
+    missing = sorted(
+        f"{name}: self.{attr}"
+        for attr, name in used.items()
+        if attr not in available | assigned | SET_BY_CALL and not attr.startswith("_guidance")
+    )
+    assert not missing, missing
 
 
 SOURCE = '''\

@@ -38,9 +38,7 @@ SCHEDULERS = {
     "pndm": (PNDMScheduler, {"skip_prk_steps": True}),  # Stable Diffusion's own scheduler config (PLMS)
 }
 # PNDM (PLMS) evaluates its first timestep twice and rebuilds the second evaluation from the sample it stored at the
-# first, like a second-order correction, although its `order` is 1: the pipeline synchronizes there too (an update
-# that only changes the averaged derivative) and counts that evaluation as a step. Not yet fixed or refused.
-PNDM_XFAIL = pytest.mark.xfail(strict=True, reason="PNDM's repeated first evaluation is treated as a real step")
+# first, like a second-order correction, although its `order` is 1: the pipeline synchronizes on the first only.
 
 PROMPT = "a photo of a forest"
 # 64x96 pixels: 8x12 latents, 8-latent views at stride 4 -> 2 views, the second is the anchor. 3 steps, the first
@@ -75,7 +73,7 @@ def reference_trajectory(pipe, **kwargs):
 
 
 @pytest.mark.parametrize(
-    "name", [pytest.param(name, marks=PNDM_XFAIL) if name == "pndm" else name for name in SCHEDULERS]
+    "name", list(SCHEDULERS)
 )
 def test_scheduler_matches_the_reference_loop(pipe, name):
     pipe.scheduler = scheduler_for(pipe, name)
