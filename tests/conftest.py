@@ -1,4 +1,5 @@
 import copy
+import sys
 import warnings
 from types import SimpleNamespace
 
@@ -10,6 +11,19 @@ from syncdiffusion_utils.testing import make_components, make_lpips
 
 
 warnings.filterwarnings("ignore", message=".*deprecated.*")
+
+
+@pytest.fixture(autouse=True)
+def forget_custom_pipeline_modules():
+    """
+    diffusers imports a custom pipeline file as `diffusers_modules.local.<file name>` and executes a second file of
+    the same name into the same module, keeping the first file's classes: after a test loads the SD pipeline from a
+    folder's `pipeline.py`, another loading the SDXL one from its own `pipeline.py` finds two pipeline classes. A
+    user process loads one; each test starts as a fresh process would.
+    """
+    yield
+    for name in [name for name in sys.modules if name.startswith("diffusers_modules.")]:
+        del sys.modules[name]
 
 
 @pytest.fixture(scope="session")

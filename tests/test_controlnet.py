@@ -319,6 +319,7 @@ def test_command_writes_the_pipelines_panorama_at_the_conditions_size(tmp_path, 
         expected = pipe(
             "a photo of a valley", image=Image.open(control).convert("RGB"), num_inference_steps=2, stride=4,
             sync_thres=1, controlnet_conditioning_scale=0.8, generator=torch.Generator().manual_seed(0),
+            view_batch_size="auto",  # the command's default
         ).images[0]
     with Image.open(output) as written:
         assert written.size == (128, 64)  # the condition's size: no --height or --width given

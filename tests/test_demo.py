@@ -293,7 +293,8 @@ def _type(driver, selector, text):
     from selenium.webdriver.common.by import By
     from selenium.webdriver.common.keys import Keys
 
-    field = driver.find_element(By.CSS_SELECTOR, selector)
+    # A field inside a panel that just opened renders a moment later (longer on a loaded machine).
+    field = _wait(lambda: driver.find_elements(By.CSS_SELECTOR, selector), 30, selector)[0]
     field.click()
     field.send_keys(Keys.CONTROL, "a")
     field.send_keys(text, Keys.TAB)

@@ -80,7 +80,7 @@ def test_generate_set_writes_every_pair_and_its_index_and_resumes(tmp_path, prom
     assert index["settings"]["sync_weight"] == 0 and index["settings"]["steps"] == 2
 
     # The file is the pipeline's image for that prompt and seed, as the main command makes it.
-    call = dict(height=64, width=128, num_inference_steps=2, sync_weight=0.0)
+    call = dict(height=64, width=128, num_inference_steps=2, sync_weight=0.0, view_batch_size="auto")  # as the command
     image = pipe("a city at night, neon!", generator=cli.generator(1), **call).images[0]
     assert np.abs(pixels(out / expected_files()[3]) - np.asarray(image, dtype=np.int16)).max() == 0
 
