@@ -305,6 +305,14 @@ def decode_fits(pipe, height, width, margin=0.8):
     return needed < torch.cuda.mem_get_info(device)[0] * margin
 
 
+def call_defaults(pipe):
+    """The defaults of the loaded pipeline class's `__call__` (its size, guidance and stride differ for SDXL)."""
+    import inspect
+
+    parameters = inspect.signature(type(pipe).__call__).parameters
+    return {name: parameters[name].default for name in ("height", "width", "guidance_scale", "stride")}
+
+
 def set_vae_tiling(pipe, mode, height, width):
     """`--vae-tiling`: "on", "off", or "auto" (on when the whole panorama would not fit in GPU memory at once)."""
     tiling = mode == "on" or (mode == "auto" and not decode_fits(pipe, height, width))
@@ -544,13 +552,14 @@ def build_parser():
     parser.add_argument("--height", type=_positive_int, help="pixels, a multiple of 8 (default: 512; tiny: 64)")
     parser.add_argument("--width", type=_positive_int, help="pixels, a multiple of 8 (default: 2048; tiny: 256)")
     parser.add_argument("--steps", type=_positive_int, help="denoising steps (default: 50; tiny: 10)")
-    parser.add_argument("--guidance", type=float, default=7.5, help="classifier-free guidance scale (default: 7.5)")
+    parser.add_argument(
+        "--guidance", type=float, help="classifier-free guidance scale (default: the pipeline's, 7.5; SDXL: 5)"
+    )
     parser.add_argument("--seed", type=int, help="random seed (default: a random one, printed)")
     parser.add_argument(
         "--stride",
         type=int,
-        default=8,
-        help="distance between views in latent pixels (default: 8: 25 views at 2048 px, twice the paper's 13 at 16;"
+        help="distance between views in latent pixels (default: 8, SDXL: 16; 8 means 25 views at 2048 px, twice the paper's 13 at 16;"
         " time grows with the view count)",
     )
     parser.add_argument("--negative-prompt", help="what the panorama should not show")
@@ -672,9 +681,6 @@ def _generate(args):
     control_image = _control_image(args, args.model == TINY)
     if control_image is not None:  # the condition covers the whole panorama: its size is the default size
         default_height, default_width = control_image.height, control_image.width
-    height = args.height or default_height
-    width = args.width or default_width
-    steps = args.steps or default_steps
     output = args.output or (DEFAULT_COMPARE_OUTPUT if args.compare else DEFAULT_OUTPUT)
     seed = args.seed if args.seed is not None else random.randrange(2**32)
     check_output(output)
@@ -693,6 +699,12 @@ def _generate(args):
         cpu_offload=args.cpu_offload,
         compile=args.compile,
     )
+    # What the command line leaves out: the tiny or condition sizes above, else the pipeline class's own defaults
+    # (SD: 512x2048, stride 8, guidance 7.5; SDXL: 1024x4096, stride 16, guidance 5).
+    defaults = call_defaults(pipe)
+    height = args.height or (default_height if tiny or control_image is not None else defaults["height"])
+    width = args.width or (default_width if tiny or control_image is not None else defaults["width"])
+    steps = args.steps or default_steps
     set_vae_tiling(pipe, args.vae_tiling, height, width)
     if control_image is not None:
         pipe = with_controlnet(pipe, args.controlnet)
@@ -706,9 +718,9 @@ def _generate(args):
         height=height,
         width=width,
         num_inference_steps=steps,
-        guidance_scale=args.guidance,
+        guidance_scale=args.guidance if args.guidance is not None else defaults["guidance_scale"],
         negative_prompt=args.negative_prompt,
-        stride=args.stride,
+        stride=args.stride or (8 if tiny else defaults["stride"]),
         view_batch_size=args.view_batch_size,
         circular_padding=args.circular,
         sync_decay_rate=args.sync_decay_rate,

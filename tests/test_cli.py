@@ -1,6 +1,7 @@
 """The `syncdiffusion` command, offline on the tiny pipeline: in process through `main`, and as a newcomer runs
 the installed console script."""
 
+import functools
 import os
 import shutil
 import subprocess
@@ -58,6 +59,7 @@ def test_tiny_xl_runs_the_sdxl_pipeline(tmp_path, capsys, monkeypatch):
     calls = []
     original = SyncDiffusionXLPipeline.__call__
 
+    @functools.wraps(original)  # the command reads the class's defaults from its signature
     def call(self, *args, **kwargs):
         calls.append(type(self).__name__)
         return original(self, *args, **kwargs)
