@@ -1561,6 +1561,8 @@ class SyncDiffusionXLPipeline(
                 if sync_active and first_evaluation and step < sync_thres and (step + 1) % sync_freq == 0:
                     sync = {**sync_settings, "weight": sync_weight * sync_decay_rate**step}
                     anchor = self.prepare_anchor(latents, anchor_view, t, conditioning, sync)
+                    # The anchor's batch keeps what scale_model_input recorded there (it may reuse this prediction).
+                    views_scheduler_status[anchor_batch] = self._scheduler_state()
 
                 for j, batch_view in enumerate(views_batch):
                     # rematch the batch's scheduler state

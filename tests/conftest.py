@@ -61,10 +61,11 @@ def pipe64(components_cache, lpips_module):
     return fresh_pipeline(components_cache, lpips_module, 64)
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session", autouse=True)
 def one_thread():
     """Tiny models gain nothing from a second thread, and on a loaded 2-core machine two threads per process make
-    them an order of magnitude slower. Modules opt in with `pytestmark = pytest.mark.usefixtures("one_thread")`."""
+    them an order of magnitude slower (measured: a synchronized tiny run stalls behind another process's threads).
+    Every test runs on one thread; modules may still name the fixture."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     yield
