@@ -20,7 +20,7 @@ import os
 import shutil
 import warnings
 from contextlib import contextmanager
-from typing import Any, Callable
+from typing import Any, Callable, List, Tuple, Union
 
 import numpy as np
 import PIL.Image
@@ -157,7 +157,8 @@ class SyncDiffusionControlNetPipeline(
         text_encoder: CLIPTextModel,
         tokenizer: CLIPTokenizer,
         unet: UNet2DConditionModel,
-        controlnet: ControlNetModel | list[ControlNetModel] | tuple[ControlNetModel] | MultiControlNetModel,
+        # typing.Union as diffusers writes it: diffusers 0.32's `from_pipe` reads no `X | Y` hint of a component
+        controlnet: Union[ControlNetModel, List[ControlNetModel], Tuple[ControlNetModel], MultiControlNetModel],
         scheduler: KarrasDiffusionSchedulers,
         safety_checker: StableDiffusionSafetyChecker,
         feature_extractor: CLIPImageProcessor,
@@ -1611,6 +1612,8 @@ class SyncDiffusionControlNetPipeline(
                     sync = {**sync_settings, "weight": sync_weight * sync_decay_rate**step}
                     anchor_conditioning = self.view_conditioning(step_conditioning, [anchor_view])
                     anchor = self.prepare_anchor(latents, anchor_view, t, anchor_conditioning, sync)
+                    # The anchor's batch keeps what scale_model_input recorded there (it may reuse this prediction).
+                    views_scheduler_status[anchor_batch] = self._scheduler_state()
 
                 for j, batch_view in enumerate(views_batch):
                     # rematch the batch's scheduler state
