@@ -200,13 +200,13 @@ class SyncDiffusionPipeline(
         return json.dumps(config, indent=2, sort_keys=True) + "\n"
 
     @classmethod
-    def _dict_from_json_file(cls, json_file: str | os.PathLike):
+    def _dict_from_json_file(cls, json_file: str | os.PathLike, **kwargs):
         """
         A saved config. Loaded through this class itself (`SyncDiffusionPipeline.from_pretrained`), a `_class_name`
         `[file, this class]` becomes the plain class name: the installed class is used, not the file saved with it
         (which diffusers would run only with `trust_remote_code=True`).
         """
-        config = super()._dict_from_json_file(json_file)
+        config = super()._dict_from_json_file(json_file, **kwargs)  # diffusers >= 0.36 passes `dduf_entries`
         class_name = config.get("_class_name")
         if isinstance(class_name, list) and class_name[-1] in {base.__name__ for base in cls.__mro__}:
             config["_class_name"] = class_name[-1]
@@ -707,15 +707,18 @@ class SyncDiffusionPipeline(
             ) from error
         if vgg_weights is None:
             try:
-                loss = lpips.LPIPS(net="vgg", verbose=False)
+                with warnings.catch_warnings():  # torch 2.4-2.5 warn about lpips' own `torch.load` of its heads
+                    warnings.filterwarnings("ignore", message=".*weights_only.*", category=FutureWarning)
+                    loss = lpips.LPIPS(net="vgg", verbose=False)
             except OSError as error:  # no network: urllib's URLError, or a refused connection
                 raise OSError(_missing_vgg_weights_message(error)) from None
             return loss.eval().requires_grad_(False)
 
         if not os.path.isfile(vgg_weights):
             raise ValueError(f"`vgg_weights` {str(vgg_weights)!r} is not a file; expected {_VGG16_FILE}.")
-        with warnings.catch_warnings():  # torchvision's notes about `pretrained=False`
+        with warnings.catch_warnings():  # torchvision's notes about `pretrained=False`; torch 2.4-2.5's about lpips' load
             warnings.simplefilter("ignore", UserWarning)
+            warnings.filterwarnings("ignore", message=".*weights_only.*", category=FutureWarning)
             loss = lpips.LPIPS(net="vgg", pnet_rand=True, verbose=False)
         # lpips splits torchvision's `vgg16().features` into five slices that keep the layer indices as names.
         layers = dict(module for part in loss.net.children() for module in part.named_children())

@@ -8,6 +8,7 @@ the channel widths for quick CPU runs).
 import json
 import os
 import tempfile
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -216,7 +217,9 @@ def make_lpips(seed=0):
     import lpips
 
     torch.manual_seed(seed)
-    return lpips.LPIPS(net="vgg", pnet_rand=True, verbose=False).eval()
+    with warnings.catch_warnings():  # torch 2.4-2.5 warn about lpips' own `torch.load` of its linear heads
+        warnings.filterwarnings("ignore", message=".*weights_only.*", category=FutureWarning)
+        return lpips.LPIPS(net="vgg", pnet_rand=True, verbose=False).eval()
 
 
 def tiny_pipeline(sample_size=8, seed=0, lpips_module=True, pipeline_class=SyncDiffusionPipeline, **kwargs):
