@@ -254,3 +254,18 @@ def test_controlnet_counter_follows_the_pipeline(controlnet_pipe):
         assert {key: counter.as_dict()[key] for key in keys} == {key: expected[key] for key in keys}, kwargs
     with pytest.raises(ValueError, match="panorama-pipeline"):
         benchmark.run_benchmark(controlnet=True, modes=["panorama-pipeline"], progress=None)
+
+
+def test_panorama_pipeline_reference_and_per_mode_view_batches():
+    """The goal-1 rows: diffusers' panorama pipeline fully batched as the reference, then modes at `@1` and `@auto`,
+    each on the same latents with the passes of MultiDiffusion (its fixed 64-latent window and stride 8)."""
+    rows = benchmark.run_benchmark(
+        sample_size=64, height=512, width=576, stride=8, steps=1, sync_thres=0, decode=False, warmup=False,
+        modes=["multidiffusion@1", "multidiffusion@auto"], reference="panorama-pipeline", progress=None,
+    )
+    assert [row["mode"] for row in rows] == ["panorama-pipeline", "multidiffusion@1", "multidiffusion@auto"]
+    assert rows[0]["kwargs"]["view_batch_size"] == 2 and rows[2]["kwargs"]["view_batch_size"] == "auto"
+    assert all(row["passes_match"] and row["passes"]["unet_fwd"] == 2 for row in rows)
+    assert rows[0]["ratio"] == 1.0 and rows.config["reference"] == "panorama-pipeline"
+    with pytest.raises(ValueError, match="64-latent window"):
+        benchmark.run_benchmark(modes=["panorama-pipeline"], steps=1, warmup=False, progress=None)
