@@ -289,7 +289,8 @@ def load_pipeline(
 
 
 # Elements per image pixel a whole-panorama VAE decode holds at its peak, per channel of the decoder's widest block
-# at full resolution (SD's VAE: 128): estimated from a measured 3.4 GB for a 512x3072 float16 decode on an H100.
+# at full resolution (SD's VAE: 128): estimated from a 6.07 GB peak measured on an H100 for a 512x3072 float16
+# MultiDiffusion run (the final decode is its peak), less ~2.6 GB of SD 2 weights.
 DECODE_ELEMENTS = 9
 
 
