@@ -354,7 +354,8 @@ def expected_sync_step(
     algorithm: the anchor's guided forward and decode without gradient; for each of the other
     `N - 1` views a gradient pass (UNet forward, decoder forward, LPIPS, and their backwards) and, unless the
     noise is reused, a second UNet forward. With `checkpointing` the backwards recompute the UNet (only when the
-    gradient goes through it) and the VAE decoder (not a separate `sync_decoder`, which is not checkpointed).
+    gradient goes through it) and the decoder (the VAE's, or a `sync_decoder` such as a tiny one: it must support
+    checkpointing, so `tiny_decoder` counts the same).
     With `controlnet` (a ControlNet that runs at this step) every UNet pass has a ControlNet pass before it, and the
     gradient goes back through it too, so its counts are the UNet's.
 
@@ -365,7 +366,7 @@ def expected_sync_step(
     others = n - 1
     unet_grad = gradient == "unet"
     unet_recompute = others if checkpointing and unet_grad else 0
-    dec_recompute = others if checkpointing and not tiny_decoder else 0
+    dec_recompute = others if checkpointing else 0
     unet_fwd = 1 + others + (0 if reuse_noise else others) + unet_recompute
     unet_bwd = others if unet_grad else 0
     counts = {

@@ -269,3 +269,23 @@ def test_panorama_pipeline_reference_and_per_mode_view_batches():
     assert rows[0]["ratio"] == 1.0 and rows.config["reference"] == "panorama-pipeline"
     with pytest.raises(ValueError, match="64-latent window"):
         benchmark.run_benchmark(modes=["panorama-pipeline"], steps=1, warmup=False, progress=None)
+
+
+def test_a_mode_that_fails_gets_an_error_row_and_the_others_run(monkeypatch):
+    """Out of memory (on an emulated small card) or a float16 overflow ends that mode only, with a row saying so."""
+    pipe = benchmark.build_pipeline("tiny")
+    calls = []
+
+    def overflow(*args, **kwargs):
+        calls.append(1)
+        raise FloatingPointError("the synchronization gradient overflowed in float16")
+
+    monkeypatch.setattr(pipe, "synchronize_views", overflow)
+    rows = benchmark.run_benchmark(
+        pipe=pipe, modes=["exact", "multidiffusion@2"], steps=1, sync_thres=1, warmup=False, decode=False, progress=None
+    )
+    assert [row["mode"] for row in rows] == ["multidiffusion", "exact", "multidiffusion@2"] and calls == [1]
+    assert rows[1]["error"] == "FloatingPointError: the synchronization gradient overflowed in float16"
+    assert not rows[1]["passes_match"] and rows[2]["passes_match"] and rows[2]["seconds"] > 0
+    table = benchmark.format_table(rows.config, rows).splitlines()
+    assert table[-2].split()[:2] == ["exact", "error"]
