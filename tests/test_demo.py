@@ -374,7 +374,9 @@ def test_in_a_browser_generate_compare_bad_input_and_stop(server, browser, tmp_p
 
     # Bad input: the pipeline's one-line message, in the page; typing a size switches the preset to "custom".
     _type(driver, "#width input", "100")
-    assert driver.find_element(By.CSS_SELECTOR, "#size input[value=custom]").is_selected()
+    # The switch is a round trip to the server (the width's change event): wait for it, it can lag under load.
+    _wait(lambda: driver.find_element(By.CSS_SELECTOR, "#size input[value=custom]").is_selected(), 30,
+          "the size preset to switch to custom")
     driver.find_element(By.CSS_SELECTOR, "#generate").click()
     message = PIPELINE_MESSAGE.replace("`", "")
     _wait(lambda: message in driver.find_element(By.TAG_NAME, "body").text.replace("`", ""), 30, "the error message")
