@@ -1,4 +1,4 @@
-"""Every GPU goal measured in one process, on one random-weight pipeline; each run's JSON is written as it ends.
+"""Every GPU goal measured in one process, on one random-weight pipeline, the results saved after each run.
 
     python -m syncdiffusion_utils.gpu_goals --out benchmarks        # SD 2 base architecture, float16, CUDA
 
@@ -8,12 +8,15 @@ once `--budget` seconds have passed the remaining ones are skipped (and say so):
 1. `gpu-default`: the command's default panorama (512x2048, 50 steps, 5 synchronized) with diffusers'
    `StableDiffusionPanoramaPipeline`, all views in one batch, as the reference; MultiDiffusion, exact, fast and
    fast + tiny decoder with `view_batch_size="auto"`.
-2. `components`: seconds of each network pass of a view (UNet, VAE decoder, LPIPS) alone, at 1 and 8 views.
-3. `gpu-wide` (exact, an emulated 6 GiB card) and `gpu-wide-fast` (fast, 4 GiB): 512x8192, tiled final decode.
-4. `lpips-precision`: LPIPS's image gradient in float16 against float32, and the time of each.
-5. `gpu-default-channels-last`: run 1's reference, MultiDiffusion and exact with the UNet and VAE channels-last.
-6. `gpu-default-unbatched`: MultiDiffusion with one view per UNet call, as the panorama pipeline's default.
-7. `gpu-default-compiled`: the reference and MultiDiffusion with `torch.compile`d UNet and decoder.
+2. `gpu-default-steady`: the reference, exact and fast again, each the faster of two calls (a process's first
+   synchronized call also grows the allocator and chooses kernels).
+3. `components`: seconds of each network pass (UNet, VAE decoder, LPIPS) alone, at 1, 4 and 8 views.
+4. `gpu-wide` (exact, an emulated 6 GiB card) and `gpu-wide-fast` (the fast modes, 4 GiB, the text encoder moved
+   to the CPU after encoding): 512x8192, tiled final decode.
+5. `lpips-precision`: LPIPS's image gradient in float16 against float32, and the time of each.
+6. `gpu-default-channels-last`: the reference, MultiDiffusion and exact with the UNet and VAE channels-last.
+7. `gpu-default-unbatched`: MultiDiffusion with one view per UNet call, as the panorama pipeline's default.
+8. `gpu-default-compiled`: the reference and MultiDiffusion with `torch.compile`d UNet and decoder.
 
 Then the goal table. Everything goes into one file, `OUT/gpu-goals-DEVICE.json`, rewritten after each run. Random
 weights: the costs are the real architectures', the images mean nothing.
