@@ -55,6 +55,18 @@ MODES = {
 # diffusers' own StableDiffusionPanoramaPipeline on the same components (MultiDiffusion; its stride is fixed at 8).
 PANORAMA_MODE = "panorama-pipeline"
 REFERENCE_MODE = "multidiffusion"
+# The any-width panorama of the small-card presets.
+WIDE = {
+    "arch": "sd2",
+    "height": 512,
+    "width": 8192,
+    "stride": 16,
+    "steps": 3,
+    "sync_thres": 2,
+    "dtype": "float16",
+    "view_batch_size": "auto",
+    "vae_tiling": True,
+}
 # Whole runs that measure the GPU goals, each one command: `--preset NAME`.
 PRESETS = {
     # The command's default panorama: 512x2048, 50 steps, stride 8 (25 views), 5 synchronized steps, fp16.
@@ -71,30 +83,10 @@ PRESETS = {
         "modes": [PANORAMA_MODE, "multidiffusion@1", "multidiffusion", "exact", "fast", "fast+tiny-decoder+lpips256"],
     },
     # Any width on a 6 GB card: 512x8192 (3 steps, 2 synchronized), tiled final decode, on an emulated 6 GiB card.
-    "gpu-wide": {
-        "arch": "sd2",
-        "height": 512,
-        "width": 8192,
-        "stride": 16,
-        "steps": 3,
-        "sync_thres": 2,
-        "dtype": "float16",
-        "view_batch_size": "auto",
-        "vae_tiling": True,
-        "memory_limit_gib": 6,
-        "modes": ["multidiffusion", "exact"],
-    },
+    "gpu-wide": {**WIDE, "memory_limit_gib": 6, "modes": ["multidiffusion", "exact"]},
     # The same panorama in the fast modes on an emulated 4 GiB card, the text encoder off the GPU after encoding.
     "gpu-wide-fast": {
-        "arch": "sd2",
-        "height": 512,
-        "width": 8192,
-        "stride": 16,
-        "steps": 3,
-        "sync_thres": 2,
-        "dtype": "float16",
-        "view_batch_size": "auto",
-        "vae_tiling": True,
+        **WIDE,
         "memory_limit_gib": 4,
         "offload_text_encoder": True,
         "modes": ["multidiffusion", "fast", TINY_DECODER_MODE],
