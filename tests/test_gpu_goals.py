@@ -19,7 +19,7 @@ def test_goals_file_holds_every_run_and_the_ratios_of_its_rows(tmp_path):
         ("gpu-default", {"preset": "gpu-default", "modes": MODES}),
         ("components", {"measure": "components", "view_counts": (1,), "warmup": 0, "repeat": 1}),
     ]
-    overrides = {"height": 512, "width": 576, "steps": 1, "sync_thres": 1, "decode": False}
+    overrides = {"height": 512, "width": 576, "steps": 1, "sync_thres": 1, "decode": False, "warmup": False}
     results, goals = gpu_goals.run_goals(tmp_path, "cpu", "float32", runs=runs, overrides=overrides, arch="tiny")
 
     saved = json.loads((tmp_path / "gpu-goals-cpu.json").read_text())
