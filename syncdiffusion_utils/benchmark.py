@@ -237,7 +237,7 @@ def cuda_memory_limit(device, gib):
 
 
 def set_channels_last(pipe, enabled=True):
-    """Put the UNet and the VAE in channels-last memory layout (faster convolutions on recent GPUs), or back."""
+    """Put the UNet and the VAE in channels-last memory layout, or back (on an H200 it was slower: docs/gpu.md)."""
     memory_format = torch.channels_last if enabled else torch.contiguous_format
     for model in (pipe.unet, pipe.vae):
         model.to(memory_format=memory_format)

@@ -198,9 +198,10 @@ def _benchmark_run(pipe, arch, device, dtype, options, overrides):
         rows = benchmark.run_benchmark(
             arch=arch, device=device, dtype=dtype, pipe=pipe, progress=True, **kwargs
         )
-    finally:
+    finally:  # the next runs share this pipeline, also after a failed one
         if channels_last:
             benchmark.set_channels_last(pipe, False)
+        pipe.text_encoder.to(device)
     print(benchmark.format_table(rows.config, rows), flush=True)
     return {"config": {**rows.config, "channels_last": channels_last}, "rows": list(rows)}
 
