@@ -19,8 +19,6 @@ from typing import Any, Callable
 
 import torch
 import torch.nn.functional as F
-from transformers import CLIPImageProcessor, CLIPTextModel, CLIPTokenizer, CLIPVisionModelWithProjection
-
 from diffusers.image_processor import PipelineImageInput, VaeImageProcessor
 from diffusers.loaders import (
     FromSingleFileMixin,
@@ -42,6 +40,7 @@ from diffusers.utils import (
     scale_lora_layers,
     unscale_lora_layers,
 )
+from transformers import CLIPImageProcessor, CLIPTextModel, CLIPTokenizer, CLIPVisionModelWithProjection
 
 
 logger = logging.get_logger(__name__)  # pylint: disable=invalid-name
@@ -62,6 +61,7 @@ def _missing_vgg_weights_message(error) -> str:
         f" (from {_VGG16_URL}) at {cache}, or pass a local copy with"
         " `pipe.set_perceptual_loss(vgg_weights=PATH)` (another loss: `pipe.set_perceptual_loss(module)`)."
     )
+
 
 EXAMPLE_DOC_STRING = """
     Examples:
@@ -262,12 +262,18 @@ class SyncDiffusionPipeline(
         if isinstance(self, TextualInversionLoaderMixin):
             prompt = self.maybe_convert_prompt(prompt, self.tokenizer)
         text_inputs = self.tokenizer(
-            prompt, padding="max_length", max_length=self.tokenizer.model_max_length, truncation=True, return_tensors="pt"
+            prompt,
+            padding="max_length",
+            max_length=self.tokenizer.model_max_length,
+            truncation=True,
+            return_tensors="pt",
         )
         attention_mask = None
         if getattr(self.text_encoder.config, "use_attention_mask", False):
             attention_mask = text_inputs.attention_mask.to(device)
-        output = self.text_encoder(text_inputs.input_ids.to(device), attention_mask=attention_mask, output_hidden_states=True)
+        output = self.text_encoder(
+            text_inputs.input_ids.to(device), attention_mask=attention_mask, output_hidden_states=True
+        )
         return self.text_encoder.final_layer_norm(output.hidden_states[-(clip_skip + 1)])
 
     # ------------------------------------------------------------------------------------------------------------
@@ -350,18 +356,24 @@ class SyncDiffusionPipeline(
 
         window = self.unet.config.sample_size
         if not isinstance(stride, int) or not 1 <= stride <= window:
-            raise ValueError(f"`stride` has to be an integer in 1..{window} (the view size in latents), but is {stride!r}.")
+            raise ValueError(
+                f"`stride` has to be an integer in 1..{window} (the view size in latents), but is {stride!r}."
+            )
         if view_batch_size != "auto" and (not isinstance(view_batch_size, int) or view_batch_size < 1):
             raise ValueError(f"`view_batch_size` has to be a positive integer or 'auto', but is {view_batch_size!r}.")
         if not isinstance(num_inference_steps, int) or num_inference_steps < 1:
             raise ValueError(f"`num_inference_steps` has to be a positive integer, but is {num_inference_steps!r}.")
         if not isinstance(num_images_per_prompt, int) or num_images_per_prompt < 1:
-            raise ValueError(f"`num_images_per_prompt` has to be a positive integer, but is {num_images_per_prompt!r}.")
+            raise ValueError(
+                f"`num_images_per_prompt` has to be a positive integer, but is {num_images_per_prompt!r}."
+            )
         if not 0.0 <= guidance_rescale <= 1.0:
             raise ValueError(f"`guidance_rescale` has to be in [0, 1], but is {guidance_rescale!r}.")
 
         if latents is not None:
-            batch_size = 1 if isinstance(prompt, str) else len(prompt) if prompt is not None else prompt_embeds.shape[0]
+            batch_size = (
+                1 if isinstance(prompt, str) else len(prompt) if prompt is not None else prompt_embeds.shape[0]
+            )
             shape = (
                 batch_size * num_images_per_prompt,
                 self.unet.config.in_channels,
@@ -389,7 +401,9 @@ class SyncDiffusionPipeline(
         if sync_reuse_noise not in (None, True, False):
             raise ValueError(f"`sync_reuse_noise` has to be True, False or None, but is {sync_reuse_noise!r}.")
         if sync_decoder is not None and not callable(getattr(sync_decoder, "decode", None)):
-            raise ValueError(f"`sync_decoder` has to have a `decode` method (e.g. `AutoencoderTiny`), but is {sync_decoder!r}.")
+            raise ValueError(
+                f"`sync_decoder` has to have a `decode` method (e.g. `AutoencoderTiny`), but is {sync_decoder!r}."
+            )
         if sync_gradient_checkpointing and sync_decoder is not None:
             if not getattr(sync_decoder, "_supports_gradient_checkpointing", False):
                 raise ValueError(
@@ -397,9 +411,15 @@ class SyncDiffusionPipeline(
                     f" (`enable_gradient_checkpointing`), but {type(sync_decoder).__name__} does not."
                 )
         if sync_lpips_size is not None and (not isinstance(sync_lpips_size, int) or sync_lpips_size < 32):
-            raise ValueError(f"`sync_lpips_size` has to be an integer >= 32 (pixels) or None, but is {sync_lpips_size!r}.")
+            raise ValueError(
+                f"`sync_lpips_size` has to be an integer >= 32 (pixels) or None, but is {sync_lpips_size!r}."
+            )
 
-        if not isinstance(sync_decode_downsample, int) or sync_decode_downsample < 1 or window % sync_decode_downsample:
+        if (
+            not isinstance(sync_decode_downsample, int)
+            or sync_decode_downsample < 1
+            or window % sync_decode_downsample
+        ):
             raise ValueError(
                 f"`sync_decode_downsample` has to be a positive integer dividing the view size {window}, but is"
                 f" {sync_decode_downsample!r}."
@@ -491,7 +511,9 @@ class SyncDiffusionPipeline(
             if w_end <= width:
                 crops.append(latents[:, :, h_start:h_end, w_start:w_end])
             else:
-                crops.append(latents[:, :, h_start:h_end].index_select(3, self._view_columns(view, width, latents.device)))
+                crops.append(
+                    latents[:, :, h_start:h_end].index_select(3, self._view_columns(view, width, latents.device))
+                )
         return torch.cat(crops)
 
     def add_view_latents(self, value: torch.Tensor, count: torch.Tensor, view_latents: torch.Tensor, views: list):
@@ -673,7 +695,9 @@ class SyncDiffusionPipeline(
     # Synchronization (Section 4 of the paper)
     # ------------------------------------------------------------------------------------------------------------
 
-    def set_perceptual_loss(self, module: torch.nn.Module | None = None, *, vgg_weights: str | os.PathLike | None = None):
+    def set_perceptual_loss(
+        self, module: torch.nn.Module | None = None, *, vgg_weights: str | os.PathLike | None = None
+    ):
         """
         Replace the perceptual loss, by default `lpips.LPIPS(net="vgg")` built on first use.
 
@@ -716,7 +740,9 @@ class SyncDiffusionPipeline(
 
         if not os.path.isfile(vgg_weights):
             raise ValueError(f"`vgg_weights` {str(vgg_weights)!r} is not a file; expected {_VGG16_FILE}.")
-        with warnings.catch_warnings():  # torchvision's notes about `pretrained=False`; torch 2.4-2.5's about lpips' load
+        with (
+            warnings.catch_warnings()
+        ):  # torchvision's notes about `pretrained=False`; torch 2.4-2.5's about lpips' load
             warnings.simplefilter("ignore", UserWarning)
             warnings.filterwarnings("ignore", message=".*weights_only.*", category=FutureWarning)
             loss = lpips.LPIPS(net="vgg", pnet_rand=True, verbose=False)
@@ -724,7 +750,9 @@ class SyncDiffusionPipeline(
         layers = dict(module for part in loss.net.children() for module in part.named_children())
         features = torch.nn.Sequential(*(layers[str(index)] for index in range(len(layers))))
         state_dict = torch.load(vgg_weights, map_location="cpu", weights_only=True)
-        state_dict = {key[len("features.") :]: value for key, value in state_dict.items() if key.startswith("features.")}
+        state_dict = {
+            key[len("features.") :]: value for key, value in state_dict.items() if key.startswith("features.")
+        }
         expected = features.state_dict()
         wrong = [key for key in expected if getattr(state_dict.get(key), "shape", None) != expected[key].shape]
         if wrong:
@@ -757,7 +785,9 @@ class SyncDiffusionPipeline(
             scale = lpips_size / max(images.shape[-2:])
             size = [max(1, round(side * scale)) for side in images.shape[-2:]]
             images = F.interpolate(images, size=size, mode="bilinear", antialias=True, align_corners=False)
-            anchor_images = F.interpolate(anchor_images, size=size, mode="bilinear", antialias=True, align_corners=False)
+            anchor_images = F.interpolate(
+                anchor_images, size=size, mode="bilinear", antialias=True, align_corners=False
+            )
         return self.perceptual_loss(images.device)(images, anchor_images).reshape(images.shape[0], -1).sum(1)
 
     def synchronize_views(self, view_latents, anchor_images, t, weight, conditioning, sync):
@@ -869,7 +899,9 @@ class SyncDiffusionPipeline(
             chunk = others[start : start + sync["gradient_batch_size"]]
             stacked = torch.cat([latents_per_view[k] for k in chunk])
             anchor_images = anchor["images"].repeat(len(chunk), 1, 1, 1)
-            updated, noise_before = self.synchronize_views(stacked, anchor_images, t, sync["weight"], conditioning, sync)
+            updated, noise_before = self.synchronize_views(
+                stacked, anchor_images, t, sync["weight"], conditioning, sync
+            )
             for k, latents_k, noise_k in zip(chunk, updated.split(batch), noise_before.split(batch)):
                 latents_per_view[k], noise_per_view[k] = latents_k, noise_k
         if others and not sync["reuse_noise"]:
@@ -1216,7 +1248,9 @@ class SyncDiffusionPipeline(
             timestep_cond = self.get_guidance_scale_embedding(
                 guidance_scale_tensor, embedding_dim=self.unet.config.time_cond_proj_dim
             ).to(device=device, dtype=latents.dtype)
-        conditioning = self._conditioning(prompt_embeds, negative_prompt_embeds, image_embeds, timestep_cond, num_images)
+        conditioning = self._conditioning(
+            prompt_embeds, negative_prompt_embeds, image_embeds, timestep_cond, num_images
+        )
         sync_settings = self._sync_settings(
             sync_mode,
             sync_gradient,
@@ -1275,7 +1309,10 @@ class SyncDiffusionPipeline(
                     latents = callback_outputs.pop("latents", latents)
                     new_prompt_embeds = callback_outputs.pop("prompt_embeds", prompt_embeds)
                     new_negative_prompt_embeds = callback_outputs.pop("negative_prompt_embeds", negative_prompt_embeds)
-                    if new_prompt_embeds is not prompt_embeds or new_negative_prompt_embeds is not negative_prompt_embeds:
+                    if (
+                        new_prompt_embeds is not prompt_embeds
+                        or new_negative_prompt_embeds is not negative_prompt_embeds
+                    ):
                         prompt_embeds, negative_prompt_embeds = new_prompt_embeds, new_negative_prompt_embeds
                         conditioning = self._conditioning(
                             prompt_embeds, negative_prompt_embeds, image_embeds, timestep_cond, num_images

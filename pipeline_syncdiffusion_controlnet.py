@@ -26,8 +26,6 @@ import numpy as np
 import PIL.Image
 import torch
 import torch.nn.functional as F
-from transformers import CLIPImageProcessor, CLIPTextModel, CLIPTokenizer, CLIPVisionModelWithProjection
-
 from diffusers.image_processor import PipelineImageInput, VaeImageProcessor
 from diffusers.loaders import IPAdapterMixin, StableDiffusionLoraLoaderMixin, TextualInversionLoaderMixin
 from diffusers.models import AutoencoderKL, ControlNetModel, MultiControlNetModel, UNet2DConditionModel
@@ -46,6 +44,7 @@ from diffusers.utils import (
     unscale_lora_layers,
 )
 from diffusers.utils.torch_utils import is_compiled_module
+from transformers import CLIPImageProcessor, CLIPTextModel, CLIPTokenizer, CLIPVisionModelWithProjection
 
 
 logger = logging.get_logger(__name__)  # pylint: disable=invalid-name
@@ -300,12 +299,18 @@ class SyncDiffusionControlNetPipeline(
         if isinstance(self, TextualInversionLoaderMixin):
             prompt = self.maybe_convert_prompt(prompt, self.tokenizer)
         text_inputs = self.tokenizer(
-            prompt, padding="max_length", max_length=self.tokenizer.model_max_length, truncation=True, return_tensors="pt"
+            prompt,
+            padding="max_length",
+            max_length=self.tokenizer.model_max_length,
+            truncation=True,
+            return_tensors="pt",
         )
         attention_mask = None
         if getattr(self.text_encoder.config, "use_attention_mask", False):
             attention_mask = text_inputs.attention_mask.to(device)
-        output = self.text_encoder(text_inputs.input_ids.to(device), attention_mask=attention_mask, output_hidden_states=True)
+        output = self.text_encoder(
+            text_inputs.input_ids.to(device), attention_mask=attention_mask, output_hidden_states=True
+        )
         return self.text_encoder.final_layer_norm(output.hidden_states[-(clip_skip + 1)])
 
     # ------------------------------------------------------------------------------------------------------------
@@ -335,7 +340,13 @@ class SyncDiffusionControlNetPipeline(
         ControlNet arguments here, the others as [`SyncDiffusionPipeline`] checks them (`panorama_kwargs`).
         """
         self.check_control_inputs(
-            image, height, width, prompt, prompt_embeds, controlnet_conditioning_scale, control_guidance_start,
+            image,
+            height,
+            width,
+            prompt,
+            prompt_embeds,
+            controlnet_conditioning_scale,
+            control_guidance_start,
             control_guidance_end,
         )
         self.check_panorama_inputs(
@@ -397,15 +408,22 @@ class SyncDiffusionControlNetPipeline(
 
         scales = controlnet_conditioning_scale
         if not isinstance(scales, (int, float)) and not (
-            isinstance(scales, (list, tuple)) and len(scales) == num_nets and all(isinstance(s, (int, float)) for s in scales)
+            isinstance(scales, (list, tuple))
+            and len(scales) == num_nets
+            and all(isinstance(s, (int, float)) for s in scales)
         ):
             raise ValueError(
                 f"`controlnet_conditioning_scale` has to be a number or a list of {num_nets} numbers (one per"
                 f" ControlNet), but is {scales!r}."
             )
-        for name, value in (("control_guidance_start", control_guidance_start), ("control_guidance_end", control_guidance_end)):
+        for name, value in (
+            ("control_guidance_start", control_guidance_start),
+            ("control_guidance_end", control_guidance_end),
+        ):
             values = list(value) if isinstance(value, (list, tuple)) else [value]
-            if len(values) not in (1, num_nets) or not all(isinstance(v, (int, float)) and 0 <= v <= 1 for v in values):
+            if len(values) not in (1, num_nets) or not all(
+                isinstance(v, (int, float)) and 0 <= v <= 1 for v in values
+            ):
                 raise ValueError(
                     f"`{name}` has to be a number in [0, 1] or a list of {num_nets} of them (one per ControlNet), but"
                     f" is {value!r}."
@@ -495,18 +513,24 @@ class SyncDiffusionControlNetPipeline(
 
         window = self.unet.config.sample_size
         if not isinstance(stride, int) or not 1 <= stride <= window:
-            raise ValueError(f"`stride` has to be an integer in 1..{window} (the view size in latents), but is {stride!r}.")
+            raise ValueError(
+                f"`stride` has to be an integer in 1..{window} (the view size in latents), but is {stride!r}."
+            )
         if view_batch_size != "auto" and (not isinstance(view_batch_size, int) or view_batch_size < 1):
             raise ValueError(f"`view_batch_size` has to be a positive integer or 'auto', but is {view_batch_size!r}.")
         if not isinstance(num_inference_steps, int) or num_inference_steps < 1:
             raise ValueError(f"`num_inference_steps` has to be a positive integer, but is {num_inference_steps!r}.")
         if not isinstance(num_images_per_prompt, int) or num_images_per_prompt < 1:
-            raise ValueError(f"`num_images_per_prompt` has to be a positive integer, but is {num_images_per_prompt!r}.")
+            raise ValueError(
+                f"`num_images_per_prompt` has to be a positive integer, but is {num_images_per_prompt!r}."
+            )
         if not 0.0 <= guidance_rescale <= 1.0:
             raise ValueError(f"`guidance_rescale` has to be in [0, 1], but is {guidance_rescale!r}.")
 
         if latents is not None:
-            batch_size = 1 if isinstance(prompt, str) else len(prompt) if prompt is not None else prompt_embeds.shape[0]
+            batch_size = (
+                1 if isinstance(prompt, str) else len(prompt) if prompt is not None else prompt_embeds.shape[0]
+            )
             shape = (
                 batch_size * num_images_per_prompt,
                 self.unet.config.in_channels,
@@ -534,7 +558,9 @@ class SyncDiffusionControlNetPipeline(
         if sync_reuse_noise not in (None, True, False):
             raise ValueError(f"`sync_reuse_noise` has to be True, False or None, but is {sync_reuse_noise!r}.")
         if sync_decoder is not None and not callable(getattr(sync_decoder, "decode", None)):
-            raise ValueError(f"`sync_decoder` has to have a `decode` method (e.g. `AutoencoderTiny`), but is {sync_decoder!r}.")
+            raise ValueError(
+                f"`sync_decoder` has to have a `decode` method (e.g. `AutoencoderTiny`), but is {sync_decoder!r}."
+            )
         if sync_gradient_checkpointing and sync_decoder is not None:
             if not getattr(sync_decoder, "_supports_gradient_checkpointing", False):
                 raise ValueError(
@@ -542,9 +568,15 @@ class SyncDiffusionControlNetPipeline(
                     f" (`enable_gradient_checkpointing`), but {type(sync_decoder).__name__} does not."
                 )
         if sync_lpips_size is not None and (not isinstance(sync_lpips_size, int) or sync_lpips_size < 32):
-            raise ValueError(f"`sync_lpips_size` has to be an integer >= 32 (pixels) or None, but is {sync_lpips_size!r}.")
+            raise ValueError(
+                f"`sync_lpips_size` has to be an integer >= 32 (pixels) or None, but is {sync_lpips_size!r}."
+            )
 
-        if not isinstance(sync_decode_downsample, int) or sync_decode_downsample < 1 or window % sync_decode_downsample:
+        if (
+            not isinstance(sync_decode_downsample, int)
+            or sync_decode_downsample < 1
+            or window % sync_decode_downsample
+        ):
             raise ValueError(
                 f"`sync_decode_downsample` has to be a positive integer dividing the view size {window}, but is"
                 f" {sync_decode_downsample!r}."
@@ -656,7 +688,10 @@ class SyncDiffusionControlNetPipeline(
     def control_keep(num_steps, control_guidance_start, control_guidance_end) -> list[list[float]]:
         """Per step, per ControlNet: 1 inside `[control_guidance_start, control_guidance_end]`, else 0."""
         return [
-            [1.0 - float(i / num_steps < start or (i + 1) / num_steps > end) for start, end in zip(control_guidance_start, control_guidance_end)]
+            [
+                1.0 - float(i / num_steps < start or (i + 1) / num_steps > end)
+                for start, end in zip(control_guidance_start, control_guidance_end)
+            ]
             for i in range(num_steps)
         ]
 
@@ -722,7 +757,9 @@ class SyncDiffusionControlNetPipeline(
             if w_end <= width:
                 crops.append(latents[:, :, h_start:h_end, w_start:w_end])
             else:
-                crops.append(latents[:, :, h_start:h_end].index_select(3, self._view_columns(view, width, latents.device)))
+                crops.append(
+                    latents[:, :, h_start:h_end].index_select(3, self._view_columns(view, width, latents.device))
+                )
         return torch.cat(crops)
 
     # Copied from pipeline_syncdiffusion.SyncDiffusionPipeline.add_view_latents
@@ -868,8 +905,12 @@ class SyncDiffusionControlNetPipeline(
             return_dict=False,
         )
         if cfg and guess_mode:
-            down_block_res_samples = [torch.stack([torch.zeros_like(d), d], 1).flatten(0, 1) for d in down_block_res_samples]
-            mid_block_res_sample = torch.stack([torch.zeros_like(mid_block_res_sample), mid_block_res_sample], 1).flatten(0, 1)
+            down_block_res_samples = [
+                torch.stack([torch.zeros_like(d), d], 1).flatten(0, 1) for d in down_block_res_samples
+            ]
+            mid_block_res_sample = torch.stack(
+                [torch.zeros_like(mid_block_res_sample), mid_block_res_sample], 1
+            ).flatten(0, 1)
         return down_block_res_samples, mid_block_res_sample
 
     def predict_noise(self, model_input: torch.Tensor, t, conditioning: dict) -> torch.Tensor:
@@ -968,7 +1009,9 @@ class SyncDiffusionControlNetPipeline(
     # ------------------------------------------------------------------------------------------------------------
 
     # Copied from pipeline_syncdiffusion.SyncDiffusionPipeline.set_perceptual_loss
-    def set_perceptual_loss(self, module: torch.nn.Module | None = None, *, vgg_weights: str | os.PathLike | None = None):
+    def set_perceptual_loss(
+        self, module: torch.nn.Module | None = None, *, vgg_weights: str | os.PathLike | None = None
+    ):
         """
         Replace the perceptual loss, by default `lpips.LPIPS(net="vgg")` built on first use.
 
@@ -1013,7 +1056,9 @@ class SyncDiffusionControlNetPipeline(
 
         if not os.path.isfile(vgg_weights):
             raise ValueError(f"`vgg_weights` {str(vgg_weights)!r} is not a file; expected {_VGG16_FILE}.")
-        with warnings.catch_warnings():  # torchvision's notes about `pretrained=False`; torch 2.4-2.5's about lpips' load
+        with (
+            warnings.catch_warnings()
+        ):  # torchvision's notes about `pretrained=False`; torch 2.4-2.5's about lpips' load
             warnings.simplefilter("ignore", UserWarning)
             warnings.filterwarnings("ignore", message=".*weights_only.*", category=FutureWarning)
             loss = lpips.LPIPS(net="vgg", pnet_rand=True, verbose=False)
@@ -1021,7 +1066,9 @@ class SyncDiffusionControlNetPipeline(
         layers = dict(module for part in loss.net.children() for module in part.named_children())
         features = torch.nn.Sequential(*(layers[str(index)] for index in range(len(layers))))
         state_dict = torch.load(vgg_weights, map_location="cpu", weights_only=True)
-        state_dict = {key[len("features.") :]: value for key, value in state_dict.items() if key.startswith("features.")}
+        state_dict = {
+            key[len("features.") :]: value for key, value in state_dict.items() if key.startswith("features.")
+        }
         expected = features.state_dict()
         wrong = [key for key in expected if getattr(state_dict.get(key), "shape", None) != expected[key].shape]
         if wrong:
@@ -1056,7 +1103,9 @@ class SyncDiffusionControlNetPipeline(
             scale = lpips_size / max(images.shape[-2:])
             size = [max(1, round(side * scale)) for side in images.shape[-2:]]
             images = F.interpolate(images, size=size, mode="bilinear", antialias=True, align_corners=False)
-            anchor_images = F.interpolate(anchor_images, size=size, mode="bilinear", antialias=True, align_corners=False)
+            anchor_images = F.interpolate(
+                anchor_images, size=size, mode="bilinear", antialias=True, align_corners=False
+            )
         return self.perceptual_loss(images.device)(images, anchor_images).reshape(images.shape[0], -1).sum(1)
 
     # Copied from pipeline_syncdiffusion.SyncDiffusionPipeline.synchronize_views
@@ -1516,9 +1565,7 @@ class SyncDiffusionControlNetPipeline(
             )
 
         # 4. Prepare the condition images (one per ControlNet, the panorama's size) and timesteps
-        control_images = self.prepare_control_images(
-            image, height, width, num_images, num_images_per_prompt, device
-        )
+        control_images = self.prepare_control_images(image, height, width, num_images, num_images_per_prompt, device)
         timesteps, num_inference_steps = retrieve_timesteps(self.scheduler, num_inference_steps, device, timesteps)
 
         # 5. Prepare latent variables
@@ -1571,7 +1618,9 @@ class SyncDiffusionControlNetPipeline(
             timestep_cond = self.get_guidance_scale_embedding(
                 guidance_scale_tensor, embedding_dim=self.unet.config.time_cond_proj_dim
             ).to(device=device, dtype=latents.dtype)
-        conditioning = self._conditioning(prompt_embeds, negative_prompt_embeds, image_embeds, timestep_cond, num_images)
+        conditioning = self._conditioning(
+            prompt_embeds, negative_prompt_embeds, image_embeds, timestep_cond, num_images
+        )
         control = {"control_image": control_images, "guess_mode": guess_mode}
         controlnet_keep = self.control_keep(
             len(timesteps),
@@ -1642,7 +1691,10 @@ class SyncDiffusionControlNetPipeline(
                     latents = callback_outputs.pop("latents", latents)
                     new_prompt_embeds = callback_outputs.pop("prompt_embeds", prompt_embeds)
                     new_negative_prompt_embeds = callback_outputs.pop("negative_prompt_embeds", negative_prompt_embeds)
-                    if new_prompt_embeds is not prompt_embeds or new_negative_prompt_embeds is not negative_prompt_embeds:
+                    if (
+                        new_prompt_embeds is not prompt_embeds
+                        or new_negative_prompt_embeds is not negative_prompt_embeds
+                    ):
                         prompt_embeds, negative_prompt_embeds = new_prompt_embeds, new_negative_prompt_embeds
                         conditioning = self._conditioning(
                             prompt_embeds, negative_prompt_embeds, image_embeds, timestep_cond, num_images
@@ -1676,7 +1728,6 @@ class SyncDiffusionControlNetPipeline(
         if not return_dict:
             return (image, has_nsfw_concept)
         return StableDiffusionPipelineOutput(images=image, nsfw_content_detected=has_nsfw_concept)
-
 
     # Copied from pipeline_syncdiffusion.SyncDiffusionPipeline._first_evaluation
     def _first_evaluation(self):

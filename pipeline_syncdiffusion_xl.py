@@ -22,14 +22,6 @@ from typing import Any, Callable
 
 import torch
 import torch.nn.functional as F
-from transformers import (
-    CLIPImageProcessor,
-    CLIPTextModel,
-    CLIPTextModelWithProjection,
-    CLIPTokenizer,
-    CLIPVisionModelWithProjection,
-)
-
 from diffusers.callbacks import MultiPipelineCallbacks, PipelineCallback
 from diffusers.image_processor import PipelineImageInput, VaeImageProcessor
 from diffusers.loaders import IPAdapterMixin, StableDiffusionXLLoraLoaderMixin, TextualInversionLoaderMixin
@@ -39,6 +31,13 @@ from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion import resca
 from diffusers.pipelines.stable_diffusion_xl import StableDiffusionXLPipeline, StableDiffusionXLPipelineOutput
 from diffusers.schedulers import KarrasDiffusionSchedulers
 from diffusers.utils import deprecate, is_invisible_watermark_available, logging, replace_example_docstring
+from transformers import (
+    CLIPImageProcessor,
+    CLIPTextModel,
+    CLIPTextModelWithProjection,
+    CLIPTokenizer,
+    CLIPVisionModelWithProjection,
+)
 
 
 if is_invisible_watermark_available():
@@ -320,7 +319,9 @@ class SyncDiffusionXLPipeline(
             ("negative_target_size", negative_target_size),
         ):
             if value is not None and not self._is_int_pair(value, minimum=1):
-                raise ValueError(f"`{name}` has to be a pair of positive integers (height, width) or None, but is {value!r}.")
+                raise ValueError(
+                    f"`{name}` has to be a pair of positive integers (height, width) or None, but is {value!r}."
+                )
         for name, value in (
             ("crops_coords_top_left", crops_coords_top_left),
             ("negative_crops_coords_top_left", negative_crops_coords_top_left),
@@ -427,18 +428,24 @@ class SyncDiffusionXLPipeline(
 
         window = self.unet.config.sample_size
         if not isinstance(stride, int) or not 1 <= stride <= window:
-            raise ValueError(f"`stride` has to be an integer in 1..{window} (the view size in latents), but is {stride!r}.")
+            raise ValueError(
+                f"`stride` has to be an integer in 1..{window} (the view size in latents), but is {stride!r}."
+            )
         if view_batch_size != "auto" and (not isinstance(view_batch_size, int) or view_batch_size < 1):
             raise ValueError(f"`view_batch_size` has to be a positive integer or 'auto', but is {view_batch_size!r}.")
         if not isinstance(num_inference_steps, int) or num_inference_steps < 1:
             raise ValueError(f"`num_inference_steps` has to be a positive integer, but is {num_inference_steps!r}.")
         if not isinstance(num_images_per_prompt, int) or num_images_per_prompt < 1:
-            raise ValueError(f"`num_images_per_prompt` has to be a positive integer, but is {num_images_per_prompt!r}.")
+            raise ValueError(
+                f"`num_images_per_prompt` has to be a positive integer, but is {num_images_per_prompt!r}."
+            )
         if not 0.0 <= guidance_rescale <= 1.0:
             raise ValueError(f"`guidance_rescale` has to be in [0, 1], but is {guidance_rescale!r}.")
 
         if latents is not None:
-            batch_size = 1 if isinstance(prompt, str) else len(prompt) if prompt is not None else prompt_embeds.shape[0]
+            batch_size = (
+                1 if isinstance(prompt, str) else len(prompt) if prompt is not None else prompt_embeds.shape[0]
+            )
             shape = (
                 batch_size * num_images_per_prompt,
                 self.unet.config.in_channels,
@@ -466,7 +473,9 @@ class SyncDiffusionXLPipeline(
         if sync_reuse_noise not in (None, True, False):
             raise ValueError(f"`sync_reuse_noise` has to be True, False or None, but is {sync_reuse_noise!r}.")
         if sync_decoder is not None and not callable(getattr(sync_decoder, "decode", None)):
-            raise ValueError(f"`sync_decoder` has to have a `decode` method (e.g. `AutoencoderTiny`), but is {sync_decoder!r}.")
+            raise ValueError(
+                f"`sync_decoder` has to have a `decode` method (e.g. `AutoencoderTiny`), but is {sync_decoder!r}."
+            )
         if sync_gradient_checkpointing and sync_decoder is not None:
             if not getattr(sync_decoder, "_supports_gradient_checkpointing", False):
                 raise ValueError(
@@ -474,9 +483,15 @@ class SyncDiffusionXLPipeline(
                     f" (`enable_gradient_checkpointing`), but {type(sync_decoder).__name__} does not."
                 )
         if sync_lpips_size is not None and (not isinstance(sync_lpips_size, int) or sync_lpips_size < 32):
-            raise ValueError(f"`sync_lpips_size` has to be an integer >= 32 (pixels) or None, but is {sync_lpips_size!r}.")
+            raise ValueError(
+                f"`sync_lpips_size` has to be an integer >= 32 (pixels) or None, but is {sync_lpips_size!r}."
+            )
 
-        if not isinstance(sync_decode_downsample, int) or sync_decode_downsample < 1 or window % sync_decode_downsample:
+        if (
+            not isinstance(sync_decode_downsample, int)
+            or sync_decode_downsample < 1
+            or window % sync_decode_downsample
+        ):
             raise ValueError(
                 f"`sync_decode_downsample` has to be a positive integer dividing the view size {window}, but is"
                 f" {sync_decode_downsample!r}."
@@ -572,7 +587,9 @@ class SyncDiffusionXLPipeline(
             if w_end <= width:
                 crops.append(latents[:, :, h_start:h_end, w_start:w_end])
             else:
-                crops.append(latents[:, :, h_start:h_end].index_select(3, self._view_columns(view, width, latents.device)))
+                crops.append(
+                    latents[:, :, h_start:h_end].index_select(3, self._view_columns(view, width, latents.device))
+                )
         return torch.cat(crops)
 
     # Copied from pipeline_syncdiffusion.SyncDiffusionPipeline.add_view_latents
@@ -768,7 +785,9 @@ class SyncDiffusionXLPipeline(
     # ------------------------------------------------------------------------------------------------------------
 
     # Copied from pipeline_syncdiffusion.SyncDiffusionPipeline.set_perceptual_loss
-    def set_perceptual_loss(self, module: torch.nn.Module | None = None, *, vgg_weights: str | os.PathLike | None = None):
+    def set_perceptual_loss(
+        self, module: torch.nn.Module | None = None, *, vgg_weights: str | os.PathLike | None = None
+    ):
         """
         Replace the perceptual loss, by default `lpips.LPIPS(net="vgg")` built on first use.
 
@@ -813,7 +832,9 @@ class SyncDiffusionXLPipeline(
 
         if not os.path.isfile(vgg_weights):
             raise ValueError(f"`vgg_weights` {str(vgg_weights)!r} is not a file; expected {_VGG16_FILE}.")
-        with warnings.catch_warnings():  # torchvision's notes about `pretrained=False`; torch 2.4-2.5's about lpips' load
+        with (
+            warnings.catch_warnings()
+        ):  # torchvision's notes about `pretrained=False`; torch 2.4-2.5's about lpips' load
             warnings.simplefilter("ignore", UserWarning)
             warnings.filterwarnings("ignore", message=".*weights_only.*", category=FutureWarning)
             loss = lpips.LPIPS(net="vgg", pnet_rand=True, verbose=False)
@@ -821,7 +842,9 @@ class SyncDiffusionXLPipeline(
         layers = dict(module for part in loss.net.children() for module in part.named_children())
         features = torch.nn.Sequential(*(layers[str(index)] for index in range(len(layers))))
         state_dict = torch.load(vgg_weights, map_location="cpu", weights_only=True)
-        state_dict = {key[len("features.") :]: value for key, value in state_dict.items() if key.startswith("features.")}
+        state_dict = {
+            key[len("features.") :]: value for key, value in state_dict.items() if key.startswith("features.")
+        }
         expected = features.state_dict()
         wrong = [key for key in expected if getattr(state_dict.get(key), "shape", None) != expected[key].shape]
         if wrong:
@@ -868,11 +891,7 @@ class SyncDiffusionXLPipeline(
         the SDXL VAE): NaN images otherwise. Casts back on exit. The fp16-fixed VAE (`force_upcast=False`) and a
         `sync_decoder` such as `AutoencoderTiny` ("taesdxl") stay in float16 and cost less.
         """
-        upcast = (
-            enabled
-            and self.vae.dtype == torch.float16
-            and getattr(self.vae.config, "force_upcast", False)
-        )
+        upcast = enabled and self.vae.dtype == torch.float16 and getattr(self.vae.config, "force_upcast", False)
         if upcast:
             self.vae.to(dtype=torch.float32)
         try:
@@ -889,7 +908,9 @@ class SyncDiffusionXLPipeline(
             scale = lpips_size / max(images.shape[-2:])
             size = [max(1, round(side * scale)) for side in images.shape[-2:]]
             images = F.interpolate(images, size=size, mode="bilinear", antialias=True, align_corners=False)
-            anchor_images = F.interpolate(anchor_images, size=size, mode="bilinear", antialias=True, align_corners=False)
+            anchor_images = F.interpolate(
+                anchor_images, size=size, mode="bilinear", antialias=True, align_corners=False
+            )
         return self.perceptual_loss(images.device)(images, anchor_images).reshape(images.shape[0], -1).sum(1)
 
     # Copied from pipeline_syncdiffusion.SyncDiffusionPipeline.synchronize_views
@@ -1008,7 +1029,9 @@ class SyncDiffusionXLPipeline(
             chunk = others[start : start + sync["gradient_batch_size"]]
             stacked = torch.cat([latents_per_view[k] for k in chunk])
             anchor_images = anchor["images"].repeat(len(chunk), 1, 1, 1)
-            updated, noise_before = self.synchronize_views(stacked, anchor_images, t, sync["weight"], conditioning, sync)
+            updated, noise_before = self.synchronize_views(
+                stacked, anchor_images, t, sync["weight"], conditioning, sync
+            )
             for k, latents_k, noise_k in zip(chunk, updated.split(batch), noise_before.split(batch)):
                 latents_per_view[k], noise_per_view[k] = latents_k, noise_k
         if others and not sync["reuse_noise"]:
@@ -1386,7 +1409,9 @@ class SyncDiffusionXLPipeline(
             ip_adapter_image=ip_adapter_image,
             ip_adapter_image_embeds=ip_adapter_image_embeds,
             callback_on_step_end_tensor_inputs=callback_on_step_end_tensor_inputs,
-            num_inference_steps=num_inference_steps if timesteps is None and sigmas is None else len(timesteps or sigmas),
+            num_inference_steps=num_inference_steps
+            if timesteps is None and sigmas is None
+            else len(timesteps or sigmas),
             num_images_per_prompt=num_images_per_prompt,
             latents=latents,
             view_batch_size=view_batch_size,
@@ -1445,7 +1470,9 @@ class SyncDiffusionXLPipeline(
             )
 
         # 4. Prepare timesteps (cut at `denoising_end`, as SDXL does)
-        timesteps, num_inference_steps = retrieve_timesteps(self.scheduler, num_inference_steps, device, timesteps, sigmas)
+        timesteps, num_inference_steps = retrieve_timesteps(
+            self.scheduler, num_inference_steps, device, timesteps, sigmas
+        )
         if denoising_end is not None:
             cutoff = int(round(self.scheduler.config.num_train_timesteps * (1 - denoising_end)))
             num_inference_steps = len([t for t in timesteps if t >= cutoff])

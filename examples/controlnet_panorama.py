@@ -15,8 +15,14 @@ import os
 import numpy as np
 from PIL import Image
 
-from syncdiffusion_utils.cli import example_parser, generator, load_control_image, load_pipeline, save_image
-from syncdiffusion_utils.cli import with_controlnet
+from syncdiffusion_utils.cli import (
+    example_parser,
+    generator,
+    load_control_image,
+    load_pipeline,
+    save_image,
+    with_controlnet,
+)
 
 
 MODEL = "stable-diffusion-v1-5/stable-diffusion-v1-5"
@@ -38,9 +44,13 @@ def mountain_depth(height, width, seed=0):
 
 
 def main(argv=None):
-    parser = example_parser(__doc__, "outputs/controlnet_panorama.png", "a photo of a mountain range above a lake at dawn")
+    parser = example_parser(
+        __doc__, "outputs/controlnet_panorama.png", "a photo of a mountain range above a lake at dawn"
+    )
     parser.set_defaults(model=MODEL)
-    parser.add_argument("--controlnet", default=CONTROLNET, help=f"ControlNet Hub id or folder (default: {CONTROLNET})")
+    parser.add_argument(
+        "--controlnet", default=CONTROLNET, help=f"ControlNet Hub id or folder (default: {CONTROLNET})"
+    )
     parser.add_argument("--control-image", help="depth map of the whole panorama (default: a drawn one, 512x2048)")
     args = parser.parse_args(argv)
 

@@ -37,7 +37,9 @@ def main(argv=None):
     # The swap: no weights are loaded or copied.
     sync = SyncDiffusionPipeline.from_pipe(panorama)
     by_hand = SyncDiffusionPipeline(**panorama.components)
-    print(f"from_pipe shares the UNet: {sync.unet is panorama.unet}; **components too: {by_hand.unet is panorama.unet}")
+    print(
+        f"from_pipe shares the UNet: {sync.unet is panorama.unet}; **components too: {by_hand.unet is panorama.unet}"
+    )
     if args.tiny:
         sync.set_perceptual_loss(make_lpips())  # LPIPS with a random backbone: nothing to download
     sync = sync.to(device)

@@ -40,6 +40,7 @@ import torch
 
 from syncdiffusion_utils.counting import PassCounter, StepRecorder, expected_plain_step, expected_sync_step
 
+
 TINY_DECODER_MODE = "fast+tiny-decoder+lpips256"
 MODES = {
     "multidiffusion": {"sync_weight": 0.0},
@@ -395,7 +396,9 @@ def run_benchmark(
     modes = list(modes) if modes else list(MODES)
     unknown = [m for m in modes + [reference] if m.partition("@")[0] not in (*MODES, PANORAMA_MODE)]
     if unknown:
-        raise ValueError(f"unknown modes {unknown}; choose from {list(MODES) + [PANORAMA_MODE]}, optionally @K or @auto")
+        raise ValueError(
+            f"unknown modes {unknown}; choose from {list(MODES) + [PANORAMA_MODE]}, optionally @K or @auto"
+        )
     modes = [reference] + [m for m in dict.fromkeys(modes) if m != reference]
     if (arch in XL_ARCHS or controlnet) and any(m.partition("@")[0] == PANORAMA_MODE for m in modes):
         raise ValueError(f"{PANORAMA_MODE} is StableDiffusionPanoramaPipeline: SD 1.x/2.x without ControlNet only")
@@ -466,7 +469,9 @@ def run_benchmark(
         "guidance_scale": guidance_scale,
         "dtype": dtype_name,
         "device": str(device),
-        "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({torch.get_num_threads()} threads)",
+        "device_name": torch.cuda.get_device_name(device)
+        if device.type == "cuda"
+        else f"cpu ({torch.get_num_threads()} threads)",
         "reference": reference,
         "compile": compile,
         "vae_tiling": vae_tiling,
@@ -489,8 +494,11 @@ def run_benchmark(
         f" {expected_exact['unet_fwd']} UNet fwd (2N-1), {expected_exact['unet_bwd']} UNet bwd (N-1),"
         f" {expected_exact['dec_fwd']} decoder fwd (N), {expected_exact['dec_bwd']} decoder bwd (N-1),"
         f" {expected_exact['lpips_fwd']} LPIPS (N-1) view-passes"
-        + (f"; ControlNet as the UNet: {expected_exact['controlnet_fwd']} fwd, {expected_exact['controlnet_bwd']} bwd"
-           if controlnet else ""),
+        + (
+            f"; ControlNet as the UNet: {expected_exact['controlnet_fwd']} fwd, {expected_exact['controlnet_bwd']} bwd"
+            if controlnet
+            else ""
+        ),
     )
 
     with cuda_memory_limit(device, memory_limit_gib):
@@ -516,7 +524,9 @@ def run_benchmark(
             if batch or panorama:
                 kwargs["view_batch_size"] = num_views if not batch else batch if batch == "auto" else int(batch)
             measured = _panorama_pipeline(pipe) if panorama else pipe
-            ignored = ("sync_thres", "stride", "sync_weight") if panorama else ()  # MultiDiffusion only; its stride is 8
+            ignored = (
+                ("sync_thres", "stride", "sync_weight") if panorama else ()
+            )  # MultiDiffusion only; its stride is 8
 
             def run(**call):
                 return measured(**{k: v for k, v in {**common, **call}.items() if k not in ignored})
@@ -543,8 +553,9 @@ def run_benchmark(
             passes_match, auto_checkpointing = matches(expected_step, expected_total), False
             if not passes_match and synced_steps and kwargs.get("view_batch_size", view_batch_size) == "auto":
                 # "auto" turns checkpointing on where one view's gradient pass does not fit: its formula then.
-                checkpointed = expected_passes({**kwargs, "sync_gradient_checkpointing": True}, num_views, steps,
-                                               sync_thres, controlnet)
+                checkpointed = expected_passes(
+                    {**kwargs, "sync_gradient_checkpointing": True}, num_views, steps, sync_thres, controlnet
+                )
                 if matches(*checkpointed):
                     (expected_step, expected_total), passes_match, auto_checkpointing = checkpointed, True, True
             row = {
@@ -569,7 +580,9 @@ def run_benchmark(
                 row[prefix + "seconds"] = best[prefix + "seconds"]
                 row[prefix + "step_seconds"] = step_seconds
                 row[prefix + "sync_step_seconds"] = _mean(step_seconds[:synced_steps]) if synced_steps else None
-                row[prefix + "plain_step_seconds"] = _mean(step_seconds[synced_steps:]) if steps > synced_steps else None
+                row[prefix + "plain_step_seconds"] = (
+                    _mean(step_seconds[synced_steps:]) if steps > synced_steps else None
+                )
                 if mode == reference_name:
                     row[prefix + "md_step_seconds"] = _mean(step_seconds)
                 md_step = reference[prefix + "md_step_seconds"]
@@ -638,6 +651,7 @@ def _error_row(mode, kwargs, error, device):
         "peak_mem_mib": peak,
         "memory_kind": PeakMemory(device).kind,
     }
+
 
 def _panorama_pipeline(pipe):
     """diffusers' `StableDiffusionPanoramaPipeline` on `pipe`'s components."""
@@ -742,8 +756,10 @@ def format_table(info, rows):
         cells += ["ok" if row["passes_match"] else "NO", _fmt(row["peak_mem_mib"], ".0f")]
         table.append(cells)
     widths = [max(len(str(r[i])) for r in [header] + table) for i in range(len(header))]
+
     def line(cells):
         return "  ".join(str(c).ljust(w) if i == 0 else str(c).rjust(w) for i, (c, w) in enumerate(zip(cells, widths)))
+
     lines.append(line(header))
     lines.append("  ".join("-" * w for w in widths))
     lines.extend(line(cells) for cells in table)
@@ -773,7 +789,9 @@ def parse_args(argv=None):
         " (random-weight models, nothing downloaded).",
     )
     parser.add_argument("--arch", choices=sorted(ARCH_DEFAULTS), help="architecture preset (default tiny)")
-    parser.add_argument("--width-mult", type=float, default=1.0, help="scale channel widths (default 1: the real widths)")
+    parser.add_argument(
+        "--width-mult", type=float, default=1.0, help="scale channel widths (default 1: the real widths)"
+    )
     parser.add_argument(
         "--sample-size", type=int, default=None, help="UNet window in latents (default: 8 tiny, 64 sd2, 128 sdxl)"
     )
@@ -789,19 +807,34 @@ def parse_args(argv=None):
         "--stride", type=int, default=None, help="view stride in latents (default: 4 tiny, 16 sd2, 32 sdxl)"
     )
     parser.add_argument(
-        "--view-batch-size", type=_view_batch_size, default=None, help="views per UNet call: an integer or auto (default 1)"
+        "--view-batch-size",
+        type=_view_batch_size,
+        default=None,
+        help="views per UNet call: an integer or auto (default 1)",
     )
-    parser.add_argument("--preset", choices=sorted(PRESETS), help="a whole GPU measurement: " + ", ".join(
-        f"{name} ({p['height']}x{p['width']}, {p['steps']} steps)" for name, p in PRESETS.items()))
+    parser.add_argument(
+        "--preset",
+        choices=sorted(PRESETS),
+        help="a whole GPU measurement: "
+        + ", ".join(f"{name} ({p['height']}x{p['width']}, {p['steps']} steps)" for name, p in PRESETS.items()),
+    )
     parser.add_argument("--reference", default=None, help=f"the mode ratios refer to (default {REFERENCE_MODE})")
     parser.add_argument("--compile", action="store_true", help="torch.compile the UNet and the VAE decoder")
     parser.add_argument("--vae-tiling", action="store_true", help="decode the panorama in tiles (vae.enable_tiling)")
-    parser.add_argument("--channels-last", action="store_true", help="channels-last memory layout for the UNet and VAE")
     parser.add_argument(
-        "--offload-text-encoder", action="store_true", help="encode the prompt once, then keep the text encoder on the CPU"
+        "--channels-last", action="store_true", help="channels-last memory layout for the UNet and VAE"
     )
     parser.add_argument(
-        "--memory-limit", dest="memory_limit_gib", type=float, default=None, metavar="GIB",
+        "--offload-text-encoder",
+        action="store_true",
+        help="encode the prompt once, then keep the text encoder on the CPU",
+    )
+    parser.add_argument(
+        "--memory-limit",
+        dest="memory_limit_gib",
+        type=float,
+        default=None,
+        metavar="GIB",
         help="emulate a CUDA card of this many GiB: cap the allocator and report the free memory left under the cap",
     )
     parser.add_argument(
@@ -824,7 +857,9 @@ def parse_args(argv=None):
     parser.add_argument("--no-warmup", action="store_true", help="skip the warm-up call")
     parser.add_argument("--no-decode", action="store_true", help="skip the final VAE decode (output_type='latent')")
     parser.add_argument("--project-steps", type=int, default=50, help="steps of the projected run (default 50)")
-    parser.add_argument("--project-sync-thres", type=int, default=5, help="sync_thres of the projected run (default 5)")
+    parser.add_argument(
+        "--project-sync-thres", type=int, default=5, help="sync_thres of the projected run (default 5)"
+    )
     parser.add_argument("--json", metavar="PATH", help="also write the configuration and rows as JSON")
     return parser.parse_args(argv)
 

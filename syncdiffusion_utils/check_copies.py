@@ -185,7 +185,9 @@ def check(root=REPO_ROOT, fix=False, files=None):
 
 
 def main(argv=None, root=REPO_ROOT):
-    parser = argparse.ArgumentParser(prog="python -m syncdiffusion_utils.check_copies", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m syncdiffusion_utils.check_copies", description=__doc__.split("\n")[0]
+    )
     parser.add_argument("--fix", action="store_true", help="rewrite drifted copies from their sources")
     parser.add_argument("files", nargs="*", help=f"files to check (default: every top-level {FILE_PATTERN})")
     args = parser.parse_args(argv)
@@ -201,7 +203,9 @@ def main(argv=None, root=REPO_ROOT):
         print(f"check_copies: error: {error}", file=sys.stderr)
         return 1
     for block in drifted:
-        print(f"- {os.path.relpath(block.filename, root)}:{block.start}: copy of {block.name} does not match its source")
+        print(
+            f"- {os.path.relpath(block.filename, root)}:{block.start}: copy of {block.name} does not match its source"
+        )
     if drifted:
         print("Run `python -m syncdiffusion_utils.check_copies --fix` to rewrite them.")
         return 1

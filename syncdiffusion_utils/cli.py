@@ -115,7 +115,9 @@ def check_device(device):
     try:
         kind = torch.device(device).type
     except (RuntimeError, ValueError):
-        raise CLIError(f"--device {device!r}: not a torch device; use auto, cuda, cuda:N, mps or cpu.", code=2) from None
+        raise CLIError(
+            f"--device {device!r}: not a torch device; use auto, cuda, cuda:N, mps or cpu.", code=2
+        ) from None
     mps = getattr(torch.backends, "mps", None)
     available = {"cpu": True, "cuda": torch.cuda.is_available(), "mps": mps is not None and mps.is_available()}
     if not available.get(kind, True):
@@ -167,8 +169,7 @@ def _from_pretrained(model, torch_dtype):
     looks_local = model.startswith(("/", "./", "../", "~", ".\\")) or "\\" in model or model.count("/") > 1
     if not is_folder and looks_local:
         raise CLIError(
-            f"--model {model!r}: no such folder, and not a Hub model id. "
-            + _WEIGHTS_HINT.format(model=DEFAULT_MODEL)
+            f"--model {model!r}: no such folder, and not a Hub model id. " + _WEIGHTS_HINT.format(model=DEFAULT_MODEL)
         )
     if is_folder and not os.path.isfile(os.path.join(model, "model_index.json")):
         raise CLIError(
@@ -182,7 +183,9 @@ def _from_pretrained(model, torch_dtype):
             )
     except (OSError, ValueError) as error:
         if is_folder:
-            raise CLIError(f"--model {model!r}: cannot load the pipeline from this folder: {_first_line(error)}") from None
+            raise CLIError(
+                f"--model {model!r}: cannot load the pipeline from this folder: {_first_line(error)}"
+            ) from None
         where = "the local cache (HF_HUB_OFFLINE is set)" if _offline() else "the Hub or the local cache"
         raise CLIError(
             f"--model {model!r}: cannot find or download it from {where}. " + _WEIGHTS_HINT.format(model=model)
@@ -402,7 +405,9 @@ def with_controlnet(pipe, name):
             raise CLIError(f"--controlnet {name!r}: no such folder, and not a Hub model id.")
         try:
             with _quiet_loading():
-                controlnet = ControlNetModel.from_pretrained(name, torch_dtype=dtype, local_files_only=_offline() or None)
+                controlnet = ControlNetModel.from_pretrained(
+                    name, torch_dtype=dtype, local_files_only=_offline() or None
+                )
         except (OSError, ValueError) as error:
             raise CLIError(
                 f"--controlnet {name!r}: cannot load a ControlNetModel ({_first_line(error)}). Run"
@@ -438,7 +443,9 @@ def load_perceptual_loss(pipe, weights=None):
     except ValueError as error:
         raise CLIError(str(error).replace("`vgg_weights`", "--lpips-weights"), code=2) from None
     except OSError as error:  # no network and no cached weights
-        raise CLIError(f"{error} In this command: --lpips-weights PATH (or --sync-weight 0: MultiDiffusion).") from None
+        raise CLIError(
+            f"{error} In this command: --lpips-weights PATH (or --sync-weight 0: MultiDiffusion)."
+        ) from None
 
 
 def generator(seed):
@@ -543,7 +550,9 @@ def build_parser():
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("prompt", help="what the panorama shows")
-    parser.add_argument("--output", "-o", help=f"image to write (default: {DEFAULT_OUTPUT}, with --compare {DEFAULT_COMPARE_OUTPUT})")
+    parser.add_argument(
+        "--output", "-o", help=f"image to write (default: {DEFAULT_OUTPUT}, with --compare {DEFAULT_COMPARE_OUTPUT})"
+    )
     parser.add_argument(
         "--model",
         default=DEFAULT_MODEL,
@@ -572,8 +581,12 @@ def build_parser():
     )
 
     sync = parser.add_argument_group("synchronization (SyncDiffusion)")
-    sync.add_argument("--sync-weight", type=float, default=20.0, help="gradient step size; 0 = MultiDiffusion (default: 20)")
-    sync.add_argument("--sync-thres", type=_non_negative_int, default=5, help="synchronize the first N steps (default: 5)")
+    sync.add_argument(
+        "--sync-weight", type=float, default=20.0, help="gradient step size; 0 = MultiDiffusion (default: 20)"
+    )
+    sync.add_argument(
+        "--sync-thres", type=_non_negative_int, default=5, help="synchronize the first N steps (default: 5)"
+    )
     sync.add_argument("--sync-decay-rate", type=float, default=0.95, help="weight decay per step (default: 0.95)")
     sync.add_argument("--sync-freq", type=_positive_int, default=1, help="synchronize every N-th step (default: 1)")
     sync.add_argument("--sync-mode", choices=("exact", "fast"), default="exact", help="exact (the paper's) or fast")
@@ -583,7 +596,9 @@ def build_parser():
     )
     sync.add_argument("--sync-lpips-size", type=_positive_int, help="resize compared images to this many pixels")
     sync.add_argument(
-        "--sync-decode-downsample", type=_positive_int, default=1,
+        "--sync-decode-downsample",
+        type=_positive_int,
+        default=1,
         help="average-pool the clean latent by this factor before decoding the loss image (default 1)",
     )
     sync.add_argument(
@@ -592,7 +607,8 @@ def build_parser():
     )
     sync.add_argument("--sync-gradient-checkpointing", action="store_true", help="less memory, more compute")
     sync.add_argument(
-        "--lpips-weights", metavar="PATH",
+        "--lpips-weights",
+        metavar="PATH",
         help="torchvision's VGG-16 weights (vgg16-397923af.pth) for LPIPS, instead of downloading them on first use",
     )
     sync.add_argument(
@@ -601,14 +617,18 @@ def build_parser():
 
     control = parser.add_argument_group("ControlNet (a panorama that follows a layout)")
     control.add_argument(
-        "--control-image", metavar="PATH",
+        "--control-image",
+        metavar="PATH",
         help="the condition for the whole panorama (depth, edges, pose, ...); its size is the default --height/--width",
     )
     control.add_argument(
-        "--controlnet", metavar="ID_OR_PATH",
+        "--controlnet",
+        metavar="ID_OR_PATH",
         help="ControlNet Hub id or folder, e.g. lllyasviel/control_v11f1p_sd15_depth (`tiny` with --model tiny)",
     )
-    control.add_argument("--controlnet-scale", type=float, default=1.0, help="ControlNet conditioning scale (default: 1)")
+    control.add_argument(
+        "--controlnet-scale", type=float, default=1.0, help="ControlNet conditioning scale (default: 1)"
+    )
 
     run = parser.add_argument_group("panorama and hardware")
     run.add_argument("--circular", action="store_true", help="360-degree panorama: the left and right edges meet")
@@ -619,7 +639,9 @@ def build_parser():
         help="views per UNet call: a number, or auto (default) to fill the free GPU memory (16 on a CPU); the"
         " image is the same, batches are faster",
     )
-    run.add_argument("--compile", action="store_true", help="torch.compile the UNet and VAE decoder (GPU; slow first call)")
+    run.add_argument(
+        "--compile", action="store_true", help="torch.compile the UNet and VAE decoder (GPU; slow first call)"
+    )
     run.add_argument(
         "--vae-tiling",
         choices=("auto", "on", "off"),
@@ -639,7 +661,9 @@ def check_output(path):
 
     folder = os.path.dirname(os.path.abspath(path))
     if os.path.isdir(path):
-        raise CLIError(f"--output {path!r} is a directory; give a file name such as {os.path.join(path, DEFAULT_OUTPUT)}.")
+        raise CLIError(
+            f"--output {path!r} is a directory; give a file name such as {os.path.join(path, DEFAULT_OUTPUT)}."
+        )
     extension = os.path.splitext(path)[1].lower()
     if extension not in Image.registered_extensions():
         raise CLIError(f"--output {path!r}: unknown image extension {extension or '(none)'!r}; use .png.", code=2)
@@ -672,7 +696,10 @@ def _control_image(args, tiny):
     if args.controlnet == TINY and not tiny:
         raise CLIError("--controlnet tiny is a random ControlNet for `--model tiny` only; use e.g. a Hub id.", 2)
     if tiny and args.controlnet != TINY:
-        raise CLIError(f"--controlnet {args.controlnet!r} does not fit the tiny random UNet of `--model tiny`: use --controlnet tiny.", 2)
+        raise CLIError(
+            f"--controlnet {args.controlnet!r} does not fit the tiny random UNet of `--model tiny`: use --controlnet tiny.",
+            2,
+        )
     return load_control_image(args.control_image)
 
 
@@ -686,7 +713,9 @@ def _generate(args):
     seed = args.seed if args.seed is not None else random.randrange(2**32)
     check_output(output)
     if args.sync_decoder == TINY and not tiny:
-        raise CLIError("--sync-decoder tiny is a random decoder for `--model tiny` only; use e.g. madebyollin/taesd.", 2)
+        raise CLIError(
+            "--sync-decoder tiny is a random decoder for `--model tiny` only; use e.g. madebyollin/taesd.", 2
+        )
 
     import torch
 
@@ -714,27 +743,27 @@ def _generate(args):
         load_perceptual_loss(pipe, args.lpips_weights)
     loaded = time.perf_counter()
 
-    call = dict(
-        prompt=args.prompt,
-        height=height,
-        width=width,
-        num_inference_steps=steps,
-        guidance_scale=args.guidance if args.guidance is not None else defaults["guidance_scale"],
-        negative_prompt=args.negative_prompt,
-        stride=args.stride or (8 if tiny else defaults["stride"]),
-        view_batch_size=args.view_batch_size,
-        circular_padding=args.circular,
-        sync_decay_rate=args.sync_decay_rate,
-        sync_freq=args.sync_freq,
-        sync_thres=args.sync_thres,
-        sync_mode=args.sync_mode,
-        sync_gradient=args.sync_gradient,
-        sync_reuse_noise=args.sync_reuse_noise,
-        sync_decoder=sync_decoder,
-        sync_lpips_size=args.sync_lpips_size,
-        sync_decode_downsample=args.sync_decode_downsample,
-        sync_gradient_checkpointing=args.sync_gradient_checkpointing,
-    )
+    call = {
+        "prompt": args.prompt,
+        "height": height,
+        "width": width,
+        "num_inference_steps": steps,
+        "guidance_scale": args.guidance if args.guidance is not None else defaults["guidance_scale"],
+        "negative_prompt": args.negative_prompt,
+        "stride": args.stride or (8 if tiny else defaults["stride"]),
+        "view_batch_size": args.view_batch_size,
+        "circular_padding": args.circular,
+        "sync_decay_rate": args.sync_decay_rate,
+        "sync_freq": args.sync_freq,
+        "sync_thres": args.sync_thres,
+        "sync_mode": args.sync_mode,
+        "sync_gradient": args.sync_gradient,
+        "sync_reuse_noise": args.sync_reuse_noise,
+        "sync_decoder": sync_decoder,
+        "sync_lpips_size": args.sync_lpips_size,
+        "sync_decode_downsample": args.sync_decode_downsample,
+        "sync_gradient_checkpointing": args.sync_gradient_checkpointing,
+    }
     if control_image is not None:
         call.update(image=control_image, controlnet_conditioning_scale=args.controlnet_scale)
     runs = [(f"SyncDiffusion (sync weight {args.sync_weight:g}, {args.sync_mode})", args.sync_weight)]
@@ -796,7 +825,9 @@ def _publish(argv):
         " card), which `DiffusionPipeline.from_pretrained(REPO_ID, trust_remote_code=True)` loads.",
     )
     parser.add_argument("repo_id", help="namespace/name, e.g. your-name/syncdiffusion")
-    parser.add_argument("--model", help="Hub model id, diffusers folder or .safetensors checkpoint whose weights to upload")
+    parser.add_argument(
+        "--model", help="Hub model id, diffusers folder or .safetensors checkpoint whose weights to upload"
+    )
     parser.add_argument("--token", help="a Hub token with write access (default: the saved login or HF_TOKEN)")
     parser.add_argument("--private", action="store_true", help="create the repository private")
     parser.add_argument("--message", help="commit message")
@@ -833,7 +864,8 @@ def _export(argv):
     )
     parser.add_argument("folder", help="a new (or empty) folder to write")
     parser.add_argument(
-        "--model", default=DEFAULT_MODEL,
+        "--model",
+        default=DEFAULT_MODEL,
         help=f"Hub model id, diffusers folder or .safetensors checkpoint (default: {DEFAULT_MODEL}; `tiny`: random)",
     )
     args = parser.parse_args(argv)

@@ -44,6 +44,7 @@ from fractions import Fraction
 
 import torch
 
+
 COUNT_KEYS = (
     "unet_fwd",
     "unet_recompute",

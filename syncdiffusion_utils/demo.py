@@ -130,18 +130,18 @@ class PanoramaDemo:
                 f"`seed` has to be a whole number in 0..{MAX_SEED} (or tick 'random seed'), but is {seed!r}."
             )
         steps = _whole(steps if steps is not None else self.default_steps)
-        call = dict(
-            prompt=prompt,
-            negative_prompt=negative_prompt or None,
-            height=_whole(height),
-            width=_whole(width),
-            circular_padding=bool(circular),
-            num_inference_steps=steps,
-            stride=_whole(stride),
-            guidance_scale=guidance,
-            sync_thres=_whole(sync_thres),
-            sync_mode=sync_mode,
-        )
+        call = {
+            "prompt": prompt,
+            "negative_prompt": negative_prompt or None,
+            "height": _whole(height),
+            "width": _whole(width),
+            "circular_padding": bool(circular),
+            "num_inference_steps": steps,
+            "stride": _whole(stride),
+            "guidance_scale": guidance,
+            "sync_thres": _whole(sync_thres),
+            "sync_mode": sync_mode,
+        }
         runs = [(SYNCDIFFUSION, sync_weight)]
         if compare:
             runs.insert(0, (MULTIDIFFUSION, 0.0))
@@ -207,16 +207,44 @@ def build_app(pipe, model=DEFAULT_MODEL):
     latent_window = pipe.unet.config.sample_size
 
     def generate(
-        prompt, negative_prompt, height, width, circular, steps, seed, random_seed, scheduler, stride, guidance,
-        sync_weight, sync_thres, sync_mode, compare, progress=gr.Progress(),
+        prompt,
+        negative_prompt,
+        height,
+        width,
+        circular,
+        steps,
+        seed,
+        random_seed,
+        scheduler,
+        stride,
+        guidance,
+        sync_weight,
+        sync_thres,
+        sync_mode,
+        compare,
+        progress=gr.Progress(),
     ):
         def report(done, total, label):
             progress((done, total), desc=label, unit="steps")
 
         try:
             return demo.generate(
-                prompt, negative_prompt, height, width, circular, steps, seed, random_seed, scheduler, stride,
-                guidance, sync_weight, sync_thres, sync_mode, compare, progress=report,
+                prompt,
+                negative_prompt,
+                height,
+                width,
+                circular,
+                steps,
+                seed,
+                random_seed,
+                scheduler,
+                stride,
+                guidance,
+                sync_weight,
+                sync_thres,
+                sync_mode,
+                compare,
+                progress=report,
             )
         except Exception as error:
             message = _user_error(error)
@@ -252,12 +280,21 @@ def build_app(pipe, model=DEFAULT_MODEL):
             circular = gr.Checkbox(circular0, label="360° (the edges meet)", min_width=100, elem_id="circular")
         status = gr.Markdown(elem_id="status")
         result = gr.Image(
-            label=SYNCDIFFUSION, type="pil", format="png", interactive=False, buttons=["download", "fullscreen"],
+            label=SYNCDIFFUSION,
+            type="pil",
+            format="png",
+            interactive=False,
+            buttons=["download", "fullscreen"],
             elem_id="result",
         )
         baseline = gr.Image(
-            label=f"{MULTIDIFFUSION} (same seed, sync weight 0)", type="pil", format="png", interactive=False,
-            buttons=["download", "fullscreen"], visible=False, elem_id="baseline",
+            label=f"{MULTIDIFFUSION} (same seed, sync weight 0)",
+            type="pil",
+            format="png",
+            interactive=False,
+            buttons=["download", "fullscreen"],
+            visible=False,
+            elem_id="baseline",
         )
         with gr.Accordion("Settings", open=False):
             with gr.Row():
@@ -281,8 +318,23 @@ def build_app(pipe, model=DEFAULT_MODEL):
             field.input(lambda: CUSTOM, None, size, queue=False, api_visibility="private")
         generate_button.click(
             generate,
-            [prompt, negative_prompt, height, width, circular, steps, seed, random_seed, scheduler, stride, guidance,
-             sync_weight, sync_thres, sync_mode, compare],
+            [
+                prompt,
+                negative_prompt,
+                height,
+                width,
+                circular,
+                steps,
+                seed,
+                random_seed,
+                scheduler,
+                stride,
+                guidance,
+                sync_weight,
+                sync_thres,
+                sync_mode,
+                compare,
+            ],
             [result, baseline, seed, status],
             api_name="generate",
             concurrency_limit=1,
@@ -332,7 +384,8 @@ def build_parser():
         " comparison, progress and stop. Needs the [demo] extra.",
     )
     parser.add_argument(
-        "--model", default=DEFAULT_MODEL,
+        "--model",
+        default=DEFAULT_MODEL,
         help=f"Hub model id or local diffusers folder (default: {DEFAULT_MODEL}); `tiny`: offline random tiny model",
     )
     parser.add_argument("--host", default="127.0.0.1", help="address to serve on (default: 127.0.0.1; 0.0.0.0: all)")

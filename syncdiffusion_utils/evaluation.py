@@ -572,7 +572,7 @@ def random_clip(seed=0, image_size=32):
     with tempfile.TemporaryDirectory(prefix="syncdiffusion-clip-") as folder:
         tokenizer = make_tokenizer(folder)
     torch.manual_seed(seed)
-    small = dict(hidden_size=32, intermediate_size=37, num_hidden_layers=2, num_attention_heads=4)
+    small = {"hidden_size": 32, "intermediate_size": 37, "num_hidden_layers": 2, "num_attention_heads": 4}
     config = CLIPConfig(
         text_config=dict(
             vocab_size=len(tokenizer),
@@ -656,7 +656,9 @@ def build_parser():
     )
     parser.add_argument("--seed", type=int, default=0, help="seed of the random crops (default: 0)")
     parser.add_argument("--giqa-k", type=_positive_int, default=8, help="K of KNN-GIQA (default: 8, the authors')")
-    parser.add_argument("--kid-subset-size", type=_positive_int, help="KID subset size (default: min(set sizes, 1000))")
+    parser.add_argument(
+        "--kid-subset-size", type=_positive_int, help="KID subset size (default: min(set sizes, 1000))"
+    )
     parser.add_argument("--json", metavar="PATH", help="write the results as JSON")
     parser.add_argument("--csv", metavar="PATH", help="write the table as CSV")
     parser.add_argument("--plot", metavar="PATH", help="write a bar chart per metric (.png, .pdf, .svg)")
@@ -736,7 +738,9 @@ def _choose_metrics(args, have_prompts):
         if need == "reference" and not needs["reference"]:
             raise CLIError(f"--metrics {name}: needs --reference DIR (single images of the base model).", code=2)
         if need == "prompt" and not needs["prompt"]:
-            raise CLIError(f"--metrics {name}: needs --prompt (or an index.json from generate-set in every folder).", 2)
+            raise CLIError(
+                f"--metrics {name}: needs --prompt (or an index.json from generate-set in every folder).", 2
+            )
     return chosen
 
 

@@ -152,26 +152,26 @@ def _check_resume(out, settings):
 
 
 def _pipeline_call(args):
-    return dict(
-        height=args.height,
-        width=args.width,
-        num_inference_steps=args.steps,
-        guidance_scale=7.5 if args.guidance is None else args.guidance,
-        negative_prompt=args.negative_prompt,
-        stride=args.stride or 8,
-        view_batch_size=args.view_batch_size,
-        circular_padding=args.circular,
-        sync_weight=args.sync_weight,
-        sync_decay_rate=args.sync_decay_rate,
-        sync_freq=args.sync_freq,
-        sync_thres=args.sync_thres,
-        sync_mode=args.sync_mode,
-        sync_gradient=args.sync_gradient,
-        sync_reuse_noise=args.sync_reuse_noise,
-        sync_lpips_size=args.sync_lpips_size,
-        sync_decode_downsample=args.sync_decode_downsample,
-        sync_gradient_checkpointing=args.sync_gradient_checkpointing,
-    )
+    return {
+        "height": args.height,
+        "width": args.width,
+        "num_inference_steps": args.steps,
+        "guidance_scale": 7.5 if args.guidance is None else args.guidance,
+        "negative_prompt": args.negative_prompt,
+        "stride": args.stride or 8,
+        "view_batch_size": args.view_batch_size,
+        "circular_padding": args.circular,
+        "sync_weight": args.sync_weight,
+        "sync_decay_rate": args.sync_decay_rate,
+        "sync_freq": args.sync_freq,
+        "sync_thres": args.sync_thres,
+        "sync_mode": args.sync_mode,
+        "sync_gradient": args.sync_gradient,
+        "sync_reuse_noise": args.sync_reuse_noise,
+        "sync_lpips_size": args.sync_lpips_size,
+        "sync_decode_downsample": args.sync_decode_downsample,
+        "sync_gradient_checkpointing": args.sync_gradient_checkpointing,
+    }
 
 
 def _generate(jobs, args, device, out, rank):

@@ -35,12 +35,21 @@ import torch
 
 from syncdiffusion_utils import benchmark
 
-DEFAULT_MODES = ["panorama-pipeline", "multidiffusion@auto", "exact@auto", "fast@auto", "fast+tiny-decoder+lpips256@auto"]
+
+DEFAULT_MODES = [
+    "panorama-pipeline",
+    "multidiffusion@auto",
+    "exact@auto",
+    "fast@auto",
+    "fast+tiny-decoder+lpips256@auto",
+]
 RUNS = [
     ("gpu-default", {"preset": "gpu-default", "modes": DEFAULT_MODES}),
     # The same after a first call of each (allocator grown, kernels chosen), as a user's second panorama runs.
-    ("gpu-default-steady", {"preset": "gpu-default", "modes": ["panorama-pipeline", "exact@auto", "fast@auto"],
-                            "repeat": 2}),
+    (
+        "gpu-default-steady",
+        {"preset": "gpu-default", "modes": ["panorama-pipeline", "exact@auto", "fast@auto"], "repeat": 2},
+    ),
     ("components", {"measure": "components", "view_counts": (1, 4, 8)}),
     ("gpu-wide", {"preset": "gpu-wide"}),
     ("gpu-wide-fast", {"preset": "gpu-wide-fast"}),
@@ -56,8 +65,20 @@ RUNS = [
 ]
 # run_benchmark's arguments a preset holds (the rest of a preset is the command line's business).
 BENCHMARK_KEYS = (
-    "height", "width", "stride", "steps", "sync_thres", "view_batch_size", "reference", "vae_tiling",
-    "memory_limit_gib", "modes", "channels_last", "compile", "repeat", "offload_text_encoder",
+    "height",
+    "width",
+    "stride",
+    "steps",
+    "sync_thres",
+    "view_batch_size",
+    "reference",
+    "vae_tiling",
+    "memory_limit_gib",
+    "modes",
+    "channels_last",
+    "compile",
+    "repeat",
+    "offload_text_encoder",
 )
 
 
@@ -157,7 +178,9 @@ def lpips_precision(pipe, device, views=8, size=512, seed=0, loss_scale=2.0**12,
 
     def smooth(n):  # random low-frequency images in [-1, 1]: closer to photographs than white noise
         coarse = torch.rand((n, 3, size // 16, size // 16), generator=generator) * 2 - 1
-        return torch.nn.functional.interpolate(coarse, size=(size, size), mode="bicubic", align_corners=False).clamp(-1, 1)
+        return torch.nn.functional.interpolate(coarse, size=(size, size), mode="bicubic", align_corners=False).clamp(
+            -1, 1
+        )
 
     anchor = smooth(1).expand(views, -1, -1, -1).to(device)
     images = (anchor + 0.3 * smooth(views).to(device)).clamp(-1, 1)
@@ -195,9 +218,7 @@ def _benchmark_run(pipe, arch, device, dtype, options, overrides):
     if channels_last:
         benchmark.set_channels_last(pipe)
     try:
-        rows = benchmark.run_benchmark(
-            arch=arch, device=device, dtype=dtype, pipe=pipe, progress=True, **kwargs
-        )
+        rows = benchmark.run_benchmark(arch=arch, device=device, dtype=dtype, pipe=pipe, progress=True, **kwargs)
     finally:  # the next runs share this pipeline, also after a failed one
         if channels_last:
             benchmark.set_channels_last(pipe, False)
@@ -242,8 +263,11 @@ def goal_table(results):
     goals = [
         ("exact, 512x2048 / 50 steps, x the batched panorama pipeline (goal <= 1.25)", over_reference(exact), 1.25),
         ("  the same, channels-last UNet and VAE", over_reference(exact_cl), 1.25),
-        ("  the same, each the faster of two calls (steady state)", _ratio(seconds(steady_exact),
-                                                                          seconds(steady_reference)), 1.25),
+        (
+            "  the same, each the faster of two calls (steady state)",
+            _ratio(seconds(steady_exact), seconds(steady_reference)),
+            1.25,
+        ),
         ("MultiDiffusion auto, x the batched panorama pipeline (goal <= 1)", over_reference(md), 1.0),
         ("  the same, compiled UNet and decoder", over_reference(compiled), 1.0),
         ("512x8192 exact on a 6 GiB card: peak MiB (goal < 6144)", peak(wide), 6144),
@@ -304,7 +328,11 @@ def run_goals(out, device="cuda", dtype="float16", budget=None, runs=None, overr
 
 def _write(path, results, skipped):
     goals = goal_table(results)
-    versions = {"torch": torch.__version__, "diffusers": _version("diffusers"), "transformers": _version("transformers")}
+    versions = {
+        "torch": torch.__version__,
+        "diffusers": _version("diffusers"),
+        "transformers": _version("transformers"),
+    }
     with open(path, "w", encoding="utf-8") as f:
         json.dump({"goals": goals, "skipped": skipped, "versions": versions, "runs": results}, f, indent=2)
     return goals
@@ -333,7 +361,9 @@ def format_goals(goals, skipped=()):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(prog="python -m syncdiffusion_utils.gpu_goals", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m syncdiffusion_utils.gpu_goals", description=__doc__.split("\n")[0]
+    )
     parser.add_argument("--out", default="benchmarks", help="folder for the JSON files (default benchmarks)")
     parser.add_argument("--budget", type=float, default=None, help="seconds after which no further run starts")
     parser.add_argument("--only", help="comma-separated run names (default: all, in order)")

@@ -182,7 +182,9 @@ it downloads torchvision's VGG-16 weights on first use.
 def model_repo_card(repo_id: str, base_model: str | None = None) -> str:
     """`README.md` of a ready-to-use model repo: usage in two lines, parameters, citation; `base_model` if a Hub id."""
     is_hub_id = base_model is not None and not os.path.exists(base_model) and base_model.count("/") == 1
-    weights = f"[{base_model}](https://huggingface.co/{base_model})'s weights" if is_hub_id else "Stable Diffusion weights"
+    weights = (
+        f"[{base_model}](https://huggingface.co/{base_model})'s weights" if is_hub_id else "Stable Diffusion weights"
+    )
     fields = {
         "{base_model}": f"base_model: {base_model}\n" if is_hub_id else "",
         "{name}": repo_id.split("/")[-1],

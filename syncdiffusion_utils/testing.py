@@ -141,7 +141,9 @@ def make_components(preset="tiny", sample_size=8, width_mult=1.0, seed=0, tokeni
     if preset == "sd2":
         head_dim = tuple(max(1, int(h * c / c0)) for h, c, c0 in zip(heads, unet_channels, p.unet_channels))
         heads = head_dim
-    cross_dim = max(8, int(round(p.cross_attention_dim * width_mult / 8)) * 8) if preset != "tiny" else p.cross_attention_dim
+    cross_dim = (
+        max(8, int(round(p.cross_attention_dim * width_mult / 8)) * 8) if preset != "tiny" else p.cross_attention_dim
+    )
     unet = UNet2DConditionModel(
         sample_size=sample_size,
         in_channels=4,
@@ -240,7 +242,9 @@ def save_tiny_pipeline(folder, sample_size=8, seed=0):
     `StableDiffusionPipeline`, one folder per component): what `custom_pipeline` is applied to. A saved
     `SyncDiffusionPipeline` folder would carry, and run, its own code instead.
     """
-    pipe = tiny_pipeline(sample_size=sample_size, seed=seed, lpips_module=False, pipeline_class=StableDiffusionPipeline)
+    pipe = tiny_pipeline(
+        sample_size=sample_size, seed=seed, lpips_module=False, pipeline_class=StableDiffusionPipeline
+    )
     pipe.save_pretrained(folder)
     return folder
 
@@ -410,7 +414,9 @@ def tiny_xl_pipeline(sample_size=8, seed=0, lpips_module=True):
     """A `SyncDiffusionXLPipeline` on tiny random SDXL components, ready to run on CPU (no watermark)."""
     from pipeline_syncdiffusion_xl import SyncDiffusionXLPipeline
 
-    pipe = SyncDiffusionXLPipeline(**make_sdxl_components("tiny", sample_size=sample_size, seed=seed), add_watermarker=False)
+    pipe = SyncDiffusionXLPipeline(
+        **make_sdxl_components("tiny", sample_size=sample_size, seed=seed), add_watermarker=False
+    )
     if lpips_module:
         pipe.set_perceptual_loss(make_lpips())
     pipe.set_progress_bar_config(disable=True)
@@ -422,7 +428,9 @@ def save_tiny_xl_pipeline(folder, sample_size=8, seed=0):
     as a real SDXL model's does."""
     from diffusers import StableDiffusionXLPipeline
 
-    pipe = StableDiffusionXLPipeline(**make_sdxl_components("tiny", sample_size=sample_size, seed=seed), add_watermarker=False)
+    pipe = StableDiffusionXLPipeline(
+        **make_sdxl_components("tiny", sample_size=sample_size, seed=seed), add_watermarker=False
+    )
     pipe.save_pretrained(folder)
     return folder
 

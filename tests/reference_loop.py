@@ -134,11 +134,7 @@ def reference_syncdiffusion(
     n = unet.config.sample_size
     z = latents.clone() * scheduler.init_noise_sigma
     height, width = z.shape[-2:]
-    views = [
-        (h, w)
-        for h in view_starts(height, n, stride, False)
-        for w in view_starts(width, n, stride, circular)
-    ]
+    views = [(h, w) for h in view_starts(height, n, stride, False) for w in view_starts(width, n, stride, circular)]
     anchor = views[len(views) // 2]
     schedulers = {view: copy.deepcopy(scheduler) for view in views}
 
@@ -146,24 +142,23 @@ def reference_syncdiffusion(
         return z[:, :, view[0] : view[0] + n][..., [(view[1] + k) % width for k in range(n)]]
 
     def noise(u, t):
-        uncond, cond = unet(torch.cat([u, u]), t, encoder_hidden_states=embeds, added_cond_kwargs=added).sample.chunk(2)
+        uncond, cond = unet(torch.cat([u, u]), t, encoder_hidden_states=embeds, added_cond_kwargs=added).sample.chunk(
+            2
+        )
         guided = uncond + GUIDANCE * (cond - uncond)
         return rescale_noise_cfg(guided, cond, guidance_rescale=guidance_rescale) if guidance_rescale > 0 else guided
 
     def image(u, eps, alpha, sigma):
-        x0 = {"epsilon": (u - sigma * eps) / alpha, "v_prediction": alpha * u - sigma * eps, "sample": eps}[prediction_type]
+        x0 = {"epsilon": (u - sigma * eps) / alpha, "v_prediction": alpha * u - sigma * eps, "sample": eps}[
+            prediction_type
+        ]
         return (vae.decode(x0 / vae.config.scaling_factor).sample / 2 + 0.5).clamp(0, 1)
 
     real_step = -1
     for t in scheduler.timesteps:
         first = begins_a_real_step(schedulers[anchor])
         real_step += first
-        sync = (
-            sync_weight > 0
-            and first
-            and real_step < sync_thres
-            and (real_step + 1) % sync_freq == 0
-        )
+        sync = sync_weight > 0 and first and real_step < sync_thres and (real_step + 1) % sync_freq == 0
         weight = sync_weight * sync_decay_rate**real_step if weight_at is None else weight_at(real_step)
         if sync:
             c, alpha, sigma = vp_coefficients(schedulers[anchor], t)

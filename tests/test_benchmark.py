@@ -11,6 +11,7 @@ import torch
 from syncdiffusion_utils import benchmark
 from syncdiffusion_utils.benchmark import MODES, PeakMemory, expected_passes, main
 
+
 ROW_FIELDS = (
     "mode",
     "kwargs",
@@ -260,8 +261,17 @@ def test_panorama_pipeline_reference_and_per_mode_view_batches():
     """The goal-1 rows: diffusers' panorama pipeline fully batched as the reference, then modes at `@1` and `@auto`,
     each on the same latents with the passes of MultiDiffusion (its fixed 64-latent window and stride 8)."""
     rows = benchmark.run_benchmark(
-        sample_size=64, height=512, width=576, stride=8, steps=1, sync_thres=0, decode=False, warmup=False,
-        modes=["multidiffusion@1", "multidiffusion@auto"], reference="panorama-pipeline", progress=None,
+        sample_size=64,
+        height=512,
+        width=576,
+        stride=8,
+        steps=1,
+        sync_thres=0,
+        decode=False,
+        warmup=False,
+        modes=["multidiffusion@1", "multidiffusion@auto"],
+        reference="panorama-pipeline",
+        progress=None,
     )
     assert [row["mode"] for row in rows] == ["panorama-pipeline", "multidiffusion@1", "multidiffusion@auto"]
     assert rows[0]["kwargs"]["view_batch_size"] == 2 and rows[2]["kwargs"]["view_batch_size"] == "auto"
@@ -282,7 +292,13 @@ def test_a_mode_that_fails_gets_an_error_row_and_the_others_run(monkeypatch):
 
     monkeypatch.setattr(pipe, "synchronize_views", overflow)
     rows = benchmark.run_benchmark(
-        pipe=pipe, modes=["exact", "multidiffusion@2"], steps=1, sync_thres=1, warmup=False, decode=False, progress=None
+        pipe=pipe,
+        modes=["exact", "multidiffusion@2"],
+        steps=1,
+        sync_thres=1,
+        warmup=False,
+        decode=False,
+        progress=None,
     )
     assert [row["mode"] for row in rows] == ["multidiffusion", "exact", "multidiffusion@2"] and calls == [1]
     assert rows[1]["error"] == "FloatingPointError: the synchronization gradient overflowed in float16"

@@ -6,8 +6,8 @@ import copy
 import numpy as np
 import pytest
 import torch
-from PIL import Image
 from diffusers import DDIMScheduler, MultiControlNetModel, StableDiffusionControlNetPipeline
+from PIL import Image
 
 from pipeline_syncdiffusion import SyncDiffusionPipeline
 from pipeline_syncdiffusion_controlnet import SyncDiffusionControlNetPipeline
@@ -58,7 +58,9 @@ def pipe(parts, lpips_module):
 
 @pytest.fixture
 def multi_pipe(parts, lpips_module):
-    return build(SyncDiffusionControlNetPipeline, parts, lpips_module, controlnet=MultiControlNetModel(parts["controlnets"]))
+    return build(
+        SyncDiffusionControlNetPipeline, parts, lpips_module, controlnet=MultiControlNetModel(parts["controlnets"])
+    )
 
 
 def condition(height, width, seed=0):
@@ -100,13 +102,24 @@ def reference_loop(
         down, mid = None, None
         for net, cond, scale in zip(controlnets, conditions, step_scales):
             crop = cond[:, :, factor * h : factor * (h + n)][..., columns(w, width, factor)]
-            d, m = net(z2, t, encoder_hidden_states=embeds, controlnet_cond=torch.cat([crop, crop]), conditioning_scale=scale, return_dict=False)
+            d, m = net(
+                z2,
+                t,
+                encoder_hidden_states=embeds,
+                controlnet_cond=torch.cat([crop, crop]),
+                conditioning_scale=scale,
+                return_dict=False,
+            )
             down = d if down is None else [a + b for a, b in zip(down, d)]
             mid = m if mid is None else mid + m
         if detach:
             down, mid = [d.detach() for d in down], mid.detach()
         uncond, cond = unet(
-            z2, t, encoder_hidden_states=embeds, down_block_additional_residuals=down, mid_block_additional_residual=mid
+            z2,
+            t,
+            encoder_hidden_states=embeds,
+            down_block_additional_residuals=down,
+            mid_block_additional_residual=mid,
         ).sample.chunk(2)
         return uncond + GUIDANCE * (cond - uncond)
 
@@ -119,7 +132,9 @@ def reference_loop(
         value, count = torch.zeros_like(z), torch.zeros_like(z)
         sync = i < sync_thres
         if sync:
-            anchor_image = image(z[:, :, anchor[0] : anchor[0] + n][..., columns(anchor[1], width)], t, anchor, scales[i])
+            anchor_image = image(
+                z[:, :, anchor[0] : anchor[0] + n][..., columns(anchor[1], width)], t, anchor, scales[i]
+            )
         for h, w in views:
             z_v = z[:, :, h : h + n][..., columns(w, width)].clone()
             if sync and (h, w) != anchor:
@@ -129,7 +144,9 @@ def reference_loop(
                     loss = lpips(predicted * 2 - 1, anchor_image * 2 - 1).sum()
                     (grad,) = torch.autograd.grad(loss, z_v)
                 z_v = (z_v - sync_weight * 0.95**i * grad).detach()
-            value[:, :, h : h + n, columns(w, width)] += scheduler.step(noise(z_v, t, (h, w), scales[i]), t, z_v).prev_sample
+            value[:, :, h : h + n, columns(w, width)] += scheduler.step(
+                noise(z_v, t, (h, w), scales[i]), t, z_v
+            ).prev_sample
             count[:, :, h : h + n, columns(w, width)] += 1
         z = value / count
     return z
@@ -176,9 +193,22 @@ def test_zero_scale_equals_synchronized_syncdiffusion(parts, lpips_module):
 def test_synchronized_views_match_reference_loop(pipe, width, circular, view_batch_size):
     latents = torch.randn(1, 4, 8, width // 8, generator=torch.Generator().manual_seed(1))
     cond = condition(64, width, seed=2)
-    kwargs = {"num_inference_steps": 2, "stride": 4, "sync_weight": 20.0, "sync_thres": 2, "circular_padding": circular}
+    kwargs = {
+        "num_inference_steps": 2,
+        "stride": 4,
+        "sync_weight": 20.0,
+        "sync_thres": 2,
+        "circular_padding": circular,
+    }
     ours = latents_of(pipe, **kwargs, image=cond, latents=latents, view_batch_size=view_batch_size)
-    reference = {"conditions": [cond], "scales": [[1.0]] * 2, "steps": 2, "stride": 4, "sync_weight": 20.0, "sync_thres": 2}
+    reference = {
+        "conditions": [cond],
+        "scales": [[1.0]] * 2,
+        "steps": 2,
+        "stride": 4,
+        "sync_weight": 20.0,
+        "sync_thres": 2,
+    }
     expected = reference_loop(pipe, latents, **reference, circular=circular)
     torch.testing.assert_close(ours, expected, **TOLERANCE)
     if not circular:
@@ -212,7 +242,9 @@ def test_multi_controlnet_with_per_net_guidance_window_matches_reference_loop(mu
     )
     # 3 steps: ControlNet 0 in [0, 0.6] acts on steps 0 (0..1/3) and not 1 (1/3..2/3); ControlNet 1 from step 1 on.
     scales = [[0.7, 0.0], [0.0, 1.2], [0.0, 1.2]]
-    expected = reference_loop(multi_pipe, latents, conditions, scales, steps=3, stride=4, sync_weight=20.0, sync_thres=2)
+    expected = reference_loop(
+        multi_pipe, latents, conditions, scales, steps=3, stride=4, sync_weight=20.0, sync_thres=2
+    )
     torch.testing.assert_close(ours, expected, **TOLERANCE)
 
 
@@ -221,7 +253,9 @@ def test_multi_controlnet_with_one_scale_zero_equals_the_other_alone(parts, pipe
     kwargs = {"height": 64, "width": 128, "num_inference_steps": 2, "stride": 4, "sync_thres": 1, "view_batch_size": 3}
     cond = condition(64, 128, seed=6)
     alone = latents_of(pipe, **kwargs, image=cond, controlnet_conditioning_scale=0.5)
-    multi = latents_of(multi_pipe, **kwargs, image=[cond, condition(64, 128, seed=7)], controlnet_conditioning_scale=[0.5, 0.0])
+    multi = latents_of(
+        multi_pipe, **kwargs, image=[cond, condition(64, 128, seed=7)], controlnet_conditioning_scale=[0.5, 0.0]
+    )
     torch.testing.assert_close(multi, alone, **EXACT)
 
 
@@ -250,7 +284,10 @@ MULTI_BAD_INPUTS = [
     ({"image": condition(64, 128)}, "image"),
     ({"image": [condition(64, 128)] * 3}, "image"),
     ({"image": [condition(64, 128), condition(64, 96)]}, "image"),
-    ({"image": [condition(64, 128)] * 2, "controlnet_conditioning_scale": [1.0, 0.5, 0.2]}, "controlnet_conditioning_scale"),
+    (
+        {"image": [condition(64, 128)] * 2, "controlnet_conditioning_scale": [1.0, 0.5, 0.2]},
+        "controlnet_conditioning_scale",
+    ),
     ({"image": [condition(64, 128)] * 2, "control_guidance_end": [1.0, 0.5, 0.2]}, "control_guidance_end"),
 ]
 
@@ -271,7 +308,9 @@ def test_bad_input_raises_before_any_model_runs(pipe, kwargs, argument):
     assert_rejected_before_any_model(pipe, kwargs, argument)
 
 
-@pytest.mark.parametrize("kwargs, argument", MULTI_BAD_INPUTS, ids=[f"{a}-{i}" for i, (_, a) in enumerate(MULTI_BAD_INPUTS)])
+@pytest.mark.parametrize(
+    "kwargs, argument", MULTI_BAD_INPUTS, ids=[f"{a}-{i}" for i, (_, a) in enumerate(MULTI_BAD_INPUTS)]
+)
 def test_bad_multi_controlnet_input_raises_before_any_model_runs(multi_pipe, kwargs, argument):
     assert_rejected_before_any_model(multi_pipe, kwargs, argument)
 
@@ -317,8 +356,13 @@ def test_command_writes_the_pipelines_panorama_at_the_conditions_size(tmp_path, 
     assert isinstance(pipe, SyncDiffusionControlNetPipeline)
     with torch.no_grad():
         expected = pipe(
-            "a photo of a valley", image=Image.open(control).convert("RGB"), num_inference_steps=2, stride=4,
-            sync_thres=1, controlnet_conditioning_scale=0.8, generator=torch.Generator().manual_seed(0),
+            "a photo of a valley",
+            image=Image.open(control).convert("RGB"),
+            num_inference_steps=2,
+            stride=4,
+            sync_thres=1,
+            controlnet_conditioning_scale=0.8,
+            generator=torch.Generator().manual_seed(0),
             view_batch_size="auto",  # the command's default
         ).images[0]
     with Image.open(output) as written:
@@ -330,10 +374,19 @@ def test_command_writes_the_pipelines_panorama_at_the_conditions_size(tmp_path, 
     "flags, needles",
     [
         (["--controlnet", "tiny"], ["--control-image PATH is missing"]),
-        (["--control-image", "{control}", "--controlnet", "tiny", "--model", "some/model"], ["--controlnet tiny", "--model tiny"]),
-        (["--control-image", "{control}", "--controlnet", "lllyasviel/control_v11f1p_sd15_depth"], ["does not fit", "--controlnet tiny"]),
+        (
+            ["--control-image", "{control}", "--controlnet", "tiny", "--model", "some/model"],
+            ["--controlnet tiny", "--model tiny"],
+        ),
+        (
+            ["--control-image", "{control}", "--controlnet", "lllyasviel/control_v11f1p_sd15_depth"],
+            ["does not fit", "--controlnet tiny"],
+        ),
         (["--control-image", "{missing}", "--controlnet", "tiny"], ["--control-image", "cannot be read"]),
-        (["--control-image", "{control}", "--controlnet", "tiny", "--width", "256"], ["--control-image has to cover the whole panorama, 64x256"]),
+        (
+            ["--control-image", "{control}", "--controlnet", "tiny", "--width", "256"],
+            ["--control-image has to cover the whole panorama, 64x256"],
+        ),
     ],
     ids=["no_image", "tiny_controlnet_real_model", "real_controlnet_tiny_model", "unreadable_image", "wrong_size"],
 )
@@ -353,4 +406,6 @@ def test_saved_pipeline_carries_its_source_and_loads_back(pipe, tmp_path):
     assert (tmp_path / "saved" / "syncdiffusion_controlnet.py").is_file()
     loaded = SyncDiffusionControlNetPipeline.from_pretrained(tmp_path / "saved")
     assert isinstance(loaded, SyncDiffusionControlNetPipeline)
-    torch.testing.assert_close(loaded.controlnet.controlnet_mid_block.weight, pipe.controlnet.controlnet_mid_block.weight)
+    torch.testing.assert_close(
+        loaded.controlnet.controlnet_mid_block.weight, pipe.controlnet.controlnet_mid_block.weight
+    )

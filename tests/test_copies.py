@@ -14,13 +14,25 @@ from syncdiffusion_utils.testing import tiny_xl_pipeline
 @pytest.mark.parametrize("filename", check_copies.pipeline_files(), ids=os.path.basename)
 def test_pipeline_copies_match_their_sources(filename):
     drifted = check_copies.check(files=[filename])
-    assert not drifted, "\n".join(block.describe() for block in drifted) + "\nrun: python -m syncdiffusion_utils.check_copies --fix"
+    assert not drifted, (
+        "\n".join(block.describe() for block in drifted) + "\nrun: python -m syncdiffusion_utils.check_copies --fix"
+    )
 
 
 def test_sdxl_pipeline_copies_the_panorama_and_synchronization_code():
     names = {block.name.split(".")[-1] for block in check_copies.find_copies(pipeline_syncdiffusion_xl.__file__)}
-    assert {"get_views", "get_view_latents", "add_view_latents", "predict_clean_latents", "synchronize_views",
-            "perceptual_gradient", "denoise_view_batch", "prepare_anchor", "check_inputs", "_sync_settings"} <= names
+    assert {
+        "get_views",
+        "get_view_latents",
+        "add_view_latents",
+        "predict_clean_latents",
+        "synchronize_views",
+        "perceptual_gradient",
+        "denoise_view_batch",
+        "prepare_anchor",
+        "check_inputs",
+        "_sync_settings",
+    } <= names
 
 
 def tiny_controlnet_pipeline():

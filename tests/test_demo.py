@@ -35,11 +35,23 @@ ROOT = Path(__file__).resolve().parents[1]
 CHROMIUM, CHROMEDRIVER = "/usr/bin/chromium", "/usr/bin/chromedriver"
 PIPELINE_MESSAGE = "`width` has to be a positive multiple of the VAE scale factor 8, but is 100."
 # The served app's arguments of /generate, in order: a 64x256 panorama (four 64x64 views), 4 steps.
-API_ARGUMENTS = dict(
-    prompt="a photo of a lake", negative_prompt="", height=64, width=256, circular=False, steps=4, seed=3,
-    random_seed=False, scheduler="ddim", stride=8, guidance=7.5, sync_weight=20, sync_thres=2, sync_mode="exact",
-    compare=False,
-)
+API_ARGUMENTS = {
+    "prompt": "a photo of a lake",
+    "negative_prompt": "",
+    "height": 64,
+    "width": 256,
+    "circular": False,
+    "steps": 4,
+    "seed": 3,
+    "random_seed": False,
+    "scheduler": "ddim",
+    "stride": 8,
+    "guidance": 7.5,
+    "sync_weight": 20,
+    "sync_thres": 2,
+    "sync_mode": "exact",
+    "compare": False,
+}
 
 
 def pixels(image):
@@ -106,10 +118,16 @@ def test_a_taken_port_is_a_one_line_error_before_loading(monkeypatch, capsys):
 def generate(app, **overrides):
     """`app.generate` with the small settings above; returns its result and the progress reports."""
     reports = []
-    arguments = dict(
-        prompt="a photo of a lake", height=64, width=128, steps=3, stride=4, sync_weight=20.0, sync_thres=2,
-        progress=lambda done, total, label: reports.append((done, total, label)),
-    )
+    arguments = {
+        "prompt": "a photo of a lake",
+        "height": 64,
+        "width": 128,
+        "steps": 3,
+        "stride": 4,
+        "sync_weight": 20.0,
+        "sync_thres": 2,
+        "progress": lambda done, total, label: reports.append((done, total, label)),
+    }
     arguments.update(overrides)
     return app.generate(**arguments), reports
 
@@ -118,7 +136,14 @@ def test_comparison_is_the_pipeline_at_sync_weight_20_and_0_from_the_shown_rando
     app = PanoramaDemo(pipe, "tiny")
     (sync_image, multi_image, seed, status), reports = generate(app, compare=True, random_seed=True)
 
-    call = dict(prompt="a photo of a lake", height=64, width=128, num_inference_steps=3, stride=4, sync_thres=2)
+    call = {
+        "prompt": "a photo of a lake",
+        "height": 64,
+        "width": 128,
+        "num_inference_steps": 3,
+        "stride": 4,
+        "sync_thres": 2,
+    }
     reference_sync = pipe(**call, sync_weight=20.0, generator=generator(seed)).images[0]
     reference_multi = pipe(**call, sync_weight=0.0, generator=generator(seed)).images[0]
     # Same seed, same CPU, same arguments: bit-identical (measured: max difference 0).
@@ -276,8 +301,12 @@ def browser(tmp_path_factory):
     options.binary_location = CHROMIUM
     profile = tmp_path_factory.mktemp("chromium-profile")
     for argument in (
-        "--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--window-size=1280,1000",
-        f"--user-data-dir={profile}", "--host-resolver-rules=MAP * ~NOTFOUND , EXCLUDE 127.0.0.1",
+        "--headless=new",
+        "--no-sandbox",
+        "--disable-dev-shm-usage",
+        "--window-size=1280,1000",
+        f"--user-data-dir={profile}",
+        "--host-resolver-rules=MAP * ~NOTFOUND , EXCLUDE 127.0.0.1",
     ):
         options.add_argument(argument)
     driver = webdriver.Chrome(options=options, service=Service(CHROMEDRIVER))
@@ -375,8 +404,11 @@ def test_in_a_browser_generate_compare_bad_input_and_stop(server, browser, tmp_p
     # Bad input: the pipeline's one-line message, in the page; typing a size switches the preset to "custom".
     _type(driver, "#width input", "100")
     # The switch is a round trip to the server (the width's change event): wait for it, it can lag under load.
-    _wait(lambda: driver.find_element(By.CSS_SELECTOR, "#size input[value=custom]").is_selected(), 30,
-          "the size preset to switch to custom")
+    _wait(
+        lambda: driver.find_element(By.CSS_SELECTOR, "#size input[value=custom]").is_selected(),
+        30,
+        "the size preset to switch to custom",
+    )
     driver.find_element(By.CSS_SELECTOR, "#generate").click()
     message = PIPELINE_MESSAGE.replace("`", "")
     _wait(lambda: message in driver.find_element(By.TAG_NAME, "body").text.replace("`", ""), 30, "the error message")
@@ -387,8 +419,11 @@ def test_in_a_browser_generate_compare_bad_input_and_stop(server, browser, tmp_p
     _type(driver, "#steps input[type=number]", "100")
     driver.execute_script("window.progressSeen = [];")
     driver.find_element(By.CSS_SELECTOR, "#generate").click()
-    _wait(lambda: any("/100 steps" in text for text in driver.execute_script("return window.progressSeen")), 60,
-          "the long run to start")
+    _wait(
+        lambda: any("/100 steps" in text for text in driver.execute_script("return window.progressSeen")),
+        60,
+        "the long run to start",
+    )
     driver.find_element(By.CSS_SELECTOR, "#stop").click()
     status = _wait(lambda: "Stopped" in _text(driver, "#status") and _text(driver, "#status"), 60, "the stop")
     assert status.startswith("Stopped at step") and "of 100 (MultiDiffusion)" in status

@@ -170,7 +170,9 @@ def test_clip_score_is_clips_own_cosine(networks):
     score = evaluation.clip_score(images, prompts, model=(model, processor))
 
     # CLIP's forward pass: logits_per_image = exp(logit_scale) * cos, for every image-text pair; the diagonal.
-    inputs = processor(text=prompts, images=[evaluation.to_uint8(i) for i in images], return_tensors="pt", padding=True)
+    inputs = processor(
+        text=prompts, images=[evaluation.to_uint8(i) for i in images], return_tensors="pt", padding=True
+    )
     with torch.no_grad():
         logits = model(**inputs).logits_per_image.diagonal() / model.logit_scale.exp()
     expected = (100 * logits).clamp(min=0).mean().item()

@@ -48,7 +48,9 @@ def test_example_runs_offline(example, tmp_path):
     assert result.returncode == 0, f"{example.name} failed:\n{result.stderr[-4000:]}"
     assert "Traceback" not in result.stderr
 
-    written = [line[len("wrote ") :].rsplit(" (", 1)[0] for line in result.stdout.splitlines() if line.startswith("wrote ")]
+    written = [
+        line[len("wrote ") :].rsplit(" (", 1)[0] for line in result.stdout.splitlines() if line.startswith("wrote ")
+    ]
     assert str(output) in written, result.stdout
     for path in written:
         path = Path(path) if os.path.isabs(path) else tmp_path / path

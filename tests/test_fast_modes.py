@@ -57,7 +57,9 @@ def test_fast_mode_does_not_depend_on_view_batching(pipe, view_batch_size):
 
 
 def test_gradient_checkpointing_gives_the_exact_result(pipe):
-    torch.testing.assert_close(sync_update(pipe, 20.0, sync_gradient_checkpointing=True), sync_update(pipe, 20.0), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(
+        sync_update(pipe, 20.0, sync_gradient_checkpointing=True), sync_update(pipe, 20.0), atol=1e-5, rtol=1e-5
+    )
     assert not pipe.unet.is_gradient_checkpointing and not pipe.vae.is_gradient_checkpointing  # restored
 
 
@@ -92,7 +94,9 @@ def test_gradient_checkpointing_covers_a_custom_sync_decoder(pipe):
     """A `sync_decoder` is checkpointed in the gradient pass like the VAE (same result), and restored after."""
     decoder = make_tiny_decoder(width_mult=0.25)
     checkpointing = []
-    decoder.decoder.register_forward_pre_hook(lambda module, args: checkpointing.append(decoder.is_gradient_checkpointing))
+    decoder.decoder.register_forward_pre_hook(
+        lambda module, args: checkpointing.append(decoder.is_gradient_checkpointing)
+    )
     checkpointed = sync_update(pipe, 20.0, sync_decoder=decoder, sync_gradient_checkpointing=True)
     assert True in checkpointing and not decoder.is_gradient_checkpointing
     torch.testing.assert_close(checkpointed, sync_update(pipe, 20.0, sync_decoder=decoder), atol=1e-5, rtol=1e-5)

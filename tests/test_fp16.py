@@ -48,8 +48,18 @@ def synchronization_update(pipe, dtype):
     latents = torch.randn(1, 4, 8, 16, generator=torch.Generator().manual_seed(0)).to(dtype)
     RecordingDDIM.samples.clear()
     with torch.no_grad():
-        pipe("a photo of a forest", latents=latents, height=64, width=128, stride=4, num_inference_steps=1,
-             sync_thres=1, sync_weight=SYNC_WEIGHT, view_batch_size=3, output_type="latent")
+        pipe(
+            "a photo of a forest",
+            latents=latents,
+            height=64,
+            width=128,
+            stride=4,
+            num_inference_steps=1,
+            sync_thres=1,
+            sync_weight=SYNC_WEIGHT,
+            view_batch_size=3,
+            output_type="latent",
+        )
     (stepped,) = RecordingDDIM.samples
     return stepped - pipe.get_view_latents(latents.float(), pipe.get_views(64, 128, stride=4))
 

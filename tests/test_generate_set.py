@@ -80,7 +80,13 @@ def test_generate_set_writes_every_pair_and_its_index_and_resumes(tmp_path, prom
     assert index["settings"]["sync_weight"] == 0 and index["settings"]["steps"] == 2
 
     # The file is the pipeline's image for that prompt and seed, as the main command makes it.
-    call = dict(height=64, width=128, num_inference_steps=2, sync_weight=0.0, view_batch_size="auto")  # as the command
+    call = {
+        "height": 64,
+        "width": 128,
+        "num_inference_steps": 2,
+        "sync_weight": 0.0,
+        "view_batch_size": "auto",
+    }  # as the command
     image = pipe("a city at night, neon!", generator=cli.generator(1), **call).images[0]
     assert np.abs(pixels(out / expected_files()[3]) - np.asarray(image, dtype=np.int16)).max() == 0
 
@@ -154,7 +160,7 @@ def test_missing_or_empty_prompts_and_changed_settings_are_one_line(tmp_path, pr
 
     out = tmp_path / "set"
     out.mkdir()
-    settings = {key: None for key in generate_set.SETTINGS}
+    settings = dict.fromkeys(generate_set.SETTINGS)
     (out / "index.json").write_text(json.dumps({"settings": settings, "images": []}))
     assert main(["generate-set", str(prompts_file), "--out", str(out)] + GENERATION) != 0
     assert_one_line_error(capsys.readouterr().err, "other settings", "model None -> 'tiny'")

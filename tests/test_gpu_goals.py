@@ -9,6 +9,7 @@ import torch
 from syncdiffusion_utils import benchmark, gpu_goals
 from syncdiffusion_utils.testing import make_lpips
 
+
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 MODES = ["panorama-pipeline", "multidiffusion@auto", "exact@auto"]
@@ -28,7 +29,12 @@ def test_goals_file_holds_every_run_and_the_ratios_of_its_rows(tmp_path):
     assert list(rows) == MODES and all(row["passes_match"] for row in rows.values())
     # The preset's window, stride and reference; the overrides' size and steps.
     config = saved["runs"]["gpu-default"]["config"]
-    assert (config["stride"], config["reference"], config["width"], config["steps"]) == (8, "panorama-pipeline", 576, 1)
+    assert (config["stride"], config["reference"], config["width"], config["steps"]) == (
+        8,
+        "panorama-pipeline",
+        576,
+        1,
+    )
     exact, channels_last, steady, md = goals[:4]
     assert exact["goal"].startswith("exact") and md["goal"].startswith("MultiDiffusion auto")
     assert exact["figure"] == pytest.approx(rows["exact@auto"]["seconds"] / rows["panorama-pipeline"]["seconds"])
@@ -38,7 +44,10 @@ def test_goals_file_holds_every_run_and_the_ratios_of_its_rows(tmp_path):
         assert missing["figure"] is None and missing["met"] is None
     passes = saved["runs"]["components"]["1"]
     assert set(passes) == {
-        "unet_guided_forward", "decoder_forward", "unet_forward_backward", "decoder_forward_backward",
+        "unet_guided_forward",
+        "decoder_forward",
+        "unet_forward_backward",
+        "decoder_forward_backward",
         "lpips_forward_backward",
     }
     assert all(seconds > 0 for seconds in passes.values())

@@ -152,7 +152,9 @@ def _make_handler(hub):
                 return self._model_info(m.group(1), m.group(2) or "main")
             if self.command in ("GET", "HEAD") and (m := re.fullmatch(r"/([^/]+/[^/]+)/resolve/([^/]+)/(.+)", path)):
                 return self._resolve(*m.groups())
-            if self.command in ("GET", "HEAD") and (m := re.fullmatch(r"/datasets/([^/]+/[^/]+)/resolve/([^/]+)/(.+)", path)):
+            if self.command in ("GET", "HEAD") and (
+                m := re.fullmatch(r"/datasets/([^/]+/[^/]+)/resolve/([^/]+)/(.+)", path)
+            ):
                 return self._resolve(DATASET + m.group(1), m.group(2), m.group(3))
             if self.command == "POST" and path == "/api/repos/create":
                 return self._create_repo(json.loads(self._body()))
@@ -458,7 +460,7 @@ def test_publish_without_credentials_explains_how_to_log_in(fake_hub):
 # ---------------------------------------------------------------------------------------------------------------
 
 CLASS_NAME = ["syncdiffusion", "SyncDiffusionPipeline"]
-SMALL = dict(height=64, width=128, num_inference_steps=2, sync_thres=1, output_type="np")
+SMALL = {"height": 64, "width": 128, "num_inference_steps": 2, "sync_thres": 1, "output_type": "np"}
 
 
 def images(pipe, lpips_module):
@@ -468,7 +470,9 @@ def images(pipe, lpips_module):
 
 
 def folder_files(folder):
-    return {path.relative_to(folder).as_posix(): path.read_bytes() for path in Path(folder).rglob("*") if path.is_file()}
+    return {
+        path.relative_to(folder).as_posix(): path.read_bytes() for path in Path(folder).rglob("*") if path.is_file()
+    }
 
 
 def check_loads_back(repo_id, pipe, lpips_module):
@@ -480,7 +484,10 @@ def check_loads_back(repo_id, pipe, lpips_module):
     # Same weights and code on the same CPU: bit-identical (measured max difference 0). The installed class loads
     # the repo too (its images: test_loading.py).
     np.testing.assert_array_equal(images(remote, lpips_module), expected)
-    assert type(pipeline_syncdiffusion.SyncDiffusionPipeline.from_pretrained(repo_id)) is pipeline_syncdiffusion.SyncDiffusionPipeline
+    assert (
+        type(pipeline_syncdiffusion.SyncDiffusionPipeline.from_pretrained(repo_id))
+        is pipeline_syncdiffusion.SyncDiffusionPipeline
+    )
 
 
 def test_push_to_hub_then_load_back(fake_hub, pipe, lpips_module, tmp_path):
@@ -492,7 +499,8 @@ def test_push_to_hub_then_load_back(fake_hub, pipe, lpips_module, tmp_path):
     assert files["syncdiffusion.py"] == pipeline_file_bytes()
     assert json.loads(files["model_index.json"])["_class_name"] == CLASS_NAME
     assert {name for name in files if name.endswith(".safetensors")} == {
-        "unet/diffusion_pytorch_model.safetensors", "vae/diffusion_pytorch_model.safetensors",
+        "unet/diffusion_pytorch_model.safetensors",
+        "vae/diffusion_pytorch_model.safetensors",
         "text_encoder/model.safetensors",
     }
     check_loads_back(repo_id, pipe, lpips_module)
@@ -540,10 +548,15 @@ def test_community_name_loads_from_the_mirror(fake_hub, tmp_path, monkeypatch, r
     pipe = DiffusionPipeline.from_pretrained(repo_id, custom_pipeline="syncdiffusion")  # no trust_remote_code
 
     module = sys.modules[type(pipe).__module__]
-    assert type(pipe).__name__ == "SyncDiffusionPipeline" and type(pipe) is not pipeline_syncdiffusion.SyncDiffusionPipeline
+    assert (
+        type(pipe).__name__ == "SyncDiffusionPipeline"
+        and type(pipe) is not pipeline_syncdiffusion.SyncDiffusionPipeline
+    )
     assert module.SERVED_FROM == ("release" if released else "main")
     folder = f"v{version}" if released else "main"
-    assert fake_hub.requested("GET", f"/datasets/diffusers/community-pipelines-mirror/resolve/main/{folder}/syncdiffusion.py")
+    assert fake_hub.requested(
+        "GET", f"/datasets/diffusers/community-pipelines-mirror/resolve/main/{folder}/syncdiffusion.py"
+    )
     check_tiny_generation(pipe)
 
 
@@ -563,7 +576,10 @@ def test_publish_command_uploads_a_model_repo(fake_hub, tmp_path, capsys):
     files = fake_hub.repos[repo_id]["files"]
     assert files["syncdiffusion.py"] == pipeline_file_bytes()
     assert files["README.md"].decode() == model_repo_card(repo_id, str(model))
-    assert files["unet/diffusion_pytorch_model.safetensors"] == (model / "unet/diffusion_pytorch_model.safetensors").read_bytes()
+    assert (
+        files["unet/diffusion_pytorch_model.safetensors"]
+        == (model / "unet/diffusion_pytorch_model.safetensors").read_bytes()
+    )
     assert f"published {repo_id}: " in capsys.readouterr().out
     assert type(DiffusionPipeline.from_pretrained(repo_id, trust_remote_code=True)).__name__ == "SyncDiffusionPipeline"
 
@@ -580,8 +596,11 @@ def test_single_file_checkpoint_in_the_command(fake_hub, tmp_path, capsys):
 
     pipe = tiny_pipeline(lpips_module=False)
     checkpoint = write_single_file(pipe, tmp_path / "tiny.safetensors")
-    configs = {name: data for name, data in folder_files(save_tiny_pipeline(tmp_path / "plain")).items()
-               if not name.endswith(".safetensors")}
+    configs = {
+        name: data
+        for name, data in folder_files(save_tiny_pipeline(tmp_path / "plain")).items()
+        if not name.endswith(".safetensors")
+    }
     fake_hub.add_repo("stable-diffusion-v1-5/stable-diffusion-v1-5", configs)
     output = tmp_path / "single.png"
 

@@ -34,7 +34,9 @@ def random_ip_adapter(unet):
         layers[f"{key}.to_k_ip.weight"] = weights["to_k_ip.0.weight"]
         layers[f"{key}.to_v_ip.weight"] = weights["to_v_ip.0.weight"]
         key += 2
-    projection = ImageProjection(cross_attention_dim=cross, image_embed_dim=cross, num_image_text_embeds=4).state_dict()
+    projection = ImageProjection(
+        cross_attention_dim=cross, image_embed_dim=cross, num_image_text_embeds=4
+    ).state_dict()
     image_proj = {
         "proj.weight": projection["image_embeds.weight"],
         "proj.bias": projection["image_embeds.bias"],
@@ -65,7 +67,9 @@ def test_ip_adapter_embeds_match_the_panorama_pipeline(ip_pipe):
     ours = ip_pipe("a cat", latents=LATENTS, ip_adapter_image_embeds=EMBEDS, sync_weight=0, **CALL).images
     theirs = panorama("a cat", latents=LATENTS, ip_adapter_image_embeds=EMBEDS, **CALL).images
     torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=0)
-    without = ip_pipe("a cat", latents=LATENTS, ip_adapter_image_embeds=[torch.zeros(2, 1, 32)], sync_weight=0, **CALL).images
+    without = ip_pipe(
+        "a cat", latents=LATENTS, ip_adapter_image_embeds=[torch.zeros(2, 1, 32)], sync_weight=0, **CALL
+    ).images
     assert (ours - without).abs().max() > 1e-2  # the image embeddings condition the UNet
 
 
@@ -85,8 +89,16 @@ def test_ip_adapter_synchronization_matches_the_reference_loop(ip_pipe):
     for_reference_comparison(ip_pipe)
     latents, embeds = LATENTS.double(), EMBEDS[0].double()
     sync = {"stride": 4, "sync_weight": 20.0, "sync_thres": 2}
-    ours = pipeline_trajectory(ip_pipe, "a cat", latents, ip_adapter_image_embeds=[embeds], height=64, width=128,
-                               num_inference_steps=2, **sync)
+    ours = pipeline_trajectory(
+        ip_pipe,
+        "a cat",
+        latents,
+        ip_adapter_image_embeds=[embeds],
+        height=64,
+        width=128,
+        num_inference_steps=2,
+        **sync,
+    )
     expected = []
     reference_syncdiffusion(ip_pipe, "a cat", latents, 2, image_embeds=embeds, trajectory=expected, **sync)
     assert_trajectories_match(ours, expected)

@@ -25,7 +25,7 @@ from syncdiffusion_utils.testing import make_tokenizer
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-SMALL = dict(height=64, width=128, num_inference_steps=3, sync_thres=2, output_type="np")
+SMALL = {"height": 64, "width": 128, "num_inference_steps": 3, "sync_thres": 2, "output_type": "np"}
 CLASS_NAME = ["syncdiffusion", "SyncDiffusionPipeline"]
 
 
@@ -94,7 +94,9 @@ def test_a_reloaded_pipeline_saves_the_same_source(pipe, tmp_path, modules_cache
     loaded = DiffusionPipeline.from_pretrained(str(tmp_path / "first"), trust_remote_code=True)
     loaded.save_pretrained(tmp_path / "second")
 
-    assert (tmp_path / "second" / "syncdiffusion.py").read_bytes() == (tmp_path / "first" / "syncdiffusion.py").read_bytes()
+    assert (tmp_path / "second" / "syncdiffusion.py").read_bytes() == (
+        tmp_path / "first" / "syncdiffusion.py"
+    ).read_bytes()
     assert json.loads((tmp_path / "second" / "model_index.json").read_text())["_class_name"] == CLASS_NAME
 
 
@@ -102,8 +104,14 @@ def test_a_reloaded_pipeline_saves_the_same_source(pipe, tmp_path, modules_cache
 # Single-file checkpoints (the original Stable Diffusion layout of A1111 / Civitai files)
 # ---------------------------------------------------------------------------------------------------------------
 
-_RESNET = [("norm1", "in_layers.0"), ("conv1", "in_layers.2"), ("norm2", "out_layers.0"), ("conv2", "out_layers.3"),
-           ("time_emb_proj", "emb_layers.1"), ("conv_shortcut", "skip_connection")]
+_RESNET = [
+    ("norm1", "in_layers.0"),
+    ("conv1", "in_layers.2"),
+    ("norm2", "out_layers.0"),
+    ("conv2", "out_layers.3"),
+    ("time_emb_proj", "emb_layers.1"),
+    ("conv_shortcut", "skip_connection"),
+]
 _VAE_ATTENTION = [("group_norm", "norm"), ("to_q", "q"), ("to_k", "k"), ("to_v", "v"), ("to_out.0", "proj_out")]
 
 
@@ -113,10 +121,10 @@ def _renamed(state_dict, prefixes, inner=()):
     for key, value in state_dict.items():
         for new, old in prefixes:
             if key.startswith(new):
-                rest = key[len(new):]
+                rest = key[len(new) :]
                 for diffusers_name, original_name in inner:
                     if rest.startswith(diffusers_name + "."):
-                        rest = original_name + rest[len(diffusers_name):]
+                        rest = original_name + rest[len(diffusers_name) :]
                 converted[old + rest] = value
                 break
         else:
@@ -128,8 +136,13 @@ def original_unet_state_dict(unet):
     """The UNet in the original (LDM) layout: the inverse of diffusers' `convert_ldm_unet_checkpoint`."""
     config, n = unet.config, len(unet.config.block_out_channels)
     layers = config.layers_per_block
-    blocks = [("time_embedding.linear_1.", "time_embed.0."), ("time_embedding.linear_2.", "time_embed.2."),
-              ("conv_in.", "input_blocks.0.0."), ("conv_norm_out.", "out.0."), ("conv_out.", "out.2.")]
+    blocks = [
+        ("time_embedding.linear_1.", "time_embed.0."),
+        ("time_embedding.linear_2.", "time_embed.2."),
+        ("conv_in.", "input_blocks.0.0."),
+        ("conv_norm_out.", "out.0."),
+        ("conv_out.", "out.2."),
+    ]
     resnets = [("mid_block.resnets.0.", "middle_block.0."), ("mid_block.resnets.1.", "middle_block.2.")]
     blocks.append(("mid_block.attentions.0.", "middle_block.1."))
     for i in range(n):
@@ -154,16 +167,21 @@ def original_vae_state_dict(vae):
     n = len(vae.config.block_out_channels)
     prefixes = [("quant_conv.", "quant_conv."), ("post_quant_conv.", "post_quant_conv.")]
     for part in ("encoder", "decoder"):
-        prefixes += [(f"{part}.conv_in.", f"{part}.conv_in."), (f"{part}.conv_out.", f"{part}.conv_out."),
-                     (f"{part}.conv_norm_out.", f"{part}.norm_out."),
-                     (f"{part}.mid_block.resnets.0.", f"{part}.mid.block_1."),
-                     (f"{part}.mid_block.resnets.1.", f"{part}.mid.block_2."),
-                     (f"{part}.mid_block.attentions.0.", f"{part}.mid.attn_1.")]
+        prefixes += [
+            (f"{part}.conv_in.", f"{part}.conv_in."),
+            (f"{part}.conv_out.", f"{part}.conv_out."),
+            (f"{part}.conv_norm_out.", f"{part}.norm_out."),
+            (f"{part}.mid_block.resnets.0.", f"{part}.mid.block_1."),
+            (f"{part}.mid_block.resnets.1.", f"{part}.mid.block_2."),
+            (f"{part}.mid_block.attentions.0.", f"{part}.mid.attn_1."),
+        ]
     for i in range(n):
-        prefixes += [(f"encoder.down_blocks.{i}.resnets.", f"encoder.down.{i}.block."),
-                     (f"encoder.down_blocks.{i}.downsamplers.0.", f"encoder.down.{i}.downsample."),
-                     (f"decoder.up_blocks.{i}.resnets.", f"decoder.up.{n - 1 - i}.block."),
-                     (f"decoder.up_blocks.{i}.upsamplers.0.", f"decoder.up.{n - 1 - i}.upsample.")]
+        prefixes += [
+            (f"encoder.down_blocks.{i}.resnets.", f"encoder.down.{i}.block."),
+            (f"encoder.down_blocks.{i}.downsamplers.0.", f"encoder.down.{i}.downsample."),
+            (f"decoder.up_blocks.{i}.resnets.", f"decoder.up.{n - 1 - i}.block."),
+            (f"decoder.up_blocks.{i}.upsamplers.0.", f"decoder.up.{n - 1 - i}.upsample."),
+        ]
     converted = {}
     for key, value in _renamed(vae.state_dict(), prefixes, _VAE_ATTENTION).items():
         key = key.replace(".conv_shortcut.", ".nin_shortcut.")

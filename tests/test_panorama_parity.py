@@ -18,7 +18,9 @@ def panorama(pipe64):
 
 
 def run_both(pipe, panorama, **kwargs):
-    ours = pipe("a photo of the dolomites", **SIZE, sync_weight=0, generator=torch.Generator().manual_seed(0), **kwargs)
+    ours = pipe(
+        "a photo of the dolomites", **SIZE, sync_weight=0, generator=torch.Generator().manual_seed(0), **kwargs
+    )
     theirs = panorama("a photo of the dolomites", **SIZE, generator=torch.Generator().manual_seed(0), **kwargs)
     return ours.images, theirs.images
 

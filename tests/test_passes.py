@@ -12,6 +12,7 @@ import torch
 from syncdiffusion_utils.counting import PassCounter, StepRecorder, expected_sync_step
 from syncdiffusion_utils.testing import make_lpips, make_tiny_decoder, tiny_pipeline
 
+
 HEIGHT, WIDTH, STRIDE = 64, 128, 4
 
 

@@ -18,7 +18,9 @@ SMALL = {"height": 64, "width": 128, "num_inference_steps": 2, "stride": 4}
 
 
 def latents_of(pipe, **kwargs):
-    return pipe("a photo", **{**SMALL, **kwargs}, generator=torch.Generator().manual_seed(0), output_type="latent").images
+    return pipe(
+        "a photo", **{**SMALL, **kwargs}, generator=torch.Generator().manual_seed(0), output_type="latent"
+    ).images
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -44,7 +46,10 @@ BAD_INPUTS = [
     ({"prompt": None}, "prompt"),
     ({"prompt": 3}, "prompt"),
     ({"negative_prompt": "x", "negative_prompt_embeds": torch.zeros(1, 77, 32)}, "negative_prompt"),
-    ({"prompt": None, "prompt_embeds": torch.zeros(1, 77, 32), "negative_prompt_embeds": torch.zeros(1, 70, 32)}, "negative_prompt_embeds"),
+    (
+        {"prompt": None, "prompt_embeds": torch.zeros(1, 77, 32), "negative_prompt_embeds": torch.zeros(1, 70, 32)},
+        "negative_prompt_embeds",
+    ),
     ({"callback_on_step_end_tensor_inputs": ["noise_pred"]}, "callback_on_step_end_tensor_inputs"),
     ({"ip_adapter_image_embeds": torch.zeros(2, 1, 32)}, "ip_adapter_image_embeds"),
     ({"sync_mode": "fastest"}, "sync_mode"),
@@ -91,7 +96,9 @@ def coverage(views, height, width):
 
 
 @pytest.mark.parametrize("circular", [False, True])
-@pytest.mark.parametrize("height, width, stride", [(64, 128, 4), (64, 200, 8), (136, 200, 3), (64, 64, 8), (40, 200, 5)])
+@pytest.mark.parametrize(
+    "height, width, stride", [(64, 128, 4), (64, 200, 8), (136, 200, 3), (64, 64, 8), (40, 200, 5)]
+)
 def test_views_cover_every_latent_pixel(pipe, height, width, stride, circular):
     views = pipe.get_views(height * 8, width * 8, stride=stride, circular_padding=circular)
     n = pipe.unet.config.sample_size
@@ -153,10 +160,20 @@ def test_callback_on_step_end_sees_and_replaces_tensors(pipe):
         return {"latents": torch.zeros_like(tensors["latents"])} if step == 1 else {}
 
     inputs = ["latents", "prompt_embeds", "negative_prompt_embeds"]
-    out = pipe("a photo", **SMALL, num_images_per_prompt=2, callback_on_step_end=callback,
-               callback_on_step_end_tensor_inputs=inputs, output_type="latent").images
+    out = pipe(
+        "a photo",
+        **SMALL,
+        num_images_per_prompt=2,
+        callback_on_step_end=callback,
+        callback_on_step_end_tensor_inputs=inputs,
+        output_type="latent",
+    ).images
     assert [s for s, _ in seen] == [0, 1]
-    assert seen[0][1] == {"latents": (2, 4, 8, 16), "prompt_embeds": (2, 77, 32), "negative_prompt_embeds": (2, 77, 32)}
+    assert seen[0][1] == {
+        "latents": (2, 4, 8, 16),
+        "prompt_embeds": (2, 77, 32),
+        "negative_prompt_embeds": (2, 77, 32),
+    }
     assert out.abs().max() == 0  # the callback's latents were used
 
 
@@ -164,9 +181,14 @@ def test_callback_can_replace_prompt_embeds(pipe):
     def callback(pipeline, step, timestep, tensors):
         return {"prompt_embeds": torch.zeros_like(tensors["prompt_embeds"])}
 
-    replaced = pipe("a photo", **{**SMALL, "num_inference_steps": 3}, generator=torch.Generator().manual_seed(0),
-                    callback_on_step_end=callback, callback_on_step_end_tensor_inputs=["prompt_embeds"],
-                    output_type="latent").images
+    replaced = pipe(
+        "a photo",
+        **{**SMALL, "num_inference_steps": 3},
+        generator=torch.Generator().manual_seed(0),
+        callback_on_step_end=callback,
+        callback_on_step_end_tensor_inputs=["prompt_embeds"],
+        output_type="latent",
+    ).images
     assert (replaced - latents_of(pipe, num_inference_steps=3)).abs().max() > 1e-3
 
 
@@ -186,8 +208,13 @@ def test_interrupt_stops_denoising(pipe):
 def test_prompt_embeds_give_the_same_images_as_prompts(pipe):
     positive, negative = pipe.encode_prompt("a photo", "cpu", 1, True, "blurry")
     from_prompt = latents_of(pipe, negative_prompt="blurry")
-    from_embeds = pipe(prompt_embeds=positive, negative_prompt_embeds=negative, **SMALL,
-                       generator=torch.Generator().manual_seed(0), output_type="latent").images
+    from_embeds = pipe(
+        prompt_embeds=positive,
+        negative_prompt_embeds=negative,
+        **SMALL,
+        generator=torch.Generator().manual_seed(0),
+        output_type="latent",
+    ).images
     torch.testing.assert_close(from_prompt, from_embeds, atol=1e-5, rtol=0)
 
 
@@ -195,7 +222,9 @@ def test_clip_skip_uses_an_earlier_text_encoder_layer(pipe):
     embeds, _ = pipe.encode_prompt("a photo", "cpu", 1, False, clip_skip=1)
     ids = pipe.tokenizer("a photo", padding="max_length", max_length=77, return_tensors="pt").input_ids
     hidden = pipe.text_encoder(ids, output_hidden_states=True).hidden_states[-2]
-    final_layer_norm = getattr(pipe.text_encoder, "text_model", pipe.text_encoder).final_layer_norm  # nested in older transformers
+    final_layer_norm = getattr(
+        pipe.text_encoder, "text_model", pipe.text_encoder
+    ).final_layer_norm  # nested in older transformers
     torch.testing.assert_close(embeds, final_layer_norm(hidden))
     assert (latents_of(pipe, clip_skip=1) - latents_of(pipe)).abs().max() > 1e-4
 
@@ -210,8 +239,13 @@ def test_deprecated_callback_without_callback_steps_runs_every_step(pipe, schedu
     if scheduler == "heun":
         pipe.scheduler = HeunDiscreteScheduler.from_config(pipe.scheduler.config)
     calls = []
-    out = pipe("a photo", **{**SMALL, "num_inference_steps": 3}, sync_weight=0, output_type="latent",
-               callback=lambda step, timestep, latents: calls.append((step, latents.clone())))
+    out = pipe(
+        "a photo",
+        **{**SMALL, "num_inference_steps": 3},
+        sync_weight=0,
+        output_type="latent",
+        callback=lambda step, timestep, latents: calls.append((step, latents.clone())),
+    )
     assert [step for step, _ in calls] == [0, 1, 2]
     torch.testing.assert_close(calls[-1][1], out.images, atol=0, rtol=0)
 
@@ -330,7 +364,9 @@ def assert_loaded_pipeline_runs(pipe, lpips_module):
 
 
 def test_load_with_custom_pipeline_file(saved_model, lpips_module):
-    pipe = DiffusionPipeline.from_pretrained(saved_model, custom_pipeline=pipeline_syncdiffusion.__file__, trust_remote_code=True)
+    pipe = DiffusionPipeline.from_pretrained(
+        saved_model, custom_pipeline=pipeline_syncdiffusion.__file__, trust_remote_code=True
+    )
     assert_loaded_pipeline_runs(pipe, lpips_module)
 
 
@@ -360,15 +396,28 @@ def test_safety_checker_runs_when_present(pipe):
 
     config = CLIPConfig(
         text_config={"hidden_size": 16, "intermediate_size": 32, "num_hidden_layers": 1, "num_attention_heads": 2},
-        vision_config={"hidden_size": 16, "intermediate_size": 32, "num_hidden_layers": 1, "num_attention_heads": 2,
-                       "image_size": 32, "patch_size": 8},
+        vision_config={
+            "hidden_size": 16,
+            "intermediate_size": 32,
+            "num_hidden_layers": 1,
+            "num_attention_heads": 2,
+            "image_size": 32,
+            "patch_size": 8,
+        },
         projection_dim=8,
     )
     checker = StableDiffusionSafetyChecker(config).eval()
     calls = []
-    checker.register_forward_pre_hook(lambda module, args, kwargs: calls.append(kwargs["clip_input"].shape), with_kwargs=True)
-    pipe = type(pipe)(**{**pipe.components, "safety_checker": checker,
-                         "feature_extractor": CLIPImageProcessor(size={"shortest_edge": 32}, crop_size=32)})
+    checker.register_forward_pre_hook(
+        lambda module, args, kwargs: calls.append(kwargs["clip_input"].shape), with_kwargs=True
+    )
+    pipe = type(pipe)(
+        **{
+            **pipe.components,
+            "safety_checker": checker,
+            "feature_extractor": CLIPImageProcessor(size={"shortest_edge": 32}, crop_size=32),
+        }
+    )
     pipe.set_progress_bar_config(disable=True)
     out = pipe("a photo", **SMALL, sync_weight=0, num_images_per_prompt=2, output_type="np")
     assert calls == [(2, 3, 32, 32)]

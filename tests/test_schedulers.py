@@ -19,7 +19,12 @@ from diffusers import (
     PNDMScheduler,
     UniPCMultistepScheduler,
 )
-from reference_loop import assert_trajectories_match, for_reference_comparison, pipeline_trajectory, reference_syncdiffusion
+from reference_loop import (
+    assert_trajectories_match,
+    for_reference_comparison,
+    pipeline_trajectory,
+    reference_syncdiffusion,
+)
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -66,15 +71,18 @@ def reference_trajectory(pipe, **kwargs):
     call = {**CALL, **kwargs}
     steps = []
     reference_syncdiffusion(
-        pipe, PROMPT, LATENTS, steps=call.pop("num_inference_steps"), generator=torch.Generator().manual_seed(7),
-        trajectory=steps, **{k: v for k, v in call.items() if k not in ("height", "width")},
+        pipe,
+        PROMPT,
+        LATENTS,
+        steps=call.pop("num_inference_steps"),
+        generator=torch.Generator().manual_seed(7),
+        trajectory=steps,
+        **{k: v for k, v in call.items() if k not in ("height", "width")},
     )
     return steps
 
 
-@pytest.mark.parametrize(
-    "name", list(SCHEDULERS)
-)
+@pytest.mark.parametrize("name", list(SCHEDULERS))
 def test_scheduler_matches_the_reference_loop(pipe, name):
     pipe.scheduler = scheduler_for(pipe, name)
     expected = reference_trajectory(pipe, scheduler=pipe.scheduler)
@@ -110,6 +118,8 @@ def test_tolerance_catches_a_wrong_weight_at_one_step(pipe):
     (KDPM2-Ancestral, where such an error is smallest)."""
     pipe.scheduler = scheduler_for(pipe, "kdpm2_ancestral")
     right = reference_trajectory(pipe, scheduler=pipe.scheduler)
-    wrong = reference_trajectory(pipe, scheduler=pipe.scheduler, weight_at=lambda step: 20.0 if step == 1 else 20.0 * 0.95**step)
+    wrong = reference_trajectory(
+        pipe, scheduler=pipe.scheduler, weight_at=lambda step: 20.0 if step == 1 else 20.0 * 0.95**step
+    )
     with pytest.raises(AssertionError, match="evaluation 2"):  # the first evaluation of the second real step
         assert_trajectories_match(wrong, right)

@@ -52,14 +52,25 @@ def noise(shape, seed):
         {"guidance_scale": 1.0},
         {"guidance_rescale": 0.7},
         {"num_images_per_prompt": 2, "negative_prompt": "blurry"},
-        {"original_size": (128, 96), "crops_coords_top_left": (8, 16), "negative_original_size": (32, 32), "negative_target_size": (64, 64)},
+        {
+            "original_size": (128, 96),
+            "crops_coords_top_left": (8, 16),
+            "negative_original_size": (32, 32),
+            "negative_target_size": (64, 64),
+        },
     ],
     ids=["default", "no_guidance", "guidance_rescale", "two_images_negative_prompt", "micro_conditioning"],
 )
 def test_one_view_matches_sdxl_pipeline(xl_pipe, kwargs):
     sdxl = StableDiffusionXLPipeline(**xl_pipe.components)
     sdxl.set_progress_bar_config(disable=True)
-    common = {"prompt": "a photo of the dolomites", "height": 64, "width": 64, "num_inference_steps": 2, "output_type": "np"}
+    common = {
+        "prompt": "a photo of the dolomites",
+        "height": 64,
+        "width": 64,
+        "num_inference_steps": 2,
+        "output_type": "np",
+    }
     ours = xl_pipe(**common, **kwargs, sync_weight=20.0, generator=torch.Generator().manual_seed(0)).images
     theirs = sdxl(**common, **kwargs, generator=torch.Generator().manual_seed(0)).images
     assert ours.shape == theirs.shape == (kwargs.get("num_images_per_prompt", 1), 64, 64, 3)
@@ -132,8 +143,13 @@ TOLERANCE = {"atol": 1e-3, "rtol": 1e-3}
 def test_multidiffusion_matches_reference_loop(xl_pipe, view_batch_size):
     latents = noise((1, 4, 8, 16), 0)
     ours = xl_pipe(
-        "a forest", **PANORAMA, num_inference_steps=2, sync_weight=0.0, latents=latents,
-        view_batch_size=view_batch_size, output_type="latent",
+        "a forest",
+        **PANORAMA,
+        num_inference_steps=2,
+        sync_weight=0.0,
+        latents=latents,
+        view_batch_size=view_batch_size,
+        output_type="latent",
     ).images
     expected = reference_loop(xl_pipe, "a forest", latents, copy.deepcopy(xl_pipe.scheduler), steps=2, stride=4)
     torch.testing.assert_close(ours, expected, atol=1e-5, rtol=1e-5)
@@ -149,7 +165,14 @@ def test_synchronized_matches_reference_loop(xl_pipe, scheduler_class):
     kwargs = {"num_inference_steps": 2, "sync_thres": 2, "latents": latents, "output_type": "latent"}
     ours = xl_pipe("a forest", **PANORAMA, sync_weight=20.0, **kwargs).images
     expected = reference_loop(
-        xl_pipe, "a forest", latents, copy.deepcopy(xl_pipe.scheduler), steps=2, stride=4, sync_weight=20.0, sync_thres=2
+        xl_pipe,
+        "a forest",
+        latents,
+        copy.deepcopy(xl_pipe.scheduler),
+        steps=2,
+        stride=4,
+        sync_weight=20.0,
+        sync_thres=2,
     )
     torch.testing.assert_close(ours, expected, **TOLERANCE)
     plain = xl_pipe("a forest", **PANORAMA, sync_weight=0.0, **kwargs).images
@@ -167,7 +190,13 @@ def test_pass_counts_equal_the_formulas(xl_pipe, mode):
     expected = expected_sync_step(num_views, gradient="unet" if mode == "exact" else "x0", reuse_noise=mode == "fast")
     assert {key: counts[key] for key in expected} == expected
     if mode == "exact":  # 2N-1, N-1, N, N-1, N-1
-        assert (counts["unet_fwd"], counts["unet_bwd"], counts["dec_fwd"], counts["dec_bwd"], counts["lpips_fwd"]) == (5, 2, 3, 2, 2)
+        assert (counts["unet_fwd"], counts["unet_bwd"], counts["dec_fwd"], counts["dec_bwd"], counts["lpips_fwd"]) == (
+            5,
+            2,
+            3,
+            2,
+            2,
+        )
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -201,7 +230,9 @@ def test_float16_with_force_upcast_gives_finite_images_and_syncs_in_float32(xl_p
     xl_pipe.vae.register_to_config(force_upcast=False)
     with pytest.raises(FloatingPointError, match="overflowed in float16"):
         xl_pipe(**{**call, "output_type": "latent"}, generator=torch.Generator().manual_seed(0))
-    latents = xl_pipe(**{**call, "output_type": "latent"}, sync_weight=0, generator=torch.Generator().manual_seed(0)).images
+    latents = xl_pipe(
+        **{**call, "output_type": "latent"}, sync_weight=0, generator=torch.Generator().manual_seed(0)
+    ).images
     assert torch.isfinite(latents).all()
     with torch.no_grad():
         assert not torch.isfinite(xl_pipe.decode_latents(latents)).all()

@@ -8,11 +8,11 @@ import numpy as np
 import pytest
 import torch
 from diffusers import DiffusionPipeline, StableDiffusionXLPipeline
+from test_hub import fake_hub  # noqa: F401  (the fake Hub on 127.0.0.1, a fixture)
 
 import pipeline_syncdiffusion_xl
 from pipeline_syncdiffusion_xl import SyncDiffusionXLPipeline
 from syncdiffusion_utils.testing import save_tiny_xl_pipeline
-from test_hub import fake_hub  # noqa: F401  (the fake Hub on 127.0.0.1, a fixture)
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -109,7 +109,14 @@ def test_bad_input_is_a_value_error_before_any_model_runs(saved_xl_model, kwargs
     calls = []
     for model in (pipe.unet, pipe.text_encoder, pipe.text_encoder_2, pipe.vae):
         model.register_forward_pre_hook(lambda module, args: calls.append(type(module).__name__))
-    call = {"prompt": "a cat", "height": 64, "width": 128, "stride": 4, "num_inference_steps": 1, "output_type": "latent"}
+    call = {
+        "prompt": "a cat",
+        "height": 64,
+        "width": 128,
+        "stride": 4,
+        "num_inference_steps": 1,
+        "output_type": "latent",
+    }
     call.update(kwargs)
     if argument is None:
         pipe(**call, sync_weight=0)

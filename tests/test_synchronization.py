@@ -12,7 +12,12 @@ from diffusers import (
     EulerDiscreteScheduler,
     UniPCMultistepScheduler,
 )
-from reference_loop import assert_trajectories_match, for_reference_comparison, pipeline_trajectory, reference_syncdiffusion
+from reference_loop import (
+    assert_trajectories_match,
+    for_reference_comparison,
+    pipeline_trajectory,
+    reference_syncdiffusion,
+)
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -33,8 +38,15 @@ def compare_with_reference(pipe, prompt, latents, steps, view_batch_size=1, circ
     sync = {**SYNC, **sync}
     height, width = latents.shape[-2] * 8, latents.shape[-1] * 8
     ours = pipeline_trajectory(
-        pipe, prompt, latents, height=height, width=width, num_inference_steps=steps, circular_padding=circular,
-        view_batch_size=view_batch_size, **sync,
+        pipe,
+        prompt,
+        latents,
+        height=height,
+        width=width,
+        num_inference_steps=steps,
+        circular_padding=circular,
+        view_batch_size=view_batch_size,
+        **sync,
     )
     expected = []
     reference_syncdiffusion(pipe, prompt, latents, steps, circular=circular, trajectory=expected, **sync)
@@ -64,8 +76,15 @@ def test_tall_grid_and_circular_panoramas_match_reference_loop(pipe, height, wid
     latents = float64_latents((1, 4, height // 8, width // 8), 2)
     ours = compare_with_reference(pipe, "a waterfall", latents, 2, circular=circular)
     assert_synchronization_acted(
-        pipe, "a waterfall", latents, ours, height=height, width=width, circular_padding=circular,
-        num_inference_steps=2, stride=4,
+        pipe,
+        "a waterfall",
+        latents,
+        ours,
+        height=height,
+        width=width,
+        circular_padding=circular,
+        num_inference_steps=2,
+        stride=4,
     )
 
 
@@ -163,7 +182,7 @@ def test_clean_latent_matches_multistep_schedulers_without_advancing_them(pipe, 
     latents = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(0))
     noise = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(1))
     for t in scheduler.timesteps[:3]:
-        step_index, outputs = scheduler.step_index, [o for o in scheduler.model_outputs]
+        step_index, outputs = scheduler.step_index, list(scheduler.model_outputs)
         ours = pipe.predict_clean_latents(scheduler.scale_model_input(latents, t), noise, t)
         assert scheduler.step_index == step_index
         assert all((a is None and b is None) or a is b for a, b in zip(outputs, scheduler.model_outputs))
