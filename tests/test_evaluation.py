@@ -1,20 +1,13 @@
-"""Evaluation metrics and the `syncdiffusion evaluate` command, offline on random-weight networks.
+"""The `syncdiffusion evaluate` command, offline on random-weight networks: which images of a folder it scores,
+with which prompts, its table, JSON, CSV and plot, and its one-line errors before any network loads."""
 
-Each metric is compared with a reference computed another way: the authors' per-pair loops (eval_intra_lpips.py,
-eval_style_loss.py), CLIP's own forward pass, FID's closed form with scipy, and GIQA's official per-image loop.
-"""
-
-import itertools
 import json
-import urllib.error
 
 import numpy as np
 import pytest
-import torch
-import torch.nn.functional as F
 from PIL import Image
 
-from syncdiffusion_utils import evaluation
+from syncdiffusion_utils import evaluation, metrics
 from syncdiffusion_utils.cli import main
 
 
@@ -25,229 +18,7 @@ W = 16  # crop size of the toy panoramas: small enough for VGG on CPU, still 1x1
 
 @pytest.fixture(scope="module")
 def networks(lpips_module):
-    return evaluation.random_networks(lpips_module=lpips_module)
-
-
-def tiles(*images):
-    """A panorama of `W`-pixel tiles side by side."""
-    return torch.cat(images, dim=2)
-
-
-def tile(seed):
-    return torch.rand(3, W, W, generator=torch.Generator().manual_seed(seed))
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Crops
-# ----------------------------------------------------------------------------------------------------------------
-
-
-def authors_views(height, width, window, stride):
-    """get_views_crop of the authors' eval scripts, as they wrote it (index arithmetic over the block count)."""
-    rows, columns = (height - window) // stride + 1, (width - window) // stride + 1
-    views = []
-    for i in range(rows * columns):
-        top, left = (i // columns) * stride, (i % columns) * stride
-        views.append((top, top + window, left, left + window))
-    return views
-
-
-@pytest.mark.parametrize(
-    "height, width, window, stride, crops",
-    [
-        (512, 3072, 512, 512, 6),
-        (512, 2048, 512, 256, 7),
-        (512, 3017, 512, 512, 5),
-        (1024, 2048, 512, 512, 8),
-        (512, 512, 512, 512, 1),
-        (64, 200, 32, 24, 16),
-    ],
-)
-def test_crop_layout_is_the_authors(height, width, window, stride, crops):
-    boxes = evaluation.crop_boxes(height, width, window, stride)
-    assert boxes == authors_views(height, width, window, stride)
-    assert len(boxes) == crops
-    if (height, width, stride) == (512, 3072, 512):
-        assert len(list(itertools.combinations(boxes, 2))) == 15
-
-
-def test_random_crops_are_seeded_and_reach_every_edge():
-    draw = lambda: evaluation.random_crop_boxes(20, 40, 16, 400, np.random.default_rng(3))  # noqa: E731
-    boxes = draw()
-    assert boxes == draw()
-    assert all(0 <= t and b <= 20 and 0 <= left and r <= 40 and b - t == r - left == 16 for t, b, left, r in boxes)
-    assert {t for t, *_ in boxes} == set(range(5)) and {box[2] for box in boxes} == set(range(25))
-
-
-def test_bad_geometry_is_a_value_error_naming_the_argument():
-    with pytest.raises(ValueError, match="window"):
-        evaluation.crop_boxes(256, 1024, 512, 512)
-    with pytest.raises(ValueError, match="stride"):
-        evaluation.crop_boxes(512, 1024, 512, 0)
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Coherence
-# ----------------------------------------------------------------------------------------------------------------
-
-
-def test_intra_lpips_is_the_authors_mean_over_pairs(networks):
-    loss = networks["lpips"]
-    uniform = tiles(*[tile(0)] * 4)
-    halves = tiles(tile(0), tile(0), tile(1), tile(1))
-    assert evaluation.intra_lpips(uniform, W, W, loss=loss) == 0.0
-
-    # The authors' loop: one pair at a time, [-1, 1], mean over the 2-combinations.
-    crops = [halves[:, :, i * W : (i + 1) * W] * 2 - 1 for i in range(4)]
-    with torch.no_grad():
-        expected = np.mean(
-            [loss(crops[i][None], crops[j][None]).item() for i, j in itertools.combinations(range(4), 2)]
-        )
-    score = evaluation.intra_lpips(halves, W, W, loss=loss, batch_size=4)
-    assert score > 0.01
-    assert score == pytest.approx(expected, rel=1e-5)  # batched against one-by-one convolutions: float32 rounding
-    # Several panoramas: the mean of their scores; a PIL image gives the tensor's score.
-    assert evaluation.intra_lpips([uniform, halves], W, W, loss=loss) == pytest.approx(score / 2, rel=1e-5)
-    pil = Image.fromarray((halves.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8))
-    assert evaluation.intra_lpips(pil, W, W, loss=loss) == pytest.approx(score, rel=1e-2)  # 8-bit quantization
-
-
-def authors_style_pair(vgg, target, crop):
-    """eval_style_loss.py for one pair: StyleLoss modules with `target`'s Gram matrices after conv_1..conv_5 of a
-    copy of `vgg` with out-of-place ReLUs, `crop` run through it, the five losses added."""
-    mean = torch.tensor(evaluation.IMAGENET_MEAN).view(-1, 1, 1)
-    std = torch.tensor(evaluation.IMAGENET_STD).view(-1, 1, 1)
-
-    def gram(x):
-        a, b, c, d = x.size()
-        features = x.view(a * b, c * d)
-        return torch.mm(features, features.t()).div(a * b * c * d)
-
-    x, y, total, convs = (target[None] - mean) / std, (crop[None] - mean) / std, 0.0, 0
-    for layer in vgg.children():
-        layer = torch.nn.ReLU(inplace=False) if isinstance(layer, torch.nn.ReLU) else layer
-        x, y = layer(x), layer(y)
-        if isinstance(layer, torch.nn.Conv2d):
-            convs += 1
-            total += F.mse_loss(gram(y), gram(x)).item()
-            if convs == 5:
-                return total
-
-
-def test_intra_style_loss_sums_the_authors_pair_losses(networks):
-    vgg = networks["vgg"]
-    a, b = tile(0), tile(1)
-    assert evaluation.intra_style_loss(tiles(a, a, a), W, W, vgg=vgg) == 0.0
-
-    with torch.no_grad():
-        pair = authors_style_pair(vgg, a, b)
-    one_pair = evaluation.intra_style_loss(tiles(a, b), W, W, vgg=vgg)
-    assert one_pair > 0
-    assert one_pair == pytest.approx(pair, rel=1e-4)  # batched float32 convolutions against one-by-one
-    # Summed, not averaged, over pairs: (a, b), (a, b), (b, b) is twice one pair (a mean would be 2/3 of it).
-    assert evaluation.intra_style_loss(tiles(a, b, b), W, W, vgg=vgg) == pytest.approx(2 * pair, rel=1e-4)
-
-
-def test_intra_style_loss_resizes_the_shorter_side_to_the_window(networks):
-    vgg = networks["vgg"]
-    rng = np.random.default_rng(0)
-    big = Image.fromarray(rng.integers(0, 256, (2 * W, 8 * W, 3), dtype=np.uint8))
-    small = big.resize((4 * W, W), Image.BILINEAR)  # what the authors' T.Resize(512) does to a PIL image
-    assert evaluation.intra_style_loss(big, W, W, vgg=vgg) == pytest.approx(
-        evaluation.intra_style_loss(small, W, W, vgg=vgg), rel=1e-6
-    )
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Prompt fidelity and quality
-# ----------------------------------------------------------------------------------------------------------------
-
-
-def test_clip_score_is_clips_own_cosine(networks):
-    model, processor = networks["clip"]
-    images = [tile(i) for i in range(3)]
-    prompts = ["a red house", "a blue lake", "a green field"]
-    score = evaluation.clip_score(images, prompts, model=(model, processor))
-
-    # CLIP's forward pass: logits_per_image = exp(logit_scale) * cos, for every image-text pair; the diagonal.
-    inputs = processor(
-        text=prompts, images=[evaluation.to_uint8(i) for i in images], return_tensors="pt", padding=True
-    )
-    with torch.no_grad():
-        logits = model(**inputs).logits_per_image.diagonal() / model.logit_scale.exp()
-    expected = (100 * logits).clamp(min=0).mean().item()
-    assert score == pytest.approx(expected, rel=1e-4, abs=1e-4)  # float32 (cosine against normalized dot product)
-    assert evaluation.clip_score(images, "a red house", model=(model, processor)) == pytest.approx(
-        evaluation.clip_score(images, ["a red house"] * 3, model=(model, processor))
-    )
-    with pytest.raises(ValueError, match="prompts"):
-        evaluation.clip_score(images, ["one", "two"], model=(model, processor))
-
-
-def frechet_distance(x, y):
-    """FID's closed form: |mu_x - mu_y|^2 + tr(S_x + S_y - 2 (S_x S_y)^(1/2)), with scipy's matrix square root."""
-    from scipy import linalg
-
-    mu_x, mu_y = x.mean(0), y.mean(0)
-    s_x, s_y = np.cov(x, rowvar=False), np.cov(y, rowvar=False)
-    root = linalg.sqrtm(s_x @ s_y).real
-    return float(((mu_x - mu_y) ** 2).sum() + np.trace(s_x + s_y - 2 * root))
-
-
-def test_fid_kid_of_a_set_against_itself_is_zero_and_matches_the_closed_form(networks):
-    features = networks["features"]
-    images = [tile(i) for i in range(40)]
-    darker = [tile(100 + i) * 0.6 for i in range(40)]
-
-    same = evaluation.fid_kid(images, images, features=features)
-    assert abs(same["fid"]) < 1e-6  # float64 on 16-dimensional features
-    assert abs(same["kid"]) < 1e-3  # KID's unbiased estimate scatters around 0 for equal sets
-
-    other = evaluation.fid_kid(darker, images, features=features)
-    x = evaluation.image_features(darker, features).numpy()
-    y = evaluation.image_features(images, features).numpy()
-    assert other["fid"] == pytest.approx(frechet_distance(x, y), rel=1e-4)  # two matrix square-root methods
-    assert other["fid"] > 1000 * abs(same["fid"]) and other["kid"] > 10 * abs(same["kid"])
-
-
-def test_kid_subset_larger_than_a_set_is_a_clear_error(networks):
-    images = [tile(i) for i in range(5)]
-    with pytest.raises(ValueError, match="subset_size.* 5 images"):
-        evaluation.fid_kid(images, images + images, features=networks["features"], subset_size=8)
-    with pytest.raises(ValueError, match="at least 2"):
-        evaluation.fid_kid(images[:1], images, features=networks["features"])
-
-
-def test_giqa_is_the_official_knn_score(networks):
-    features = networks["features"]
-    images, reference = [tile(i) for i in range(4)], [tile(50 + i) for i in range(12)]
-    score = evaluation.giqa(images, reference, k=3, features=features)
-
-    # knn_score.py: L1 pairwise_distance to every reference feature, sorted, sum of 1/d over the K nearest.
-    act = evaluation.image_features(reference, features)
-    expected = []
-    for pred in evaluation.image_features(images, features):
-        distances = sorted(F.pairwise_distance(pred[None].repeat(len(act), 1), act, p=1).tolist())
-        expected.append(sum(1 / d for d in distances[:3]))
-    assert score == pytest.approx(np.mean(expected), rel=1e-9)  # float64 both ways
-    with pytest.raises(ValueError, match="`k`"):
-        evaluation.giqa(images, reference, k=13, features=features)
-
-
-def test_missing_weights_are_one_line_saying_how_to_provide_them(monkeypatch):
-    def offline(*args, **kwargs):
-        raise urllib.error.URLError("no network")
-
-    monkeypatch.setattr(torch.hub, "load_state_dict_from_url", offline)
-    with pytest.raises(evaluation.WeightsUnavailable) as error:
-        evaluation.load_vgg19.__wrapped__()
-    message = str(error.value)
-    assert "\n" not in message and "vgg19-dcbb9e9d.pth" in message and "TORCH_HOME" in message
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# The command
-# ----------------------------------------------------------------------------------------------------------------
+    return metrics.random_networks(lpips_module=lpips_module)
 
 
 def write_set(folder, count, coherent, seed, height=W, tiles_per_row=4):
@@ -281,7 +52,7 @@ def toy_sets(tmp_path, networks, monkeypatch):
 SMALL = ["--window", str(W), "--stride", str(W), "--networks", "random"]
 
 
-def test_evaluate_writes_table_json_csv_and_plot(toy_sets, capsys):
+def test_evaluate_writes_table_json_csv_and_plot(toy_sets, networks, capsys):
     tmp_path, coherent, mixed, reference = toy_sets
     out = tmp_path / "out"
     out.mkdir()
@@ -302,7 +73,7 @@ def test_evaluate_writes_table_json_csv_and_plot(toy_sets, capsys):
     assert second["metrics"]["intra-lpips"]["mean"] > 0.01 and second["metrics"]["intra-style"]["mean"] > 0
     # The per-panorama numbers are the library's on the same file.
     with Image.open(mixed / "00.png") as image:
-        expected = evaluation.intra_lpips(image.convert("RGB"), W, W, loss=evaluation.random_networks()["lpips"])
+        expected = metrics.intra_lpips(image.convert("RGB"), W, W, loss=networks["lpips"])
     assert second["panoramas"][0]["intra-lpips"] == pytest.approx(expected, rel=1e-6)
     assert np.mean([p["clip"] for p in second["panoramas"]]) == pytest.approx(second["metrics"]["clip"]["mean"])
 
@@ -318,6 +89,66 @@ def test_prompts_come_from_the_index_and_metrics_can_be_chosen(toy_sets, capsys)
     assert main(["evaluate", str(coherent), "--metrics", "clip,intra-lpips"] + SMALL) == 0
     header = capsys.readouterr().out.splitlines()[0]
     assert header == "| set | panoramas | Mean-CLIP-S ↑ | Intra-LPIPS ↓ |"
+
+
+def write_index(folder, files, prompt="a toy", planned=None):
+    images = [{"file": name, "prompt": f"{prompt} {i}", "seed": i} for i, name in enumerate(files)]
+    index = {"settings": {}, "images": images, "planned": len(files) if planned is None else planned}
+    (folder / "index.json").write_text(json.dumps(index), encoding="utf-8")
+    return images
+
+
+def test_the_index_names_the_images_scored_and_their_prompts(toy_sets, networks, capsys):
+    """An image in the folder that the index does not list (another run's, a stray copy) is not scored, and its
+    missing prompt does not cost every set its CLIP score."""
+    tmp_path, coherent, mixed, _ = toy_sets
+    images = write_index(coherent, ["02.png", "00.png"], planned=4)  # 01.png is not in the index
+    write_index(mixed, ["00.png", "01.png", "02.png"])
+    capsys.readouterr()
+    argv = ["evaluate", str(coherent), str(mixed), "--json", str(tmp_path / "r.json")] + SMALL
+    assert main(argv) == 0
+
+    captured = capsys.readouterr()
+    assert captured.out.splitlines()[0] == "| set | panoramas | Intra-LPIPS ↓ | Intra-Style-L ↓ | Mean-CLIP-S ↑ |"
+    first, second = json.loads((tmp_path / "r.json").read_text())["sets"]
+    assert [p["file"] for p in first["panoramas"]] == ["02.png", "00.png"] and len(second["panoramas"]) == 3
+    assert "1 image(s) not in its index.json" in captured.err and "2 of the 4 panoramas" in captured.err
+    # Each image scored against its own prompt from the index.
+    model = networks["clip"]
+    with Image.open(coherent / "02.png") as image:
+        pixels = metrics.to_tensor(image.convert("RGB"))
+    boxes = metrics.random_crop_boxes(W, 4 * W, W, 1, np.random.default_rng(0))  # the command's --seed 0
+    expected = metrics.clip_score(list(metrics.crop(pixels, boxes)), images[0]["prompt"], model=model)
+    assert first["panoramas"][0]["clip"] == pytest.approx(expected, rel=1e-6)
+
+
+def test_a_folder_without_prompts_is_named_in_the_note(toy_sets, capsys):
+    tmp_path, coherent, mixed, _ = toy_sets
+    write_index(coherent, ["00.png", "01.png", "02.png"])
+    assert main(["evaluate", str(coherent), str(mixed)] + SMALL) == 0
+    captured = capsys.readouterr()
+    assert "Mean-CLIP-S" not in captured.out
+    assert f"not computing clip, giqa, fid, kid (no --reference; no --prompt, and no index.json in {mixed})" in (
+        captured.err
+    )
+
+
+def test_tall_panoramas_are_scored_on_their_vertical_crops(tmp_path, networks, monkeypatch, capsys):
+    """A 4-window-high, 1-window-wide panorama (the demo's "tall" preset): the style loss's resize leaves it as it
+    is (its shorter side is the window), so both intra metrics compare its 4 stacked crops."""
+    monkeypatch.setattr(evaluation, "random_networks", lambda *a, **k: networks)
+    folder = tmp_path / "tall"
+    folder.mkdir()
+    rng = np.random.default_rng(4)
+    Image.fromarray(rng.integers(0, 256, (4 * W, W, 3), dtype=np.uint8)).save(folder / "0.png")
+    argv = ["evaluate", str(folder), "--prompt", "a tower", "--json", str(tmp_path / "r.json")] + SMALL
+    assert main(argv) == 0, capsys.readouterr().err
+    scores = json.loads((tmp_path / "r.json").read_text())["sets"][0]["panoramas"][0]
+    with Image.open(folder / "0.png") as image:
+        image = image.convert("RGB")
+    assert scores["intra-lpips"] == pytest.approx(metrics.intra_lpips(image, W, W, loss=networks["lpips"]), rel=1e-6)
+    assert scores["intra-style"] == pytest.approx(metrics.intra_style_loss(image, W, W, vgg=networks["vgg"]), rel=1e-6)
+    assert scores["intra-lpips"] > 0 and scores["intra-style"] > 0
 
 
 def assert_one_line_error(err, *needles):
@@ -341,6 +172,11 @@ def assert_one_line_error(err, *needles):
         ("giqa k", ["--giqa-k 8", "2 reference images"]),
         ("kid subset", ["--kid-subset-size 50", "smallest set"]),
         ("plot extension", ["--plot", ".txt"]),
+        ("empty label", ["--labels ''", "empty"]),
+        ("empty metric", ["--metrics 'clip,'", "unknown metric ''"]),
+        ("negative seed", ["--seed", "-1"]),
+        ("indexed file missing", ["index.json lists '01.png'", "not there"]),
+        ("unreadable index", ["index.json", "not an index"]),
     ],
 )
 def test_bad_input_is_one_line_before_any_network(tmp_path, monkeypatch, capsys, case, needles):
@@ -354,6 +190,10 @@ def test_bad_input_is_one_line_before_any_network(tmp_path, monkeypatch, capsys,
     small.mkdir()
     Image.new("RGB", (8, 8)).save(small / "tiny.png")
     two = write_set(tmp_path / "two", 2, True, seed=1, tiles_per_row=1)
+    indexed = write_set(tmp_path / "indexed", 1, True, seed=2)
+    write_index(indexed, ["00.png", "01.png"])
+    broken = write_set(tmp_path / "broken", 1, True, seed=3)
+    (broken / "index.json").write_text('{"images": [{"file": "00.png"}]}')
     argv = {
         "missing folder": [str(tmp_path / "nowhere")],
         "no images": [str(tmp_path / "empty")],
@@ -366,6 +206,11 @@ def test_bad_input_is_one_line_before_any_network(tmp_path, monkeypatch, capsys,
         "giqa k": [str(good), "--reference", str(two)],
         "kid subset": [str(good), "--reference", str(good), "--kid-subset-size", "50", "--giqa-k", "2"],
         "plot extension": [str(good), "--plot", str(tmp_path / "plot.txt")],
+        "empty label": [str(good), "--labels", ""],
+        "empty metric": [str(good), "--metrics", "clip,", "--prompt", "a toy"],
+        "negative seed": [str(good), "--seed", "-1"],
+        "indexed file missing": [str(indexed)],
+        "unreadable index": [str(broken)],
     }[case]
     assert main(["evaluate"] + argv + SMALL) != 0
     assert_one_line_error(capsys.readouterr().err, *needles)
