@@ -1,16 +1,52 @@
-"""The one-process GPU goal measurement, run on the CPU with the tiny architecture: its file, its goal arithmetic,
-the emulated small card that `view_batch_size="auto"` sizes itself to, and the LPIPS precision measurement."""
+"""The one-process GPU goal measurement (`benchmarks/gpu_goals.py`, the project's own harness beside its results),
+run on the CPU with the tiny architecture: its file, its goal arithmetic, the emulated small card that
+`view_batch_size="auto"` sizes itself to, and the LPIPS precision measurement."""
 
+import importlib.util
 import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
 
-from syncdiffusion_utils import benchmark, gpu_goals
+from syncdiffusion_utils import benchmark
 from syncdiffusion_utils.testing import make_lpips
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
+
+SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "gpu_goals.py"
+
+
+def _load_script():
+    spec = importlib.util.spec_from_file_location("gpu_goals", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+gpu_goals = _load_script()
+
+
+def test_the_harness_is_a_script_beside_the_benchmarks_not_part_of_the_package(tmp_path):
+    assert importlib.util.find_spec("syncdiffusion_utils.gpu_goals") is None
+    env = {key: value for key, value in os.environ.items() if key != "PYTHONPATH"}
+
+    def run(*args):
+        return subprocess.run(
+            [sys.executable, str(SCRIPT), *args], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120
+        )
+
+    done = run("--help")
+    assert done.returncode == 0 and "python benchmarks/gpu_goals.py" in done.stdout, done.stderr
+    for args, needle in ((("--only", ""), "unknown runs ['']"), (("--budget", "0"), "--budget")):
+        done = run(*args)
+        assert done.returncode == 2 and needle in done.stderr, done.stderr  # before any pipeline is built
+    assert not list(tmp_path.iterdir())  # nothing written
+
 
 MODES = ["panorama-pipeline", "multidiffusion@auto", "exact@auto"]
 

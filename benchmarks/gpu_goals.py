@@ -1,6 +1,9 @@
 """Every GPU goal measured in one process, on one random-weight pipeline, the results saved after each run.
 
-    python -m syncdiffusion_utils.gpu_goals --out benchmarks        # SD 2 base architecture, float16, CUDA
+    python benchmarks/gpu_goals.py                  # SD 2 base architecture, float16, CUDA; results in benchmarks/
+
+The project's own measurement (the figures of README.md and docs/gpu.md), kept beside the JSON files it writes and
+not part of the installed package; it runs the checkout's `syncdiffusion_utils.benchmark` and pipelines.
 
 A lent GPU is short of time, not memory, so the runs share one pipeline build and come most important first;
 once `--budget` seconds have passed the remaining ones are skipped (and say so):
@@ -31,9 +34,15 @@ import sys
 import time
 import traceback
 
-import torch
 
-from syncdiffusion_utils import benchmark
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+if ROOT not in sys.path:  # `python benchmarks/gpu_goals.py`: the checkout's package and pipelines, installed or not
+    sys.path.insert(0, ROOT)
+
+import torch  # noqa: E402
+
+from syncdiffusion_utils import benchmark  # noqa: E402
 
 
 DEFAULT_MODES = [
@@ -288,7 +297,7 @@ def run_goals(out, device="cuda", dtype="float16", budget=None, runs=None, overr
     """
     device = benchmark._resolve_device(device)
     torch_dtype = benchmark.DTYPES[dtype]
-    overrides = dict(overrides or {})
+    overrides = {} if overrides is None else dict(overrides)
     started = time.perf_counter()
     os.makedirs(out, exist_ok=True)
     slug = _device_slug(device)
@@ -296,7 +305,7 @@ def run_goals(out, device="cuda", dtype="float16", budget=None, runs=None, overr
     print(f"building {arch} in {dtype} on {device} ({slug}) ...", flush=True)
     pipe = benchmark.build_pipeline(arch, sample_size=64, device=device, dtype=torch_dtype)
     results, skipped = {}, []
-    for name, options in runs or RUNS:
+    for name, options in RUNS if runs is None else runs:
         elapsed = time.perf_counter() - started
         options = dict(options)
         if budget is not None and elapsed + options.pop("needs", 0) > budget:
@@ -360,18 +369,26 @@ def format_goals(goals, skipped=()):
     return "\n".join(lines)
 
 
+def _positive_float(text):
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number of seconds, got {text!r}") from None
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"expected a positive number of seconds, got {text!r}")
+    return value
+
+
 def main(argv=None):
-    parser = argparse.ArgumentParser(
-        prog="python -m syncdiffusion_utils.gpu_goals", description=__doc__.split("\n")[0]
-    )
-    parser.add_argument("--out", default="benchmarks", help="folder for the JSON files (default benchmarks)")
-    parser.add_argument("--budget", type=float, default=None, help="seconds after which no further run starts")
+    parser = argparse.ArgumentParser(prog="python benchmarks/gpu_goals.py", description=__doc__.split("\n")[0])
+    parser.add_argument("--out", default=HERE, help="folder for the JSON file (default: this script's, benchmarks/)")
+    parser.add_argument("--budget", type=_positive_float, help="seconds after which no further run starts")
     parser.add_argument("--only", help="comma-separated run names (default: all, in order)")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--dtype", default="float16", choices=sorted(benchmark.DTYPES))
     args = parser.parse_args(argv)
     runs = RUNS
-    if args.only:
+    if args.only is not None:
         wanted = args.only.split(",")
         unknown = sorted(set(wanted) - {name for name, _ in RUNS})
         if unknown:
