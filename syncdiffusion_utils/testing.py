@@ -461,3 +461,303 @@ def make_controlnet(unet, seed=0):
     for conv in [*zero_initialized, *controlnet.controlnet_down_blocks]:
         conv.reset_parameters()
     return controlnet.eval()
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# FLUX.1
+# ----------------------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class FluxPreset:
+    """Architecture hyper-parameters of one random-weight FLUX.1 pipeline (MMDiT transformer, 16-channel VAE)."""
+
+    num_layers: int  # double-stream blocks
+    num_single_layers: int
+    attention_head_dim: int
+    num_attention_heads: int
+    joint_attention_dim: int  # T5 width
+    pooled_projection_dim: int  # CLIP width
+    axes_dims_rope: tuple  # sums to attention_head_dim
+    vae_channels: tuple
+    vae_norm_num_groups: int
+    vae_layers_per_block: int
+    clip_layers: int
+    clip_heads: int
+    clip_intermediate: int
+    t5_layers: int
+    t5_heads: int
+    t5_d_kv: int
+    t5_d_ff: int
+
+
+FLUX_PRESETS = {
+    "tiny": FluxPreset(
+        num_layers=1,
+        num_single_layers=1,
+        attention_head_dim=16,
+        num_attention_heads=2,
+        joint_attention_dim=32,
+        pooled_projection_dim=32,
+        axes_dims_rope=(4, 4, 8),
+        vae_channels=(8, 8, 8, 8),
+        vae_norm_num_groups=8,
+        vae_layers_per_block=1,
+        clip_layers=2,
+        clip_heads=4,
+        clip_intermediate=37,
+        t5_layers=2,
+        t5_heads=4,
+        t5_d_kv=8,
+        t5_d_ff=37,
+    ),
+    # black-forest-labs/FLUX.1-dev: transformer/, vae/, text_encoder/ (CLIP ViT-L/14) and text_encoder_2/ (T5-XXL
+    # encoder) config.json.
+    "flux": FluxPreset(
+        num_layers=19,
+        num_single_layers=38,
+        attention_head_dim=128,
+        num_attention_heads=24,
+        joint_attention_dim=4096,
+        pooled_projection_dim=768,
+        axes_dims_rope=(16, 56, 56),
+        vae_channels=(128, 256, 512, 512),
+        vae_norm_num_groups=32,
+        vae_layers_per_block=2,
+        clip_layers=12,
+        clip_heads=12,
+        clip_intermediate=3072,
+        t5_layers=24,
+        t5_heads=64,
+        t5_d_kv=64,
+        t5_d_ff=10240,
+    ),
+}
+
+# FLUX.1's VAE latent normalization (vae/config.json of FLUX.1-dev and -schnell).
+FLUX_VAE_SCALING_FACTOR = 0.3611
+FLUX_VAE_SHIFT_FACTOR = 0.1159
+
+# scheduler/scheduler_config.json: dev shifts the sigmas by the image's token count (`mu`), schnell does not.
+FLUX_SCHEDULER_CONFIGS = {
+    "dev": {"shift": 3.0, "use_dynamic_shifting": True},
+    "schnell": {"shift": 1.0, "use_dynamic_shifting": False},
+}
+
+
+def make_t5_tokenizer():
+    """An offline T5 tokenizer: a character-level Unigram model (`tokenizers`) in `T5TokenizerFast`, with T5's
+    `<pad>` (0), `</s>` (1, appended to every text) and `<unk>` (2). Nothing is written to disk."""
+    import string
+
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
+    from transformers import T5TokenizerFast
+
+    characters = string.ascii_letters + string.digits + string.punctuation
+    # Word-initial characters ("▁a") score higher than inner ones, so a word splits as "▁a" + characters.
+    pieces = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("▁", -2.0)]
+    pieces += [("▁" + c, -2.5) for c in characters] + [(c, -3.0) for c in characters]
+    backend = Tokenizer(models.Unigram(pieces, unk_id=2))
+    backend.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="always")
+    backend.decoder = decoders.Metaspace(replacement="▁", prepend_scheme="always")
+    backend.post_processor = processors.TemplateProcessing(
+        single="$A </s>", pair="$A </s> $B </s>", special_tokens=[("</s>", 1)]
+    )
+    tokenizer = T5TokenizerFast(
+        tokenizer_object=backend, eos_token="</s>", unk_token="<unk>", pad_token="<pad>", extra_ids=0
+    )
+    if len(tokenizer) != len(pieces):
+        raise RuntimeError(f"T5 tokenizer has {len(tokenizer)} tokens, expected {len(pieces)}")
+    return tokenizer
+
+
+def _flux_text_encoders(p, clip_width, t5_width, layers):
+    """CLIP (pooled, `clip_width`) and T5 encoder (`t5_width`) with `layers(n)` blocks for the preset's `n`."""
+    from transformers import T5Config, T5EncoderModel
+
+    tokenizer = make_tokenizer()
+    tokenizer_2 = make_t5_tokenizer()
+    text_encoder = CLIPTextModel(
+        CLIPTextConfig(
+            vocab_size=len(tokenizer),
+            hidden_size=clip_width,
+            intermediate_size=max(8, p.clip_intermediate * clip_width // (64 * p.clip_heads)),
+            num_hidden_layers=layers(p.clip_layers),
+            num_attention_heads=_heads(clip_width, p.clip_heads),
+            max_position_embeddings=77,
+            projection_dim=clip_width,
+            hidden_act="quick_gelu",
+            bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+        )
+    )
+    t5_heads = _heads(t5_width // p.t5_d_kv, p.t5_heads) if t5_width >= p.t5_d_kv else 1
+    text_encoder_2 = T5EncoderModel(
+        T5Config(
+            vocab_size=len(tokenizer_2),
+            d_model=t5_width,
+            d_kv=t5_width // t5_heads,
+            d_ff=max(8, p.t5_d_ff * t5_width // (p.t5_heads * p.t5_d_kv)),
+            num_layers=layers(p.t5_layers),
+            num_heads=t5_heads,
+            feed_forward_proj="gated-gelu",
+            relative_attention_num_buckets=8,
+            pad_token_id=tokenizer_2.pad_token_id,
+            eos_token_id=tokenizer_2.eos_token_id,
+            decoder_start_token_id=0,
+        )
+    )
+    return tokenizer, text_encoder, tokenizer_2, text_encoder_2
+
+
+def make_flux_components(
+    preset="tiny",
+    seed=0,
+    guidance_embeds=True,
+    scheduler="dev",
+    width_mult=1.0,
+    depth_mult=1.0,
+    full_text_encoders=False,
+):
+    """Random-weight FLUX.1 components: `scheduler, vae, text_encoder, tokenizer, text_encoder_2, tokenizer_2,
+    transformer` (the keyword arguments of `FluxPipeline`).
+
+    `guidance_embeds=True` is FLUX.1-dev's guidance-distilled transformer, `False` FLUX.1-schnell's; `scheduler` is
+    `"dev"` (sigmas shifted by the image's token count) or `"schnell"` (no shift). The VAE has FLUX's 16 latent
+    channels, scaling and shift factors and factor 8.
+
+    `"flux"` is FLUX.1's real architecture (19 double and 38 single blocks, 24 heads of 128, 16-channel VAE).
+    `width_mult` scales the head count (head size and rotary axes stay) and every other width, `depth_mult` the
+    block counts, for CPU runs; the text encoders are encoded once per call and do not enter a panorama's loop, so
+    they keep the scaled widths but have one block each unless `full_text_encoders=True` (T5-XXL's encoder alone is
+    4.7 billion parameters). Tokenizers are character-level (offline), so the text vocabularies are small.
+    """
+    from diffusers import FlowMatchEulerDiscreteScheduler, FluxTransformer2DModel
+
+    if preset not in FLUX_PRESETS:
+        raise ValueError(f"preset={preset!r}: expected one of {sorted(FLUX_PRESETS)}")
+    if scheduler not in FLUX_SCHEDULER_CONFIGS:
+        raise ValueError(f"scheduler={scheduler!r}: expected one of {sorted(FLUX_SCHEDULER_CONFIGS)}")
+    p = FLUX_PRESETS[preset]
+    if preset == "tiny" and (width_mult != 1.0 or depth_mult != 1.0):
+        raise ValueError("width_mult and depth_mult apply to the 'flux' preset only")
+    torch.manual_seed(seed)
+
+    def depth(n):
+        return max(1, int(round(n * depth_mult)))
+
+    heads = max(1, int(round(p.num_attention_heads * width_mult)))
+    transformer = FluxTransformer2DModel(
+        patch_size=1,
+        in_channels=64,  # 16 latent channels in 2x2 patches
+        num_layers=depth(p.num_layers),
+        num_single_layers=depth(p.num_single_layers),
+        attention_head_dim=p.attention_head_dim,
+        num_attention_heads=heads,
+        joint_attention_dim=_scaled((p.joint_attention_dim,), width_mult, 8)[0],
+        pooled_projection_dim=_scaled((p.pooled_projection_dim,), width_mult, 8)[0],
+        guidance_embeds=guidance_embeds,
+        axes_dims_rope=p.axes_dims_rope,
+    )
+    vae = AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * len(p.vae_channels),
+        up_block_types=("UpDecoderBlock2D",) * len(p.vae_channels),
+        block_out_channels=_scaled(p.vae_channels, width_mult, p.vae_norm_num_groups),
+        layers_per_block=p.vae_layers_per_block,
+        latent_channels=16,
+        norm_num_groups=p.vae_norm_num_groups,
+        sample_size=1024 if preset == "flux" else 64,
+        scaling_factor=FLUX_VAE_SCALING_FACTOR,
+        shift_factor=FLUX_VAE_SHIFT_FACTOR,
+        use_quant_conv=False,
+        use_post_quant_conv=False,
+    )
+    text_layers = depth if (preset == "tiny" or full_text_encoders) else (lambda n: 1)
+    tokenizer, text_encoder, tokenizer_2, text_encoder_2 = _flux_text_encoders(
+        p,
+        clip_width=transformer.config.pooled_projection_dim,
+        t5_width=transformer.config.joint_attention_dim,
+        layers=text_layers,
+    )
+    scheduler = FlowMatchEulerDiscreteScheduler(
+        num_train_timesteps=1000,
+        base_shift=0.5,
+        max_shift=1.15,
+        base_image_seq_len=256,
+        max_image_seq_len=4096,
+        **FLUX_SCHEDULER_CONFIGS[scheduler],
+    )
+    for model in (transformer, vae, text_encoder, text_encoder_2):
+        model.eval()
+    return {
+        "scheduler": scheduler,
+        "vae": vae,
+        "text_encoder": text_encoder,
+        "tokenizer": tokenizer,
+        "text_encoder_2": text_encoder_2,
+        "tokenizer_2": tokenizer_2,
+        "transformer": transformer,
+    }
+
+
+def make_tiny_flux_decoder(seed=0, width_mult=1.0):
+    """A random-weight `AutoencoderTiny` with TAEF1's architecture (TAESD's, with 16 latent channels; factor 8).
+
+    Like TAEF1 (`scaling_factor=1`, `shift_factor=0`) it decodes the raw VAE latent `x0 / 0.3611 + 0.1159`.
+    `width_mult=1` is TAEF1's width (64 channels); tests use a narrower one.
+    """
+    torch.manual_seed(seed)
+    width = max(4, int(64 * width_mult))
+    decoder = AutoencoderTiny(
+        encoder_block_out_channels=(width,) * 4,
+        decoder_block_out_channels=(width,) * 4,
+        latent_channels=16,
+    )
+    return decoder.eval()
+
+
+def tiny_flux_pipeline(seed=0, guidance_embeds=True, scheduler="dev", pipeline_class=None, lpips_module=True):
+    """A pipeline (`pipeline_class`, default diffusers' `FluxPipeline`) on tiny random FLUX components, on CPU.
+
+    With `lpips_module=True` a pipeline that has `set_perceptual_loss` gets a random-backbone LPIPS-VGG.
+    """
+    from diffusers import FluxPipeline
+
+    pipeline_class = FluxPipeline if pipeline_class is None else pipeline_class
+    components = make_flux_components("tiny", seed=seed, guidance_embeds=guidance_embeds, scheduler=scheduler)
+    pipe = pipeline_class(**components)
+    if lpips_module and hasattr(pipe, "set_perceptual_loss"):
+        pipe.set_perceptual_loss(make_lpips())
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def save_tiny_flux_pipeline(folder, seed=0, guidance_embeds=True, scheduler="dev"):
+    """Save the tiny FLUX components as a plain FLUX model folder (`model_index.json` naming `FluxPipeline`, one
+    folder per component): what `custom_pipeline` is applied to."""
+    tiny_flux_pipeline(seed=seed, guidance_embeds=guidance_embeds, scheduler=scheduler).save_pretrained(folder)
+    return folder
+
+
+def save_tiny_flux_lora(folder, transformer, seed=1, rank=4):
+    """Write a random LoRA for `transformer`'s attention projections to `folder` (`pytorch_lora_weights.safetensors`,
+    diffusers' FLUX LoRA format) and return `folder`; `transformer` itself is left unchanged. Needs `peft`, as
+    diffusers' `load_lora_weights` does."""
+    import copy
+
+    from diffusers import FluxPipeline
+    from peft import LoraConfig
+    from peft.utils import get_peft_model_state_dict
+
+    adapted = copy.deepcopy(transformer)
+    torch.manual_seed(seed)
+    # init_lora_weights=False draws both LoRA matrices at random: a fresh LoRA's zero B would change nothing.
+    config = LoraConfig(
+        r=rank, lora_alpha=rank, target_modules=["to_q", "to_k", "to_v", "to_out.0"], init_lora_weights=False
+    )
+    adapted.add_adapter(config)
+    FluxPipeline.save_lora_weights(folder, transformer_lora_layers=get_peft_model_state_dict(adapted))
+    return folder
