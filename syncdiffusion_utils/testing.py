@@ -706,8 +706,9 @@ def make_flux_components(
 def make_tiny_flux_decoder(seed=0, width_mult=1.0):
     """A random-weight `AutoencoderTiny` with TAEF1's architecture (TAESD's, with 16 latent channels; factor 8).
 
-    Like TAEF1 (`scaling_factor=1`, `shift_factor=0`) it decodes the raw VAE latent `x0 / 0.3611 + 0.1159`.
-    `width_mult=1` is TAEF1's width (64 channels); tests use a narrower one.
+    Like TAEF1 (`scaling_factor=1`, `shift_factor=0`, the defaults) it decodes the transformer's latent as it is,
+    without the VAE's scaling and shift (TAEF1 replaces `FluxPipeline.vae` as it is). `width_mult=1` is TAEF1's width
+    (64 channels); tests use a narrower one.
     """
     torch.manual_seed(seed)
     width = max(4, int(64 * width_mult))
