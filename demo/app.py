@@ -13,8 +13,8 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 if not os.path.exists(os.path.join(HERE, "pipeline_syncdiffusion.py")):  # run from a checkout: use the repository's
     sys.path.insert(0, os.path.dirname(HERE))
 
-from syncdiffusion_utils.cli import DEFAULT_MODEL, load_pipeline, resolve_device  # noqa: E402
 from syncdiffusion_utils.demo import build_app, launch  # noqa: E402
+from syncdiffusion_utils.loading import DEFAULT_MODEL, load_pipeline, resolve_device  # noqa: E402
 
 
 MODEL = os.environ.get("SYNCDIFFUSION_MODEL", DEFAULT_MODEL)

@@ -10,7 +10,9 @@ where it is easy to check that none shows.
 
 import os
 
-from syncdiffusion_utils.cli import example_parser, generator, load_pipeline, save_image
+from syncdiffusion_utils.calls import prepare_call
+from syncdiffusion_utils.cli import example_parser, generator, save_image
+from syncdiffusion_utils.loading import load_pipeline
 
 
 def main(argv=None):
@@ -19,14 +21,9 @@ def main(argv=None):
     pipe = load_pipeline("tiny" if args.tiny else args.model, args.device)
     height, width, steps = (64, 256, 8) if args.tiny else (512, 2048, 50)
 
-    image = pipe(
-        args.prompt,
-        height=height,
-        width=width,
-        num_inference_steps=steps,
-        circular_padding=True,
-        generator=generator(args.seed),
-    ).images[0]
+    # View batches sized to the GPU, the 4096-pixel decode tiled if it would not fit at once.
+    call = prepare_call(pipe, prompt=args.prompt, height=height, width=width, num_inference_steps=steps)
+    image = pipe(**call, circular_padding=True, generator=generator(args.seed)).images[0]
     save_image(image, args.output)
 
     # The seam between the right and left edges, moved to the middle.

@@ -15,14 +15,9 @@ import os
 import numpy as np
 from PIL import Image
 
-from syncdiffusion_utils.cli import (
-    example_parser,
-    generator,
-    load_control_image,
-    load_pipeline,
-    save_image,
-    with_controlnet,
-)
+from syncdiffusion_utils.calls import prepare_call
+from syncdiffusion_utils.cli import example_parser, generator, save_image
+from syncdiffusion_utils.loading import load_control_image, load_pipeline, with_controlnet
 
 
 MODEL = "stable-diffusion-v1-5/stable-diffusion-v1-5"
@@ -62,7 +57,9 @@ def main(argv=None):
     else:
         depth = mountain_depth(height, width, seed=args.seed)
 
-    image = pipe(args.prompt, image=depth, num_inference_steps=steps, generator=generator(args.seed)).images[0]
+    # The panorama takes the condition's size; view batches sized to the GPU, the decode tiled if need be.
+    call = prepare_call(pipe, prompt=args.prompt, image=depth, num_inference_steps=steps)
+    image = pipe(**call, generator=generator(args.seed)).images[0]
     save_image(image, args.output)
     stem, extension = os.path.splitext(args.output)
     save_image(depth, f"{stem}_condition{extension}")

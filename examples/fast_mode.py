@@ -9,7 +9,9 @@ pixels. The final image is still decoded by the pipeline's VAE.
     python examples/fast_mode.py --tiny      # offline: tiny random model and a random AutoencoderTiny
 """
 
-from syncdiffusion_utils.cli import example_parser, generator, load_pipeline, load_sync_decoder, save_image
+from syncdiffusion_utils.calls import prepare_call
+from syncdiffusion_utils.cli import example_parser, generator, save_image
+from syncdiffusion_utils.loading import load_pipeline, load_sync_decoder
 
 
 def main(argv=None):
@@ -21,16 +23,17 @@ def main(argv=None):
     decoder = load_sync_decoder("tiny" if args.tiny else args.decoder, pipe)
     height, width, steps = (64, 256, 8) if args.tiny else (512, 2048, 50)
 
-    image = pipe(
-        args.prompt,
+    call = prepare_call(
+        pipe,
+        prompt=args.prompt,
         height=height,
         width=width,
         num_inference_steps=steps,
         sync_mode="fast",
         sync_decoder=decoder,
         sync_lpips_size=256,
-        generator=generator(args.seed),
-    ).images[0]
+    )
+    image = pipe(**call, generator=generator(args.seed)).images[0]
     save_image(image, args.output)
 
 

@@ -16,7 +16,9 @@ import torch
 from diffusers import DDIMScheduler, DiffusionPipeline
 
 import pipeline_syncdiffusion
-from syncdiffusion_utils.cli import example_parser, generator, resolve_device, save_image
+from syncdiffusion_utils.calls import prepare_call
+from syncdiffusion_utils.cli import example_parser, generator, save_image
+from syncdiffusion_utils.loading import resolve_device
 
 
 PIPELINE_FILE = pipeline_syncdiffusion.__file__  # the installed pipeline_syncdiffusion.py
@@ -39,11 +41,12 @@ def main(argv=None):
     parser.add_argument("--hub-repo", help="load the pipeline code from this Hub repo id instead of the local file")
     args = parser.parse_args(argv)
     device = resolve_device(args.device)
+    source = PIPELINE_FILE if args.tiny or args.hub_repo is None else args.hub_repo
 
     if args.tiny:
         from syncdiffusion_utils.testing import make_lpips, save_tiny_pipeline
 
-        if args.hub_repo:
+        if args.hub_repo is not None:
             print("note: --hub-repo needs the network; with --tiny the local pipeline file is used")
         with tempfile.TemporaryDirectory() as folder:
             save_tiny_pipeline(folder)
@@ -51,13 +54,13 @@ def main(argv=None):
         pipe.set_perceptual_loss(make_lpips())  # LPIPS with a random backbone: nothing to download
         height, width, steps = 64, 256, 8
     else:
-        pipe = load(args.model, args.hub_repo or PIPELINE_FILE, device)
+        pipe = load(args.model, source, device)
         height, width, steps = 512, 2048, 50
-    print(f"loaded {type(pipe).__name__} from {args.hub_repo or PIPELINE_FILE}")
+    print(f"loaded {type(pipe).__name__} from {source}")
 
-    image = pipe(
-        args.prompt, height=height, width=width, num_inference_steps=steps, generator=generator(args.seed)
-    ).images[0]
+    # The loaded class's own call, with view batches sized to the GPU and the decode tiled if it would not fit.
+    call = prepare_call(pipe, prompt=args.prompt, height=height, width=width, num_inference_steps=steps)
+    image = pipe(**call, generator=generator(args.seed)).images[0]
     save_image(image, args.output)
 
 

@@ -9,7 +9,9 @@ LPIPS on 1024-pixel views costs four times what it does on SD 2's 512-pixel ones
 the views at 512 pixels instead.
 """
 
-from syncdiffusion_utils.cli import example_parser, generator, load_pipeline, save_image
+from syncdiffusion_utils.calls import prepare_call
+from syncdiffusion_utils.cli import example_parser, generator, save_image
+from syncdiffusion_utils.loading import load_pipeline
 
 
 MODEL = "stabilityai/stable-diffusion-xl-base-1.0"
@@ -30,15 +32,16 @@ def main(argv=None):
     else:
         height, width, steps, stride, lpips_size = 1024, 4096, 50, None, 512
 
-    image = pipe(
-        args.prompt,
+    call = prepare_call(
+        pipe,
+        prompt=args.prompt,
         height=height,
         width=width,
         num_inference_steps=steps,
         stride=stride,
         sync_lpips_size=lpips_size,
-        generator=generator(args.seed),
-    ).images[0]
+    )
+    image = pipe(**call, generator=generator(args.seed)).images[0]
     save_image(image, args.output)
 
 

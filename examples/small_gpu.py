@@ -10,7 +10,9 @@ example runs in float32 on the CPU.
 
 import torch
 
-from syncdiffusion_utils.cli import example_parser, generator, load_pipeline, resolve_device, save_image
+from syncdiffusion_utils.calls import prepare_call
+from syncdiffusion_utils.cli import example_parser, generator, save_image
+from syncdiffusion_utils.loading import load_pipeline, resolve_device
 
 
 def main(argv=None):
@@ -28,16 +30,18 @@ def main(argv=None):
     if device.startswith("cuda"):
         torch.cuda.reset_peak_memory_stats()
 
-    image = pipe(
-        args.prompt,
+    call = prepare_call(
+        pipe,
+        prompt=args.prompt,
         height=height,
         width=width,
         num_inference_steps=steps,
         view_batch_size=1,  # one view at a time
+        vae_tiling="auto",  # tiled decoding when the whole panorama would not fit at once
         sync_mode="fast",  # no backward pass through the UNet
         sync_gradient_checkpointing=True,  # recompute activations in the gradient pass instead of storing them
-        generator=generator(args.seed),
-    ).images[0]
+    )
+    image = pipe(**call, generator=generator(args.seed)).images[0]
     save_image(image, args.output)
     if device.startswith("cuda"):
         print(f"peak GPU memory: {torch.cuda.max_memory_allocated() / 2**30:.2f} GiB")

@@ -14,7 +14,9 @@ import torch
 from diffusers import DDIMScheduler, StableDiffusionPanoramaPipeline
 
 from pipeline_syncdiffusion import SyncDiffusionPipeline
-from syncdiffusion_utils.cli import example_parser, generator, resolve_device, save_image
+from syncdiffusion_utils.calls import prepare_call
+from syncdiffusion_utils.cli import example_parser, generator, save_image
+from syncdiffusion_utils.loading import resolve_device
 
 
 def main(argv=None):
@@ -45,10 +47,10 @@ def main(argv=None):
     sync = sync.to(device)
     sync.set_progress_bar_config(disable=False)
 
-    # The same call as for the panorama pipeline; synchronization is on by default (sync_weight=20).
-    image = sync(
-        args.prompt, height=height, width=width, num_inference_steps=steps, generator=generator(args.seed)
-    ).images[0]
+    # The same arguments as for the panorama pipeline (synchronization is on by default, sync_weight=20), with
+    # view batches sized to the GPU and the decode tiled if it would not fit: `sync(prompt, height=..., ...)` works too.
+    call = prepare_call(sync, prompt=args.prompt, height=height, width=width, num_inference_steps=steps)
+    image = sync(**call, generator=generator(args.seed)).images[0]
     save_image(image, args.output)
 
 

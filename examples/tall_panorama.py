@@ -5,7 +5,9 @@ coherent from top to bottom just as it does from left to right (the same works f
     python examples/tall_panorama.py --tiny      # offline, tiny random model
 """
 
-from syncdiffusion_utils.cli import example_parser, generator, load_pipeline, save_image
+from syncdiffusion_utils.calls import prepare_call
+from syncdiffusion_utils.cli import example_parser, generator, save_image
+from syncdiffusion_utils.loading import load_pipeline
 
 
 def main(argv=None):
@@ -20,14 +22,10 @@ def main(argv=None):
     rows = len({top for top, _, _, _ in views})
     print(f"{width}x{height} pixels: {len(views)} views in {rows} rows of {len(views) // rows}")
 
-    image = pipe(
-        args.prompt,
-        height=height,
-        width=width,
-        num_inference_steps=steps,
-        stride=args.stride,
-        generator=generator(args.seed),
-    ).images[0]
+    call = prepare_call(
+        pipe, prompt=args.prompt, height=height, width=width, num_inference_steps=steps, stride=args.stride
+    )
+    image = pipe(**call, generator=generator(args.seed)).images[0]
     save_image(image, args.output)
 
 

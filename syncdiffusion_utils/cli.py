@@ -5,37 +5,54 @@
     syncdiffusion "a cozy living room" --model tiny -o smoke.png      # offline smoke run, random weights
     syncdiffusion "a coastal town" --control-image depth.png --controlnet lllyasviel/control_v11f1p_sd15_depth \
         --model stable-diffusion-v1-5/stable-diffusion-v1-5                 # follows the layout of depth.png
+    syncdiffusion generate "demo"                                     # a prompt that is a subcommand's name
     syncdiffusion publish your-name/syncdiffusion                     # upload the pipeline to the Hub
 
 Also `python -m syncdiffusion_utils.cli`. Expected failures (a bad size or stride, a model that cannot be found,
 an output that cannot be written) print one line to stderr and exit non-zero.
 
-The helpers `load_pipeline`, `load_sync_decoder`, `resolve_device`, `save_image` and `example_parser` are shared
-with the scripts in `examples/`. torch and diffusers are imported lazily, so `--help` is instant.
+This module holds the argument parsing and the subcommands; loading models is `syncdiffusion_utils.loading`, and
+the call every entry point makes is `syncdiffusion_utils.calls.prepare_call`. `generator`, `save_image` and
+`example_parser` are shared with the scripts in `examples/`. torch and diffusers are imported lazily, so `--help`
+is instant.
 """
 
 import argparse
-import contextlib
 import os
 import random
 import re
 import sys
 import time
 import traceback
-import warnings
+
+from syncdiffusion_utils.calls import prepare_call
+from syncdiffusion_utils.loading import (
+    _PROGRAMMING_ERRORS,
+    DEFAULT_MODEL,
+    DEFAULT_SCHEDULER,
+    SCHEDULERS,
+    TINY,
+    TINY_XL,
+    CLIError,
+    load_control_image,
+    load_for_export,
+    load_perceptual_loss,
+    load_pipeline,
+    load_sync_decoder,
+    note,
+    with_controlnet,
+)
+
+# Still importable from here for modules that have not moved to `loading` yet (generate_set, evaluation, metrics).
+from syncdiffusion_utils.loading import _quiet_loading as _quiet_loading  # noqa: F401
+from syncdiffusion_utils.loading import check_device as check_device  # noqa: F401
+from syncdiffusion_utils.loading import resolve_device as resolve_device  # noqa: F401
 
 
-DEFAULT_MODEL = "stabilityai/stable-diffusion-2-base"
-TINY = "tiny"  # `--model tiny`: the offline random tiny pipeline of `syncdiffusion_utils.testing`
 DEFAULT_SIZE = {"real": (512, 2048, 50), TINY: (64, 256, 10)}  # height, width, steps when not given
-TINY_XL = "tiny-xl"  # `--model tiny-xl`: the offline random tiny SDXL pipeline (SyncDiffusionXLPipeline)
 DEFAULT_SIZE[TINY_XL] = DEFAULT_SIZE[TINY]
 DEFAULT_OUTPUT = "panorama.png"
 DEFAULT_COMPARE_OUTPUT = "compare.png"
-SINGLE_FILE_EXTENSIONS = (".safetensors", ".ckpt")  # `--model` as one checkpoint file in the original layout
-SCHEDULERS = ("ddim", "euler", "dpm++", "keep")
-# The paper's scheduler, with which its default `sync_weight=20` was chosen; `keep` leaves the model's own.
-DEFAULT_SCHEDULER = "ddim"
 
 # Pipeline argument -> the flag that sets it, to turn the pipeline's input errors into command-line errors.
 ARGUMENT_FLAGS = {
@@ -63,19 +80,6 @@ ARGUMENT_FLAGS = {
     "controlnet_conditioning_scale": "--controlnet-scale",
 }
 
-_WEIGHTS_HINT = (
-    "To get the weights: run `hf auth login` (for gated models) and `hf download {model}`, or pass a local"
-    " diffusers folder with --model (or `--model tiny` for an offline smoke run)."
-)
-
-
-class CLIError(Exception):
-    """An expected failure: `main` prints its message as one line to stderr and returns `code`."""
-
-    def __init__(self, message, code=1):
-        super().__init__(" ".join(str(message).split()))
-        self.code = code
-
 
 class _Parser(argparse.ArgumentParser):
     """An argument parser whose errors are one line (no usage dump) and do not exit the interpreter."""
@@ -84,368 +88,9 @@ class _Parser(argparse.ArgumentParser):
         raise CLIError(f"{message} (see `{self.prog} --help`)", code=2)
 
 
-def note(message):
-    """A one-line note on stderr (something skipped or adjusted, not an error)."""
-    print(f"note: {message}", file=sys.stderr, flush=True)
-
-
 # ----------------------------------------------------------------------------------------------------------------
 # Helpers shared with examples/
 # ----------------------------------------------------------------------------------------------------------------
-
-
-def resolve_device(device="auto"):
-    """`"auto"`: cuda if available, else mps, else cpu; any other value is returned as given."""
-    if device not in (None, "auto"):
-        return device
-    import torch
-
-    if torch.cuda.is_available():
-        return "cuda"
-    mps = getattr(torch.backends, "mps", None)
-    if mps is not None and mps.is_available():
-        return "mps"
-    return "cpu"
-
-
-def check_device(device):
-    """Raise `CLIError` naming --device unless torch can run on `device` here."""
-    import torch
-
-    try:
-        kind = torch.device(device).type
-    except (RuntimeError, ValueError):
-        raise CLIError(
-            f"--device {device!r}: not a torch device; use auto, cuda, cuda:N, mps or cpu.", code=2
-        ) from None
-    mps = getattr(torch.backends, "mps", None)
-    available = {"cpu": True, "cuda": torch.cuda.is_available(), "mps": mps is not None and mps.is_available()}
-    if not available.get(kind, True):
-        raise CLIError(f"--device {device!r}: {kind} is not available on this machine; use --device auto or cpu.")
-    index = torch.device(device).index
-    if kind == "cuda" and index is not None and index >= torch.cuda.device_count():
-        raise CLIError(
-            f"--device {device!r}: this machine has {torch.cuda.device_count()} CUDA device(s), cuda:0 to"
-            f" cuda:{torch.cuda.device_count() - 1}; use one of those or --device auto."
-        )
-
-
-def _offline():
-    return os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
-
-
-def _first_line(error):
-    text = str(error).strip().splitlines()
-    return text[0] if text else type(error).__name__
-
-
-@contextlib.contextmanager
-def _quiet_loading():
-    """diffusers logs "Couldn't connect to the Hub" and the like before raising, and newer versions warn that
-    `torch_dtype` is now `dtype` (older ones only know `torch_dtype`): keep a failure to one line."""
-    from diffusers.utils import logging as diffusers_logging
-    from huggingface_hub.utils import logging as hub_logging
-
-    verbosity = diffusers_logging.get_verbosity(), hub_logging.get_verbosity()
-    diffusers_logging.set_verbosity_error()
-    hub_logging.set_verbosity_error()
-    try:
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message=".*torch_dtype.*", category=FutureWarning)
-            warnings.filterwarnings("ignore", message=".*local_dir_use_symlinks.*")
-            yield
-    finally:
-        diffusers_logging.set_verbosity(verbosity[0])
-        hub_logging.set_verbosity(verbosity[1])
-
-
-def _from_pretrained(model, torch_dtype):
-    """`SyncDiffusionPipeline.from_pretrained`, turning "not found" into a `CLIError` that says how to get it."""
-    from pipeline_syncdiffusion import SyncDiffusionPipeline
-
-    if model.endswith(SINGLE_FILE_EXTENSIONS):
-        return _from_single_file(model, torch_dtype)
-    is_folder = os.path.isdir(model)
-    looks_local = model.startswith(("/", "./", "../", "~", ".\\")) or "\\" in model or model.count("/") > 1
-    if not is_folder and looks_local:
-        raise CLIError(
-            f"--model {model!r}: no such folder, and not a Hub model id. " + _WEIGHTS_HINT.format(model=DEFAULT_MODEL)
-        )
-    if is_folder and not os.path.isfile(os.path.join(model, "model_index.json")):
-        raise CLIError(
-            f"--model {model!r}: not a diffusers pipeline folder (it has no model_index.json). "
-            + _WEIGHTS_HINT.format(model=DEFAULT_MODEL)
-        )
-    try:
-        with _quiet_loading():
-            return _pipeline_class(model, SyncDiffusionPipeline).from_pretrained(
-                model, torch_dtype=torch_dtype, local_files_only=_offline() or None
-            )
-    except (OSError, ValueError) as error:
-        if is_folder:
-            raise CLIError(
-                f"--model {model!r}: cannot load the pipeline from this folder: {_first_line(error)}"
-            ) from None
-        where = "the local cache (HF_HUB_OFFLINE is set)" if _offline() else "the Hub or the local cache"
-        raise CLIError(
-            f"--model {model!r}: cannot find or download it from {where}. " + _WEIGHTS_HINT.format(model=model)
-        ) from None
-
-
-def _from_single_file(path, torch_dtype):
-    """`SyncDiffusionPipeline.from_single_file` for a checkpoint in the original layout (A1111 / Civitai files)."""
-    from pipeline_syncdiffusion import SyncDiffusionPipeline
-
-    if not os.path.isfile(path):
-        raise CLIError(f"--model {path!r}: no such checkpoint file.")
-    try:
-        with _quiet_loading():
-            return SyncDiffusionPipeline.from_single_file(path, torch_dtype=torch_dtype, local_files_only=_offline())
-    except _PROGRAMMING_ERRORS:
-        raise
-    except Exception as error:  # a corrupt file, or the component configs not cached and no network, ...
-        raise CLIError(
-            f"--model {path!r}: cannot load this checkpoint: {_first_line(error)} (the component configs of its"
-            " base model come from the Hub, or its local cache, on first use)"
-        ) from None
-
-
-def _pipeline_class(model, default):
-    """`SyncDiffusionXLPipeline` when the model's `model_index.json` names an SDXL pipeline, else `default`."""
-    from diffusers import DiffusionPipeline
-
-    config = DiffusionPipeline.load_config(model, local_files_only=_offline() or None)
-    class_name = config.get("_class_name")
-    class_name = class_name[-1] if isinstance(class_name, (list, tuple)) else str(class_name)
-    if "XL" not in class_name:
-        return default
-    from pipeline_syncdiffusion_xl import SyncDiffusionXLPipeline
-
-    return SyncDiffusionXLPipeline
-
-
-def load_pipeline(
-    model=DEFAULT_MODEL,
-    device="auto",
-    fp16=False,
-    *,
-    scheduler=DEFAULT_SCHEDULER,
-    attention_slicing=False,
-    cpu_offload=False,
-    progress=True,
-    compile=False,
-):
-    """A ready `SyncDiffusionPipeline`: `model` is a Hub id, a local folder, or `"tiny"` (offline, random weights).
-
-    `fp16` and `cpu_offload` are skipped with a printed note where they cannot help (on the CPU). `scheduler` is
-    one of `SCHEDULERS`, or None to keep the model's. `compile` runs the UNet and the VAE decoder through
-    `torch.compile` (the first call compiles: minutes; later calls are faster). Raises `CLIError` when the model
-    cannot be found.
-    """
-    import torch
-
-    device = resolve_device(device)
-    check_device(device)
-    dtype = torch.float32
-    if fp16:
-        if device.split(":")[0] == "cpu":
-            note("--fp16 skipped on the CPU (float16 is slow or unsupported there): running in float32.")
-        else:
-            dtype = torch.float16
-
-    if model == TINY:
-        from syncdiffusion_utils.testing import tiny_pipeline
-
-        with warnings.catch_warnings():  # torchvision's notes about the random LPIPS backbone's arguments
-            warnings.simplefilter("ignore", UserWarning)
-            pipe = tiny_pipeline()
-        if dtype != torch.float32:
-            pipe.to(dtype=dtype)
-    elif model == TINY_XL:
-        from syncdiffusion_utils.testing import tiny_xl_pipeline
-
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", UserWarning)
-            pipe = tiny_xl_pipeline()
-        if dtype != torch.float32:
-            pipe.to(dtype=dtype)
-    else:
-        pipe = _from_pretrained(model, dtype)
-
-    if scheduler is not None:
-        set_scheduler(pipe, scheduler)
-    if attention_slicing:
-        pipe.enable_attention_slicing()
-    if cpu_offload and device.split(":")[0] == "cpu":
-        note("--cpu-offload skipped: there is no accelerator to offload from, the pipeline runs on the CPU.")
-        cpu_offload = False
-    if cpu_offload:
-        pipe.enable_model_cpu_offload(device=device)
-    else:
-        pipe.to(device)
-    if compile:
-        # Views come in batches of at most two sizes, so shapes are static: no dynamic-shape compilation.
-        pipe.unet = torch.compile(pipe.unet, dynamic=False)
-        pipe.vae.decoder = torch.compile(pipe.vae.decoder, dynamic=False)
-    pipe.set_progress_bar_config(disable=not progress)
-    return pipe
-
-
-# Elements per image pixel a whole-panorama VAE decode holds at its peak, per channel of the decoder's widest block
-# at full resolution (SD's VAE: 128): estimated from a 6.07 GB peak measured on an H100 for a 512x3072 float16
-# MultiDiffusion run (the final decode is its peak), less ~2.6 GB of SD 2 weights.
-DECODE_ELEMENTS = 9
-
-
-def decode_fits(pipe, height, width, margin=0.8):
-    """Whether decoding a `height x width` panorama at once fits in the free GPU memory (always True elsewhere)."""
-    import torch
-
-    device = pipe._execution_device
-    if device.type != "cuda":
-        return True
-    channels = min(pipe.vae.config.block_out_channels)
-    needed = DECODE_ELEMENTS * channels * height * width * torch.finfo(pipe.vae.dtype).bits // 8
-    return needed < torch.cuda.mem_get_info(device)[0] * margin
-
-
-def call_defaults(pipe):
-    """The defaults of the loaded pipeline class's `__call__` (its size, guidance and stride differ for SDXL)."""
-    import inspect
-
-    parameters = inspect.signature(type(pipe).__call__).parameters
-    return {name: parameters[name].default for name in ("height", "width", "guidance_scale", "stride")}
-
-
-def set_vae_tiling(pipe, mode, height, width):
-    """`--vae-tiling`: "on", "off", or "auto" (on when the whole panorama would not fit in GPU memory at once)."""
-    tiling = mode == "on" or (mode == "auto" and not decode_fits(pipe, height, width))
-    if tiling:
-        if mode == "auto":
-            note(f"decoding the {width}x{height} panorama in tiles: at once it would not fit in the free GPU memory.")
-        pipe.vae.enable_tiling()
-    else:
-        pipe.vae.disable_tiling()
-
-
-def set_scheduler(pipe, name):
-    """Replace `pipe.scheduler` by `name` ("ddim", "euler" or "dpm++") built from the current scheduler's config;
-    `"keep"` leaves the model's own scheduler."""
-    from diffusers import DDIMScheduler, DPMSolverMultistepScheduler, EulerDiscreteScheduler
-
-    if name == "keep":
-        pass
-    elif name == "ddim":
-        pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
-    elif name == "euler":
-        pipe.scheduler = EulerDiscreteScheduler.from_config(pipe.scheduler.config)
-    elif name == "dpm++":
-        pipe.scheduler = DPMSolverMultistepScheduler.from_config(pipe.scheduler.config, algorithm_type="dpmsolver++")
-    else:
-        raise CLIError(f"--scheduler {name!r}: choose one of {', '.join(SCHEDULERS)}.", code=2)
-    return pipe.scheduler
-
-
-def load_sync_decoder(name, pipe):
-    """The `sync_decoder` for `pipe`: an `AutoencoderTiny` from a Hub id or folder (e.g. madebyollin/taesd), or
-    `"tiny"` for the random one of `syncdiffusion_utils.testing` (offline; only meaningful with the tiny pipeline).
-    """
-    device = pipe._execution_device
-    dtype = pipe.unet.dtype
-    if name == TINY:
-        from syncdiffusion_utils.testing import make_tiny_decoder
-
-        decoder = make_tiny_decoder().to(device=device).requires_grad_(False)
-        return decoder.to(dtype=dtype) if dtype != decoder.dtype else decoder
-
-    from diffusers import AutoencoderTiny
-
-    if not os.path.isdir(name) and (name.startswith(("/", "./", "../", "~")) or name.count("/") > 1):
-        raise CLIError(f"--sync-decoder {name!r}: no such folder, and not a Hub model id.")
-    try:
-        with _quiet_loading():
-            decoder = AutoencoderTiny.from_pretrained(name, torch_dtype=dtype, local_files_only=_offline() or None)
-    except (OSError, ValueError) as error:
-        raise CLIError(
-            f"--sync-decoder {name!r}: cannot load an AutoencoderTiny ({_first_line(error)}). Run"
-            f" `hf download {name}` where there is network, or pass a local folder."
-        ) from None
-    return decoder.to(device=device).eval().requires_grad_(False)
-
-
-def load_control_image(path):
-    """The ControlNet condition at `path` as an RGB PIL image; raises `CLIError` naming --control-image."""
-    from PIL import Image, UnidentifiedImageError
-
-    try:
-        with Image.open(path) as image:
-            return image.convert("RGB")
-    except (OSError, UnidentifiedImageError) as error:
-        raise CLIError(f"--control-image {path!r} cannot be read as an image: {_first_line(error)}") from None
-
-
-def with_controlnet(pipe, name):
-    """`pipe` as a `SyncDiffusionControlNetPipeline` sharing its models (on its device, offloaded if it was), with the
-    `ControlNetModel` `name`: a Hub id or folder (e.g. lllyasviel/control_v11f1p_sd15_depth), or `"tiny"` (random
-    weights, for the tiny pipeline)."""
-    from diffusers import ControlNetModel
-
-    from pipeline_syncdiffusion import SyncDiffusionPipeline
-    from pipeline_syncdiffusion_controlnet import SyncDiffusionControlNetPipeline
-
-    if not isinstance(pipe, SyncDiffusionPipeline):
-        raise CLIError(f"--controlnet works with Stable Diffusion 1.x and 2.x models, not a {type(pipe).__name__}.", 2)
-    device, dtype = pipe._execution_device, pipe.unet.dtype
-    if name == TINY:
-        from syncdiffusion_utils.testing import make_tiny_controlnet
-
-        controlnet = make_tiny_controlnet(pipe.unet)
-    else:
-        if not os.path.isdir(name) and (name.startswith(("/", "./", "../", "~")) or name.count("/") > 1):
-            raise CLIError(f"--controlnet {name!r}: no such folder, and not a Hub model id.")
-        try:
-            with _quiet_loading():
-                controlnet = ControlNetModel.from_pretrained(
-                    name, torch_dtype=dtype, local_files_only=_offline() or None
-                )
-        except (OSError, ValueError) as error:
-            raise CLIError(
-                f"--controlnet {name!r}: cannot load a ControlNetModel ({_first_line(error)}). Run"
-                f" `hf download {name}` where there is network, or pass a local folder."
-            ) from None
-    expected, found = pipe.unet.config.cross_attention_dim, controlnet.config.cross_attention_dim
-    if expected != found:
-        raise CLIError(
-            f"--controlnet {name!r} was trained for another base model (text features of size {found}, the UNet's"
-            f" are {expected}): use a ControlNet for this --model (SD 1.5 ControlNets need an SD 1.5 --model)."
-        )
-    offloaded = bool(getattr(pipe, "_all_hooks", None))
-    if offloaded:
-        pipe.remove_all_hooks()  # offloading is set up again on the new pipeline, with the ControlNet
-    with _quiet_loading():  # `from_pipe` casts every model to `torch_dtype`, warning for each
-        pipe = SyncDiffusionControlNetPipeline.from_pipe(
-            pipe, controlnet=controlnet.eval().requires_grad_(False), torch_dtype=dtype
-        )
-    if offloaded:
-        pipe.enable_model_cpu_offload(device=device)
-    else:
-        pipe.to(device)
-    return pipe
-
-
-def load_perceptual_loss(pipe, weights=None):
-    """Build `pipe`'s LPIPS now, from `weights` (torchvision's VGG-16 file) or torch's hub cache (downloading it),
-    so that missing weights are a one-line `CLIError` before any model runs."""
-    try:
-        if weights is not None:
-            pipe.set_perceptual_loss(vgg_weights=os.path.expanduser(weights))
-        pipe.perceptual_loss(pipe._execution_device)
-    except ValueError as error:
-        raise CLIError(str(error).replace("`vgg_weights`", "--lpips-weights"), code=2) from None
-    except OSError as error:  # no network and no cached weights
-        raise CLIError(
-            f"{error} In this command: --lpips-weights PATH (or --sync-weight 0: MultiDiffusion)."
-        ) from None
 
 
 def generator(seed):
@@ -534,9 +179,9 @@ def _non_negative_int(text):
     return value
 
 
-def build_parser():
+def build_parser(prog="syncdiffusion"):
     parser = _Parser(
-        prog="syncdiffusion",
+        prog=prog,
         description="Generate a coherent panorama with SyncDiffusion (a prompt in, a PNG out).",
         epilog=(
             "Subcommands (each with its own --help):\n"
@@ -545,6 +190,8 @@ def build_parser():
             "  syncdiffusion evaluate DIR... --prompt P     the paper's metrics (needs the [eval] extra)\n"
             "  syncdiffusion export DIR --model M           a model folder that loads itself\n"
             "  syncdiffusion publish REPO_ID [--model M]    the same, or the pipeline file alone, on the Hub\n"
+            "  syncdiffusion generate PROMPT ...            this command, for a prompt that is a subcommand's name\n"
+            "                                               (or options first: syncdiffusion -o x.png -- PROMPT)\n"
             "Offline smoke run: `syncdiffusion 'a test' --model tiny -o smoke.png`."
         ),
         formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -568,7 +215,7 @@ def build_parser():
     parser.add_argument("--seed", type=int, help="random seed (default: a random one, printed)")
     parser.add_argument(
         "--stride",
-        type=int,
+        type=_positive_int,
         help="distance between views in latent pixels (default: 8, SDXL: 16; 8 means 25 views at 2048 px, twice the paper's 13 at 16;"
         " time grows with the view count)",
     )
@@ -703,13 +350,28 @@ def _control_image(args, tiny):
     return load_control_image(args.control_image)
 
 
-def _generate(args):
-    tiny = args.model in (TINY, TINY_XL)
+def _command_sizes(args, tiny, control_image):
+    """`(height, width, steps)` from the flags; what they leave out comes from the tiny model's or the condition's
+    size, else is None: the pipeline class's own default (SD: 512x2048, SDXL: 1024x4096)."""
     default_height, default_width, default_steps = DEFAULT_SIZE[TINY if tiny else "real"]
-    control_image = _control_image(args, args.model == TINY)
     if control_image is not None:  # the condition covers the whole panorama: its size is the default size
         default_height, default_width = control_image.height, control_image.width
-    output = args.output or (DEFAULT_COMPARE_OUTPUT if args.compare else DEFAULT_OUTPUT)
+    elif not tiny:
+        default_height = default_width = None
+    height = default_height if args.height is None else args.height
+    width = default_width if args.width is None else args.width
+    steps = default_steps if args.steps is None else args.steps
+    return height, width, steps
+
+
+def _generate(args):
+    tiny = args.model in (TINY, TINY_XL)
+    control_image = _control_image(args, args.model == TINY)
+    height, width, steps = _command_sizes(args, tiny, control_image)
+    if args.output is not None:
+        output = args.output
+    else:
+        output = DEFAULT_COMPARE_OUTPUT if args.compare else DEFAULT_OUTPUT
     seed = args.seed if args.seed is not None else random.randrange(2**32)
     check_output(output)
     if args.sync_decoder == TINY and not tiny:
@@ -729,41 +391,39 @@ def _generate(args):
         cpu_offload=args.cpu_offload,
         compile=args.compile,
     )
-    # What the command line leaves out: the tiny or condition sizes above, else the pipeline class's own defaults
-    # (SD: 512x2048, stride 8, guidance 7.5; SDXL: 1024x4096, stride 16, guidance 5).
-    defaults = call_defaults(pipe)
-    height = args.height or (default_height if tiny or control_image is not None else defaults["height"])
-    width = args.width or (default_width if tiny or control_image is not None else defaults["width"])
-    steps = args.steps or default_steps
-    set_vae_tiling(pipe, args.vae_tiling, height, width)
     if control_image is not None:
         pipe = with_controlnet(pipe, args.controlnet)
-    sync_decoder = load_sync_decoder(args.sync_decoder, pipe) if args.sync_decoder else None
-    if args.sync_weight != 0 or args.lpips_weights:
+    sync_decoder = load_sync_decoder(args.sync_decoder, pipe) if args.sync_decoder is not None else None
+    if args.sync_weight != 0 or args.lpips_weights is not None:
         load_perceptual_loss(pipe, args.lpips_weights)
     loaded = time.perf_counter()
 
-    call = {
-        "prompt": args.prompt,
-        "height": height,
-        "width": width,
-        "num_inference_steps": steps,
-        "guidance_scale": args.guidance if args.guidance is not None else defaults["guidance_scale"],
-        "negative_prompt": args.negative_prompt,
-        "stride": args.stride or (8 if tiny else defaults["stride"]),
-        "view_batch_size": args.view_batch_size,
-        "circular_padding": args.circular,
-        "sync_decay_rate": args.sync_decay_rate,
-        "sync_freq": args.sync_freq,
-        "sync_thres": args.sync_thres,
-        "sync_mode": args.sync_mode,
-        "sync_gradient": args.sync_gradient,
-        "sync_reuse_noise": args.sync_reuse_noise,
-        "sync_decoder": sync_decoder,
-        "sync_lpips_size": args.sync_lpips_size,
-        "sync_decode_downsample": args.sync_decode_downsample,
-        "sync_gradient_checkpointing": args.sync_gradient_checkpointing,
-    }
+    call = prepare_call(
+        pipe,
+        prompt=args.prompt,
+        height=height,
+        width=width,
+        num_inference_steps=steps,
+        guidance_scale=args.guidance,
+        negative_prompt=args.negative_prompt,
+        stride=8 if tiny and args.stride is None else args.stride,  # the tiny models' window is 8 latents
+        view_batch_size=args.view_batch_size,
+        vae_tiling=args.vae_tiling,
+        circular_padding=args.circular,
+        sync_decay_rate=args.sync_decay_rate,
+        sync_freq=args.sync_freq,
+        sync_thres=args.sync_thres,
+        sync_mode=args.sync_mode,
+        sync_gradient=args.sync_gradient,
+        sync_reuse_noise=args.sync_reuse_noise,
+        sync_decoder=sync_decoder,
+        sync_lpips_size=args.sync_lpips_size,
+        sync_decode_downsample=args.sync_decode_downsample,
+        sync_gradient_checkpointing=args.sync_gradient_checkpointing,
+    )
+    height, width = call["height"], call["width"]
+    if args.vae_tiling == "auto" and pipe.vae.use_tiling:
+        note(f"decoding the {width}x{height} panorama in tiles: at once it would not fit in the free GPU memory.")
     if control_image is not None:
         call.update(image=control_image, controlnet_conditioning_scale=args.controlnet_scale)
     runs = [(f"SyncDiffusion (sync weight {args.sync_weight:g}, {args.sync_mode})", args.sync_weight)]
@@ -802,18 +462,24 @@ def _generate(args):
     return 0
 
 
-_PROGRAMMING_ERRORS = (TypeError, AttributeError, NameError, ImportError, AssertionError, KeyError, IndexError)
+def _generate_command(argv):
+    """`syncdiffusion generate PROMPT ...`: the main command under a name, so that any prompt can be given."""
+    return _generate(build_parser(prog="syncdiffusion generate").parse_args(argv))
 
 
-def _load_for_export(model):
-    """The pipeline to save: `model` (Hub id, diffusers folder or single-file checkpoint) in float32, on the CPU."""
-    import torch
+# `syncdiffusion publish --pipeline NAME`: the module and class of each pipeline file.
+PIPELINE_CLASSES = {
+    "sd": ("pipeline_syncdiffusion", "SyncDiffusionPipeline"),
+    "sdxl": ("pipeline_syncdiffusion_xl", "SyncDiffusionXLPipeline"),
+    "controlnet": ("pipeline_syncdiffusion_controlnet", "SyncDiffusionControlNetPipeline"),
+}
 
-    if model == TINY:
-        from syncdiffusion_utils.testing import tiny_pipeline
 
-        return tiny_pipeline(lpips_module=False)
-    return _from_pretrained(model, torch.float32)
+def _pipeline_class_named(name):
+    import importlib
+
+    module, class_name = PIPELINE_CLASSES[name]
+    return getattr(importlib.import_module(module), class_name)
 
 
 def _publish(argv):
@@ -828,23 +494,35 @@ def _publish(argv):
     parser.add_argument(
         "--model", help="Hub model id, diffusers folder or .safetensors checkpoint whose weights to upload"
     )
+    parser.add_argument(
+        "--pipeline",
+        choices=tuple(PIPELINE_CLASSES),
+        help="which pipeline file to upload: sd (SD 1.x/2.x, the default), sdxl or controlnet (not with --model,"
+        " whose own class is published)",
+    )
     parser.add_argument("--token", help="a Hub token with write access (default: the saved login or HF_TOKEN)")
     parser.add_argument("--private", action="store_true", help="create the repository private")
     parser.add_argument("--message", help="commit message")
     args = parser.parse_args(argv)
+    if args.model is not None and args.pipeline is not None:
+        raise CLIError(f"--pipeline {args.pipeline}: not with --model, whose own pipeline class is published.", 2)
 
     from syncdiffusion_utils import hub
 
     kwargs = {"token": args.token, "private": args.private}
-    if args.message:
+    if args.message is not None:
         kwargs["commit_message"] = args.message
     try:
-        if args.model:
+        if args.model is not None:
             hub._check_repo_id(args.repo_id)  # before loading any weights
-            pipe = _load_for_export(args.model)
+            pipe = load_for_export(args.model)
             url = hub.publish_model(pipe, args.repo_id, base_model=args.model, **kwargs)
         else:
-            url = hub.publish(args.repo_id, **kwargs)
+            url = hub.publish(
+                args.repo_id,
+                pipeline_class=_pipeline_class_named("sd" if args.pipeline is None else args.pipeline),
+                **kwargs,
+            )
     except _PROGRAMMING_ERRORS:
         raise
     except ValueError as error:  # an invalid repo id
@@ -874,7 +552,7 @@ def _export(argv):
         raise CLIError(f"FOLDER {args.folder!r} already exists and is not an empty folder; give a new one.", code=2)
     from syncdiffusion_utils import hub
 
-    pipe = _load_for_export(args.model)
+    pipe = load_for_export(args.model)
     try:
         hub.export(pipe, args.folder, base_model=None if args.model == TINY else args.model)
     except OSError as error:
@@ -885,6 +563,7 @@ def _export(argv):
 
 # `syncdiffusion NAME ...`: subcommands, each a `main(argv) -> int` imported only when it runs (keeps --help instant).
 SUBCOMMANDS = {
+    "generate": "syncdiffusion_utils.cli:_generate_command",
     "publish": "syncdiffusion_utils.cli:_publish",
     "export": "syncdiffusion_utils.cli:_export",
     "evaluate": "syncdiffusion_utils.evaluation:main",

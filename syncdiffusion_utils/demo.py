@@ -14,16 +14,14 @@ import socket
 import threading
 import time
 
-from syncdiffusion_utils.cli import (
+from syncdiffusion_utils.calls import call_defaults, prepare_call
+from syncdiffusion_utils.cli import DEFAULT_SIZE, _input_error, _Parser, generator
+from syncdiffusion_utils.loading import (
     DEFAULT_MODEL,
     DEFAULT_SCHEDULER,
-    DEFAULT_SIZE,
     SCHEDULERS,
     TINY,
     CLIError,
-    _input_error,
-    _Parser,
-    generator,
     load_pipeline,
     set_scheduler,
 )
@@ -108,8 +106,8 @@ class PanoramaDemo:
         seed=None,
         random_seed=True,
         scheduler=DEFAULT_SCHEDULER,
-        stride=8,
-        guidance=7.5,
+        stride=None,
+        guidance=None,
         sync_weight=20.0,
         sync_thres=5,
         sync_mode="exact",
@@ -118,6 +116,8 @@ class PanoramaDemo:
     ):
         """Run the pipeline (MultiDiffusion first, from the same seed, when `compare`).
 
+        The call is the command's (`prepare_call`): view batches sized by the pipeline ("auto"), the VAE tiled when
+        the panorama would not fit in GPU memory at once; `stride` and `guidance` None are the pipeline class's.
         Returns `(syncdiffusion_image, multidiffusion_image, seed, status)`; an image is None when it was not made.
         `progress(done, total, label)` is called after every step. Raises `ValueError` with the pipeline's message
         for bad input, before any model runs.
@@ -129,14 +129,13 @@ class PanoramaDemo:
             raise InputError(
                 f"`seed` has to be a whole number in 0..{MAX_SEED} (or tick 'random seed'), but is {seed!r}."
             )
-        steps = _whole(steps if steps is not None else self.default_steps)
-        call = {
+        arguments = {
             "prompt": prompt,
-            "negative_prompt": negative_prompt or None,
+            "negative_prompt": negative_prompt or None,  # an empty field: no negative prompt
             "height": _whole(height),
             "width": _whole(width),
             "circular_padding": bool(circular),
-            "num_inference_steps": steps,
+            "num_inference_steps": _whole(steps if steps is not None else self.default_steps),
             "stride": _whole(stride),
             "guidance_scale": guidance,
             "sync_thres": _whole(sync_thres),
@@ -148,6 +147,10 @@ class PanoramaDemo:
 
         with self._lock:
             self._stop.clear()
+            try:
+                call = prepare_call(self.pipe, view_batch_size="auto", vae_tiling="auto", **arguments)
+            except ValueError as error:  # a size that is not a whole number, found before the pipeline's checks
+                raise InputError(str(error)) from None
             set_scheduler(self.pipe, scheduler)
             images, started = {}, time.perf_counter()
             for label, weight in runs:
@@ -205,6 +208,9 @@ def build_app(pipe, model=DEFAULT_MODEL):
     default_size = next(label for label in sizes if label.startswith(DEFAULT_PRESET))
     height0, width0, circular0 = sizes[default_size]
     latent_window = pipe.unet.config.sample_size
+    defaults = call_defaults(pipe)
+    # SDXL's stride default is None (an eighth of the window, chosen by the pipeline): the slider needs a number.
+    stride0 = min(latent_window, defaults["stride"] if defaults["stride"] is not None else max(8, latent_window // 8))
 
     def generate(
         prompt,
@@ -299,10 +305,10 @@ def build_app(pipe, model=DEFAULT_MODEL):
         with gr.Accordion("Settings", open=False):
             with gr.Row():
                 steps = gr.Slider(1, 100, value=demo.default_steps, step=1, label="Steps", elem_id="steps")
-                guidance = gr.Slider(1, 20, value=7.5, step=0.5, label="Guidance scale")
+                guidance = gr.Slider(1, 20, value=defaults["guidance_scale"], step=0.5, label="Guidance scale")
                 scheduler = gr.Dropdown(list(SCHEDULERS), value=DEFAULT_SCHEDULER, label="Scheduler")
                 stride = gr.Slider(
-                    1, latent_window, value=min(8, latent_window), step=1, label="Stride (latent pixels between views)"
+                    1, latent_window, value=stride0, step=1, label="Stride (latent pixels between views)"
                 )
             with gr.Row():
                 seed = gr.Number(0, label="Seed", precision=0, minimum=0, maximum=MAX_SEED, elem_id="seed")

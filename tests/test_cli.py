@@ -6,6 +6,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -13,7 +14,9 @@ import pytest
 import torch
 from PIL import Image
 
-from syncdiffusion_utils import cli
+from pipeline_syncdiffusion import SyncDiffusionPipeline
+from syncdiffusion_utils import cli, loading
+from syncdiffusion_utils.calls import prepare_call
 from syncdiffusion_utils.cli import main
 
 
@@ -121,6 +124,27 @@ def no_model_loading(monkeypatch):
     monkeypatch.setattr(cli, "load_pipeline", load_pipeline)
 
 
+@pytest.mark.parametrize(
+    "flags, flag",
+    [
+        (["--stride", "0"], "--stride"),
+        (["--stride", "-4"], "--stride"),
+        (["--height", "0"], "--height"),
+        (["--width", "0"], "--width"),
+        (["--steps", "0"], "--steps"),
+        (["--sync-freq", "0"], "--sync-freq"),
+        (["--sync-lpips-size", "0"], "--sync-lpips-size"),
+        (["--sync-decode-downsample", "0"], "--sync-decode-downsample"),
+        (["--view-batch-size", "0"], "--view-batch-size"),
+    ],
+)
+def test_zero_is_rejected_at_parse_time_not_replaced_by_the_default(flags, flag, tmp_path, capsys, no_model_loading):
+    """`--stride 0` used to become the default stride (`args.stride or 8`): now it is an error before any model."""
+    assert main(TINY + flags + ["-o", str(tmp_path / "x.png")]) == 2
+    line = assert_one_line_error(capsys.readouterr().err, flag, "expected a positive integer")
+    assert flags[1] in line
+
+
 @pytest.mark.parametrize("where", ["missing directory", "parent is a file", "a directory"])
 def test_unwritable_output_fails_before_loading(where, tmp_path, capsys, no_model_loading):
     (tmp_path / "file").write_text("")
@@ -162,8 +186,26 @@ def test_publish_calls_hub_publish(monkeypatch, capsys):
 
     monkeypatch.setattr(hub, "publish", publish)
     assert main(["publish", "me/syncdiffusion", "--token", "T", "--private"]) == 0
-    assert calls == [("me/syncdiffusion", {"token": "T", "private": True})]
+    assert calls == [("me/syncdiffusion", {"pipeline_class": SyncDiffusionPipeline, "token": "T", "private": True})]
     assert "https://huggingface.co/me/syncdiffusion/commit/abc" in capsys.readouterr().out
+
+
+def test_publish_pipeline_flag_picks_the_class(monkeypatch, capsys):
+    from pipeline_syncdiffusion_controlnet import SyncDiffusionControlNetPipeline
+    from pipeline_syncdiffusion_xl import SyncDiffusionXLPipeline
+    from syncdiffusion_utils import hub
+
+    classes = []
+    monkeypatch.setattr(hub, "publish", lambda repo_id, **kwargs: classes.append(kwargs["pipeline_class"]) or "url")
+    assert main(["publish", "me/sync-xl", "--pipeline", "sdxl"]) == 0
+    assert main(["publish", "me/sync-control", "--pipeline", "controlnet"]) == 0
+    assert classes == [SyncDiffusionXLPipeline, SyncDiffusionControlNetPipeline]
+
+    # With --model the model's own class is published: --pipeline there is an error, before any loading.
+    monkeypatch.setattr(cli, "load_for_export", lambda model: pytest.fail("a model was loaded"))
+    capsys.readouterr()
+    assert main(["publish", "me/x", "--model", "tiny", "--pipeline", "sdxl"]) == 2
+    assert_one_line_error(capsys.readouterr().err, "--pipeline sdxl", "--model")
 
 
 def test_publish_bad_repo_id_is_one_line(capsys):
@@ -257,11 +299,214 @@ def test_scheduler_keep_leaves_the_models_own_and_the_default_is_ddim():
 
     pipe = tiny_pipeline(lpips_module=False)
     own = pipe.scheduler = EulerDiscreteScheduler.from_config(pipe.scheduler.config)
-    assert cli.set_scheduler(pipe, "keep") is own
-    assert isinstance(cli.set_scheduler(pipe, cli.DEFAULT_SCHEDULER), DDIMScheduler)
+    assert loading.set_scheduler(pipe, "keep") is own
+    assert isinstance(loading.set_scheduler(pipe, loading.DEFAULT_SCHEDULER), DDIMScheduler)
 
 
 def test_help_says_what_the_default_stride_costs(capsys):
     assert main(["--help"]) == 0
     help_text = " ".join(capsys.readouterr().out.split())
     assert "25 views at 2048 px" in help_text and "keep" in help_text
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# A prompt that is a subcommand's name
+# ---------------------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def prompts(monkeypatch):
+    """The prompts the SD pipeline is called with (the call runs as usual)."""
+    seen = []
+    original = SyncDiffusionPipeline.__call__
+
+    @functools.wraps(original)  # the call's defaults are read from the signature
+    def call(self, *args, **kwargs):
+        seen.append(kwargs["prompt"])
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(SyncDiffusionPipeline, "__call__", call)
+    return seen
+
+
+@pytest.mark.parametrize("how", ["generate", "options first", "double dash"])
+def test_a_prompt_named_like_a_subcommand_can_be_generated(how, prompts, tmp_path, capsys):
+    output = tmp_path / "demo.png"
+    options = TINY[1:] + ["--sync-weight", "0", "-o", str(output)]
+    argv = {
+        "generate": ["generate", "demo"] + options,  # syncdiffusion generate demo --model tiny ...
+        "options first": options + ["demo"],  # syncdiffusion --model tiny ... demo
+        "double dash": options + ["--", "demo"],  # syncdiffusion --model tiny ... -- demo
+    }[how]
+    assert main(argv) == 0
+    assert prompts == ["demo"]
+    assert pixels(output).shape == (64, 128, 3)
+    assert f"wrote {output}" in capsys.readouterr().out
+
+
+def test_generate_subcommand_has_its_own_help_and_errors(capsys):
+    assert main(["generate", "--help"]) == 0
+    assert "syncdiffusion generate" in capsys.readouterr().out
+    assert main(["generate", "a lake", "--stride", "0"]) == 2
+    assert_one_line_error(capsys.readouterr().err, "--stride")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The call the command prepares (`calls.prepare_call`, shared with the demo, generate-set and the examples)
+# ---------------------------------------------------------------------------------------------------------------
+
+GIB = 2**30
+
+
+class CallRecorded(Exception):
+    """Raised by the recording `__call__` below: the test has what it needs, no denoising runs."""
+
+
+@pytest.fixture
+def fake_gpu(monkeypatch):
+    """The SD pipeline runs "on CUDA" (its execution device) with `free` bytes free; its `__call__` records its
+    arguments and whether the VAE tiles, then stops. Set `fake_gpu.free` before the call."""
+    state = type("FakeGpu", (), {"free": 80 * GIB, "calls": []})()
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (state.free, 80 * GIB))
+    monkeypatch.setattr(SyncDiffusionPipeline, "_execution_device", property(lambda self: torch.device("cuda")))
+    original = SyncDiffusionPipeline.__call__
+
+    @functools.wraps(original)
+    def record(self, **kwargs):
+        state.calls.append({**kwargs, "vae_tiling": self.vae.use_tiling})
+        raise CallRecorded
+
+    monkeypatch.setattr(SyncDiffusionPipeline, "__call__", record)
+    return state
+
+
+def decode_bytes(pipe, height, width):
+    """What the whole-panorama decode is estimated to hold (`calls.decode_fits`)."""
+    from syncdiffusion_utils.calls import DECODE_ELEMENTS
+
+    return DECODE_ELEMENTS * min(pipe.vae.config.block_out_channels) * height * width * 4
+
+
+@pytest.mark.parametrize("fits", [True, False], ids=["decode-fits", "decode-does-not-fit"])
+def test_the_command_asks_for_auto_view_batches_and_tiles_when_the_decode_does_not_fit(fits, fake_gpu, capsys):
+    from syncdiffusion_utils.testing import tiny_pipeline
+
+    needed = decode_bytes(tiny_pipeline(lpips_module=False), 64, 256)
+    # Free memory just above or below what the decode needs at the 0.8 margin.
+    fake_gpu.free = int(needed / 0.8 * (1.5 if fits else 0.5))
+    args = ["a lake", "--model", "tiny", "--width", "256", "--steps", "2", "--sync-weight", "0", "--seed", "1"]
+    with pytest.raises(CallRecorded):
+        main(args)
+    (call,) = fake_gpu.calls
+    assert call["view_batch_size"] == "auto"
+    assert call["vae_tiling"] is not fits
+    assert (call["height"], call["width"], call["num_inference_steps"], call["stride"]) == (64, 256, 2, 8)
+    assert call["guidance_scale"] == 7.5  # the class's default
+    err = capsys.readouterr().err
+    assert ("decoding the 256x64 panorama in tiles" in err) is not fits
+
+
+def test_the_command_passes_explicit_view_batches_and_tiling_on(fake_gpu):
+    args = ["a lake", "--model", "tiny", "--steps", "2", "--sync-weight", "0", "--view-batch-size", "3"]
+    with pytest.raises(CallRecorded):
+        main(args + ["--vae-tiling", "on"])
+    (call,) = fake_gpu.calls
+    assert call["view_batch_size"] == 3 and call["vae_tiling"] is True
+
+
+def test_prepare_call_fills_the_class_defaults_and_keeps_what_is_given(pipe):
+    call = prepare_call(pipe, prompt="a lake", height=64, width=None, stride=None, sync_weight=0.0)
+    assert call == {
+        "prompt": "a lake",
+        "height": 64,
+        "width": 2048,
+        "num_inference_steps": 50,
+        "guidance_scale": 7.5,
+        "stride": 8,
+        "view_batch_size": "auto",
+        "sync_weight": 0.0,
+    }
+    # Given values, a guidance of 0 included, are kept; None is "left out"; other None arguments pass as given.
+    call = prepare_call(pipe, height=64, width=128, guidance_scale=0.0, view_batch_size=None, sync_gradient=None)
+    assert call["guidance_scale"] == 0.0 and call["view_batch_size"] == "auto" and call["sync_gradient"] is None
+    assert prepare_call(pipe, height=64, width=128, view_batch_size=2)["view_batch_size"] == 2
+    assert not pipe.vae.use_tiling  # on the CPU the decode always "fits"
+    prepare_call(pipe, height=64, width=128, vae_tiling="on")
+    assert pipe.vae.use_tiling
+    prepare_call(pipe, height=64, width=128, vae_tiling="off")
+    assert not pipe.vae.use_tiling
+
+
+def test_prepare_call_uses_each_classs_own_defaults():
+    from syncdiffusion_utils.testing import make_tiny_controlnet, tiny_pipeline, tiny_xl_pipeline
+
+    call = prepare_call(tiny_xl_pipeline(lpips_module=False), prompt="a lake")
+    assert (call["height"], call["width"], call["guidance_scale"]) == (1024, 4096, 5.0)
+    assert call["stride"] is None  # SDXL's pipeline picks an eighth of its window itself
+
+    from PIL import Image
+
+    from pipeline_syncdiffusion_controlnet import SyncDiffusionControlNetPipeline
+
+    sd = tiny_pipeline(lpips_module=False)
+    control = SyncDiffusionControlNetPipeline(**sd.components, controlnet=make_tiny_controlnet(sd.unet))
+    condition = Image.new("RGB", (192, 64))
+    call = prepare_call(control, prompt="a lake", image=condition)
+    assert call["height"] is None and call["width"] is None  # the pipeline takes the condition's size
+    assert call["image"] is condition and call["view_batch_size"] == "auto"
+
+
+@pytest.mark.parametrize(
+    "bad, match",
+    [
+        ({"height": 0}, "`height` has to be a positive whole number"),
+        ({"width": 100.5}, "`width` has to be a positive whole number"),
+        ({"width": "256"}, "`width` has to be a positive whole number"),
+        ({"vae_tiling": "yes"}, "`vae_tiling` has to be one of auto, on, off, but is 'yes'"),
+    ],
+)
+def test_prepare_call_rejects_bad_input_before_changing_the_pipe(pipe, bad, match):
+    pipe.vae.enable_tiling()
+    with pytest.raises(ValueError, match=match):
+        prepare_call(pipe, **{"height": 64, "width": 128, **bad})
+    assert pipe.vae.use_tiling, "the VAE's tiling changed before the error"
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# An unreachable Hub: the one-line error in seconds, not after huggingface_hub's retries
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def test_unreachable_hub_fails_within_seconds_with_the_same_message(tmp_path, capsys, monkeypatch):
+    """Offline without HF_HUB_OFFLINE, the command took ~37 s here (huggingface_hub retries each file five times
+    with backoff) to print its error; the Hub is now probed once, and the cache used alone."""
+    from huggingface_hub import constants
+
+    import pipeline_syncdiffusion  # noqa: F401  (imported before the clock starts, as the command has by then)
+
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(constants, "ENDPOINT", "http://127.0.0.1:9")  # the discard port: refused, never leaves
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "cache"))
+    started = time.perf_counter()
+    assert main(["a lake", "--model", "nobody-here/no-such-model", "-o", str(tmp_path / "x.png")]) == 1
+    seconds = time.perf_counter() - started
+    line = assert_one_line_error(capsys.readouterr().err, "--model 'nobody-here/no-such-model'")
+    assert "cannot find or download it from the Hub or the local cache" in line
+    assert "hf download nobody-here/no-such-model" in line
+    assert seconds < 10, f"{seconds:.1f} s"  # measured 0.11 s; 23.5 s without the probe
+
+
+def test_the_hub_probe_sees_a_server_that_answers(tmp_path):
+    """Any HTTP answer counts as reachable (here a 404 from a local server); a refused port does not."""
+    import http.server
+    import threading
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), http.server.BaseHTTPRequestHandler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        assert loading._hub_reachable(f"http://127.0.0.1:{server.server_address[1]}")
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert not loading._hub_reachable("http://127.0.0.1:9")

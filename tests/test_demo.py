@@ -7,6 +7,7 @@ Set SYNCDIFFUSION_DEMO_SCREENSHOT=docs/demo.png to keep the browser test's scree
 
 import base64
 import contextlib
+import functools
 import importlib.util
 import io
 import os
@@ -24,7 +25,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from syncdiffusion_utils import cli, demo
+from syncdiffusion_utils import cli, demo, loading
 from syncdiffusion_utils.cli import generator
 from syncdiffusion_utils.demo import PanoramaDemo, preset_sizes
 
@@ -33,7 +34,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 ROOT = Path(__file__).resolve().parents[1]
 CHROMIUM, CHROMEDRIVER = "/usr/bin/chromium", "/usr/bin/chromedriver"
-PIPELINE_MESSAGE = "`width` has to be a positive multiple of the VAE scale factor 8, but is 100."
+BAD_WIDTH = 100  # not a multiple of the VAE's factor 8: the pipeline's own check rejects it
 # The served app's arguments of /generate, in order: a 64x256 panorama (four 64x64 views), 4 steps.
 API_ARGUMENTS = {
     "prompt": "a photo of a lake",
@@ -52,6 +53,18 @@ API_ARGUMENTS = {
     "sync_mode": "exact",
     "compare": False,
 }
+
+
+@functools.lru_cache(maxsize=1)
+def pipeline_message():
+    """The pipeline's own one-line message for `width=BAD_WIDTH`, which the page shows as it is."""
+    from syncdiffusion_utils.testing import tiny_pipeline
+
+    try:
+        tiny_pipeline(lpips_module=False)("a photo of a lake", height=64, width=BAD_WIDTH)
+    except ValueError as error:
+        return str(error)
+    raise AssertionError(f"the pipeline accepted width={BAD_WIDTH}")
 
 
 def pixels(image):
@@ -143,6 +156,7 @@ def test_comparison_is_the_pipeline_at_sync_weight_20_and_0_from_the_shown_rando
         "num_inference_steps": 3,
         "stride": 4,
         "sync_thres": 2,
+        "view_batch_size": "auto",  # the demo's call is the command's (`prepare_call`)
     }
     reference_sync = pipe(**call, sync_weight=20.0, generator=generator(seed)).images[0]
     reference_multi = pipe(**call, sync_weight=0.0, generator=generator(seed)).images[0]
@@ -180,8 +194,9 @@ def test_stop_ends_the_run_after_the_current_step_and_the_next_run_is_whole(pipe
 def test_bad_input_is_the_pipelines_one_line_message_before_any_step(pipe):
     app = PanoramaDemo(pipe, "tiny")
     with pytest.raises(ValueError) as caught:
-        generate(app, width=100, progress=lambda *report: pytest.fail("a step ran"))
-    assert demo._user_error(caught.value) == PIPELINE_MESSAGE
+        generate(app, width=BAD_WIDTH, progress=lambda *report: pytest.fail("a step ran"))
+    assert demo._user_error(caught.value) == pipeline_message()
+    assert "`width`" in pipeline_message() and f"but is {BAD_WIDTH}." in pipeline_message()
 
     with pytest.raises(demo.InputError) as caught:
         generate(app, seed=-1, random_seed=False)
@@ -189,10 +204,58 @@ def test_bad_input_is_the_pipelines_one_line_message_before_any_step(pipe):
     assert demo._user_error(TypeError("a bug")) is None  # bugs are not dressed up as input errors
 
 
+class CallRecorded(Exception):
+    """Raised by the recording `__call__` below: the test has what it needs, no denoising runs."""
+
+
+@pytest.mark.parametrize("fits", [True, False], ids=["decode-fits", "decode-does-not-fit"])
+def test_the_demo_asks_for_auto_view_batches_and_tiles_when_the_decode_does_not_fit(fits, pipe, monkeypatch):
+    """The page's call is the command's: on a GPU, view batches sized by the pipeline ("auto", not the pipeline's
+    default of one view per UNet call, ~5x slower on an H200) and the VAE tiled when the 360° preset's decode would
+    not fit."""
+    import functools
+
+    import torch
+
+    from syncdiffusion_utils.calls import DECODE_ELEMENTS
+
+    height, width = 64, 512  # the tiny model's 360° preset
+    needed = DECODE_ELEMENTS * min(pipe.vae.config.block_out_channels) * height * width * 4
+    free = int(needed / 0.8 * (1.5 if fits else 0.5))  # just above or below the decode at the 0.8 margin
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (free, 80 * 2**30))
+    monkeypatch.setattr(type(pipe), "_execution_device", property(lambda self: torch.device("cuda")))
+    calls = []
+    original = type(pipe).__call__
+
+    @functools.wraps(original)  # the call's defaults are read from the signature
+    def record(self, **kwargs):
+        calls.append({**kwargs, "vae_tiling": self.vae.use_tiling})
+        raise CallRecorded
+
+    monkeypatch.setattr(type(pipe), "__call__", record)
+    app = PanoramaDemo(pipe, "tiny")
+    label = next(label for label in app.sizes if label.startswith("360°"))
+    assert app.sizes[label] == (height, width, True)
+    with pytest.raises(CallRecorded):
+        app.generate("a lake", height=height, width=width, circular=True, steps=2, random_seed=False, seed=0)
+    (call,) = calls
+    assert call["view_batch_size"] == "auto"
+    assert call["vae_tiling"] is not fits
+    assert call["circular_padding"] is True and (call["height"], call["width"]) == (height, width)
+    assert call["guidance_scale"] == 7.5 and call["stride"] == 8  # the class's defaults, for what was left out
+
+
+def test_a_size_that_is_not_a_whole_number_is_an_input_error(pipe):
+    app = PanoramaDemo(pipe, "tiny")
+    with pytest.raises(demo.InputError) as caught:
+        generate(app, width=100.5, progress=lambda *report: pytest.fail("a step ran"))
+    assert demo._user_error(caught.value) == "`width` has to be a positive whole number of pixels, but is 100.5."
+
+
 def test_space_app_loads_the_configured_model_once_and_builds_the_same_app(monkeypatch, pipe):
     # The app itself is built and served below; here, what app.py adds: its model, loaded once, in float32 on a CPU.
     calls = []
-    monkeypatch.setattr(cli, "load_pipeline", lambda *args, **kwargs: calls.append(("load", args, kwargs)) or pipe)
+    monkeypatch.setattr(loading, "load_pipeline", lambda *args, **kwargs: calls.append(("load", args, kwargs)) or pipe)
     monkeypatch.setattr(demo, "build_app", lambda *args: calls.append(("build", args)) or "the app")
     monkeypatch.setenv("SYNCDIFFUSION_MODEL", "tiny")
     monkeypatch.setattr(sys, "path", list(sys.path))  # app.py may add the checkout to it
@@ -402,7 +465,7 @@ def test_in_a_browser_generate_compare_bad_input_and_stop(server, browser, tmp_p
         shutil.copyfile(tmp_path / "compare.png", os.environ["SYNCDIFFUSION_DEMO_SCREENSHOT"])
 
     # Bad input: the pipeline's one-line message, in the page; typing a size switches the preset to "custom".
-    _type(driver, "#width input", "100")
+    _type(driver, "#width input", str(BAD_WIDTH))
     # The switch is a round trip to the server (the width's change event): wait for it, it can lag under load.
     _wait(
         lambda: driver.find_element(By.CSS_SELECTOR, "#size input[value=custom]").is_selected(),
@@ -410,7 +473,7 @@ def test_in_a_browser_generate_compare_bad_input_and_stop(server, browser, tmp_p
         "the size preset to switch to custom",
     )
     driver.find_element(By.CSS_SELECTOR, "#generate").click()
-    message = PIPELINE_MESSAGE.replace("`", "")
+    message = pipeline_message().replace("`", "")
     _wait(lambda: message in driver.find_element(By.TAG_NAME, "body").text.replace("`", ""), 30, "the error message")
     _screenshot(driver, tmp_path / "bad-input.png")
 
@@ -436,8 +499,9 @@ def test_through_gradio_client_the_api_returns_the_image_and_keeps_serving(serve
     from gradio_client.exceptions import AppError
 
     client = Client(server.url, download_files=str(tmp_path), verbose=False, analytics_enabled=False)
-    with pytest.raises(AppError, match="VAE scale factor 8, but is 100"):
-        client.predict(*{**API_ARGUMENTS, "width": 100}.values(), api_name="/generate")
+    with pytest.raises(AppError) as caught:
+        client.predict(*{**API_ARGUMENTS, "width": BAD_WIDTH}.values(), api_name="/generate")
+    assert pipeline_message() in str(caught.value)
 
     compare = {**API_ARGUMENTS, "compare": True}
     sync_path, multi_path, seed, status = client.predict(*compare.values(), api_name="/generate")
