@@ -1,6 +1,11 @@
-"""Publish `SyncDiffusionPipeline` to the Hugging Face Hub, as a custom pipeline or as a ready-to-use model.
+"""Publish a SyncDiffusion pipeline to the Hugging Face Hub, as a custom pipeline or as a ready-to-use model.
 
-`publish(repo_id)` uploads the pipeline file as `pipeline.py` and a model card as `README.md`, so that
+Any of the three classes: `SyncDiffusionPipeline` (SD 1.x/2.x, the default), `SyncDiffusionXLPipeline` (SDXL) and
+`SyncDiffusionControlNetPipeline` (SD with a ControlNet), or a subclass of one. The uploaded source is the class's own
+file (`inspect.getsourcefile`) and the model card's parameter table is read from its `__call__`.
+
+`publish(repo_id, pipeline_class=...)` uploads the pipeline file as `pipeline.py` and a model card as `README.md`, so
+that
 
     DiffusionPipeline.from_pretrained(model, custom_pipeline=repo_id, trust_remote_code=True)
 
@@ -8,7 +13,7 @@ loads it. `publish_model(pipe, repo_id)` uploads a whole pipeline (weights, `syn
 
     DiffusionPipeline.from_pretrained(repo_id, trust_remote_code=True)
 
-loads it; `export(pipe, folder)` writes the same files to a local folder.
+loads it; `export(pipe, folder)` writes the same files to a local folder. Both take the class of `pipe`.
 """
 
 import inspect
@@ -32,31 +37,63 @@ _CITATION = """\
     year={2023}
 }"""
 
+# What a model card says about each pipeline family (found by class name along the MRO, so subclasses and the copies
+# diffusers imports from a repo's own file are found too).
+_FAMILIES = {
+    "SyncDiffusionPipeline": {
+        "base_model": "stabilityai/stable-diffusion-2-base",
+        "tags": ["stable-diffusion"],
+        "weights": "any Stable Diffusion 1.x or 2.x checkpoint",
+        "kind": "Stable Diffusion weights",
+        "about": "It is a drop-in replacement for diffusers' deprecated `StableDiffusionPanoramaPipeline`: the same"
+        " components and `__call__` arguments, with that pipeline's bugs fixed. With `sync_weight=0` it is"
+        " MultiDiffusion.",
+        "besides": "every argument of `StableDiffusionPanoramaPipeline`",
+    },
+    "SyncDiffusionXLPipeline": {
+        "base_model": "stabilityai/stable-diffusion-xl-base-1.0",
+        "tags": ["stable-diffusion-xl"],
+        "weights": "any Stable Diffusion XL checkpoint",
+        "kind": "Stable Diffusion XL weights",
+        "about": "It brings SyncDiffusion to Stable Diffusion XL, with `StableDiffusionXLPipeline`'s components and"
+        " text-to-image arguments (both text encoders, micro-conditioning). With `sync_weight=0` it is"
+        " MultiDiffusion.",
+        "besides": "the text-to-image arguments of `StableDiffusionXLPipeline`",
+    },
+    "SyncDiffusionControlNetPipeline": {
+        "base_model": "stable-diffusion-v1-5/stable-diffusion-v1-5",
+        "controlnet": "lllyasviel/control_v11f1p_sd15_depth",
+        "tags": ["stable-diffusion", "controlnet"],
+        "weights": "any Stable Diffusion 1.x or 2.x checkpoint with a ControlNet trained for it",
+        "kind": "Stable Diffusion and ControlNet weights",
+        "about": "The panorama follows one condition image as large as itself (depth, edges, pose, ...), cropped per"
+        " view and given to a ControlNet in every UNet pass, the synchronization's gradient pass included. It takes"
+        " `StableDiffusionControlNetPipeline`'s components and arguments; the panorama takes the condition's size.",
+        "besides": "the arguments of `StableDiffusionControlNetPipeline`, such as `image`, `controlnet_conditioning_scale`"
+        " and `guess_mode`",
+    },
+}
+
 _MODEL_CARD = """\
 ---
 library_name: diffusers
 license: apache-2.0
 pipeline_tag: text-to-image
 tags:
-- diffusers
-- text-to-image
-- panorama
-- stable-diffusion
-- syncdiffusion
+{tags}
 ---
 
-# SyncDiffusion custom pipeline
+# SyncDiffusion custom pipeline: `{class_name}`
 
-`SyncDiffusionPipeline` generates coherent panoramas with [SyncDiffusion](https://huggingface.co/papers/2306.05178)
+`{class_name}` generates coherent panoramas with [SyncDiffusion](https://huggingface.co/papers/2306.05178)
 (Lee et al., NeurIPS 2023, arXiv:2306.05178). Like MultiDiffusion it denoises overlapping windows ("views") of a wide
 latent and averages them; during the first steps it also moves every view down the gradient of the LPIPS distance
 between its predicted image and an anchor view's, so that all windows agree on one scene instead of blending
 different ones.
 
-It is a drop-in replacement for diffusers' deprecated `StableDiffusionPanoramaPipeline`: the same components and
-`__call__` arguments, with that pipeline's bugs fixed. With `sync_weight=0` it is MultiDiffusion.
+{about}
 
-This repository holds only the pipeline code (`pipeline.py`); the weights come from any Stable Diffusion checkpoint.
+This repository holds only the pipeline code (`pipeline.py`); the weights come from {weights}.
 
 ## Usage
 
@@ -65,20 +102,7 @@ pip install diffusers transformers torch lpips
 ```
 
 ```python
-import torch
-from diffusers import DDIMScheduler, DiffusionPipeline
-
-pipe = DiffusionPipeline.from_pretrained(
-    "stabilityai/stable-diffusion-2-base",
-    custom_pipeline="{repo_id}",
-    trust_remote_code=True,
-    torch_dtype=torch.float16,
-)
-pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
-pipe = pipe.to("cuda")
-
-image = pipe("a photo of a mountain range at twilight", height=512, width=2048).images[0]
-image.save("panorama.png")
+{usage}
 ```
 
 `trust_remote_code=True` runs this repository's `pipeline.py` on your machine: read it first, and pin a reviewed
@@ -87,8 +111,7 @@ first synchronized call; `pipe.set_perceptual_loss(module)` replaces it.
 
 ## Parameters
 
-Besides every argument of `StableDiffusionPanoramaPipeline` (same defaults: `height=512`, `width=2048`,
-`num_inference_steps=50`, `guidance_scale=7.5`, `view_batch_size=1`, `circular_padding=False`, ...):
+Besides {besides} ({defaults}):
 
 {parameters}
 
@@ -99,25 +122,90 @@ Besides every argument of `StableDiffusionPanoramaPipeline` (same defaults: `hei
 ```
 """
 
+_CUSTOM_USAGE = """\
+import torch
+from diffusers import DDIMScheduler, DiffusionPipeline
 
-def pipeline_source() -> str:
-    """The text of the installed `pipeline_syncdiffusion.py`, line endings untouched."""
-    import pipeline_syncdiffusion
+pipe = DiffusionPipeline.from_pretrained(
+    "{base_model}",
+    custom_pipeline="{repo_id}",
+    trust_remote_code=True,
+    torch_dtype=torch.float16,
+)
+pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
+pipe = pipe.to("cuda")
 
-    with open(pipeline_syncdiffusion.__file__, encoding="utf-8", newline="") as f:
+image = pipe("a photo of a mountain range at twilight"{size}).images[0]
+image.save("panorama.png")"""
+
+_CUSTOM_CONTROLNET_USAGE = """\
+import torch
+from diffusers import ControlNetModel, DDIMScheduler, DiffusionPipeline
+from diffusers.utils import load_image
+
+controlnet = ControlNetModel.from_pretrained("{controlnet}", torch_dtype=torch.float16)
+pipe = DiffusionPipeline.from_pretrained(
+    "{base_model}",
+    controlnet=controlnet,
+    custom_pipeline="{repo_id}",
+    trust_remote_code=True,
+    torch_dtype=torch.float16,
+)
+pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
+pipe = pipe.to("cuda")
+
+depth = load_image("depth_512x2048.png")  # the condition: the panorama takes its size
+image = pipe("a photo of a mountain range at twilight", image=depth).images[0]
+image.save("panorama.png")"""
+
+
+def _default_class():
+    from pipeline_syncdiffusion import SyncDiffusionPipeline
+
+    return SyncDiffusionPipeline
+
+
+def _family(pipeline_class):
+    """What the model card says about `pipeline_class`'s family; raises `ValueError` for another class."""
+    for base in inspect.getmro(pipeline_class):
+        if base.__name__ in _FAMILIES:
+            return _FAMILIES[base.__name__]
+    raise ValueError(
+        f"`pipeline_class` {pipeline_class.__name__} is not a SyncDiffusion pipeline: give one of"
+        f" {', '.join(_FAMILIES)} (or a subclass)."
+    )
+
+
+def _call_size(pipeline_class):
+    """`, height=H, width=W` of the class's default size for a usage line ("" when the size comes from the input)."""
+    parameters = inspect.signature(pipeline_class.__call__).parameters
+    height, width = parameters["height"].default, parameters["width"].default
+    return "" if height is None or width is None else f", height={height}, width={width}"
+
+
+def _call_defaults_text(pipeline_class):
+    """ "same defaults: `height=512`, ..." for the arguments every card names, as the class's signature has them."""
+    parameters = inspect.signature(pipeline_class.__call__).parameters
+    names = ("height", "width", "num_inference_steps", "guidance_scale", "view_batch_size", "circular_padding")
+    shown = [f"`{name}={parameters[name].default!r}`" for name in names if name in parameters]
+    return "defaults: " + ", ".join(shown) + ", ..."
+
+
+def pipeline_source(pipeline_class=None) -> str:
+    """The text of `pipeline_class`'s source file (default: `SyncDiffusionPipeline`'s), line endings untouched."""
+    pipeline_class = _default_class() if pipeline_class is None else pipeline_class
+    with open(inspect.getsourcefile(pipeline_class), encoding="utf-8", newline="") as f:
         return f.read()
 
 
-def _sync_parameters() -> list[tuple[str, object, str]]:
-    """`(name, default, description)` of `stride` and every `sync_*` argument of `SyncDiffusionPipeline.__call__`.
+def _sync_parameters(pipeline_class) -> list[tuple[str, object, str]]:
+    """`(name, default, description)` of `stride` and every `sync_*` argument of `pipeline_class.__call__`.
 
     Read from its signature and its docstring, so the model card always matches the uploaded file.
     """
-    from pipeline_syncdiffusion import SyncDiffusionPipeline
-
-    doc = SyncDiffusionPipeline.__call__.__doc__ or ""
+    doc = pipeline_class.__call__.__doc__ or ""
     parameters = []
-    for name, parameter in inspect.signature(SyncDiffusionPipeline.__call__).parameters.items():
+    for name, parameter in inspect.signature(pipeline_class.__call__).parameters.items():
         if name != "stride" and not name.startswith("sync_"):
             continue
         # An argument is documented as `name (type):` followed by lines indented deeper than that header.
@@ -128,12 +216,23 @@ def _sync_parameters() -> list[tuple[str, object, str]]:
     return parameters
 
 
-def _parameters_table() -> str:
+def _parameters_table(pipeline_class) -> str:
     rows = ["| Parameter | Default | Meaning |", "|---|---|---|"]
-    for name, default, description in _sync_parameters():
+    for name, default, description in _sync_parameters(pipeline_class):
         shown = f'"{default}"' if isinstance(default, str) else repr(default)
         rows.append(f"| `{name}` | `{shown}` | {description.replace('|', chr(92) + '|')} |")
     return "\n".join(rows)
+
+
+def _tags(family):
+    tags = ["diffusers", "text-to-image", "panorama", *family["tags"], "syncdiffusion"]
+    return "\n".join(f"- {tag}" for tag in tags)
+
+
+def _fill(template, fields):
+    for field, value in fields.items():
+        template = template.replace("{" + field + "}", value)
+    return template
 
 
 _MODEL_REPO_CARD = """\
@@ -141,18 +240,14 @@ _MODEL_REPO_CARD = """\
 library_name: diffusers
 pipeline_tag: text-to-image
 {base_model}tags:
-- diffusers
-- text-to-image
-- panorama
-- stable-diffusion
-- syncdiffusion
+{tags}
 ---
 
 # {name}: SyncDiffusion panoramas
 
-{weights} with the [SyncDiffusion](https://huggingface.co/papers/2306.05178) pipeline (Lee et al., NeurIPS 2023):
-coherent panoramas from overlapping windows that are synchronized by an LPIPS gradient. The repository holds the
-weights and the pipeline code, `syncdiffusion.py`, which `model_index.json` names.
+{weights} with the [SyncDiffusion](https://huggingface.co/papers/2306.05178) pipeline `{class_name}` (Lee et al.,
+NeurIPS 2023): coherent panoramas from overlapping windows that are synchronized by an LPIPS gradient. The repository
+holds the weights and the pipeline code, the `.py` file that `model_index.json` names.
 
 ## Usage
 
@@ -160,10 +255,10 @@ weights and the pipeline code, `syncdiffusion.py`, which `model_index.json` name
 from diffusers import DiffusionPipeline
 
 pipe = DiffusionPipeline.from_pretrained("{repo_id}", trust_remote_code=True).to("cuda")
-image = pipe("a photo of a mountain range at twilight", height=512, width=2048).images[0]
+image = pipe("a photo of a mountain range at twilight"{size}).images[0]
 ```
 
-`trust_remote_code=True` runs this repository's `syncdiffusion.py` on your machine: read it first, and pin a reviewed
+`trust_remote_code=True` runs this repository's pipeline code on your machine: read it first, and pin a reviewed
 version with `revision="<commit>"`. The perceptual loss is LPIPS-VGG from the `lpips` package (`pip install lpips`);
 it downloads torchvision's VGG-16 weights on first use.
 
@@ -179,30 +274,63 @@ it downloads torchvision's VGG-16 weights on first use.
 """
 
 
-def model_repo_card(repo_id: str, base_model: str | None = None) -> str:
-    """`README.md` of a ready-to-use model repo: usage in two lines, parameters, citation; `base_model` if a Hub id."""
+def model_repo_card(repo_id: str, base_model: str | None = None, pipeline_class=None) -> str:
+    """`README.md` of a ready-to-use model repo of `pipeline_class` (default `SyncDiffusionPipeline`): usage in two
+    lines, its parameters, citation; `base_model` in the metadata if it is a Hub id."""
+    pipeline_class = _default_class() if pipeline_class is None else pipeline_class
+    family = _family(pipeline_class)
     is_hub_id = base_model is not None and not os.path.exists(base_model) and base_model.count("/") == 1
-    weights = (
-        f"[{base_model}](https://huggingface.co/{base_model})'s weights" if is_hub_id else "Stable Diffusion weights"
-    )
+    weights = f"[{base_model}](https://huggingface.co/{base_model})'s weights" if is_hub_id else family["kind"]
+    size = _call_size(pipeline_class)
+    if "controlnet" in family:
+        size = ', image=load_image("depth_512x2048.png")'  # the condition, as large as the panorama
     fields = {
-        "{base_model}": f"base_model: {base_model}\n" if is_hub_id else "",
-        "{name}": repo_id.split("/")[-1],
-        "{weights}": weights + (", under that model's license," if is_hub_id else ""),
-        "{repo_id}": repo_id,
-        "{parameters}": _parameters_table(),
-        "{citation}": _CITATION,
+        "base_model": f"base_model: {base_model}\n" if is_hub_id else "",
+        "tags": _tags(family),
+        "name": repo_id.split("/")[-1],
+        "weights": weights + (", under that model's license," if is_hub_id else ""),
+        "class_name": pipeline_class.__name__,
+        "repo_id": repo_id,
+        "size": size,
+        "parameters": _parameters_table(pipeline_class),
+        "citation": _CITATION,
     }
-    card = _MODEL_REPO_CARD
-    for field, value in fields.items():
-        card = card.replace(field, value)
+    card = _fill(_MODEL_REPO_CARD, fields)
+    if "controlnet" in family:
+        card = card.replace(
+            "from diffusers import DiffusionPipeline\n",
+            "from diffusers import DiffusionPipeline\nfrom diffusers.utils import load_image\n",
+        )
     return card
 
 
-def model_card(repo_id: str) -> str:
-    """The Hub repository's `README.md`: metadata, what the pipeline is, usage with `repo_id`, parameters, citation."""
-    card = _MODEL_CARD.replace("{parameters}", _parameters_table()).replace("{citation}", _CITATION)
-    return card.replace("{repo_id}", repo_id)
+def model_card(repo_id: str, pipeline_class=None) -> str:
+    """The custom-pipeline repository's `README.md` for `pipeline_class` (default `SyncDiffusionPipeline`): metadata,
+    what the pipeline is, usage with `repo_id`, its parameters (from its `__call__`), citation."""
+    pipeline_class = _default_class() if pipeline_class is None else pipeline_class
+    family = _family(pipeline_class)
+    usage = _CUSTOM_CONTROLNET_USAGE if "controlnet" in family else _CUSTOM_USAGE
+    usage = _fill(
+        usage,
+        {
+            "base_model": family["base_model"],
+            "controlnet": family.get("controlnet", ""),
+            "repo_id": repo_id,
+            "size": _call_size(pipeline_class),
+        },
+    )
+    fields = {
+        "tags": _tags(family),
+        "class_name": pipeline_class.__name__,
+        "about": family["about"],
+        "weights": family["weights"],
+        "usage": usage,
+        "besides": family["besides"],
+        "defaults": _call_defaults_text(pipeline_class),
+        "parameters": _parameters_table(pipeline_class),
+        "citation": _CITATION,
+    }
+    return _fill(_MODEL_CARD, fields)
 
 
 def _check_repo_id(repo_id):
@@ -218,18 +346,22 @@ def _check_repo_id(repo_id):
 def publish(
     repo_id: str,
     *,
+    pipeline_class=None,
     token: str | None = None,
     private: bool = False,
     commit_message: str = "Upload SyncDiffusion custom pipeline",
     api=None,
 ) -> str:
-    """Upload the pipeline as `pipeline.py` with its model card `README.md` to the Hub model repo `repo_id`.
+    """Upload a pipeline's file as `pipeline.py` with its model card `README.md` to the Hub model repo `repo_id`.
 
     The repository is created if needed; both files go in one commit.
 
     Args:
         repo_id (`str`):
             The target repository, `namespace/name`.
+        pipeline_class (*optional*):
+            `SyncDiffusionPipeline` (the default), `SyncDiffusionXLPipeline`, `SyncDiffusionControlNetPipeline` or a
+            subclass: its source file is uploaded and its `__call__` makes the card's parameter table.
         token (`str`, *optional*):
             A Hub token with write access; defaults to the saved login or `HF_TOKEN`.
         private (`bool`, defaults to `False`):
@@ -243,10 +375,14 @@ def publish(
         `str`: the URL of the commit.
     """
     _check_repo_id(repo_id)
+    pipeline_class = _default_class() if pipeline_class is None else pipeline_class
+    card = model_card(repo_id, pipeline_class)  # raises for a class that is not a SyncDiffusion pipeline
     api = api if api is not None else HfApi()
     operations = [
-        CommitOperationAdd(path_in_repo=PIPELINE_FILENAME, path_or_fileobj=pipeline_source().encode("utf-8")),
-        CommitOperationAdd(path_in_repo=MODEL_CARD_FILENAME, path_or_fileobj=model_card(repo_id).encode("utf-8")),
+        CommitOperationAdd(
+            path_in_repo=PIPELINE_FILENAME, path_or_fileobj=pipeline_source(pipeline_class).encode("utf-8")
+        ),
+        CommitOperationAdd(path_in_repo=MODEL_CARD_FILENAME, path_or_fileobj=card.encode("utf-8")),
     ]
     try:
         api.create_repo(repo_id, exist_ok=True, private=private, token=token)
@@ -267,10 +403,12 @@ def _explain_auth_error(err, repo_id):
 
 
 def export(pipe, folder, base_model: str | None = None, repo_id: str | None = None) -> str:
-    """Save `pipe` to `folder` as a model that loads itself (weights, `syncdiffusion.py`, `model_index.json`)
-    with its model card `README.md` (`repo_id` in the usage; default: the folder's name)."""
+    """Save `pipe` to `folder` as a model that loads itself (weights, its class's source file as `syncdiffusion.py`,
+    `syncdiffusion_xl.py` or `syncdiffusion_controlnet.py`, `model_index.json`) with its model card `README.md`
+    (`repo_id` in the usage; default: the folder's name)."""
+    name = os.path.basename(os.path.abspath(folder)) if repo_id is None else repo_id
+    card = model_repo_card(name, base_model, type(pipe))  # raises for a class that is not a SyncDiffusion pipeline
     pipe.save_pretrained(folder)
-    card = model_repo_card(repo_id or os.path.basename(os.path.abspath(folder)), base_model)
     with open(os.path.join(folder, MODEL_CARD_FILENAME), "w", encoding="utf-8") as f:
         f.write(card)
     return str(folder)

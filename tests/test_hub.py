@@ -612,3 +612,139 @@ def test_single_file_checkpoint_in_the_command(fake_hub, tmp_path, capsys):
     assert any(path.startswith("/stable-diffusion-v1-5/") and path.endswith("/unet/config.json") for path in served)
     assert main(args + ["--model", str(tmp_path / "missing.safetensors"), "-o", str(output)]) == 1
     assert "no such checkpoint file" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Every pipeline class: its own file and its own parameters (SDXL, ControlNet)
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def xl_class():
+    from pipeline_syncdiffusion_xl import SyncDiffusionXLPipeline
+
+    return SyncDiffusionXLPipeline
+
+
+def controlnet_class():
+    from pipeline_syncdiffusion_controlnet import SyncDiffusionControlNetPipeline
+
+    return SyncDiffusionControlNetPipeline
+
+
+def parameter_rows(card):
+    return {name: default for name, default, _ in re.findall(r"^\| `(\w+)` \| (.*?) \| (.*) \|$", card, re.M)}
+
+
+def check_card_is_the_classs(card, pipeline_class):
+    """The card's parameter table is `pipeline_class.__call__`'s (names and defaults), and it names that class."""
+    signature = inspect.signature(pipeline_class.__call__).parameters
+    expected = {name for name in signature if name == "stride" or name.startswith("sync_")}
+    rows = parameter_rows(card)
+    assert set(rows) == expected
+    for name in expected:
+        value = signature[name].default
+        assert rows[name] == (f'`"{value}"`' if isinstance(value, str) else f"`{value!r}`"), name
+    assert f"`{pipeline_class.__name__}`" in card
+    assert "`SyncDiffusionPipeline`" not in card  # no SD-only text left in another class's card
+
+
+@pytest.mark.parametrize("pipeline_class", [xl_class, controlnet_class], ids=["sdxl", "controlnet"])
+def test_publish_uploads_the_given_classs_file_and_parameters(pipeline_class):
+    pipeline_class = pipeline_class()
+    api = RecordingApi()
+
+    publish("someone/sync-other", pipeline_class=pipeline_class, api=api)
+
+    _, _, files, _ = api.calls[1]
+    source = Path(inspect.getsourcefile(pipeline_class)).read_bytes()
+    assert files["pipeline.py"] == source and source != pipeline_file_bytes()
+    card = files["README.md"].decode()
+    assert card == model_card("someone/sync-other", pipeline_class)
+    check_card_is_the_classs(card, pipeline_class)
+    metadata = yaml.safe_load(re.match(r"---\n(.*?)\n---\n", card, re.S).group(1))
+    assert 'custom_pipeline="someone/sync-other"' in card and "2306.05178" in card
+    if pipeline_class is xl_class():
+        assert parameter_rows(card)["stride"] == "`None`"  # SDXL picks an eighth of its window; SD's is 8
+        assert '"stabilityai/stable-diffusion-xl-base-1.0"' in card and "height=1024, width=4096" in card
+        assert "stable-diffusion-xl" in metadata["tags"] and "StableDiffusionPanoramaPipeline" not in card
+    else:
+        assert "ControlNetModel.from_pretrained(" in card and "controlnet=controlnet" in card
+        assert "image=depth" in card and "height=512" not in card  # the panorama takes the condition's size
+        assert "controlnet" in metadata["tags"]
+
+
+def test_publish_refuses_a_class_that_is_not_a_syncdiffusion_pipeline():
+    from diffusers import StableDiffusionPipeline
+
+    api = RecordingApi()
+    with pytest.raises(ValueError, match="StableDiffusionPipeline is not a SyncDiffusion pipeline"):
+        publish("someone/sync", pipeline_class=StableDiffusionPipeline, api=api)
+    assert api.calls == []
+
+
+def test_a_subclass_publishes_its_own_file_with_its_familys_card(tmp_path, monkeypatch):
+    module = tmp_path / "my_pipeline.py"
+    module.write_text(
+        "from pipeline_syncdiffusion import SyncDiffusionPipeline\n\n\n"
+        "class MyPanorama(SyncDiffusionPipeline):\n    pass\n"
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    from my_pipeline import MyPanorama
+
+    api = RecordingApi()
+    publish("someone/mine", pipeline_class=MyPanorama, api=api)
+    files = api.calls[1][2]
+    assert files["pipeline.py"] == module.read_bytes()
+    assert (
+        "`MyPanorama`" in files["README.md"].decode()
+        and "StableDiffusionPanoramaPipeline" in files["README.md"].decode()
+    )
+
+
+def saved_source(folder):
+    """The pipeline file a saved folder's `model_index.json` names, as bytes."""
+    name = json.loads((Path(folder) / "model_index.json").read_text())["_class_name"][0]
+    return (Path(folder) / f"{name}.py").read_bytes()
+
+
+def test_export_of_an_sdxl_pipeline_writes_its_file_and_card(tmp_path):
+    from syncdiffusion_utils.hub import export
+    from syncdiffusion_utils.testing import tiny_xl_pipeline
+
+    pipe = tiny_xl_pipeline(lpips_module=False)
+    folder = tmp_path / "panorama-xl"
+
+    export(pipe, folder, base_model="someone/tiny-sdxl")
+
+    assert saved_source(folder) == Path(inspect.getsourcefile(xl_class())).read_bytes()
+    card = (folder / "README.md").read_text()
+    assert card == model_repo_card("panorama-xl", "someone/tiny-sdxl", xl_class())
+    check_card_is_the_classs(card, xl_class())
+    assert "height=1024, width=4096" in card and "base_model: someone/tiny-sdxl" in card
+
+
+def test_publish_model_of_a_controlnet_pipeline_uploads_its_file_and_card(tmp_path):
+    from syncdiffusion_utils.hub import export
+    from syncdiffusion_utils.testing import make_tiny_controlnet, tiny_pipeline
+
+    sd = tiny_pipeline(lpips_module=False)
+    pipe = controlnet_class()(**sd.components, controlnet=make_tiny_controlnet(sd.unet))
+
+    class FolderApi(RecordingApi):
+        def upload_folder(self, repo_id, folder_path, **kwargs):
+            self.calls.append(("upload_folder", repo_id, folder_files(folder_path), kwargs))
+            return SimpleNamespace(commit_url=f"https://huggingface.co/{repo_id}/commit/{'0' * 40}")
+
+    api = FolderApi()
+    publish_model(pipe, "someone/panorama-control", base_model="someone/tiny-sd", api=api)
+
+    _, _, files, _ = api.calls[1]
+    name = json.loads(files["model_index.json"])["_class_name"][0]
+    assert files[f"{name}.py"] == Path(inspect.getsourcefile(controlnet_class())).read_bytes()
+    assert "controlnet/config.json" in files
+    card = files["README.md"].decode()
+    assert card == model_repo_card("someone/panorama-control", "someone/tiny-sd", controlnet_class())
+    check_card_is_the_classs(card, controlnet_class())
+    assert "from diffusers.utils import load_image" in card and "image=load_image(" in card
+    export(pipe, tmp_path / "exported", base_model="someone/tiny-sd", repo_id="someone/panorama-control")
+    assert (tmp_path / "exported" / "README.md").read_text() == card
