@@ -12,15 +12,8 @@ import json
 import os
 import sys
 
-from syncdiffusion_utils.cli import (
-    CLIError,
-    _non_negative_int,
-    _Parser,
-    _positive_int,
-    check_device,
-    note,
-    resolve_device,
-)
+from syncdiffusion_utils.cli import _non_negative_int, _Parser, _positive_int
+from syncdiffusion_utils.loading import CLIError, check_device, note, resolve_device
 from syncdiffusion_utils.metrics import (
     DEFAULT_CLIP_MODEL,
     DEFAULT_WINDOW,

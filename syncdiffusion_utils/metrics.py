@@ -521,7 +521,7 @@ def load_clip(model=DEFAULT_CLIP_MODEL, device="cpu"):
     """`(CLIPModel, CLIPProcessor)` from a Hub id or a local folder."""
     from transformers import CLIPModel, CLIPProcessor
 
-    from syncdiffusion_utils.cli import _quiet_loading
+    from syncdiffusion_utils.loading import _quiet_loading
 
     def load(local_files_only):
         with _quiet_loading():
