@@ -384,3 +384,16 @@ def test_lpips_weights_flag(tmp_path, capsys, no_network):
     # With the local file: synchronized, offline.
     assert main(cli_args(model, tmp_path / "ok.png") + ["--lpips-weights", str(tmp_path / "vgg16.pth")]) == 0
     assert f"wrote {tmp_path / 'ok.png'}" in capsys.readouterr().out
+
+
+def test_the_command_and_its_loading_modules_import_nothing_heavy():
+    """`syncdiffusion --help` stays instant: the command, `loading` and `calls` import torch and diffusers lazily."""
+    import subprocess
+
+    code = (
+        "import sys; import syncdiffusion_utils.cli, syncdiffusion_utils.loading, syncdiffusion_utils.calls;"
+        " print(sorted(m for m in ('torch', 'diffusers', 'transformers', 'huggingface_hub') if m in sys.modules))"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "[]"
