@@ -272,6 +272,8 @@ def _check_reference(args, sets, metrics):
 def _plan(args):
     """Check every input before any network loads; returns `(sets, reference_files, metrics)`."""
     labels = _labels(args)
+    if args.prompt is not None and not args.prompt.strip():
+        raise CLIError(f"--prompt {args.prompt!r}: an empty prompt; give the panoramas' prompt, or leave it out.", 2)
     for path, flag, extensions in (
         (args.json, "--json", None),
         (args.csv, "--csv", None),
