@@ -1,0 +1,587 @@
+"""One contract for every pipeline class: SD (`SyncDiffusionPipeline`), SDXL (`SyncDiffusionXLPipeline`) and
+ControlNet (`SyncDiffusionControlNetPipeline`), each on tiny random components (tests/contract_pipelines.py).
+
+API and defaults, bad and unknown input, callbacks, view batches, fast modes and their pass counts, float16 loss
+scaling, schedulers, generator lists and the step noise of stochastic schedulers: what holds for one class holds
+for all three. Only public API is used (`__call__`, components, `set_perceptual_loss`, `scheduler`); models are
+counted by wrapping their `forward`.
+"""
+
+import inspect
+
+import numpy as np
+import PIL.Image
+import pytest
+import torch
+import torch.nn.functional as F
+from contract_pipelines import (
+    KINDS,
+    NUM_VIEWS,
+    REAL_WINDOW,
+    NonCheckpointableDecoder,
+    condition_image,
+    denoisers,
+    pipeline_models,
+    record_forwards,
+    zero_noise_unet,
+)
+from diffusers import (
+    DDIMScheduler,
+    DDPMScheduler,
+    DPMSolverMultistepScheduler,
+    EulerAncestralDiscreteScheduler,
+    EulerDiscreteScheduler,
+    FlowMatchEulerDiscreteScheduler,
+    MultiControlNetModel,
+    UniPCMultistepScheduler,
+)
+
+from pipeline_syncdiffusion import SyncDiffusionPipeline
+from syncdiffusion_utils.counting import expected_plain_step, expected_sync_step
+from syncdiffusion_utils.testing import make_tiny_controlnet
+
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+@pytest.fixture(params=list(KINDS), scope="module")
+def kind(request):
+    """The pipeline class under test, with how to build and call it."""
+    return KINDS[request.param]
+
+
+@pytest.fixture
+def pipe(kind, components_cache, lpips_module):
+    """A fresh pipeline of `kind` (tests may change it)."""
+    return kind.build(components_cache, lpips_module)
+
+
+@pytest.fixture(scope="module")
+def shared_pipe(kind, components_cache, lpips_module):
+    """One pipeline of `kind` for the tests that change nothing in it (monkeypatched forwards are undone)."""
+    return kind.build(components_cache, lpips_module)
+
+
+def relative_difference(actual, expected):
+    """`|actual - expected| / |expected|` in the Frobenius norm, in float32."""
+    actual, expected = actual.float(), expected.float()
+    return ((actual - expected).norm() / expected.norm()).item()
+
+
+def names(argument):
+    """A message pattern naming `argument` in backticks, alone (`stride`) or with a value (`stride=0`)."""
+    return f"`{argument}[`=]"
+
+
+def count_every_model(monkeypatch, pipe):
+    record = []
+    for model in pipeline_models(pipe):
+        record_forwards(monkeypatch, model, record)
+    return record
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# API: the panorama arguments, their defaults, output types
+# ---------------------------------------------------------------------------------------------------------------
+
+SD_PARAMETERS = inspect.signature(SyncDiffusionPipeline.__call__).parameters
+PANORAMA_ARGUMENTS = [
+    "height",
+    "width",
+    "num_inference_steps",
+    "guidance_scale",
+    "view_batch_size",
+    "circular_padding",
+    *[name for name in SD_PARAMETERS if name.startswith("sync_")],
+]
+
+
+def test_every_class_takes_the_panorama_arguments_with_the_sd_defaults(kind):
+    """Every `sync_*` argument, `view_batch_size` and `circular_padding` with the SD class's default; size and
+    guidance differ only where documented (SDXL: 1024x4096, 5.0; ControlNet: the condition's size). The stride's
+    default is checked by what it does (next test)."""
+    assert len(PANORAMA_ARGUMENTS) > 10  # the SD class has its sync_* arguments
+    parameters = inspect.signature(kind.pipeline_class.__call__).parameters
+    assert "stride" in parameters
+    for name in PANORAMA_ARGUMENTS:
+        assert name in parameters, name
+        expected = kind.own_defaults.get(name, SD_PARAMETERS[name].default)
+        assert parameters[name].default == expected, name
+
+
+@torch.no_grad()
+def test_default_stride_is_an_eighth_of_the_window(kind, components_cache, lpips_module, monkeypatch):
+    """SD's 64-latent window: stride 8; SDXL's 128-latent one: 16. A panorama a quarter of a window wider than one
+    window then has 3 views: one UNet call each with `view_batch_size=1` (a UNet predicting zeros: only the count
+    matters here, and attention over 128x128 latents is slow on a CPU)."""
+    window = REAL_WINDOW[kind.name]
+    pipe = kind.build(components_cache, lpips_module, sample_size=window)
+    call = kind.call_arguments(
+        height=8 * window, width=8 * (window + window // 4), num_inference_steps=1, sync_weight=0
+    )
+    del call["stride"]
+    if kind.conditioned:
+        call["controlnet_conditioning_scale"] = 0.0  # the ControlNet does not run
+    zero_noise_unet(monkeypatch, pipe.unet)
+    unet_calls = record_forwards(monkeypatch, pipe.unet)
+    pipe(**call)
+    assert len(unet_calls) == 3
+
+
+@torch.no_grad()
+def test_output_types_and_return_dict(kind, shared_pipe):
+    def images(**kwargs):
+        return kind.images(shared_pipe, num_inference_steps=1, sync_weight=0, **kwargs)
+
+    latents = images(output_type="latent")
+    assert isinstance(latents, torch.Tensor) and latents.shape == (1, 4, 8, 16)
+    array = images(output_type="np")
+    assert isinstance(array, np.ndarray) and array.shape == (1, 64, 128, 3)
+    assert 0 <= array.min() and array.max() <= 1
+    tensor = images(output_type="pt")
+    assert isinstance(tensor, torch.Tensor) and tensor.shape == (1, 3, 64, 128)
+    np.testing.assert_allclose(tensor.permute(0, 2, 3, 1).numpy(), array, atol=1e-6)
+    (pil,) = images(output_type="pil")
+    assert isinstance(pil, PIL.Image.Image) and pil.size == (128, 64)
+    assert np.abs(np.asarray(pil, dtype=np.float32) - array[0] * 255).max() <= 1
+
+    output = kind(shared_pipe, num_inference_steps=1, sync_weight=0, output_type="np", return_dict=False)
+    assert isinstance(output, tuple)
+    np.testing.assert_array_equal(output[0], array)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Bad input: a ValueError naming the argument, before any model runs
+# ---------------------------------------------------------------------------------------------------------------
+
+BAD_INPUTS = [
+    ({"height": 60}, "height"),
+    ({"width": 130}, "width"),
+    ({"stride": 0}, "stride"),
+    ({"stride": 9}, "stride"),
+    ({"view_batch_size": 0}, "view_batch_size"),
+    ({"latents": torch.zeros(1, 4, 8, 8)}, "latents"),
+    ({"sync_weight": -1.0}, "sync_weight"),
+    ({"sync_decay_rate": 0.0}, "sync_decay_rate"),
+    ({"sync_decay_rate": 1.5}, "sync_decay_rate"),
+    ({"sync_freq": 0}, "sync_freq"),
+    ({"sync_thres": -1}, "sync_thres"),
+    ({"sync_mode": "fastest"}, "sync_mode"),
+    ({"sync_gradient": "vae"}, "sync_gradient"),
+    ({"sync_reuse_noise": "yes"}, "sync_reuse_noise"),
+    ({"sync_decoder": "madebyollin/taesd"}, "sync_decoder"),
+    ({"sync_lpips_size": 16}, "sync_lpips_size"),
+    ({"sync_decode_downsample": 0}, "sync_decode_downsample"),
+    ({"sync_decode_downsample": 3}, "sync_decode_downsample"),  # does not divide the 8-latent window
+    ({"sync_gradient_checkpointing": "yes"}, "sync_gradient_checkpointing"),
+    (
+        {"sync_gradient_checkpointing": True, "sync_decoder": NonCheckpointableDecoder()},
+        "sync_gradient_checkpointing",
+    ),
+]
+
+
+@pytest.mark.parametrize("kwargs, argument", BAD_INPUTS, ids=[f"{a}-{i}" for i, (_, a) in enumerate(BAD_INPUTS)])
+def test_bad_input_is_a_value_error_before_any_model_runs(kind, shared_pipe, monkeypatch, kwargs, argument):
+    calls = count_every_model(monkeypatch, shared_pipe)
+    with pytest.raises(ValueError, match=names(argument)):
+        kind(shared_pipe, **kwargs)
+    assert calls == []
+
+
+def test_non_checkpointable_sync_decoder_works_without_checkpointing(kind, shared_pipe):
+    """The decoder of the test above is a working one: only the checkpointing request is wrong."""
+    latents = kind.images(shared_pipe, num_inference_steps=1, sync_decoder=NonCheckpointableDecoder())
+    assert torch.isfinite(latents).all()
+
+
+@pytest.mark.parametrize("name", ["sync_wieght", "image"])
+def test_unknown_keyword_argument_is_a_type_error(kind, shared_pipe, monkeypatch, name):
+    """A typo or an argument of another class is not silently ignored."""
+    if name == "image" and kind.conditioned:
+        pytest.skip("the ControlNet class takes `image`")
+    value = 50 if name == "sync_wieght" else condition_image(64, 128)
+    calls = count_every_model(monkeypatch, shared_pipe)
+    with pytest.raises(TypeError, match=name):
+        kind(shared_pipe, num_inference_steps=1, sync_weight=0, **{name: value})
+    assert calls == []
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Callbacks
+# ---------------------------------------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def test_deprecated_callback_without_callback_steps_runs_every_step(kind, shared_pipe):
+    calls = []
+    latents = kind.images(
+        shared_pipe,
+        num_inference_steps=3,
+        sync_weight=0,
+        callback=lambda step, timestep, latents: calls.append((step, latents.clone())),
+    )
+    assert [step for step, _ in calls] == [0, 1, 2]
+    torch.testing.assert_close(calls[-1][1], latents, atol=0, rtol=0)
+
+
+@torch.no_grad()
+def test_callback_on_step_end_replaces_the_latents(kind, shared_pipe):
+    def replace_at(step_to_replace, replacement):
+        def callback(pipeline, step, timestep, tensors):
+            return {"latents": replacement(tensors["latents"])} if step == step_to_replace else {}
+
+        return kind.images(
+            shared_pipe, sync_weight=0, callback_on_step_end=callback, callback_on_step_end_tensor_inputs=["latents"]
+        )
+
+    last = replace_at(1, lambda latents: torch.full_like(latents, 0.5))
+    assert (last == 0.5).all()  # the last step's replacement is the result
+    plain = kind.images(shared_pipe, sync_weight=0)
+    assert relative_difference(replace_at(0, torch.zeros_like), plain) > 0.1  # the next step started from it
+
+
+@torch.no_grad()
+def test_pipeline_callback_with_its_own_tensor_inputs_takes_effect(kind, shared_pipe, monkeypatch):
+    """diffusers' CFG cutoff callback (its `tensor_inputs` are the prompt embeddings, not `latents`) after step 1
+    of 3: the last step runs without guidance, one UNet row per view instead of two."""
+    unet_batches = record_forwards(monkeypatch, shared_pipe.unet)
+    latents = kind.images(
+        shared_pipe,
+        num_inference_steps=3,
+        sync_weight=0,
+        callback_on_step_end=kind.cfg_cutoff_callback(cutoff_step_ratio=0.5),
+    )
+    assert torch.isfinite(latents).all()
+    assert unet_batches == [2] * (2 * NUM_VIEWS) + [1] * NUM_VIEWS
+    assert shared_pipe.guidance_scale == 0.0
+
+
+@torch.no_grad()
+def test_interrupt_from_a_callback_stops_the_loop(kind, shared_pipe, monkeypatch):
+    calls = []
+    for model in denoisers(shared_pipe):
+        record_forwards(monkeypatch, model, calls)
+    at_interrupt, steps = [], []
+
+    def callback(pipeline, step, timestep, tensors):
+        steps.append(step)
+        pipeline._interrupt = True
+        at_interrupt.append(len(calls))
+        return {}
+
+    kind(shared_pipe, num_inference_steps=4, sync_weight=0, callback_on_step_end=callback)
+    assert steps == [0]
+    assert at_interrupt[0] > 0 and len(calls) == at_interrupt[0]  # no model ran after the interrupt
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Fast modes and the passes each mode makes; view batches: the same latents whatever the batching
+# ---------------------------------------------------------------------------------------------------------------
+
+# Relative difference (Frobenius norm) of float32 latents batched differently, 2 steps of which 1 synchronized:
+# measured up to 2.4e-5 (batch of 3 against 1, SD; ControlNet 1.7e-5, SDXL 1.1e-6; "auto" 1.3e-6) on 1 and 2
+# threads. A 1% error of the synchronization weight moves them by 1.2e-4 (SDXL) to 2.2e-4 (SD).
+BATCHING_NOISE = 6e-5
+
+MODES = {
+    "multidiffusion": ({"sync_weight": 0}, None),
+    "exact": ({}, {}),
+    "fast": ({"sync_mode": "fast"}, {"gradient": "x0", "reuse_noise": True}),
+    "x0_gradient": ({"sync_gradient": "x0"}, {"gradient": "x0"}),
+    "reuse_noise": ({"sync_reuse_noise": True}, {"reuse_noise": True}),
+}
+
+
+@pytest.fixture(scope="module")
+def mode_runs(components_cache, lpips_module):
+    """`run(kind, mode)`: the latents of 2 steps, the first synchronized, and the view-passes of each denoiser
+    (batches over images and guidance rows), computed once per module."""
+    runs = {}
+
+    def run(kind, mode):
+        if (kind.name, mode) not in runs:
+            pipe = kind.build(components_cache, lpips_module)
+            with pytest.MonkeyPatch.context() as monkeypatch, torch.no_grad():
+                batches = [record_forwards(monkeypatch, model) for model in denoisers(pipe)]
+                latents = kind.images(pipe, sync_thres=1, **MODES[mode][0])
+            view_passes = [sum(record) / 2 for record in batches]  # guidance: two rows per view, one image
+            runs[kind.name, mode] = latents, view_passes
+        return runs[kind.name, mode]
+
+    return run
+
+
+@pytest.mark.parametrize("mode", list(MODES))
+def test_denoiser_passes_follow_the_documented_formulas(kind, mode_runs, mode):
+    """UNet (and ControlNet) forwards in view-passes: docs/algorithm.md's table, `syncdiffusion_utils.counting`."""
+    latents, view_passes = mode_runs(kind, mode)
+    assert torch.isfinite(latents).all()
+    controlnet = kind.conditioned
+    sync_options = MODES[mode][1]
+    first = (
+        expected_plain_step(NUM_VIEWS, controlnet=controlnet)
+        if sync_options is None
+        else expected_sync_step(NUM_VIEWS, controlnet=controlnet, **sync_options)
+    )
+    second = expected_plain_step(NUM_VIEWS, controlnet=controlnet)
+    assert view_passes[0] == first["unet_fwd"] + second["unet_fwd"]
+    if controlnet:
+        assert view_passes[1] == first["controlnet_fwd"] + second["controlnet_fwd"]
+
+
+# Measured relative differences (Frobenius norm) of the fast modes' latents: from the exact mode's 5.4e-3 (SDXL) to
+# 1.7e-2 (SD), from MultiDiffusion's 8.4e-3 to 1.5e-2; float32 noise is below BATCHING_NOISE (6e-5).
+@pytest.mark.parametrize("mode", ["fast", "x0_gradient", "reuse_noise"])
+def test_fast_modes_differ_from_exact_and_from_multidiffusion(kind, mode_runs, mode):
+    latents, _ = mode_runs(kind, mode)
+    assert relative_difference(latents, mode_runs(kind, "exact")[0]) > 2e-3
+    assert relative_difference(latents, mode_runs(kind, "multidiffusion")[0]) > 2e-3
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("view_batch_size", [2, 3, "auto"])
+def test_view_batch_sizes_give_the_same_latents(kind, shared_pipe, mode_runs, view_batch_size):
+    one_view_per_batch = mode_runs(kind, "exact")[0]
+    batched = kind.images(shared_pipe, sync_thres=1, view_batch_size=view_batch_size)
+    assert relative_difference(batched, one_view_per_batch) < BATCHING_NOISE
+
+
+@torch.no_grad()
+def test_view_batch_tolerance_catches_a_one_percent_weight_error(kind, shared_pipe, mode_runs):
+    wrong_weight = kind.images(shared_pipe, sync_thres=1, sync_weight=20.2)
+    assert relative_difference(wrong_weight, mode_runs(kind, "exact")[0]) > BATCHING_NOISE
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# float16: the synchronization update matches float32's (loss scaling)
+# ---------------------------------------------------------------------------------------------------------------
+
+# As in tests/test_fp16.py: LPIPS times 1e-3 (the weight times 1e3) brings the tiny model's image gradients down to
+# where real models' are, below float16's smallest normal number without loss scaling.
+LOSS_SCALE = 1e-3
+FP16_SYNC_WEIGHT = 400.0 / LOSS_SCALE
+
+
+class ScaledLoss(torch.nn.Module):
+    def __init__(self, loss, scale):
+        super().__init__()
+        self.loss, self.scale = loss, scale
+
+    def forward(self, images, anchor_images):
+        return self.scale * self.loss(images, anchor_images)
+
+
+def synchronization_update(kind, components_cache, lpips_module, dtype, force_upcast=False):
+    """One synchronized DDIM step of the 64x128 panorama, all 3 views in one batch: each view's latent change (the
+    sample the scheduler steps from, minus the view's initial latents)."""
+    pipe = kind.build(components_cache, lpips_module)
+    pipe.vae.register_to_config(force_upcast=force_upcast)
+    pipe.set_perceptual_loss(ScaledLoss(lpips_module, LOSS_SCALE))
+    pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
+    stepped = []
+    step = pipe.scheduler.step
+
+    def recording_step(model_output, timestep, sample, *args, **kwargs):
+        stepped.append(sample.detach().float().clone())
+        return step(model_output, timestep, sample, *args, **kwargs)
+
+    pipe.scheduler.step = recording_step
+    pipe = pipe.to(dtype)
+    latents = torch.randn(1, 4, 8, 16, generator=torch.Generator().manual_seed(0)).to(dtype)
+    with torch.no_grad():
+        kind(
+            pipe,
+            latents=latents,
+            num_inference_steps=1,
+            sync_thres=1,
+            sync_weight=FP16_SYNC_WEIGHT,
+            view_batch_size=NUM_VIEWS,
+        )
+    (sample,) = stepped
+    views = torch.cat([latents.float()[..., start : start + 8] for start in (0, 4, 8)])
+    return sample - views
+
+
+def assert_float16_update_matches_float32(reference, half):
+    # Measured: cosine 0.99974 / relative error 2.3% (SD), 0.99966 / 2.6% (ControlNet), 0.99930 / 3.8% (SDXL, float16
+    # VAE). Without loss scaling the SD update had cosine 0.176; the SDXL update with an upcast VAE, which today takes
+    # the loss scale from the float32 image, has cosine 0.9939 and relative error 11% (4% of its entries zero), and
+    # 0.99973 / 2.4% when the loss scale follows the float16 UNet.
+    assert reference.abs().max() > 0.5  # far above float16's rounding of the latents (~1e-3)
+    cosine = F.cosine_similarity(half.flatten(), reference.flatten(), dim=0).item()
+    assert cosine > 0.999
+    assert relative_difference(half, reference) < 0.05
+
+
+def test_float16_update_matches_float32(kind, components_cache, lpips_module):
+    reference = synchronization_update(kind, components_cache, lpips_module, torch.float32)
+    half = synchronization_update(kind, components_cache, lpips_module, torch.float16)
+    assert_float16_update_matches_float32(reference, half)
+
+
+def test_float16_unet_gradient_is_loss_scaled_when_the_vae_is_upcast(components_cache, lpips_module):
+    """SDXL's VAE with `force_upcast=True` decodes in float32 inside a float16 pipeline; the gradient still goes
+    back through the float16 UNet, so it needs the loss scale as much as with a float16 VAE."""
+    kind = KINDS["sdxl"]
+    reference = synchronization_update(kind, components_cache, lpips_module, torch.float32, force_upcast=True)
+    half = synchronization_update(kind, components_cache, lpips_module, torch.float16, force_upcast=True)
+    assert_float16_update_matches_float32(reference, half)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Schedulers
+# ---------------------------------------------------------------------------------------------------------------
+
+SCHEDULERS = {
+    "ddim": (DDIMScheduler, {}),
+    "euler": (EulerDiscreteScheduler, {}),
+    "dpmsolver++": (DPMSolverMultistepScheduler, {"algorithm_type": "dpmsolver++"}),
+    "unipc": (UniPCMultistepScheduler, {}),
+    "euler_ancestral": (EulerAncestralDiscreteScheduler, {}),
+}
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("name", list(SCHEDULERS))
+def test_scheduler_runs_synchronized(kind, pipe, name):
+    scheduler_class, options = SCHEDULERS[name]
+    pipe.scheduler = scheduler_class.from_config(pipe.scheduler.config, **options)
+    # 64x96 pixels: 2 views at stride 4, the second the anchor
+    synchronized = kind.images(pipe, width=96, sync_thres=1)
+    plain = kind.images(pipe, width=96, sync_weight=0)
+    assert torch.isfinite(synchronized).all()
+    # measured: 1.3e-2 to 2.1e-2 (the synchronization acted); float32 noise is below BATCHING_NOISE
+    assert relative_difference(synchronized, plain) > 5e-3
+
+
+def test_flow_matching_scheduler_is_refused_before_any_model_runs(kind, pipe, monkeypatch):
+    """An epsilon / v-prediction UNet under a flow-matching scheduler gets a wrong clean-latent formula."""
+    pipe.scheduler = FlowMatchEulerDiscreteScheduler()
+    calls = count_every_model(monkeypatch, pipe)
+    with pytest.raises(ValueError) as error:
+        kind(pipe)
+    assert "scheduler" in str(error.value) and "FlowMatchEulerDiscreteScheduler" in str(error.value)
+    assert calls == []
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Generators: a list, one per image, with stochastic schedulers and several views per batch
+# ---------------------------------------------------------------------------------------------------------------
+
+STOCHASTIC = {
+    "euler_ancestral": (EulerAncestralDiscreteScheduler, {}),
+    "ddim_eta": (DDIMScheduler, {"eta": 0.5}),
+}
+# Measured: the two-image call and two one-image calls differ by up to 1.8e-5 (relative, Frobenius norm; guidance
+# batches and the synchronization update round differently), 0 without synchronization; another generator for an
+# image changes it by ~1.
+GENERATOR_NOISE = 1e-4
+
+
+def assert_each_image_is_its_own_call(kind, pipe, **call):
+    """`num_images_per_prompt=2` with `generator=[g1, g2]`: image k is the image of a one-image call with `g_k`."""
+    seeds = (1, 2)
+    both = kind.images(
+        pipe, num_images_per_prompt=2, generator=[torch.Generator().manual_seed(s) for s in seeds], **call
+    )
+    assert both.shape == (2, 4, 8, call.get("width", 128) // 8) and torch.isfinite(both).all()
+    for k, seed in enumerate(seeds):
+        alone = kind.images(pipe, generator=torch.Generator().manual_seed(seed), **call)
+        assert relative_difference(both[k : k + 1], alone) < GENERATOR_NOISE, k
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("view_batch_size", [2, "auto"])
+@pytest.mark.parametrize("name", list(STOCHASTIC))
+def test_generator_list_gives_each_image_its_own_call(kind, pipe, name, view_batch_size):
+    """Several views per batch and images per call, each image's step noise from its own generator (the step noise
+    is what differs from a deterministic scheduler; synchronized: the next test)."""
+    scheduler_class, call_options = STOCHASTIC[name]
+    pipe.scheduler = scheduler_class.from_config(pipe.scheduler.config)
+    assert_each_image_is_its_own_call(kind, pipe, sync_weight=0, view_batch_size=view_batch_size, **call_options)
+
+
+@torch.no_grad()
+def test_generator_list_gives_each_image_its_own_synchronized_call(kind, pipe):
+    """The same with synchronization, each image synchronized to its own anchor (64x96 pixels: 2 views, one
+    batch)."""
+    pipe.scheduler = EulerAncestralDiscreteScheduler.from_config(pipe.scheduler.config)
+    assert_each_image_is_its_own_call(kind, pipe, width=96, sync_thres=1, view_batch_size=2)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Stochastic schedulers' step noise: the same variance wherever views overlap
+# ---------------------------------------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("scheduler_class", [DDPMScheduler, EulerAncestralDiscreteScheduler])
+def test_step_noise_variance_does_not_depend_on_the_view_overlap(kind, pipe, monkeypatch, scheduler_class):
+    """
+    With a UNet that predicts zero noise and zero initial latents, the latents at the end are the schedulers'
+    injected noise. Its variance must be a single image's in every column of the panorama: in the edge columns
+    (one view) and in the centre (4 views at stride 2). Averaging independently drawn noise of k views instead
+    leaves 1/k of it (measured: 0.24 of a single image's in the centre, 0.91 at the edges).
+    """
+    pipe.scheduler = scheduler_class.from_config(pipe.scheduler.config)
+    zero_noise_unet(monkeypatch, pipe.unet)
+    images = 16  # 16 images x 4 channels x 8 rows: 512 samples per latent column
+
+    def final_latents(width):
+        return kind.images(
+            pipe,
+            width=width,
+            stride=2,
+            num_images_per_prompt=images,
+            latents=torch.zeros(images, 4, 8, width // 8),
+            sync_weight=0,
+            view_batch_size=3,
+        )
+
+    single = final_latents(64).var().item()
+    assert single > 0
+    column_variance = final_latents(128).var(dim=(0, 1, 2)) / single
+    # views at columns 0, 2, ..., 8: columns 0-1 and 14-15 in one view, 6-9 in four
+    edges, centre = column_variance[[0, 1, 14, 15]].mean().item(), column_variance[6:10].mean().item()
+    # 2048 samples per group: a variance estimate's relative standard error is 3%
+    assert 0.8 < edges < 1.25
+    assert 0.8 < centre < 1.25
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Multi-ControlNet (ControlNet class only)
+# ---------------------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def multi_controlnet_pipe(components_cache, lpips_module):
+    kind = KINDS["controlnet"]
+    pipe = kind.build(components_cache, lpips_module)
+    second = make_tiny_controlnet(pipe.unet, seed=1)
+    multi = kind.pipeline_class(
+        **{**pipe.components, "controlnet": MultiControlNetModel([pipe.controlnet, second])},
+        requires_safety_checker=False,
+    )
+    multi.set_perceptual_loss(lpips_module)
+    multi.set_progress_bar_config(disable=True)
+    return multi
+
+
+@pytest.mark.parametrize("argument", ["control_guidance_start", "control_guidance_end"])
+def test_one_guidance_window_for_two_controlnets_is_refused(multi_controlnet_pipe, monkeypatch, argument):
+    """A one-element list for two ControlNets is refused as diffusers refuses it (today `control_guidance_end=[1.0]`
+    with scales `[1, 1]` silently drops the second ControlNet)."""
+    pipe = multi_controlnet_pipe
+    calls = count_every_model(monkeypatch, pipe)
+    value = [0.0] if argument == "control_guidance_start" else [1.0]
+    with pytest.raises(ValueError, match=names(argument)):
+        KINDS["controlnet"](
+            pipe,
+            image=[condition_image(64, 128, seed) for seed in (0, 1)],
+            controlnet_conditioning_scale=[1.0, 1.0],
+            num_inference_steps=1,
+            sync_weight=0,
+            **{argument: value},
+        )
+    assert calls == []
