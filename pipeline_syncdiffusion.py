@@ -13,12 +13,15 @@ import inspect
 import json
 import os
 import shutil
+import sys
 import warnings
 from contextlib import contextmanager
+from dataclasses import dataclass, replace
 from typing import Any, Callable
 
 import torch
 import torch.nn.functional as F
+from diffusers.callbacks import MultiPipelineCallbacks, PipelineCallback
 from diffusers.image_processor import PipelineImageInput, VaeImageProcessor
 from diffusers.loaders import (
     FromSingleFileMixin,
@@ -45,24 +48,6 @@ from transformers import CLIPImageProcessor, CLIPTextModel, CLIPTokenizer, CLIPV
 
 logger = logging.get_logger(__name__)  # pylint: disable=invalid-name
 
-SYNC_MODES = ("exact", "fast")
-SYNC_GRADIENTS = ("unet", "x0")
-# torchvision's VGG-16 weights, the backbone of LPIPS-VGG, downloaded into `torch.hub.get_dir()/checkpoints` on first use.
-_VGG16_URL = "https://download.pytorch.org/models/vgg16-397923af.pth"
-_VGG16_FILE = _VGG16_URL.rsplit("/", 1)[-1]
-
-
-def _missing_vgg_weights_message(error) -> str:
-    """One line: LPIPS-VGG's backbone could not be downloaded, and the two ways out."""
-    cache = os.path.join(torch.hub.get_dir(), "checkpoints", _VGG16_FILE)
-    reason = " ".join(str(getattr(error, "reason", None) or error).split())
-    return (
-        f"LPIPS-VGG needs torchvision's VGG-16 weights and could not download them ({reason}): put {_VGG16_FILE}"
-        f" (from {_VGG16_URL}) at {cache}, or pass a local copy with"
-        " `pipe.set_perceptual_loss(vgg_weights=PATH)` (another loss: `pipe.set_perceptual_loss(module)`)."
-    )
-
-
 EXAMPLE_DOC_STRING = """
     Examples:
         ```py
@@ -83,6 +68,295 @@ EXAMPLE_DOC_STRING = """
         >>> image = pipe(prompt, height=512, width=2048, sync_weight=20.0).images[0]
         ```
 """
+
+# ----------------------------------------------------------------------------------------------------------------------
+# The panorama core. It knows nothing of UNets, transformers or text encoders, and every syncdiffusion pipeline file
+# holds it verbatim, with the core methods of its class: `# Copied from pipeline_syncdiffusion.<name>`, checked by
+# `python -m syncdiffusion_utils.check_copies`.
+# ----------------------------------------------------------------------------------------------------------------------
+
+SYNC_MODES = ("exact", "fast")
+
+VARIANCE_PRESERVING = "variance-preserving"
+SIGMA_SCALED = "sigma-scaled"
+FLOW_MATCHING = "flow-matching"
+# Scheduler families: how a scheduler's noisy latent `z` relates to the clean one `x0`, so how the clean latent is
+# predicted and on which latent the synchronization step is taken; the schedulers of each family whose clean-latent
+# prediction is tested against their own.
+SCHEDULER_FAMILIES = {
+    # z = alpha x0 + sigma eps with alpha**2 + sigma**2 = 1; the model sees z
+    VARIANCE_PRESERVING: (
+        "DDIMScheduler",
+        "DDPMScheduler",
+        "PNDMScheduler",
+        "DPMSolverMultistepScheduler",
+        "UniPCMultistepScheduler",
+    ),
+    # z = x0 + sigma eps; the model sees the variance-preserving z / sqrt(sigma**2 + 1)
+    SIGMA_SCALED: (
+        "EulerDiscreteScheduler",
+        "EulerAncestralDiscreteScheduler",
+        "LMSDiscreteScheduler",
+        "HeunDiscreteScheduler",
+        "KDPM2DiscreteScheduler",
+        "KDPM2AncestralDiscreteScheduler",
+    ),
+    # z = (1 - sigma) x0 + sigma eps; the model sees z and predicts the velocity v = eps - x0
+    FLOW_MATCHING: ("FlowMatchEulerDiscreteScheduler",),
+}
+
+
+def scheduler_family(scheduler) -> str | None:
+    """The family of `scheduler` (a class of `SCHEDULER_FAMILIES`, or a subclass), None if it is of none of them.
+
+    A variance-preserving scheduler set to flow sigmas (`use_flow_sigmas`, `prediction_type="flow_prediction"`) is a
+    flow-matching one.
+    """
+    config = scheduler.config
+    if config.get("use_flow_sigmas", False) or config.get("prediction_type") == "flow_prediction":
+        return FLOW_MATCHING
+    names = {cls.__name__ for cls in type(scheduler).__mro__}
+    return next((family for family, members in SCHEDULER_FAMILIES.items() if names & set(members)), None)
+
+
+@dataclass(frozen=True)
+class SyncSettings:
+    """The synchronization of one call: the `sync_*` arguments of `__call__`, resolved."""
+
+    weight: float = 20.0  # w: the step size of the gradient descent; 0 turns synchronization off
+    decay_rate: float = 0.95  # the weight at step i is weight * decay_rate**i
+    freq: int = 1  # synchronize every freq-th step ...
+    thres: int = 5  # ... of the first thres steps
+    through_denoiser: bool = True  # exact: differentiate through the denoiser; False: its prediction is held constant
+    reuse_noise: bool = False  # the denoising step reuses the prediction made before the update
+    decoder: Any = None  # the decoder of the compared images; None: the pipeline's VAE
+    lpips_size: int | None = None
+    decode_downsample: int = 1
+    checkpointing: bool = False
+    gradient_batch_size: int = 1  # views per gradient pass
+
+    @classmethod
+    def from_arguments(cls, mode="exact", gradient=None, reuse_noise=None, **settings):
+        """`sync_mode="fast"` means an x0 gradient and a reused prediction, unless those are given."""
+        fast = mode == "fast"
+        through_denoiser = not fast if gradient is None else gradient != "x0"
+        return cls(
+            through_denoiser=through_denoiser, reuse_noise=fast if reuse_noise is None else reuse_noise, **settings
+        )
+
+    @property
+    def active(self) -> bool:
+        return self.weight > 0 and self.thres > 0
+
+    def weight_at(self, step: int) -> float | None:
+        """The weight of denoising step `step`, or None where that step is not synchronized."""
+        if not self.active or step >= self.thres or (step + 1) % self.freq != 0:
+            return None
+        return self.weight * self.decay_rate**step
+
+
+def view_starts(size: int, window: int, stride: int, circular: bool = False) -> list[int]:
+    """Start offsets of the views along one axis of `size` latent pixels.
+
+    If the stride does not divide the span, one more view is added flush with the far edge, so that every latent pixel
+    is denoised. Circular views start every `stride` pixels all the way round; the last ones wrap past the edge.
+    """
+    if size <= window:
+        return [0]
+    if circular:
+        return list(range(0, size, stride))
+    starts = list(range(0, size - window + 1, stride))
+    if starts[-1] != size - window:
+        starts.append(size - window)
+    return starts
+
+
+def get_views(height: int, width: int, window: int, stride: int, circular: bool = False) -> list[tuple]:
+    """Windows of a `height x width` latent, row-major, as `(h_start, h_end, w_start, w_end)` in latent pixels.
+
+    Views wrap around the right edge with `circular` (then `w_end` may exceed `width`).
+    """
+    rows = view_starts(height, window, stride)
+    columns = view_starts(width, window, stride, circular)
+    window_h, window_w = min(window, height), min(window, width)
+    return [(h, h + window_h, w, w + window_w) for h in rows for w in columns]
+
+
+def view_columns(view: tuple, width: int, device) -> torch.Tensor:
+    """Column indices of a view, wrapped around the panorama for circular views."""
+    return torch.arange(view[2], view[3], device=device) % width
+
+
+def crop_views(latents: torch.Tensor, views: list) -> torch.Tensor:
+    """The crops of `latents` under `views`, stacked view-major: `(len(views) * batch, channels, h, w)`."""
+    width = latents.shape[-1]
+    crops = []
+    for view in views:
+        h_start, h_end, w_start, w_end = view
+        if w_end <= width:
+            crops.append(latents[:, :, h_start:h_end, w_start:w_end])
+        else:
+            crops.append(latents[:, :, h_start:h_end].index_select(3, view_columns(view, width, latents.device)))
+    return torch.cat(crops)
+
+
+def add_views(value: torch.Tensor, count: torch.Tensor, view_latents: torch.Tensor, views: list):
+    """Accumulate view-major `view_latents` into the panorama sums `value` and their counts `count`."""
+    width = value.shape[-1]
+    for crop, view in zip(view_latents.chunk(len(views)), views):
+        h_start, h_end, w_start, w_end = view
+        if w_end <= width:
+            value[:, :, h_start:h_end, w_start:w_end] += crop
+            count[:, :, h_start:h_end, w_start:w_end] += 1
+        else:
+            columns = view_columns(view, width, value.device)
+            value[:, :, h_start:h_end].index_add_(3, columns, crop.to(value.dtype))
+            count[:, :, h_start:h_end].index_add_(3, columns, torch.ones_like(crop, dtype=count.dtype))
+
+
+def balanced_batch_size(count: int, limit) -> int:
+    """The batch size that splits `count` items into the fewest batches of at most `limit`, as even as can be."""
+    limit = int(min(max(limit, 1), count))
+    batches = -(-count // limit)
+    return -(-count // batches)
+
+
+class PanoramaNoise:
+    """
+    The noise a stochastic scheduler (Euler ancestral, DDIM with `eta > 0`, DDPM, ...) injects at one evaluation,
+    drawn once for the whole panorama latent; each view batch's `scheduler.step` gets its views' crop of it.
+
+    Drawn per view batch, as the deprecated panorama pipeline does, the views' noises are independent and their mean
+    gives a latent pixel covered by k views 1/k of the scheduler's variance. The scheduler draws through its module's
+    `randn_tensor`, which `crop` stands in for during one `step`; with one view the numbers are those it would draw.
+    """
+
+    def __init__(self, scheduler, shape):
+        self.module = sys.modules[type(scheduler).step.__module__]
+        self.shape = tuple(shape)
+        self.noise = None
+
+    def new_evaluation(self):
+        self.noise = None
+
+    @contextmanager
+    def crop(self, views: list):
+        draw = getattr(self.module, "randn_tensor", None)
+        if draw is None:  # a scheduler that draws no noise this way
+            yield
+            return
+
+        def view_noise(shape, generator=None, device=None, dtype=None, layout=None):
+            if self.noise is None:
+                self.noise = draw(self.shape, generator=generator, device=device, dtype=dtype, layout=layout)
+            noise = crop_views(self.noise, views)
+            if tuple(noise.shape) != tuple(shape):
+                raise RuntimeError(f"the scheduler drew noise of shape {tuple(shape)}, not its views' {noise.shape}")
+            return noise.to(device=device, dtype=dtype)
+
+        self.module.randn_tensor = view_noise
+        try:
+            yield
+        finally:
+            self.module.randn_tensor = draw
+
+
+@dataclass
+class PanoramaState:
+    """The views of one call and what the denoising loop keeps between its steps."""
+
+    views: list
+    view_batches: list
+    scheduler_states: list  # one per view batch: multistep schedulers keep a per-sample history
+    anchor_view: tuple
+    anchor_batch: int
+    value: torch.Tensor  # the float32 sums of the denoised views (a pixel can be the sum of dozens)
+    count: torch.Tensor
+    noise: PanoramaNoise
+    step: int = -1  # the denoising step; second-order schedulers evaluate the model twice per step
+
+
+def loss_scale(image_grad: torch.Tensor, dtypes) -> torch.Tensor:
+    """
+    Per view, the power of two that brings the largest image gradient to 2**6 when a backward pass runs in float16
+    (any of `dtypes`: the decoder's and the denoiser's), else 1.
+
+    In float16, LPIPS gradients (~1e-6 per pixel at 512x512) fall below its smallest normal number (6e-5) on their
+    way back; as in mixed-precision training they are scaled first. 2**6 leaves a factor of 1000 of headroom below
+    float16's maximum for their growth through the decoder and the denoiser.
+    """
+    if torch.float16 not in dtypes:
+        return torch.ones((), device=image_grad.device)
+    peak = image_grad.abs().flatten(1).amax(1).clamp_min(torch.finfo(torch.float32).tiny)
+    return torch.exp2(torch.floor(torch.log2(2.0**6 / peak))).view(-1, 1, 1, 1)
+
+
+def unscale_gradient(grad: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """The float32 gradient `grad / scale`; a clear error rather than a NaN panorama if float16 overflowed."""
+    grad = grad.float() / scale
+    if scale.ndim and not torch.isfinite(grad).all():
+        raise FloatingPointError(
+            "the synchronization gradient overflowed in float16; run the VAE in float32"
+            " (`pipe.vae.to(torch.float32)`) or the pipeline in bfloat16."
+        )
+    return grad
+
+
+def perceptual_gradient(clean_latents, anchor_images, decode, distance, backward_dtypes):
+    """
+    `(d L / d x0 * scale, scale)` with `L = sum_v distance(decode(x0_v), anchor_v)`, for a stack of clean latents.
+
+    The distance runs and differentiates in float32; `scale` is the `loss_scale` of the backward through `decode`
+    and the denoiser. Each view's distance depends only on its own latent, so one backward gives every view's gradient.
+    """
+    clean_latents = clean_latents.detach().requires_grad_(True)
+    images = decode(clean_latents)
+    compared = images.detach().float().requires_grad_(True)
+    (image_grad,) = torch.autograd.grad(distance(compared, anchor_images).sum(), compared)
+    scale = loss_scale(image_grad, (images.dtype, *backward_dtypes))
+    (grad,) = torch.autograd.grad(images, clean_latents, (image_grad * scale).to(images.dtype))
+    return grad, scale
+
+
+def synchronization_update(model_input, anchor_images, weight, predict_clean, decode, distance, before_backward=None):
+    """
+    SyncDiffusion's update of a stack of views: `u <- u - w * d distance(decode(x0(u)), anchor) / d u`.
+
+    `model_input` is the denoiser's input `u`; `predict_clean(u) -> (x0, model_output)` runs the denoiser, with or
+    without its gradient; `before_backward()` runs before the backward through it (model CPU offloading moves the
+    denoiser away while the decoder runs). Returns the float32 updated input and the model output made before.
+    """
+    model_input = model_input.detach().requires_grad_(True)
+    with torch.enable_grad():
+        clean_latents, model_output = predict_clean(model_input)
+        clean_grad, scale = perceptual_gradient(clean_latents, anchor_images, decode, distance, (clean_latents.dtype,))
+        if before_backward is not None:
+            before_backward()
+        (grad,) = torch.autograd.grad(clean_latents, model_input, clean_grad.to(clean_latents.dtype))
+    return model_input.detach().float() - weight * unscale_gradient(grad, scale), model_output.detach()
+
+
+def onload(model):
+    """Move `model` back to the execution device if model CPU offloading took it away (as a forward call would)."""
+    hook = getattr(model, "_hf_hook", None)
+    if hook is not None and hasattr(hook, "pre_forward"):
+        hook.pre_forward(model)
+
+
+# torchvision's VGG-16 weights, the backbone of LPIPS-VGG, downloaded into `torch.hub.get_dir()/checkpoints` on first use.
+_VGG16_URL = "https://download.pytorch.org/models/vgg16-397923af.pth"
+_VGG16_FILE = _VGG16_URL.rsplit("/", 1)[-1]
+
+
+def _missing_vgg_weights_message(error) -> str:
+    """One line: LPIPS-VGG's backbone could not be downloaded, and the two ways out."""
+    cache = os.path.join(torch.hub.get_dir(), "checkpoints", _VGG16_FILE)
+    reason = " ".join(str(getattr(error, "reason", None) or error).split())
+    return (
+        f"LPIPS-VGG needs torchvision's VGG-16 weights and could not download them ({reason}): put {_VGG16_FILE}"
+        f" (from {_VGG16_URL}) at {cache}, or pass a local copy with"
+        " `pipe.set_perceptual_loss(vgg_weights=PATH)` (another loss: `pipe.set_perceptual_loss(module)`)."
+    )
 
 
 class SyncDiffusionPipeline(
@@ -135,6 +409,9 @@ class SyncDiffusionPipeline(
     _optional_components = ["safety_checker", "feature_extractor", "image_encoder"]
     _exclude_from_cpu_offload = ["safety_checker"]
     _callback_tensor_inputs = ["latents", "prompt_embeds", "negative_prompt_embeds"]
+    # The scheduler families this pipeline supports, and the name of the exact synchronization gradient.
+    _scheduler_families = (VARIANCE_PRESERVING, SIGMA_SCALED)
+    sync_denoiser_gradient = "unet"
     # A saved pipeline carries its source as `{_source_name}.py`; `custom_pipeline="syncdiffusion"` names it.
     _source_name = "syncdiffusion"
 
@@ -276,9 +553,9 @@ class SyncDiffusionPipeline(
         )
         return self.text_encoder.final_layer_norm(output.hidden_states[-(clip_skip + 1)])
 
-    # ------------------------------------------------------------------------------------------------------------
+    # ------------------------------------------------------------------------------------------------------------------
     # Inputs
-    # ------------------------------------------------------------------------------------------------------------
+    # ------------------------------------------------------------------------------------------------------------------
 
     def check_inputs(
         self,
@@ -295,38 +572,54 @@ class SyncDiffusionPipeline(
         num_inference_steps=50,
         num_images_per_prompt=1,
         latents=None,
-        view_batch_size=1,
-        stride=8,
         guidance_rescale=0.0,
-        sync_weight=0.0,
-        sync_decay_rate=0.95,
-        sync_freq=1,
-        sync_thres=5,
-        sync_mode="exact",
-        sync_gradient=None,
-        sync_reuse_noise=None,
-        sync_decoder=None,
-        sync_lpips_size=None,
-        sync_decode_downsample=1,
-        sync_gradient_checkpointing=False,
+        **panorama_inputs,
     ):
-        """Raise a `ValueError` naming the argument, its value and what is allowed, before any model runs."""
-        factor = self.vae_scale_factor
-        for name, value in (("height", height), ("width", width)):
-            if not isinstance(value, int) or value <= 0 or value % factor != 0:
-                raise ValueError(
-                    f"`{name}` has to be a positive multiple of the VAE scale factor {factor}, but is {value!r}."
-                )
-        if callback_steps is not None and (not isinstance(callback_steps, int) or callback_steps <= 0):
-            raise ValueError(f"`callback_steps` has to be a positive integer, but is {callback_steps!r}.")
-        if callback_on_step_end_tensor_inputs is not None:
-            unknown = [k for k in callback_on_step_end_tensor_inputs if k not in self._callback_tensor_inputs]
-            if unknown:
-                raise ValueError(
-                    f"`callback_on_step_end_tensor_inputs` has to be in {self._callback_tensor_inputs}, but found"
-                    f" {unknown}."
-                )
+        """
+        Raise a `ValueError` naming the argument, its value and what is allowed, before any model runs: the prompt,
+        IP-Adapter and latents here, the panorama's, the synchronization's and the scheduler in
+        `check_panorama_inputs`.
+        """
+        self.check_panorama_inputs(
+            height,
+            width,
+            size_multiple=self.vae_scale_factor,
+            window=self.unet.config.sample_size,
+            num_inference_steps=num_inference_steps,
+            num_images_per_prompt=num_images_per_prompt,
+            callback_steps=callback_steps,
+            callback_on_step_end_tensor_inputs=callback_on_step_end_tensor_inputs,
+            **panorama_inputs,
+        )
+        self.check_prompt_inputs(
+            prompt,
+            height,
+            width,
+            negative_prompt,
+            prompt_embeds,
+            negative_prompt_embeds,
+            ip_adapter_image,
+            ip_adapter_image_embeds,
+            num_images_per_prompt,
+            latents,
+            guidance_rescale,
+        )
 
+    def check_prompt_inputs(
+        self,
+        prompt,
+        height,
+        width,
+        negative_prompt=None,
+        prompt_embeds=None,
+        negative_prompt_embeds=None,
+        ip_adapter_image=None,
+        ip_adapter_image_embeds=None,
+        num_images_per_prompt=1,
+        latents=None,
+        guidance_rescale=0.0,
+    ):
+        """The prompt, IP-Adapter, guidance rescale and latents arguments of a Stable Diffusion UNet."""
         if prompt is not None and prompt_embeds is not None:
             raise ValueError("Pass either `prompt` or `prompt_embeds`, not both.")
         if prompt is None and prompt_embeds is None:
@@ -353,27 +646,13 @@ class SyncDiffusionPipeline(
                     "`ip_adapter_image_embeds` has to be a list of 3D or 4D tensors, but holds"
                     f" {ip_adapter_image_embeds[0].ndim}D ones."
                 )
-
-        window = self.unet.config.sample_size
-        if not isinstance(stride, int) or not 1 <= stride <= window:
-            raise ValueError(
-                f"`stride` has to be an integer in 1..{window} (the view size in latents), but is {stride!r}."
-            )
-        if view_batch_size != "auto" and (not isinstance(view_batch_size, int) or view_batch_size < 1):
-            raise ValueError(f"`view_batch_size` has to be a positive integer or 'auto', but is {view_batch_size!r}.")
-        if not isinstance(num_inference_steps, int) or num_inference_steps < 1:
-            raise ValueError(f"`num_inference_steps` has to be a positive integer, but is {num_inference_steps!r}.")
-        if not isinstance(num_images_per_prompt, int) or num_images_per_prompt < 1:
-            raise ValueError(
-                f"`num_images_per_prompt` has to be a positive integer, but is {num_images_per_prompt!r}."
-            )
         if not 0.0 <= guidance_rescale <= 1.0:
             raise ValueError(f"`guidance_rescale` has to be in [0, 1], but is {guidance_rescale!r}.")
-
         if latents is not None:
             batch_size = (
                 1 if isinstance(prompt, str) else len(prompt) if prompt is not None else prompt_embeds.shape[0]
             )
+            factor = self.vae_scale_factor
             shape = (
                 batch_size * num_images_per_prompt,
                 self.unet.config.in_channels,
@@ -386,72 +665,9 @@ class SyncDiffusionPipeline(
                     f" but has shape {tuple(latents.shape)}."
                 )
 
-        if sync_weight < 0:
-            raise ValueError(f"`sync_weight` has to be >= 0 (0 turns synchronization off), but is {sync_weight!r}.")
-        if not 0.0 < sync_decay_rate <= 1.0:
-            raise ValueError(f"`sync_decay_rate` has to be in (0, 1], but is {sync_decay_rate!r}.")
-        if not isinstance(sync_freq, int) or sync_freq < 1:
-            raise ValueError(f"`sync_freq` has to be a positive integer, but is {sync_freq!r}.")
-        if not isinstance(sync_thres, int) or sync_thres < 0:
-            raise ValueError(f"`sync_thres` has to be a non-negative integer, but is {sync_thres!r}.")
-        if sync_mode not in SYNC_MODES:
-            raise ValueError(f"`sync_mode` has to be one of {SYNC_MODES}, but is {sync_mode!r}.")
-        if sync_gradient is not None and sync_gradient not in SYNC_GRADIENTS:
-            raise ValueError(f"`sync_gradient` has to be one of {SYNC_GRADIENTS} or None, but is {sync_gradient!r}.")
-        if sync_reuse_noise not in (None, True, False):
-            raise ValueError(f"`sync_reuse_noise` has to be True, False or None, but is {sync_reuse_noise!r}.")
-        if sync_decoder is not None and not callable(getattr(sync_decoder, "decode", None)):
-            raise ValueError(
-                f"`sync_decoder` has to have a `decode` method (e.g. `AutoencoderTiny`), but is {sync_decoder!r}."
-            )
-        if sync_gradient_checkpointing and sync_decoder is not None:
-            if not getattr(sync_decoder, "_supports_gradient_checkpointing", False):
-                raise ValueError(
-                    "`sync_gradient_checkpointing=True` needs a `sync_decoder` that supports gradient checkpointing"
-                    f" (`enable_gradient_checkpointing`), but {type(sync_decoder).__name__} does not."
-                )
-        if sync_lpips_size is not None and (not isinstance(sync_lpips_size, int) or sync_lpips_size < 32):
-            raise ValueError(
-                f"`sync_lpips_size` has to be an integer >= 32 (pixels) or None, but is {sync_lpips_size!r}."
-            )
-
-        if (
-            not isinstance(sync_decode_downsample, int)
-            or sync_decode_downsample < 1
-            or window % sync_decode_downsample
-        ):
-            raise ValueError(
-                f"`sync_decode_downsample` has to be a positive integer dividing the view size {window}, but is"
-                f" {sync_decode_downsample!r}."
-            )
-
-        if sync_weight > 0 and sync_thres > 0:
-            prediction_type = self.scheduler.config.get("prediction_type", "epsilon")
-            if prediction_type not in ("epsilon", "v_prediction", "sample"):
-                raise ValueError(
-                    f"synchronization needs the scheduler's `prediction_type` to be 'epsilon', 'v_prediction' or"
-                    f" 'sample', but it is {prediction_type!r}."
-                )
-            gradient = self._sync_settings(sync_mode, sync_gradient)["gradient"]
-            if gradient == "x0" and prediction_type == "sample":
-                raise ValueError(
-                    "`sync_gradient='x0'` (also implied by `sync_mode='fast'`) treats the UNet output as constant,"
-                    " which leaves no gradient with `prediction_type='sample'`; use `sync_gradient='unet'`."
-                )
-            if hasattr(self.scheduler, "ets") and not self.scheduler.config.get("skip_prk_steps", True):
-                raise ValueError(
-                    "synchronization does not support PNDMScheduler's Runge-Kutta warm-up (`skip_prk_steps=False`):"
-                    " use `PNDMScheduler.from_config(pipe.scheduler.config, skip_prk_steps=True)` or another scheduler."
-                )
-            if not hasattr(self.scheduler, "sigmas") and not hasattr(self.scheduler, "alphas_cumprod"):
-                raise ValueError(
-                    f"synchronization needs a scheduler with `alphas_cumprod` or `sigmas`, but"
-                    f" {self.scheduler.__class__.__name__} has neither; set `sync_weight=0` or change the scheduler."
-                )
-
-    # ------------------------------------------------------------------------------------------------------------
-    # Views: the windows of the panorama latent
-    # ------------------------------------------------------------------------------------------------------------
+    # ------------------------------------------------------------------------------------------------------------------
+    # The per-model seam: views in pixels, memory, the denoiser, the decoder of the compared images
+    # ------------------------------------------------------------------------------------------------------------------
 
     def get_views(
         self,
@@ -476,62 +692,9 @@ class SyncDiffusionPipeline(
             `list[tuple[int, int, int, int]]`. If the stride does not divide the span, one more row (column) of views
             is added flush with the bottom (right) edge, so that every latent pixel is denoised.
         """
-        window = window_size or self.unet.config.sample_size
-        height = panorama_height // self.vae_scale_factor
-        width = panorama_width // self.vae_scale_factor
-        rows = self._view_starts(height, window, stride, circular=False)
-        cols = self._view_starts(width, window, stride, circular=circular_padding)
-        window_h, window_w = min(window, height), min(window, width)
-        return [(h, h + window_h, w, w + window_w) for h in rows for w in cols]
-
-    @staticmethod
-    def _view_starts(size, window, stride, circular):
-        """Start offsets of the views along one axis."""
-        if size <= window:
-            return [0]
-        if circular:
-            # Views start every `stride` pixels all the way round; the last ones wrap past the edge.
-            return list(range(0, size, stride))
-        starts = list(range(0, size - window + 1, stride))
-        if starts[-1] != size - window:
-            starts.append(size - window)
-        return starts
-
-    @staticmethod
-    def _view_columns(view, width, device):
-        """Column indices of a view, wrapped around the panorama for circular views."""
-        return torch.arange(view[2], view[3], device=device) % width
-
-    def get_view_latents(self, latents: torch.Tensor, views: list) -> torch.Tensor:
-        """The latents of `views`, stacked view-major: `(len(views) * batch, channels, window, window)`."""
-        width = latents.shape[-1]
-        crops = []
-        for view in views:
-            h_start, h_end, w_start, w_end = view
-            if w_end <= width:
-                crops.append(latents[:, :, h_start:h_end, w_start:w_end])
-            else:
-                crops.append(
-                    latents[:, :, h_start:h_end].index_select(3, self._view_columns(view, width, latents.device))
-                )
-        return torch.cat(crops)
-
-    def add_view_latents(self, value: torch.Tensor, count: torch.Tensor, view_latents: torch.Tensor, views: list):
-        """Accumulate denoised view latents into the panorama sums `value` and their counts `count`."""
-        width = value.shape[-1]
-        for crop, view in zip(view_latents.chunk(len(views)), views):
-            h_start, h_end, w_start, w_end = view
-            if w_end <= width:
-                value[:, :, h_start:h_end, w_start:w_end] += crop
-                count[:, :, h_start:h_end, w_start:w_end] += 1
-            else:
-                columns = self._view_columns(view, width, value.device)
-                value[:, :, h_start:h_end].index_add_(3, columns, crop.to(value.dtype))
-                count[:, :, h_start:h_end].index_add_(3, columns, torch.ones_like(crop, dtype=count.dtype))
-
-    # ------------------------------------------------------------------------------------------------------------
-    # View batches sized to memory (`view_batch_size="auto"`)
-    # ------------------------------------------------------------------------------------------------------------
+        window = self.unet.config.sample_size if window_size is None else window_size
+        factor = self.vae_scale_factor
+        return get_views(panorama_height // factor, panorama_width // factor, window, stride, circular_padding)
 
     # Tensor elements per pixel, per sample and per channel of the model's first block, measured on the Stable
     # Diffusion 2 base architecture (bytes of the tensors autograd saves in one pass, linear in the view's pixels from
@@ -550,10 +713,10 @@ class SyncDiffusionPipeline(
     # Without a memory reading (CPU, MPS): views per denoising batch, and per gradient pass.
     AUTO_HOST_VIEW_BATCH_SIZE = 16
 
-    def view_memory(self, num_images, dtype, sync=None) -> int:
+    def view_memory(self, num_images, dtype, sync: SyncSettings | None = None) -> int:
         """
-        Estimated bytes one view needs: its guided UNet forward, or with `sync` (the synchronization settings) its
-        whole gradient pass (UNet forward and backward, decoder forward and backward, LPIPS in float32).
+        Estimated bytes one view needs: its guided UNet forward, or with `sync` its whole gradient pass (UNet forward
+        and backward, decoder forward and backward, LPIPS in float32).
         """
         window = self.unet.config.sample_size
         samples = num_images * (2 if self.do_classifier_free_guidance else 1)
@@ -562,64 +725,34 @@ class SyncDiffusionPipeline(
         if sync is None:
             return self.UNET_FORWARD_ELEMENTS * unet_units * element
 
-        kept = self.CHECKPOINTED_FRACTION if sync["checkpointing"] else 1.0
-        unet = self.UNET_SAVED_ELEMENTS * unet_units * element * kept if sync["gradient"] == "unet" else 0
-        decoder = sync["decoder"] if sync["decoder"] is not None else self.vae
+        kept = self.CHECKPOINTED_FRACTION if sync.checkpointing else 1.0
+        unet = self.UNET_SAVED_ELEMENTS * unet_units * element * kept if sync.through_denoiser else 0
+        decoder = sync.decoder if sync.decoder is not None else self.vae
         channels = getattr(decoder.config, "block_out_channels", None) or decoder.config.decoder_block_out_channels
-        pixels = (window * self.vae_scale_factor // sync["decode_downsample"]) ** 2
+        pixels = (window * self.vae_scale_factor // sync.decode_downsample) ** 2
         decode = self.DECODER_SAVED_ELEMENTS * pixels * num_images * min(channels) * element * kept
-        compared = pixels if sync["lpips_size"] is None else min(pixels, sync["lpips_size"] ** 2)
+        compared = pixels if sync.lpips_size is None else min(pixels, sync.lpips_size**2)
         lpips = self.LPIPS_SAVED_ELEMENTS * compared * num_images * 4
         return int(unet + decode + lpips)
 
-    def auto_view_batch_sizes(self, num_views, num_images, device, dtype, sync_active, sync):
+    @property
+    def denoiser(self):
+        """The model that predicts the noise: the UNet."""
+        return self.unet
+
+    @property
+    def denoising_models(self) -> tuple:
+        """Every model the noise prediction runs through (and the gradient pass differentiates)."""
+        return (self.unet,)
+
+    def predict_noise(self, model_input: torch.Tensor, t, conditioning: dict, views: list) -> torch.Tensor:
         """
-        `view_batch_size="auto"`: `(views per denoising batch, views per gradient pass, gradient checkpointing)`.
-
-        On CUDA, as many views as fit in `AUTO_MEMORY_FRACTION` of the free memory (`torch.cuda.mem_get_info`) by
-        the estimates of `view_memory`, in batches of nearly equal size (fewer distinct shapes for compiled models).
-        The gradient pass is sized separately, since a view holds ~20x more memory there; if not even one view fits,
-        activation checkpointing is turned on for it (the same result, more compute). Elsewhere there is no memory
-        reading: `AUTO_HOST_VIEW_BATCH_SIZE` views per denoising batch and one per gradient pass.
-        """
-        checkpointing = sync["checkpointing"]
-        device = torch.device(device)
-        if device.type != "cuda":
-            return self._balanced(num_views, self.AUTO_HOST_VIEW_BATCH_SIZE), 1, checkpointing
-
-        budget = torch.cuda.mem_get_info(device)[0] * self.AUTO_MEMORY_FRACTION
-        view_batch_size = self._balanced(num_views, budget // self.view_memory(num_images, dtype))
-        if not sync_active:
-            return view_batch_size, 1, checkpointing
-        per_view = self.view_memory(num_images, dtype, sync)
-        if per_view > budget and not checkpointing:
-            checkpointing = True
-            per_view = self.view_memory(num_images, dtype, {**sync, "checkpointing": True})
-            logger.info("view_batch_size='auto': one view's gradient pass does not fit; using gradient checkpointing.")
-        gradient_batch_size = self._balanced(view_batch_size, budget // per_view)
-        return view_batch_size, gradient_batch_size, checkpointing
-
-    @staticmethod
-    def _balanced(count, limit):
-        """The batch size that splits `count` items into the fewest batches of at most `limit`, as even as can be."""
-        limit = int(min(max(limit, 1), count))
-        batches = -(-count // limit)
-        return -(-count // batches)
-
-    # ------------------------------------------------------------------------------------------------------------
-    # The denoiser: guided noise and the scheduler's clean-latent prediction
-    # ------------------------------------------------------------------------------------------------------------
-
-    def predict_noise(self, model_input: torch.Tensor, t, conditioning: dict) -> torch.Tensor:
-        """
-        Guided noise prediction for a stack of views (view-major, `batch` images each).
+        Guided noise prediction for a stack of `views` (view-major, `batch` images each).
 
         `model_input` is already scaled by `scheduler.scale_model_input`. With guidance the UNet sees every latent
         twice, interleaved `[uncond, cond]`, as the panorama pipeline does.
         """
-        embeds = conditioning["encoder_hidden_states"]
-        num_views = model_input.shape[0] // conditioning["batch_size"]
-        cfg = self.do_classifier_free_guidance
+        num_views = len(views)
         added_cond_kwargs = None
         if conditioning["image_embeds"] is not None:
             image_embeds = [e.repeat(num_views, *[1] * (e.ndim - 1)) for e in conditioning["image_embeds"]]
@@ -628,15 +761,19 @@ class SyncDiffusionPipeline(
         if timestep_cond is not None:
             timestep_cond = timestep_cond.repeat(num_views, 1)
         noise_pred = self.unet(
-            model_input.repeat_interleave(2, dim=0) if cfg else model_input,
+            model_input.repeat_interleave(2, dim=0) if self.do_classifier_free_guidance else model_input,
             t,
-            encoder_hidden_states=embeds.repeat(num_views, 1, 1),
+            encoder_hidden_states=conditioning["encoder_hidden_states"].repeat(num_views, 1, 1),
             timestep_cond=timestep_cond,
             cross_attention_kwargs=self.cross_attention_kwargs,
             added_cond_kwargs=added_cond_kwargs,
             return_dict=False,
         )[0]
-        if not cfg:
+        return self.combine_guidance(noise_pred)
+
+    def combine_guidance(self, noise_pred: torch.Tensor) -> torch.Tensor:
+        """Classifier-free guidance of interleaved `[uncond, cond]` predictions (and `guidance_rescale`)."""
+        if not self.do_classifier_free_guidance:
             return noise_pred
         noise_pred_uncond, noise_pred_text = noise_pred[::2], noise_pred[1::2]
         guided = noise_pred_uncond + self.guidance_scale * (noise_pred_text - noise_pred_uncond)
@@ -645,19 +782,303 @@ class SyncDiffusionPipeline(
             guided = rescale_noise_cfg(guided, noise_pred_text, guidance_rescale=self.guidance_rescale)
         return guided
 
+    def decode_for_sync(self, clean_latents: torch.Tensor, decoder=None, downsample: int = 1) -> torch.Tensor:
+        """
+        `D(x) = clamp(decoder.decode(x / scaling_factor) / 2 + 0.5, 0, 1)`: the image the loss compares.
+
+        With `downsample > 1` the clean latent is average-pooled by that factor first, so the decoder renders a
+        smaller image (`downsample**2` times fewer pixels to decode, differentiate and compare).
+        """
+        decoder = decoder if decoder is not None else self.vae
+        if downsample > 1:
+            clean_latents = F.avg_pool2d(clean_latents, downsample)
+        scaling_factor = getattr(decoder.config, "scaling_factor", 1.0)
+        clean_latents = clean_latents.to(decoder.dtype)
+        image = decoder.decode(clean_latents / scaling_factor, return_dict=False)[0]
+        return (image / 2 + 0.5).clamp(0, 1)
+
+    def decode_latents_with_padding(self, latents: torch.Tensor, padding: int = 8) -> torch.Tensor:
+        """
+        Decode a circular panorama seam-free: decode with `padding` latent columns wrapped onto each side, then crop.
+
+        Args:
+            latents (`torch.Tensor`): The panorama latents.
+            padding (`int`, defaults to 8): Latent columns borrowed from the opposite edge on each side.
+        """
+        padding = min(padding, latents.shape[-1])
+        latents = latents / self.vae.config.scaling_factor
+        latents = torch.cat((latents[..., -padding:], latents, latents[..., :padding]), dim=-1)
+        image = self.vae.decode(latents, return_dict=False)[0]
+        padding_pixels = self.vae_scale_factor * padding
+        return image[..., padding_pixels:-padding_pixels]
+
+    def _conditioning(self, prompt_embeds, negative_prompt_embeds, image_embeds, timestep_cond, num_images):
+        """Per-image UNet conditioning; with guidance each image's `[negative, positive]` pair is interleaved."""
+        if self.do_classifier_free_guidance:
+            encoder_hidden_states = torch.stack([negative_prompt_embeds, prompt_embeds], dim=1).flatten(0, 1)
+            if image_embeds is not None:
+                image_embeds = [torch.stack(e.chunk(2), dim=1).flatten(0, 1) for e in image_embeds]
+            if timestep_cond is not None:
+                timestep_cond = timestep_cond.repeat_interleave(2, dim=0)
+        else:
+            encoder_hidden_states = prompt_embeds
+        return {
+            "encoder_hidden_states": encoder_hidden_states,
+            "image_embeds": image_embeds,
+            "timestep_cond": timestep_cond,
+            "batch_size": num_images,
+        }
+
+    # ------------------------------------------------------------------------------------------------------------------
+    # Properties
+    # ------------------------------------------------------------------------------------------------------------------
+
+    @property
+    def guidance_scale(self):
+        return self._guidance_scale
+
+    @property
+    def guidance_rescale(self):
+        return self._guidance_rescale
+
+    @property
+    def cross_attention_kwargs(self):
+        return self._cross_attention_kwargs
+
+    @property
+    def clip_skip(self):
+        return self._clip_skip
+
+    @property
+    def do_classifier_free_guidance(self):
+        return self._guidance_scale > 1 and self.unet.config.time_cond_proj_dim is None
+
+    # ------------------------------------------------------------------------------------------------------------------
+    # The panorama core's methods (the same in every pipeline file)
+    # ------------------------------------------------------------------------------------------------------------------
+
+    def check_panorama_inputs(
+        self,
+        height,
+        width,
+        size_multiple,
+        window,
+        stride,
+        stride_multiple=1,
+        view_batch_size=1,
+        num_inference_steps=50,
+        num_images_per_prompt=1,
+        callback_steps=None,
+        callback_on_step_end_tensor_inputs=None,
+        sync_weight=0.0,
+        sync_decay_rate=0.95,
+        sync_freq=1,
+        sync_thres=5,
+        sync_mode="exact",
+        sync_gradient=None,
+        sync_reuse_noise=None,
+        sync_decoder=None,
+        sync_lpips_size=None,
+        sync_decode_downsample=1,
+        sync_gradient_checkpointing=False,
+    ):
+        """
+        The panorama's and the synchronization's arguments, and the scheduler: a `ValueError` naming the argument,
+        its value and what is allowed, before any model runs. `window` is the view side in latent pixels.
+        """
+        for name, value in (("height", height), ("width", width)):
+            if not isinstance(value, int) or value <= 0 or value % size_multiple != 0:
+                raise ValueError(f"`{name}` has to be a positive multiple of {size_multiple}, but is {value!r}.")
+        if not isinstance(stride, int) or not 1 <= stride <= window or stride % stride_multiple:
+            allowed = (
+                f"an integer in 1..{window}"
+                if stride_multiple == 1
+                else f"a multiple of {stride_multiple} in 1..{window}"
+            )
+            raise ValueError(f"`stride` has to be {allowed} (the view size in latent pixels), but is {stride!r}.")
+        if view_batch_size != "auto" and (not isinstance(view_batch_size, int) or view_batch_size < 1):
+            raise ValueError(f"`view_batch_size` has to be a positive integer or 'auto', but is {view_batch_size!r}.")
+        if not isinstance(num_inference_steps, int) or num_inference_steps < 1:
+            raise ValueError(f"`num_inference_steps` has to be a positive integer, but is {num_inference_steps!r}.")
+        if not isinstance(num_images_per_prompt, int) or num_images_per_prompt < 1:
+            raise ValueError(
+                f"`num_images_per_prompt` has to be a positive integer, but is {num_images_per_prompt!r}."
+            )
+        if callback_steps is not None and (not isinstance(callback_steps, int) or callback_steps <= 0):
+            raise ValueError(f"`callback_steps` has to be a positive integer, but is {callback_steps!r}.")
+        if callback_on_step_end_tensor_inputs is not None:
+            unknown = [k for k in callback_on_step_end_tensor_inputs if k not in self._callback_tensor_inputs]
+            if unknown:
+                raise ValueError(
+                    f"`callback_on_step_end_tensor_inputs` has to be in {self._callback_tensor_inputs}, but found"
+                    f" {unknown}."
+                )
+
+        if not isinstance(sync_weight, (int, float)) or sync_weight < 0:
+            raise ValueError(f"`sync_weight` has to be >= 0 (0 turns synchronization off), but is {sync_weight!r}.")
+        if not isinstance(sync_decay_rate, (int, float)) or not 0.0 < sync_decay_rate <= 1.0:
+            raise ValueError(f"`sync_decay_rate` has to be in (0, 1], but is {sync_decay_rate!r}.")
+        if not isinstance(sync_freq, int) or sync_freq < 1:
+            raise ValueError(f"`sync_freq` has to be a positive integer, but is {sync_freq!r}.")
+        if not isinstance(sync_thres, int) or sync_thres < 0:
+            raise ValueError(f"`sync_thres` has to be a non-negative integer, but is {sync_thres!r}.")
+        if sync_mode not in SYNC_MODES:
+            raise ValueError(f"`sync_mode` has to be one of {SYNC_MODES}, but is {sync_mode!r}.")
+        gradients = (self.sync_denoiser_gradient, "x0")
+        if sync_gradient is not None and sync_gradient not in gradients:
+            raise ValueError(f"`sync_gradient` has to be one of {gradients} or None, but is {sync_gradient!r}.")
+        if sync_reuse_noise not in (None, True, False):
+            raise ValueError(f"`sync_reuse_noise` has to be True, False or None, but is {sync_reuse_noise!r}.")
+        if sync_decoder is not None and not callable(getattr(sync_decoder, "decode", None)):
+            raise ValueError(
+                f"`sync_decoder` has to have a `decode` method (e.g. `AutoencoderTiny`), but is {sync_decoder!r}."
+            )
+        if sync_gradient_checkpointing not in (True, False):
+            raise ValueError(
+                f"`sync_gradient_checkpointing` has to be True or False, but is {sync_gradient_checkpointing!r}."
+            )
+        if sync_gradient_checkpointing and sync_decoder is not None:
+            if not getattr(sync_decoder, "_supports_gradient_checkpointing", False):
+                raise ValueError(
+                    "`sync_gradient_checkpointing=True` needs a `sync_decoder` that supports gradient checkpointing"
+                    f" (`enable_gradient_checkpointing`), but {type(sync_decoder).__name__} does not."
+                )
+        if sync_lpips_size is not None and (not isinstance(sync_lpips_size, int) or sync_lpips_size < 32):
+            raise ValueError(
+                f"`sync_lpips_size` has to be an integer >= 32 (pixels) or None, but is {sync_lpips_size!r}."
+            )
+        if (
+            not isinstance(sync_decode_downsample, int)
+            or sync_decode_downsample < 1
+            or window % sync_decode_downsample
+        ):
+            raise ValueError(
+                f"`sync_decode_downsample` has to be a positive integer dividing the view size {window}, but is"
+                f" {sync_decode_downsample!r}."
+            )
+        self.check_scheduler(
+            synchronized=sync_weight > 0 and sync_thres > 0, sync_gradient=sync_gradient, sync_mode=sync_mode
+        )
+
+    def check_scheduler(self, synchronized, sync_gradient=None, sync_mode="exact"):
+        """The scheduler's family has to be one this pipeline supports; synchronization needs a known one."""
+        scheduler = self.scheduler
+        name = type(scheduler).__name__
+        family = scheduler_family(scheduler)
+        supported = [name for family in self._scheduler_families for name in SCHEDULER_FAMILIES[family]]
+        if family is not None and family not in self._scheduler_families:
+            raise ValueError(
+                f"`scheduler` {name} is a {family} scheduler, which {type(self).__name__} does not support; use a"
+                f" {' or '.join(self._scheduler_families)} one: {', '.join(supported)}."
+            )
+        if not synchronized:
+            return
+        if family is None:
+            raise ValueError(
+                f"synchronization needs a scheduler whose clean-latent prediction is known, but `scheduler` is {name};"
+                f" use one of {', '.join(supported)}, or `sync_weight=0`."
+            )
+        if hasattr(scheduler, "ets") and not scheduler.config.get("skip_prk_steps", True):
+            raise ValueError(
+                "synchronization does not support PNDMScheduler's Runge-Kutta warm-up (`skip_prk_steps=False`):"
+                " use `PNDMScheduler.from_config(pipe.scheduler.config, skip_prk_steps=True)` or another scheduler."
+            )
+        if family == FLOW_MATCHING:
+            return
+        prediction_type = scheduler.config.get("prediction_type", "epsilon")
+        if prediction_type not in ("epsilon", "v_prediction", "sample"):
+            raise ValueError(
+                "synchronization needs the scheduler's `prediction_type` to be 'epsilon', 'v_prediction' or"
+                f" 'sample', but it is {prediction_type!r}."
+            )
+        if prediction_type == "sample" and not SyncSettings.from_arguments(sync_mode, sync_gradient).through_denoiser:
+            raise ValueError(
+                "`sync_gradient='x0'` (also implied by `sync_mode='fast'`) treats the model output as constant, which"
+                f" leaves no gradient with `prediction_type='sample'`; use `sync_gradient='{self.sync_denoiser_gradient}'`."
+            )
+
+    def take_deprecated_callback(self, kwargs: dict):
+        """
+        `(callback, callback_steps)` out of `__call__`'s `**kwargs` (deprecated), and a `TypeError` for any other key:
+        a misspelt argument must not run as if it were not there.
+        """
+        callback = kwargs.pop("callback", None)
+        callback_steps = kwargs.pop("callback_steps", None)
+        if kwargs:
+            names = ", ".join(f"`{name}`" for name in kwargs)
+            raise TypeError(f"{type(self).__name__}.__call__() got unexpected keyword arguments: {names}.")
+        if callback is not None:
+            deprecate("callback", "1.0.0", "Use `callback_on_step_end` instead of `callback`.")
+        if callback_steps is not None:
+            deprecate("callback_steps", "1.0.0", "Use `callback_on_step_end` instead of `callback_steps`.")
+        return callback, callback_steps
+
+    def run_step_end_callback(self, callback_on_step_end, tensor_inputs, i, t, tensors: dict):
+        """
+        `callback_on_step_end(self, i, t, {name: tensors[name] for name in tensor_inputs})`: returns `tensors` with
+        the callback's replacements, and whether it replaced any but the latents (then the conditioning is rebuilt).
+        """
+        outputs = callback_on_step_end(self, i, t, {name: tensors[name] for name in tensor_inputs})
+        replaced = {name: value for name, value in outputs.items() if name in tensors and value is not tensors[name]}
+        return {**tensors, **replaced}, any(name != "latents" for name in replaced)
+
+    def view_batch_sizes(self, view_batch_size, num_views, num_images, device, dtype, sync: SyncSettings):
+        """`(views per denoising batch, sync)`, with `sync`'s gradient batch and checkpointing set for "auto"."""
+        if view_batch_size != "auto":
+            return view_batch_size, replace(sync, gradient_batch_size=view_batch_size)
+        return self.auto_view_batch_sizes(num_views, num_images, device, dtype, sync.active and num_views > 1, sync)
+
+    def auto_view_batch_sizes(self, num_views, num_images, device, dtype, sync_active, sync: SyncSettings):
+        """
+        `view_batch_size="auto"`: `(views per denoising batch, sync)` with sync's views per gradient pass and gradient
+        checkpointing chosen.
+
+        On CUDA, as many views as fit in `AUTO_MEMORY_FRACTION` of the free memory (`torch.cuda.mem_get_info`) by the
+        estimates of `view_memory`, in batches of nearly equal size (fewer distinct shapes for compiled models). The
+        gradient pass is sized separately, since a view holds ~20x more memory there; if not even one view fits,
+        activation checkpointing is turned on for it (the same result, more compute). Elsewhere there is no memory
+        reading: `AUTO_HOST_VIEW_BATCH_SIZE` views per denoising batch and one per gradient pass.
+        """
+        device = torch.device(device)
+        if device.type != "cuda":
+            return balanced_batch_size(num_views, self.AUTO_HOST_VIEW_BATCH_SIZE), replace(sync, gradient_batch_size=1)
+
+        budget = torch.cuda.mem_get_info(device)[0] * self.AUTO_MEMORY_FRACTION
+        view_batch_size = balanced_batch_size(num_views, budget // self.view_memory(num_images, dtype))
+        if not sync_active:
+            return view_batch_size, replace(sync, gradient_batch_size=1)
+        per_view = self.view_memory(num_images, dtype, sync)
+        if per_view > budget and not sync.checkpointing:
+            sync = replace(sync, checkpointing=True)
+            per_view = self.view_memory(num_images, dtype, sync)
+            logger.info("view_batch_size='auto': one view's gradient pass does not fit; using gradient checkpointing.")
+        return view_batch_size, replace(
+            sync, gradient_batch_size=balanced_batch_size(view_batch_size, budget // per_view)
+        )
+
+    def scale_model_input(self, latents: torch.Tensor, t) -> torch.Tensor:
+        """The denoiser's input for `latents`: the scheduler's scaling, none for flow matching."""
+        if scheduler_family(self.scheduler) == FLOW_MATCHING:
+            return latents
+        return self.scheduler.scale_model_input(latents, t)
+
+    def _sigma(self, t) -> float:
+        """The sigma of the scheduler's current step, a host number (schedulers keep `sigmas` on the host)."""
+        index = self.scheduler.step_index
+        if index is None:
+            index = self.scheduler.index_for_timestep(t)
+        return float(self.scheduler.sigmas[index])
+
     def _alpha_sigma(self, t, device, dtype):
         """
-        `(alpha_t, sigma_t)` of the current step in variance-preserving form, `x_t = alpha_t x_0 + sigma_t eps`,
-        read from the scheduler's own parameterization.
+        `(alpha_t, sigma_t)` of the current step in variance-preserving form, `u = alpha_t x_0 + sigma_t eps`, read
+        from the scheduler's own parameterization.
         """
         scheduler = self.scheduler
         if hasattr(scheduler, "sigmas"):
-            # Sigma-parameterized schedulers (Euler, DPM-Solver, UniPC, LMS, ...): the sigma of this step, which
-            # also covers Karras and other non-integer timestep schedules. They keep `sigmas` on the host: a number.
-            index = scheduler.step_index
-            if index is None:
-                index = scheduler.index_for_timestep(t)
-            sigma = float(scheduler.sigmas[index])
+            # Sigma-parameterized schedulers (Euler, DPM-Solver, UniPC, LMS, ...): the sigma of this step, which also
+            # covers Karras and other non-integer timestep schedules.
+            sigma = self._sigma(t)
             alpha_t = (sigma**2 + 1) ** -0.5
             return alpha_t, sigma * alpha_t
         # `alphas_cumprod` lives on the host and `t` on the device: index a device copy, or the host would wait.
@@ -673,27 +1094,26 @@ class SyncDiffusionPipeline(
             self._device_tables = cached
         return cached[1]
 
-    def predict_clean_latents(self, model_input: torch.Tensor, noise_pred: torch.Tensor, t) -> torch.Tensor:
+    def predict_clean_latents(self, model_input: torch.Tensor, model_output: torch.Tensor, t) -> torch.Tensor:
         """
-        The clean latent `x0` that the scheduler predicts from `noise_pred`, without advancing the scheduler.
+        The clean latent `x0` the scheduler predicts from the model output, without advancing the scheduler.
 
-        `model_input = scheduler.scale_model_input(latents, t)` is the variance-preserving noisy latent for every
-        scheduler (sigma-based schedulers divide by `sqrt(sigma**2 + 1)` there). For DDIM this equals
-        `scheduler.step(...).pred_original_sample`; for Euler, `latents - sigma * noise_pred`.
+        Flow matching: `x0 = z - sigma * v`. Otherwise `model_input = scale_model_input(z, t)` is the
+        variance-preserving noisy latent (sigma-scaled schedulers divide by `sqrt(sigma**2 + 1)`), and `x0` follows
+        the scheduler's `prediction_type`: for DDIM this equals `step(...).pred_original_sample`, for Euler
+        `z - sigma * eps`.
         """
+        if scheduler_family(self.scheduler) == FLOW_MATCHING:
+            return model_input - self._sigma(t) * model_output
         alpha_t, sigma_t = self._alpha_sigma(t, model_input.device, model_input.dtype)
         prediction_type = self.scheduler.config.prediction_type
         if prediction_type == "epsilon":
-            return (model_input - sigma_t * noise_pred) / alpha_t
+            return (model_input - sigma_t * model_output) / alpha_t
         if prediction_type == "v_prediction":
-            return alpha_t * model_input - sigma_t * noise_pred
+            return alpha_t * model_input - sigma_t * model_output
         if prediction_type == "sample":
-            return noise_pred
+            return model_output
         raise ValueError(f"Unsupported `prediction_type` {prediction_type!r}.")
-
-    # ------------------------------------------------------------------------------------------------------------
-    # Synchronization (Section 4 of the paper)
-    # ------------------------------------------------------------------------------------------------------------
 
     def set_perceptual_loss(
         self, module: torch.nn.Module | None = None, *, vgg_weights: str | os.PathLike | None = None
@@ -763,21 +1183,6 @@ class SyncDiffusionPipeline(
         features.load_state_dict(state_dict)
         return loss.eval().requires_grad_(False)
 
-    def decode_for_sync(self, clean_latents: torch.Tensor, decoder=None, downsample: int = 1) -> torch.Tensor:
-        """
-        `D(x) = clamp(decoder.decode(x / scaling_factor) / 2 + 0.5, 0, 1)`: the image the loss compares.
-
-        With `downsample > 1` the clean latent is average-pooled by that factor first, so the decoder renders a
-        smaller image (`downsample**2` times fewer pixels to decode, differentiate and compare).
-        """
-        decoder = decoder if decoder is not None else self.vae
-        if downsample > 1:
-            clean_latents = F.avg_pool2d(clean_latents, downsample)
-        scaling_factor = getattr(decoder.config, "scaling_factor", 1.0)
-        clean_latents = clean_latents.to(decoder.dtype)
-        image = decoder.decode(clean_latents / scaling_factor, return_dict=False)[0]
-        return (image / 2 + 0.5).clamp(0, 1)
-
     def perceptual_distance(self, images, anchor_images, lpips_size=None) -> torch.Tensor:
         """LPIPS distance per image between images in [0, 1], computed in float32."""
         images, anchor_images = images.float() * 2 - 1, anchor_images.float() * 2 - 1
@@ -790,86 +1195,12 @@ class SyncDiffusionPipeline(
             )
         return self.perceptual_loss(images.device)(images, anchor_images).reshape(images.shape[0], -1).sum(1)
 
-    def synchronize_views(self, view_latents, anchor_images, t, weight, conditioning, sync):
-        """
-        One SyncDiffusion update of a stack of (non-anchor) views:
-        `z_v <- z_v - w * d LPIPS(D(x0(z_v)), D(x0(z_anchor))) / d z_v`.
-
-        The step is taken on the variance-preserving latent `scale_model_input(z_v)`, which is `z_v` itself for DDIM
-        (the paper's), DPM-Solver and UniPC; for sigma-scaled schedulers (Euler, LMS) this makes `sync_weight` mean
-        the same as with DDIM instead of a step `sigma**2 + 1` times smaller.
-
-        Returns the updated latents and the noise prediction made before the update.
-        """
-        model_input = self.scheduler.scale_model_input(view_latents, t).detach().requires_grad_(True)
-        with torch.enable_grad(), self._sync_checkpointing(sync["checkpointing"], sync["decoder"]):
-            with torch.set_grad_enabled(sync["gradient"] == "unet"):
-                noise_pred = self.predict_noise(model_input, t, conditioning)
-            clean_latents = self.predict_clean_latents(model_input, noise_pred, t)
-            clean_grad, loss_scale = self.perceptual_gradient(clean_latents.detach(), anchor_images, sync)
-            # The chain rule in two backward passes: model CPU offloading moves the UNet off the device while the
-            # decoder runs, and its backward needs the weights back first.
-            self._onload(self.unet)
-            (grad,) = torch.autograd.grad(clean_latents, model_input, clean_grad.to(clean_latents.dtype))
-        grad = self._unscale_gradient(grad, loss_scale)
-        input_scale = self.scheduler.scale_model_input(torch.ones_like(view_latents[:1, :1, :1, :1]), t).float()
-        updated = (model_input.detach().float() - weight * grad) / input_scale
-        return updated.to(view_latents.dtype), noise_pred.detach()
-
-    def perceptual_gradient(self, clean_latents, anchor_images, sync):
-        """
-        `d LPIPS(D(x0), A) / d x0` for a stack of clean latents `x0`, one anchor image per latent, times a loss scale.
-
-        LPIPS runs and differentiates in float32. In float16, LPIPS gradients (~1e-6 per pixel at 512x512) fall below
-        the smallest normal number (6e-5) on their way back through the decoder: as in mixed-precision training, each
-        view's gradient is multiplied by a power of two before that backward pass. Returns `(grad, loss_scale)`;
-        `grad / loss_scale` is the gradient.
-        """
-        clean_latents = clean_latents.requires_grad_(True)
-        images = self.decode_for_sync(clean_latents, sync["decoder"], sync["decode_downsample"])
-        compared = images.detach().float().requires_grad_(True)
-        loss = self.perceptual_distance(compared, anchor_images, sync["lpips_size"]).sum()
-        # Each view's loss depends only on its own latent, so one backward of the sum gives every view's gradient.
-        (image_grad,) = torch.autograd.grad(loss, compared)
-        loss_scale = self._loss_scale(image_grad, images.dtype)
-        (grad,) = torch.autograd.grad(images, clean_latents, (image_grad * loss_scale).to(images.dtype))
-        return grad, loss_scale
-
-    @staticmethod
-    def _loss_scale(image_grad, dtype):
-        """Per view, the power of two that brings the largest float16 image gradient to 2**6 (1 in other dtypes).
-
-        2**6 leaves a factor of 1000 of headroom below float16's maximum for the growth of gradients through the
-        decoder and the UNet, and keeps the median gradient well above float16's smallest normal number.
-        """
-        if dtype != torch.float16:
-            return torch.ones((), device=image_grad.device)
-        peak = image_grad.abs().flatten(1).amax(1).clamp_min(torch.finfo(torch.float32).tiny)
-        return torch.exp2(torch.floor(torch.log2(2.0**6 / peak))).view(-1, 1, 1, 1)
-
-    @staticmethod
-    def _unscale_gradient(grad, loss_scale):
-        """The float32 gradient `grad / loss_scale`; a clear error rather than a NaN panorama if float16 overflowed."""
-        grad = grad.float() / loss_scale
-        if loss_scale.ndim and not torch.isfinite(grad).all():
-            raise FloatingPointError(
-                "the synchronization gradient overflowed in float16; run the VAE in float32"
-                " (`pipe.vae.to(torch.float32)`) or the pipeline in bfloat16."
-            )
-        return grad
-
-    @staticmethod
-    def _onload(model):
-        """Move `model` back to the execution device if model CPU offloading took it away (as a forward call would)."""
-        hook = getattr(model, "_hf_hook", None)
-        if hook is not None and hasattr(hook, "pre_forward"):
-            hook.pre_forward(model)
-
     @contextmanager
     def _sync_checkpointing(self, enabled, decoder=None):
-        """Activation checkpointing in the UNet and the synchronization's decoder during the gradient pass only."""
+        """Activation checkpointing in the denoising models and the synchronization's decoder, in the gradient pass."""
         decoder = decoder if decoder is not None else self.vae
-        models = [m for m in (self.unet, decoder) if enabled and getattr(m, "_supports_gradient_checkpointing", False)]
+        candidates = (*self.denoising_models, decoder)
+        models = [m for m in candidates if enabled and getattr(m, "_supports_gradient_checkpointing", False)]
         previous = [m.is_gradient_checkpointing for m in models]
         for model in models:
             model.enable_gradient_checkpointing()
@@ -880,85 +1211,147 @@ class SyncDiffusionPipeline(
                 if not was_enabled:
                     model.disable_gradient_checkpointing()
 
-    def denoise_view_batch(self, view_latents, views, anchor, t, conditioning, sync):
+    def synchronize_views(self, view_latents, views, anchor_images, t, weight, conditioning, sync: SyncSettings):
         """
-        Guided noise for one batch of views, synchronizing the non-anchor ones first on a synchronized step.
+        SyncDiffusion's update of a stack of (non-anchor) views:
+        `z_v <- z_v - w * d LPIPS(D(x0(z_v)), D(x0(z_anchor))) / d z_v`.
 
-        Returns the (possibly updated) view latents and their noise prediction, both view-major.
+        The step is taken on the denoiser's input `scale_model_input(z_v)`: `z_v` itself for DDIM (the paper's),
+        DPM-Solver, UniPC and flow matching; for sigma-scaled schedulers (Euler, LMS) the variance-preserving latent,
+        so that `sync_weight` means the same as with DDIM instead of a step `sigma**2 + 1` times smaller.
+
+        Returns the updated latents and the model output predicted before the update.
         """
-        if sync is None:
-            model_input = self.scheduler.scale_model_input(view_latents, t)
-            return view_latents, self.predict_noise(model_input, t, conditioning)
 
-        batch = conditioning["batch_size"]
-        latents_per_view = list(view_latents.split(batch))
+        def predict_clean(model_input):
+            with torch.set_grad_enabled(sync.through_denoiser):
+                model_output = self.predict_noise(model_input, t, conditioning, views)
+            return self.predict_clean_latents(model_input, model_output, t), model_output
+
+        def decode(clean_latents):
+            return self.decode_for_sync(clean_latents, sync.decoder, sync.decode_downsample)
+
+        def distance(images, anchor):
+            return self.perceptual_distance(images, anchor, sync.lpips_size)
+
+        model_input = self.scale_model_input(view_latents, t)
+        with self._sync_checkpointing(sync.checkpointing, sync.decoder):
+            updated, model_output = synchronization_update(
+                model_input, anchor_images, weight, predict_clean, decode, distance, lambda: onload(self.denoiser)
+            )
+        input_scale = self.scale_model_input(torch.ones_like(view_latents[:1, :1, :1, :1]), t).float()
+        return (updated / input_scale).to(view_latents.dtype), model_output
+
+    def prepare_anchor(self, latents, anchor_view, t, conditioning, sync: SyncSettings):
+        """The anchor view's model output (reused for its own step) and its decoded clean image, no gradient."""
+        anchor_latents = crop_views(latents, [anchor_view])
+        model_input = self.scale_model_input(anchor_latents, t)
+        model_output = self.predict_noise(model_input, t, conditioning, [anchor_view])
+        clean_latents = self.predict_clean_latents(model_input, model_output, t)
+        images = self.decode_for_sync(clean_latents, sync.decoder, sync.decode_downsample)
+        return {"view": anchor_view, "model_output": model_output, "images": images}
+
+    def denoise_view_batch(self, view_latents, views, anchor, weight, t, conditioning, sync: SyncSettings):
+        """
+        The model output for one batch of views, synchronizing the non-anchor ones first on a synchronized step
+        (`anchor` given).
+
+        Returns the (possibly updated) view latents and their model output, both view-major.
+        """
+        if anchor is None:
+            return view_latents, self.predict_noise(self.scale_model_input(view_latents, t), t, conditioning, views)
+
+        latents_per_view = list(view_latents.chunk(len(views)))
         others = [k for k, view in enumerate(views) if view != anchor["view"]]
-        noise_per_view = [anchor["noise_pred"]] * len(views)  # the anchor keeps its own prediction
+        outputs_per_view = [anchor["model_output"]] * len(views)  # the anchor keeps its own prediction
         # The gradient pass holds far more memory per view than a forward: it runs on chunks of the other views.
-        for start in range(0, len(others), sync["gradient_batch_size"]):
-            chunk = others[start : start + sync["gradient_batch_size"]]
+        for start in range(0, len(others), sync.gradient_batch_size):
+            chunk = others[start : start + sync.gradient_batch_size]
             stacked = torch.cat([latents_per_view[k] for k in chunk])
             anchor_images = anchor["images"].repeat(len(chunk), 1, 1, 1)
-            updated, noise_before = self.synchronize_views(
-                stacked, anchor_images, t, sync["weight"], conditioning, sync
+            chunk_views = [views[k] for k in chunk]
+            updated, before = self.synchronize_views(
+                stacked, chunk_views, anchor_images, t, weight, conditioning, sync
             )
-            for k, latents_k, noise_k in zip(chunk, updated.split(batch), noise_before.split(batch)):
-                latents_per_view[k], noise_per_view[k] = latents_k, noise_k
-        if others and not sync["reuse_noise"]:
-            # The denoising step predicts the noise again from the updated latents, in one call for the whole batch.
+            for k, latents_k, output_k in zip(chunk, updated.chunk(len(chunk)), before.chunk(len(chunk))):
+                latents_per_view[k], outputs_per_view[k] = latents_k, output_k
+        if others and not sync.reuse_noise:
+            # The denoising step predicts again from the updated latents, in one call for the whole batch.
             updated = torch.cat([latents_per_view[k] for k in others])
-            noise_after = self.predict_noise(self.scheduler.scale_model_input(updated, t), t, conditioning)
-            for k, noise_k in zip(others, noise_after.split(batch)):
-                noise_per_view[k] = noise_k
-        return torch.cat(latents_per_view), torch.cat(noise_per_view)
+            other_views = [views[k] for k in others]
+            after = self.predict_noise(self.scale_model_input(updated, t), t, conditioning, other_views)
+            for k, output_k in zip(others, after.chunk(len(others))):
+                outputs_per_view[k] = output_k
+        return torch.cat(latents_per_view), torch.cat(outputs_per_view)
 
-    def prepare_anchor(self, latents, anchor_view, t, conditioning, sync):
-        """The anchor view's noise prediction (reused for its own step) and its decoded clean image, no gradient."""
-        anchor_latents = self.get_view_latents(latents, [anchor_view])
-        model_input = self.scheduler.scale_model_input(anchor_latents, t)
-        noise_pred = self.predict_noise(model_input, t, conditioning)
-        clean_latents = self.predict_clean_latents(model_input, noise_pred, t)
-        images = self.decode_for_sync(clean_latents, sync["decoder"], sync["decode_downsample"])
-        return {"view": anchor_view, "noise_pred": noise_pred, "images": images}
+    def prepare_panorama(self, latents: torch.Tensor, views: list, view_batch_size: int) -> PanoramaState:
+        """The views in batches, one scheduler state per batch, the anchor `views[len(views) // 2]`, the sums."""
+        view_batches = [views[i : i + view_batch_size] for i in range(0, len(views), view_batch_size)]
+        return PanoramaState(
+            views=views,
+            view_batches=view_batches,
+            scheduler_states=[self._scheduler_state() for _ in view_batches],
+            anchor_view=views[len(views) // 2],
+            anchor_batch=len(views) // 2 // view_batch_size,
+            value=torch.zeros_like(latents, dtype=torch.float32),
+            count=torch.zeros_like(latents, dtype=torch.float32),
+            noise=PanoramaNoise(self.scheduler, latents.shape),
+        )
 
-    def decode_latents_with_padding(self, latents: torch.Tensor, padding: int = 8) -> torch.Tensor:
+    def denoise_step(self, latents, t, panorama: PanoramaState, conditioning, sync: SyncSettings, extra_step_kwargs):
         """
-        Decode a circular panorama seam-free: decode with `padding` latent columns wrapped onto each side, then crop.
-
-        Args:
-            latents (`torch.Tensor`): The panorama latents.
-            padding (`int`, defaults to 8): Latent columns borrowed from the opposite edge on each side.
+        One step of the joint diffusion: every view is denoised from its crop of `latents` (synchronized to the
+        anchor view first, on the early steps), and every latent pixel becomes the mean of its views (MultiDiffusion,
+        Eq. 5). Returns the new latents.
         """
-        padding = min(padding, latents.shape[-1])
-        latents = latents / self.vae.config.scaling_factor
-        latents = torch.cat((latents[..., -padding:], latents, latents[..., :padding]), dim=-1)
-        image = self.vae.decode(latents, return_dict=False)[0]
-        padding_pixels = self.vae_scale_factor * padding
-        return image[..., padding_pixels:-padding_pixels]
+        panorama.value.zero_()
+        panorama.count.zero_()
+        panorama.noise.new_evaluation()
+        # Synchronize on a step's first evaluation only: the correction of a second-order step (Heun, KDPM2) starts
+        # again from the sample its first evaluation stored, so an update there would be lost.
+        self.scheduler.__dict__.update(panorama.scheduler_states[panorama.anchor_batch])
+        first_evaluation = self._first_evaluation()
+        panorama.step += first_evaluation
+        weight = sync.weight_at(panorama.step) if first_evaluation and len(panorama.views) > 1 else None
+        anchor = None
+        if weight is not None:
+            anchor = self.prepare_anchor(latents, panorama.anchor_view, t, conditioning, sync)
+            # The anchor's batch keeps what scale_model_input recorded there (it reuses this prediction).
+            panorama.scheduler_states[panorama.anchor_batch] = self._scheduler_state()
 
-    # ------------------------------------------------------------------------------------------------------------
-    # Properties
-    # ------------------------------------------------------------------------------------------------------------
+        for j, views in enumerate(panorama.view_batches):
+            self.scheduler.__dict__.update(panorama.scheduler_states[j])
+            view_latents = crop_views(latents, views)
+            view_latents, model_output = self.denoise_view_batch(
+                view_latents, views, anchor, weight, t, conditioning, sync
+            )
+            with panorama.noise.crop(views):
+                denoised = self.scheduler.step(model_output, t, view_latents, **extra_step_kwargs, return_dict=False)[
+                    0
+                ]
+            panorama.scheduler_states[j] = self._scheduler_state()
+            add_views(panorama.value, panorama.count, denoised, views)
+        return torch.where(panorama.count > 0, panorama.value / panorama.count, panorama.value).to(latents.dtype)
 
-    @property
-    def guidance_scale(self):
-        return self._guidance_scale
+    def _first_evaluation(self):
+        """
+        Whether the scheduler's next model evaluation starts a denoising step. Not so for the correction of a
+        second-order step (Heun, KDPM2), nor for PNDM's second evaluation of its first timestep: those start again
+        from the sample their step's first evaluation stored, so an update made there would be lost.
+        """
+        scheduler = self.scheduler
+        if hasattr(scheduler, "state_in_first_order"):
+            return scheduler.state_in_first_order
+        if hasattr(scheduler, "cur_sample") and hasattr(scheduler, "ets"):  # PNDM with PLMS steps (`check_scheduler`)
+            return scheduler.counter != 1
+        return True
 
-    @property
-    def guidance_rescale(self):
-        return self._guidance_rescale
-
-    @property
-    def cross_attention_kwargs(self):
-        return self._cross_attention_kwargs
-
-    @property
-    def clip_skip(self):
-        return self._clip_skip
-
-    @property
-    def do_classifier_free_guidance(self):
-        return self._guidance_scale > 1 and self.unet.config.time_cond_proj_dim is None
+    def _scheduler_state(self):
+        """
+        The scheduler's state for one view batch: its history (lists, dicts) copied, tensors shared. Schedulers rebind
+        their tensors rather than change them in place, so this is a deep copy without copying device tensors.
+        """
+        return {k: copy.copy(v) if isinstance(v, (list, dict)) else v for k, v in self.scheduler.__dict__.items()}
 
     @property
     def num_timesteps(self):
@@ -968,9 +1361,9 @@ class SyncDiffusionPipeline(
     def interrupt(self):
         return self._interrupt
 
-    # ------------------------------------------------------------------------------------------------------------
+    # ------------------------------------------------------------------------------------------------------------------
     # Generation
-    # ------------------------------------------------------------------------------------------------------------
+    # ------------------------------------------------------------------------------------------------------------------
 
     @torch.no_grad()
     @replace_example_docstring(EXAMPLE_DOC_STRING)
@@ -1116,16 +1509,15 @@ class SyncDiffusionPipeline(
             [`~pipelines.stable_diffusion.StableDiffusionPipelineOutput`] or `tuple`:
                 The generated images and, per image, whether the safety checker flagged it (`None` without one).
         """
-        callback = kwargs.pop("callback", None)
-        callback_steps = kwargs.pop("callback_steps", None)
-        if callback is not None:
-            deprecate("callback", "1.0.0", "Use `callback_on_step_end` instead of `callback`.")
-        if callback_steps is not None:
-            deprecate("callback_steps", "1.0.0", "Use `callback_on_step_end` instead of `callback_steps`.")
+
+        callback, callback_steps = self.take_deprecated_callback(kwargs)
+        if isinstance(callback_on_step_end, (PipelineCallback, MultiPipelineCallbacks)):
+            callback_on_step_end_tensor_inputs = callback_on_step_end.tensor_inputs
 
         # 0. Default height and width to the UNet's window
-        height = height or self.unet.config.sample_size * self.vae_scale_factor
-        width = width or self.unet.config.sample_size * self.vae_scale_factor
+        window = self.unet.config.sample_size * self.vae_scale_factor
+        height = window if height is None else height
+        width = window if width is None else width
 
         # 1. Check inputs
         self.check_inputs(
@@ -1142,9 +1534,9 @@ class SyncDiffusionPipeline(
             num_inference_steps=num_inference_steps if timesteps is None else len(timesteps),
             num_images_per_prompt=num_images_per_prompt,
             latents=latents,
-            view_batch_size=view_batch_size,
-            stride=stride,
             guidance_rescale=guidance_rescale,
+            stride=stride,
+            view_batch_size=view_batch_size,
             sync_weight=sync_weight,
             sync_decay_rate=sync_decay_rate,
             sync_freq=sync_freq,
@@ -1210,37 +1602,27 @@ class SyncDiffusionPipeline(
             latents,
         )
 
-        # 6. Views, their batches, and one scheduler state per batch (multistep schedulers keep per-sample history)
+        # 6. Views and their batches; the synchronization's settings
         views = self.get_views(height, width, stride=stride, circular_padding=circular_padding)
-        sync_active = sync_weight > 0 and sync_thres > 0 and len(views) > 1
-        if view_batch_size == "auto":
-            view_batch_size, gradient_batch_size, sync_gradient_checkpointing = self.auto_view_batch_sizes(
-                len(views),
-                num_images,
-                device,
-                latents.dtype,
-                sync_active,
-                self._sync_settings(
-                    sync_mode,
-                    sync_gradient,
-                    sync_reuse_noise,
-                    sync_decoder,
-                    sync_lpips_size,
-                    sync_gradient_checkpointing,
-                    sync_decode_downsample,
-                ),
-            )
-        else:
-            gradient_batch_size = view_batch_size
-        views_batch = [views[i : i + view_batch_size] for i in range(0, len(views), view_batch_size)]
-        views_scheduler_status = [self._scheduler_state() for _ in views_batch]
-        anchor_view = views[len(views) // 2]
-        anchor_batch = len(views) // 2 // view_batch_size
-        # A pixel can be the sum of dozens of views: accumulate in float32 whatever the latents' dtype.
-        count = torch.zeros_like(latents, dtype=torch.float32)
-        value = torch.zeros_like(latents, dtype=torch.float32)
+        sync = SyncSettings.from_arguments(
+            sync_mode,
+            sync_gradient,
+            sync_reuse_noise,
+            weight=sync_weight,
+            decay_rate=sync_decay_rate,
+            freq=sync_freq,
+            thres=sync_thres,
+            decoder=sync_decoder,
+            lpips_size=sync_lpips_size,
+            decode_downsample=sync_decode_downsample,
+            checkpointing=sync_gradient_checkpointing,
+        )
+        view_batch_size, sync = self.view_batch_sizes(
+            view_batch_size, len(views), num_images, device, latents.dtype, sync
+        )
+        panorama = self.prepare_panorama(latents, views, view_batch_size)
 
-        # 7. Extra step kwargs, conditioning and synchronization settings
+        # 7. Extra step kwargs and the UNet's conditioning
         extra_step_kwargs = self.prepare_extra_step_kwargs(generator, eta)
         timestep_cond = None
         if self.unet.config.time_cond_proj_dim is not None:
@@ -1248,74 +1630,35 @@ class SyncDiffusionPipeline(
             timestep_cond = self.get_guidance_scale_embedding(
                 guidance_scale_tensor, embedding_dim=self.unet.config.time_cond_proj_dim
             ).to(device=device, dtype=latents.dtype)
+        conditioning_tensors = {"prompt_embeds": prompt_embeds, "negative_prompt_embeds": negative_prompt_embeds}
         conditioning = self._conditioning(
-            prompt_embeds, negative_prompt_embeds, image_embeds, timestep_cond, num_images
-        )
-        sync_settings = self._sync_settings(
-            sync_mode,
-            sync_gradient,
-            sync_reuse_noise,
-            sync_decoder,
-            sync_lpips_size,
-            sync_gradient_checkpointing,
-            sync_decode_downsample,
-            gradient_batch_size,
+            **conditioning_tensors, image_embeds=image_embeds, timestep_cond=timestep_cond, num_images=num_images
         )
 
-        # 8. Denoising loop: MultiDiffusion over the views, with a synchronization update in the early steps
-        num_warmup_steps = len(timesteps) - num_inference_steps * self.scheduler.order
+        # 8. Denoising loop: MultiDiffusion over the views, with SyncDiffusion's update in the early steps
+        num_warmup_steps = max(len(timesteps) - num_inference_steps * self.scheduler.order, 0)
         self._num_timesteps = len(timesteps)
-        step = -1  # the denoising step; second-order schedulers evaluate the model twice per step
         with self.progress_bar(total=num_inference_steps) as progress_bar:
             for i, t in enumerate(timesteps):
                 if self.interrupt:
                     continue
-                count.zero_()
-                value.zero_()
 
-                # Synchronize on a step's first evaluation only: the correction of a second-order step (Heun, KDPM2)
-                # starts again from the sample the first evaluation stored, so an update there would be lost.
-                self.scheduler.__dict__.update(views_scheduler_status[anchor_batch])
-                first_evaluation = self._first_evaluation()
-                step += first_evaluation
-                sync, anchor = None, None
-                if sync_active and first_evaluation and step < sync_thres and (step + 1) % sync_freq == 0:
-                    sync = {**sync_settings, "weight": sync_weight * sync_decay_rate**step}
-                    anchor = self.prepare_anchor(latents, anchor_view, t, conditioning, sync)
-                    # The anchor's batch keeps what scale_model_input recorded there (it may reuse this prediction).
-                    views_scheduler_status[anchor_batch] = self._scheduler_state()
-
-                for j, batch_view in enumerate(views_batch):
-                    # rematch the batch's scheduler state
-                    self.scheduler.__dict__.update(views_scheduler_status[j])
-                    latents_for_view = self.get_view_latents(latents, batch_view)
-                    latents_for_view, noise_pred = self.denoise_view_batch(
-                        latents_for_view, batch_view, anchor, t, conditioning, sync
-                    )
-                    latents_denoised = self.scheduler.step(
-                        noise_pred, t, latents_for_view, **extra_step_kwargs, return_dict=False
-                    )[0]
-                    views_scheduler_status[j] = self._scheduler_state()
-                    self.add_view_latents(value, count, latents_denoised, batch_view)
-
-                # MultiDiffusion's step: every latent pixel is the mean of the views covering it (Eq. 5)
-                latents = torch.where(count > 0, value / count, value).to(latents.dtype)
+                latents = self.denoise_step(latents, t, panorama, conditioning, sync, extra_step_kwargs)
 
                 if callback_on_step_end is not None:
-                    callback_kwargs = {}
-                    for k in callback_on_step_end_tensor_inputs:
-                        callback_kwargs[k] = locals()[k]
-                    callback_outputs = callback_on_step_end(self, i, t, callback_kwargs)
-                    latents = callback_outputs.pop("latents", latents)
-                    new_prompt_embeds = callback_outputs.pop("prompt_embeds", prompt_embeds)
-                    new_negative_prompt_embeds = callback_outputs.pop("negative_prompt_embeds", negative_prompt_embeds)
-                    if (
-                        new_prompt_embeds is not prompt_embeds
-                        or new_negative_prompt_embeds is not negative_prompt_embeds
-                    ):
-                        prompt_embeds, negative_prompt_embeds = new_prompt_embeds, new_negative_prompt_embeds
+                    guided = self.do_classifier_free_guidance
+                    tensors, replaced = self.run_step_end_callback(
+                        callback_on_step_end,
+                        callback_on_step_end_tensor_inputs,
+                        i,
+                        t,
+                        {"latents": latents, **conditioning_tensors},
+                    )
+                    latents = tensors.pop("latents")
+                    if replaced or guided != self.do_classifier_free_guidance:
+                        conditioning_tensors = tensors
                         conditioning = self._conditioning(
-                            prompt_embeds, negative_prompt_embeds, image_embeds, timestep_cond, num_images
+                            **tensors, image_embeds=image_embeds, timestep_cond=timestep_cond, num_images=num_images
                         )
 
                 if i == len(timesteps) - 1 or ((i + 1) > num_warmup_steps and (i + 1) % self.scheduler.order == 0):
@@ -1346,62 +1689,3 @@ class SyncDiffusionPipeline(
         if not return_dict:
             return (image, has_nsfw_concept)
         return StableDiffusionPipelineOutput(images=image, nsfw_content_detected=has_nsfw_concept)
-
-    def _first_evaluation(self):
-        """
-        Whether the scheduler's next model evaluation starts a denoising step. Not so for the correction of a
-        second-order step (Heun, KDPM2), nor for PNDM's second evaluation of its first timestep: those start again
-        from the sample their step's first evaluation stored, so an update made there would be lost.
-        """
-        scheduler = self.scheduler
-        if hasattr(scheduler, "state_in_first_order"):
-            return scheduler.state_in_first_order
-        if hasattr(scheduler, "cur_sample") and hasattr(scheduler, "ets"):  # PNDM with PLMS steps (`check_inputs`)
-            return scheduler.counter != 1
-        return True
-
-    def _scheduler_state(self):
-        """
-        The scheduler's state for one view batch: its history (lists, dicts) copied, tensors shared. Schedulers rebind
-        their tensors rather than change them in place, so this is a deep copy without copying device tensors.
-        """
-        return {k: copy.copy(v) if isinstance(v, (list, dict)) else v for k, v in self.scheduler.__dict__.items()}
-
-    @staticmethod
-    def _sync_settings(
-        mode="exact",
-        gradient=None,
-        reuse_noise=None,
-        decoder=None,
-        lpips_size=None,
-        checkpointing=False,
-        decode_downsample=1,
-        gradient_batch_size=1,
-    ):
-        """How synchronization runs: `sync_mode="fast"` means an x0 gradient and noise reuse unless those are given."""
-        return {
-            "gradient": gradient or ("x0" if mode == "fast" else "unet"),
-            "reuse_noise": mode == "fast" if reuse_noise is None else reuse_noise,
-            "decoder": decoder,
-            "lpips_size": lpips_size,
-            "checkpointing": checkpointing,
-            "decode_downsample": decode_downsample,
-            "gradient_batch_size": gradient_batch_size,
-        }
-
-    def _conditioning(self, prompt_embeds, negative_prompt_embeds, image_embeds, timestep_cond, num_images):
-        """Per-image UNet conditioning; with guidance each image's `[negative, positive]` pair is interleaved."""
-        if self.do_classifier_free_guidance:
-            encoder_hidden_states = torch.stack([negative_prompt_embeds, prompt_embeds], dim=1).flatten(0, 1)
-            if image_embeds is not None:
-                image_embeds = [torch.stack(e.chunk(2), dim=1).flatten(0, 1) for e in image_embeds]
-            if timestep_cond is not None:
-                timestep_cond = timestep_cond.repeat_interleave(2, dim=0)
-        else:
-            encoder_hidden_states = prompt_embeds
-        return {
-            "encoder_hidden_states": encoder_hidden_states,
-            "image_embeds": image_embeds,
-            "timestep_cond": timestep_cond,
-            "batch_size": num_images,
-        }

@@ -246,10 +246,10 @@ def set_channels_last(pipe, enabled=True):
 
 def _mode_settings(kwargs):
     """`(sync on, gradient, reuse_noise, checkpointing, separate decoder)` for a mode's keyword arguments."""
-    from pipeline_syncdiffusion import SyncDiffusionPipeline
+    from pipeline_syncdiffusion import SyncDiffusionPipeline, SyncSettings
 
     defaults = inspect.signature(SyncDiffusionPipeline.__call__).parameters
-    settings = SyncDiffusionPipeline._sync_settings(
+    settings = SyncSettings.from_arguments(
         kwargs.get("sync_mode", defaults["sync_mode"].default),
         kwargs.get("sync_gradient"),
         kwargs.get("sync_reuse_noise"),
@@ -257,9 +257,9 @@ def _mode_settings(kwargs):
     )
     return (
         kwargs.get("sync_weight", defaults["sync_weight"].default) > 0,
-        settings["gradient"],
-        settings["reuse_noise"],
-        settings["checkpointing"],
+        "unet" if settings.through_denoiser else "x0",
+        settings.reuse_noise,
+        settings.checkpointing,
         kwargs.get("sync_decoder") is not None,
     )
 

@@ -16,6 +16,10 @@ The name after `Copied from` is `module.Class.method`, `module.function` or `mod
 top-level `.py` file of the repository. The copied block is the source's decorators, `def`/`class` line and body
 (or the assignment), with each `old->new` replacement applied as a plain string replacement, in order, and
 re-indented to the copy's indentation. Every `pipeline_syncdiffusion*.py` file at the top level is checked.
+
+The panorama core, the module-level definitions of `pipeline_syncdiffusion.py` under its "The panorama core" banner
+and the `SyncDiffusionPipeline` methods under "The panorama core's methods", must be copied into every other
+pipeline file: a missing one is reported like a drifted one.
 """
 
 import argparse
@@ -30,6 +34,10 @@ from dataclasses import dataclass
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FILE_PATTERN = "pipeline_syncdiffusion*.py"
+CORE_MODULE = "pipeline_syncdiffusion"
+CORE_CLASS = "SyncDiffusionPipeline"
+_CORE_BANNER = "# The panorama core."
+_CORE_METHODS_BANNER = "# The panorama core's methods"
 
 _MARKER = re.compile(r"^(?P<indent>[ \t]*)#\s*Copied from\s+(?P<name>[\w.]+)(?:\s+with\s+(?P<replacements>.*?))?\s*$")
 _REPLACEMENT = re.compile(r"^\s*(\S+?)->(\S*)\s*$")
@@ -170,6 +178,61 @@ def fix_file(filename, root=REPO_ROOT):
     return drifted
 
 
+def _defined_name(node):
+    if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+        return node.name
+    if isinstance(node, ast.Assign) and isinstance(node.targets[0], ast.Name):
+        return node.targets[0].id
+    if isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name):
+        return node.target.id
+    return None
+
+
+def _banner_line(lines, banner, start=0):
+    """The 1-based line of the first comment line holding `banner` at or after line `start`."""
+    for index in range(start, len(lines)):
+        if lines[index].strip().startswith("#") and banner in lines[index]:
+            return index + 1
+    raise CopyError(f"{CORE_MODULE}.py has no `{banner}` banner")
+
+
+def core_names(root=REPO_ROOT):
+    """The names every pipeline file copies: `CORE_MODULE.name` and `CORE_MODULE.CORE_CLASS.method` (none where
+    `CORE_MODULE` has no core banner)."""
+    path = os.path.join(root, CORE_MODULE + ".py")
+    lines = _read_lines(path)
+    if not any(_CORE_BANNER in line for line in lines):
+        return []
+    tree = ast.parse("".join(lines), filename=path)
+    core_start = _banner_line(lines, _CORE_BANNER)
+    cls = next(n for n in tree.body if isinstance(n, ast.ClassDef) and n.name == CORE_CLASS)
+    names = [
+        f"{CORE_MODULE}.{_defined_name(node)}"
+        for node in tree.body
+        if core_start < node.lineno < cls.lineno and _defined_name(node) is not None
+    ]
+    methods_start = _banner_line(lines, _CORE_METHODS_BANNER, cls.lineno)
+    # The core's methods run up to the class's next banner (a `# ---` line after the banner's own closing one).
+    methods_end = next(
+        (i + 1 for i in range(methods_start + 1, cls.end_lineno) if lines[i].strip().startswith("# ---")),
+        cls.end_lineno,
+    )
+    names += [
+        f"{CORE_MODULE}.{CORE_CLASS}.{_defined_name(node)}"
+        for node in cls.body
+        if methods_start < node.lineno < methods_end and _defined_name(node) is not None
+    ]
+    return names
+
+
+def missing_core(filename, root=REPO_ROOT):
+    """The core definitions `filename` does not copy (none for the core's own file)."""
+    if os.path.basename(filename) == CORE_MODULE + ".py":
+        return []
+    copied = {block.name for block in find_copies(filename, root)}
+    return [name for name in core_names(root) if name not in copied]
+
+
 def pipeline_files(root=REPO_ROOT):
     return sorted(glob.glob(os.path.join(root, FILE_PATTERN)))
 
@@ -199,6 +262,7 @@ def main(argv=None, root=REPO_ROOT):
             for block in rewritten:
                 print(f"fixed {os.path.relpath(block.filename, root)}:{block.start}: copy of {block.name}")
         drifted = check(root, files=args.files or None)
+        missing = {filename: missing_core(filename, root) for filename in args.files or pipeline_files(root)}
     except (CopyError, SyntaxError) as error:
         print(f"check_copies: error: {error}", file=sys.stderr)
         return 1
@@ -208,8 +272,12 @@ def main(argv=None, root=REPO_ROOT):
         )
     if drifted:
         print("Run `python -m syncdiffusion_utils.check_copies --fix` to rewrite them.")
-        return 1
-    return 0
+    for filename, names in missing.items():
+        for name in names:
+            print(
+                f"- {os.path.relpath(filename, root)}: the panorama core's {name} is not copied (`# Copied from {name}`)"
+            )
+    return 1 if drifted or any(missing.values()) else 0
 
 
 if __name__ == "__main__":

@@ -84,10 +84,13 @@ def sync_step(pipe):
     positive, negative = pipe.encode_prompt("a photo of a beach", "cpu", 1, True)
     conditioning = pipe._conditioning(positive, negative, None, None, 1)
 
+    views = pipe.get_views(64, 128, stride=4)
+
     @torch.no_grad()
     def predicted_image(z, downsample=1):
         model_input = pipe.scheduler.scale_model_input(z, t)
-        x0 = pipe.predict_clean_latents(model_input, pipe.predict_noise(model_input, t, conditioning), t)
+        noise_pred = pipe.predict_noise(model_input, t, conditioning, views[: z.shape[0]])
+        x0 = pipe.predict_clean_latents(model_input, noise_pred, t)
         return pipe.decode_for_sync(x0, downsample=downsample)
 
     return SimpleNamespace(
@@ -95,6 +98,6 @@ def sync_step(pipe):
         t=t,
         conditioning=conditioning,
         latents=torch.randn(1, 4, 8, 16, generator=torch.Generator().manual_seed(5)),
-        views=pipe.get_views(64, 128, stride=4),
+        views=views,
         predicted_image=predicted_image,
     )

@@ -8,6 +8,8 @@ KDPM2 expose `state_in_first_order`, PNDM (PLMS) re-evaluates the first timestep
 
 import copy
 import inspect
+import sys
+from unittest import mock
 
 import torch
 from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion import rescale_noise_cfg
@@ -165,6 +167,16 @@ def reference_syncdiffusion(
             u = c * crop(z, anchor)
             anchor_image = image(u, noise(u, t), alpha, sigma)
         value, count = torch.zeros_like(z), torch.zeros_like(z)
+        step_noise = {}  # a stochastic step's noise: drawn once for the whole latent, each view takes its crop
+
+        def view_noise(view):
+            def draw(shape, generator=None, device=None, dtype=None, layout=None):
+                if "panorama" not in step_noise:
+                    step_noise["panorama"] = torch.randn(z.shape, generator=generator, dtype=dtype)
+                return crop(step_noise["panorama"], view)
+
+            return draw
+
         for view in views:
             view_scheduler = schedulers[view]
             z_v = crop(z, view)
@@ -180,7 +192,9 @@ def reference_syncdiffusion(
             eps = noise(view_scheduler.scale_model_input(z_v, t), t)
             accepts_generator = "generator" in inspect.signature(view_scheduler.step).parameters
             kwargs = {"generator": generator} if accepts_generator else {}
-            z_next = view_scheduler.step(eps, t, z_v, **kwargs).prev_sample
+            module = sys.modules[type(view_scheduler).step.__module__]
+            with mock.patch.object(module, "randn_tensor", view_noise(view), create=True):
+                z_next = view_scheduler.step(eps, t, z_v, **kwargs).prev_sample
             columns = [(view[1] + k) % width for k in range(n)]
             value[:, :, view[0] : view[0] + n, columns] += z_next
             count[:, :, view[0] : view[0] + n, columns] += 1

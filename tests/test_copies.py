@@ -6,6 +6,7 @@ import textwrap
 
 import pytest
 
+import pipeline_syncdiffusion_controlnet
 import pipeline_syncdiffusion_xl
 from syncdiffusion_utils import check_copies
 from syncdiffusion_utils.testing import tiny_xl_pipeline
@@ -19,20 +20,38 @@ def test_pipeline_copies_match_their_sources(filename):
     )
 
 
-def test_sdxl_pipeline_copies_the_panorama_and_synchronization_code():
-    names = {block.name.split(".")[-1] for block in check_copies.find_copies(pipeline_syncdiffusion_xl.__file__)}
+DERIVED_FILES = [f for f in check_copies.pipeline_files() if os.path.basename(f) != "pipeline_syncdiffusion.py"]
+
+
+@pytest.mark.parametrize("filename", DERIVED_FILES, ids=os.path.basename)
+def test_every_pipeline_file_copies_the_whole_panorama_core(filename):
+    """The views, the synchronization update and the loop's step are one copied core, not adapted per file."""
+    names = check_copies.core_names()
+    short = {name.split(".")[-1] for name in names}
+    assert {"get_views", "crop_views", "add_views", "SyncSettings", "synchronization_update"} <= short
     assert {
-        "get_views",
-        "get_view_latents",
-        "add_view_latents",
-        "predict_clean_latents",
-        "synchronize_views",
-        "perceptual_gradient",
+        "denoise_step",
         "denoise_view_batch",
         "prepare_anchor",
-        "check_inputs",
-        "_sync_settings",
-    } <= names
+        "synchronize_views",
+        "check_panorama_inputs",
+    } <= short
+    assert check_copies.missing_core(filename) == []
+
+
+def test_a_missing_core_copy_is_reported(tmp_path):
+    """Dropping one core copy from a pipeline file makes the checker fail, naming it."""
+    for name in ("pipeline_syncdiffusion.py", "pipeline_syncdiffusion_xl.py"):
+        (tmp_path / name).write_text(open(os.path.join(check_copies.REPO_ROOT, name)).read())
+    xl = tmp_path / "pipeline_syncdiffusion_xl.py"
+    text = xl.read_text().replace(
+        "    # Copied from pipeline_syncdiffusion.SyncDiffusionPipeline.denoise_step\n", "", 1
+    )
+    xl.write_text(text)
+    assert check_copies.missing_core(str(xl), root=str(tmp_path)) == [
+        "pipeline_syncdiffusion.SyncDiffusionPipeline.denoise_step"
+    ]
+    assert check_copies.main([], root=str(tmp_path)) == 1
 
 
 def tiny_controlnet_pipeline():
@@ -54,7 +73,7 @@ SET_BY_CALL = {"_clip_skip", "_cross_attention_kwargs", "_num_timesteps", "_inte
     "module, build",
     [
         (pipeline_syncdiffusion_xl, lambda: tiny_xl_pipeline(lpips_module=False)),
-        (pytest.importorskip("pipeline_syncdiffusion_controlnet"), tiny_controlnet_pipeline),
+        (pipeline_syncdiffusion_controlnet, tiny_controlnet_pipeline),
     ],
     ids=["xl", "controlnet"],
 )
@@ -63,6 +82,8 @@ def test_copied_code_finds_every_attribute_it_uses(module, build):
     available = set(dir(build()))
     used, assigned = {}, set()
     for block in check_copies.find_copies(module.__file__):
+        if not block.name.startswith("pipeline_syncdiffusion.SyncDiffusionPipeline."):
+            continue  # module-level definitions (the core's classes) have their own `self`
         for node in ast.walk(ast.parse(textwrap.dedent(block.observed))):
             if isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) and node.value.id == "self":
                 if isinstance(node.ctx, ast.Store):

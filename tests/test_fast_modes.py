@@ -4,6 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from pipeline_syncdiffusion import SyncSettings, crop_views
 from syncdiffusion_utils.testing import make_tiny_decoder
 
 
@@ -73,14 +74,16 @@ def test_sync_decoder_is_the_decoder_the_loss_sees(pipe):
 def test_decode_downsample_update_descends_the_pooled_distance(sync_step):
     """The update follows the distance between loss images decoded from 2x pooled clean latents (half size)."""
     step = sync_step
-    pipe, exact, pooled = step.pipe, step.pipe._sync_settings(), step.pipe._sync_settings(decode_downsample=2)
+    pipe, exact, pooled = step.pipe, SyncSettings(), SyncSettings(decode_downsample=2)
     with torch.no_grad():
         anchor_full = pipe.prepare_anchor(step.latents, step.views[1], step.t, step.conditioning, exact)["images"]
         anchor_small = pipe.prepare_anchor(step.latents, step.views[1], step.t, step.conditioning, pooled)["images"]
         assert anchor_small.shape[-1] == anchor_full.shape[-1] // 2
-        view = pipe.get_view_latents(step.latents, [step.views[0]])
-        updated, _ = pipe.synchronize_views(view, anchor_small, step.t, 2.0, step.conditioning, pooled)
-        exact_update, _ = pipe.synchronize_views(view, anchor_full, step.t, 2.0, step.conditioning, exact)
+        view = crop_views(step.latents, [step.views[0]])
+        updated, _ = pipe.synchronize_views(view, step.views[:1], anchor_small, step.t, 2.0, step.conditioning, pooled)
+        exact_update, _ = pipe.synchronize_views(
+            view, step.views[:1], anchor_full, step.t, 2.0, step.conditioning, exact
+        )
 
         def pooled_distance(z):
             return pipe.perceptual_distance(step.predicted_image(z, downsample=2), anchor_small).item()

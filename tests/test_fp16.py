@@ -12,6 +12,8 @@ import torch.nn.functional as F
 from conftest import fresh_pipeline
 from diffusers import DDIMScheduler
 
+from pipeline_syncdiffusion import crop_views
+
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -61,7 +63,7 @@ def synchronization_update(pipe, dtype):
             output_type="latent",
         )
     (stepped,) = RecordingDDIM.samples
-    return stepped - pipe.get_view_latents(latents.float(), pipe.get_views(64, 128, stride=4))
+    return stepped - crop_views(latents.float(), pipe.get_views(64, 128, stride=4))
 
 
 def test_float16_update_matches_float32(components_cache, lpips_module):

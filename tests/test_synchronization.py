@@ -19,6 +19,8 @@ from reference_loop import (
     reference_syncdiffusion,
 )
 
+from pipeline_syncdiffusion import SyncSettings, crop_views
+
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -156,11 +158,13 @@ def test_view_batching_changes_nothing_in_float32(pipe):
 def test_one_update_lowers_the_distance_to_the_anchor(sync_step):
     """The mechanism: a gradient step on a view's latent brings its predicted image closer to the anchor's."""
     step = sync_step
-    pipe, sync = step.pipe, step.pipe._sync_settings()  # the exact mode
+    pipe, sync = step.pipe, SyncSettings()  # the exact mode
     with torch.no_grad():
         anchor = pipe.prepare_anchor(step.latents, step.views[1], step.t, step.conditioning, sync)
-        view = pipe.get_view_latents(step.latents, [step.views[0]])
-        updated, _ = pipe.synchronize_views(view, anchor["images"], step.t, 2.0, step.conditioning, sync)
+        view = crop_views(step.latents, [step.views[0]])
+        updated, _ = pipe.synchronize_views(
+            view, step.views[:1], anchor["images"], step.t, 2.0, step.conditioning, sync
+        )
         before = pipe.perceptual_distance(step.predicted_image(view), anchor["images"]).item()
         after = pipe.perceptual_distance(step.predicted_image(updated), anchor["images"]).item()
     assert (updated - view).abs().max() > 0

@@ -3,10 +3,12 @@
 Each speed or memory option must give the images of the plain path (one view per call, eager, whole decode).
 """
 
+from dataclasses import replace
+
 import pytest
 import torch
 
-from pipeline_syncdiffusion import SyncDiffusionPipeline
+from pipeline_syncdiffusion import SyncSettings, balanced_batch_size
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -44,7 +46,9 @@ def test_gradient_pass_in_chunks_gives_the_whole_batch_result(pipe, monkeypatch)
     whole = latents_of(pipe, view_batch_size=5)
     original = pipe.synchronize_views
     for chunk in (1, 2, 4):
-        monkeypatch.setattr(pipe, "auto_view_batch_sizes", lambda *args, chunk=chunk: (5, chunk, False))
+        monkeypatch.setattr(
+            pipe, "auto_view_batch_sizes", lambda *args, chunk=chunk: (5, replace(args[-1], gradient_batch_size=chunk))
+        )
         calls = []
 
         def counted(view_latents, *args, **kwargs):
@@ -65,7 +69,7 @@ def fake_cuda_memory(monkeypatch, free_bytes):
 
 def test_auto_sizes_denoising_and_gradient_batches_from_free_memory(pipe, monkeypatch):
     pipe._guidance_scale = 7.5  # guidance doubles the UNet batch
-    sync = pipe._sync_settings()  # the exact mode
+    sync = SyncSettings()  # the exact mode
     plain = pipe.view_memory(1, torch.float16)
     gradient = pipe.view_memory(1, torch.float16, sync)
     assert gradient > 10 * plain  # the gradient pass holds far more per view
@@ -75,7 +79,8 @@ def test_auto_sizes_denoising_and_gradient_batches_from_free_memory(pipe, monkey
     free = (7 * plain + plain // 2) / pipe.AUTO_MEMORY_FRACTION
     free = max(free, (2 * gradient + gradient // 2) / pipe.AUTO_MEMORY_FRACTION)
     fake_cuda_memory(monkeypatch, int(free))
-    view_batch, gradient_batch, checkpointing = pipe.auto_view_batch_sizes(25, 1, "cuda", torch.float16, True, sync)
+    view_batch, settings = pipe.auto_view_batch_sizes(25, 1, "cuda", torch.float16, True, sync)
+    gradient_batch, checkpointing = settings.gradient_batch_size, settings.checkpointing
     budget = int(free) * pipe.AUTO_MEMORY_FRACTION
     expected_views = min(25, int(budget // plain))
     batches = -(-25 // expected_views)
@@ -84,30 +89,31 @@ def test_auto_sizes_denoising_and_gradient_batches_from_free_memory(pipe, monkey
     assert not checkpointing
 
     # Without synchronization only the denoising batch matters.
-    assert pipe.auto_view_batch_sizes(25, 1, "cuda", torch.float16, False, sync)[1:] == (1, False)
+    settings = pipe.auto_view_batch_sizes(25, 1, "cuda", torch.float16, False, sync)[1]
+    assert (settings.gradient_batch_size, settings.checkpointing) == (1, False)
 
 
 def test_auto_turns_on_checkpointing_when_one_gradient_view_does_not_fit(pipe, monkeypatch):
     pipe._guidance_scale = 7.5
-    sync = pipe._sync_settings()
+    sync = SyncSettings()
     gradient = pipe.view_memory(1, torch.float16, sync)
-    checkpointed = pipe.view_memory(1, torch.float16, {**sync, "checkpointing": True})
+    checkpointed = pipe.view_memory(1, torch.float16, replace(sync, checkpointing=True))
     assert checkpointed < gradient
     # Room for one checkpointed gradient view, not for one plain one.
     fake_cuda_memory(monkeypatch, int((checkpointed + gradient) / 2 / pipe.AUTO_MEMORY_FRACTION))
-    view_batch, gradient_batch, checkpointing = pipe.auto_view_batch_sizes(5, 1, "cuda", torch.float16, True, sync)
-    assert checkpointing and gradient_batch == 1
+    settings = pipe.auto_view_batch_sizes(5, 1, "cuda", torch.float16, True, sync)[1]
+    assert settings.checkpointing and settings.gradient_batch_size == 1
 
 
 def test_auto_on_the_cpu_is_a_fixed_choice(pipe):
-    sync = pipe._sync_settings()
-    assert pipe.auto_view_batch_sizes(40, 1, "cpu", torch.float32, True, sync) == (14, 1, False)  # 40 = 14+13+13
-    assert pipe.auto_view_batch_sizes(5, 1, "cpu", torch.float32, True, sync) == (5, 1, False)
+    sync = SyncSettings()
+    assert pipe.auto_view_batch_sizes(40, 1, "cpu", torch.float32, True, sync) == (14, sync)  # 40 = 14+13+13
+    assert pipe.auto_view_batch_sizes(5, 1, "cpu", torch.float32, True, sync) == (5, sync)
 
 
 def test_balanced_batches():
-    assert [SyncDiffusionPipeline._balanced(25, limit) for limit in (1, 4, 7, 13, 25, 100)] == [1, 4, 7, 13, 25, 25]
-    assert SyncDiffusionPipeline._balanced(25, 24) == 13  # two batches of 13 and 12, not 24 and 1
+    assert [balanced_batch_size(25, limit) for limit in (1, 4, 7, 13, 25, 100)] == [1, 4, 7, 13, 25, 25]
+    assert balanced_batch_size(25, 24) == 13  # two batches of 13 and 12, not 24 and 1
 
 
 def test_view_batch_size_auto_is_the_only_string(pipe):
