@@ -43,11 +43,6 @@ from syncdiffusion_utils.loading import (
     with_controlnet,
 )
 
-# Still importable from here for modules that have not moved to `loading` yet (generate_set, evaluation, metrics).
-from syncdiffusion_utils.loading import _quiet_loading as _quiet_loading  # noqa: F401
-from syncdiffusion_utils.loading import check_device as check_device  # noqa: F401
-from syncdiffusion_utils.loading import resolve_device as resolve_device  # noqa: F401
-
 
 DEFAULT_SIZE = {"real": (512, 2048, 50), TINY: (64, 256, 10)}  # height, width, steps when not given
 DEFAULT_SIZE[TINY_XL] = DEFAULT_SIZE[TINY]
