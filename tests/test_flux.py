@@ -957,3 +957,15 @@ def test_callbacks_see_and_replace_flux_pipelines_packed_latents(flux_pair):
         relative_error(latents, flux(PROMPT, generator=generator(), **dict(call, callback_on_step_end=None)).images)
         > 0.01
     )
+
+
+@pytest.mark.parametrize(
+    "call, size", [({"sync_lpips_size": 32}, (32, 32)), ({"sync_decode_downsample": 2}, (32, 32)), ({}, (64, 64))]
+)
+def test_lpips_size_and_decode_downsample_shrink_the_compared_images(flux_pair, call, size):
+    _, ours = flux_pair()
+    sizes = set()
+    handle = ours._perceptual_loss.register_forward_pre_hook(lambda module, args: sizes.add(tuple(args[0].shape[-2:])))
+    ours(PROMPT, height=64, width=128, window_size=64, stride=4, sync_thres=1, output_type="latent", **SMALL, **call)
+    handle.remove()
+    assert sizes == {size}
