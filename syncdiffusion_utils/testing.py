@@ -762,3 +762,32 @@ def save_tiny_flux_lora(folder, transformer, seed=1, rank=4):
     adapted.add_adapter(config)
     FluxPipeline.save_lora_weights(folder, transformer_lora_layers=get_peft_model_state_dict(adapted))
     return folder
+
+
+def add_tiny_flux_ip_adapter(transformer, image_embed_dim=16, seed=2):
+    """Give `transformer` a random IP-Adapter (FLUX's IP-Adapter attention in every double-stream block and an
+    image projection of `image_embed_dim`-wide image embeddings to 4 tokens), loaded as diffusers loads a real one.
+
+    The image embeddings are then passed as `ip_adapter_image_embeds=[tensor (batch, 1, image_embed_dim)]`.
+    """
+    generator = torch.Generator().manual_seed(seed)
+    width, text_width = transformer.inner_dim, transformer.config.joint_attention_dim
+
+    def weights(*shape):
+        return torch.randn(*shape, generator=generator) * 0.2
+
+    image_proj = {
+        "proj.weight": weights(4 * text_width, image_embed_dim),
+        "proj.bias": weights(4 * text_width),
+        "norm.weight": torch.ones(text_width),
+        "norm.bias": torch.zeros(text_width),
+    }
+    ip_adapter = {}
+    for block in range(transformer.config.num_layers):
+        for name in ("to_k_ip", "to_v_ip"):
+            ip_adapter[f"{block}.{name}.weight"] = weights(width, text_width)
+            ip_adapter[f"{block}.{name}.bias"] = weights(width)
+    transformer._load_ip_adapter_weights(
+        [{"image_proj": image_proj, "ip_adapter": ip_adapter}], low_cpu_mem_usage=False
+    )
+    return transformer
