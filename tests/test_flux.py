@@ -1010,3 +1010,25 @@ def test_ip_adapter_conditions_every_view_batch(ip_adapter_pair):
         ours(PROMPT, generator=generator(), view_batch_size=size, **run, **SMALL, **images).images for size in (1, 3)
     )
     assert relative_error(three, one) < 1e-4
+
+
+def test_without_text_encoders_from_embeds(flux_pair):
+    _, ours = flux_pair()
+    with torch.no_grad():
+        embeds, pooled, _ = ours.encode_prompt(PROMPT, max_sequence_length=32)
+    call = {"height": 64, "width": 128, "window_size": 64, "stride": 4, "sync_thres": 2, "output_type": "latent"}
+    expected = ours(PROMPT, generator=generator(), num_images_per_prompt=2, **call, **SMALL).images
+    bare = SyncDiffusionFluxPipeline(
+        **dict(ours.components, text_encoder=None, text_encoder_2=None, tokenizer=None, tokenizer_2=None)
+    )
+    bare.set_perceptual_loss(ours._perceptual_loss)
+    bare.set_progress_bar_config(disable=True)
+    latents = bare(
+        prompt_embeds=embeds,
+        pooled_prompt_embeds=pooled,
+        generator=generator(),
+        num_images_per_prompt=2,  # the embeddings are repeated per image
+        **call,
+        num_inference_steps=3,
+    ).images
+    assert latents.shape == expected.shape and relative_error(latents, expected) < TOLERANCE
