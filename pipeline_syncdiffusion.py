@@ -228,7 +228,8 @@ class PanoramaNoise:
 
     Drawn per view batch, as the deprecated panorama pipeline does, the views' noises are independent and their mean
     gives a latent pixel covered by k views 1/k of the scheduler's variance. The scheduler draws through its module's
-    `randn_tensor`, which `crop` stands in for during one `step`; with one view the numbers are those it would draw.
+    `randn_tensor`, which `crop` stands in for during one `step` (so two pipelines sharing a scheduler class must not
+    step at once from two threads); with one view the numbers are those the scheduler would draw.
     """
 
     def __init__(self, scheduler, shape):

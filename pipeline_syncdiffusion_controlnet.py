@@ -229,7 +229,8 @@ class PanoramaNoise:
 
     Drawn per view batch, as the deprecated panorama pipeline does, the views' noises are independent and their mean
     gives a latent pixel covered by k views 1/k of the scheduler's variance. The scheduler draws through its module's
-    `randn_tensor`, which `crop` stands in for during one `step`; with one view the numbers are those it would draw.
+    `randn_tensor`, which `crop` stands in for during one `step` (so two pipelines sharing a scheduler class must not
+    step at once from two threads); with one view the numbers are those the scheduler would draw.
     """
 
     def __init__(self, scheduler, shape):
@@ -649,16 +650,7 @@ class SyncDiffusionControlNetPipeline(
         Raise a `ValueError` naming the argument, its value and what is allowed, before any model runs: the
         ControlNet arguments here, the others as [`SyncDiffusionPipeline`] checks them.
         """
-        self.check_control_inputs(
-            image,
-            height,
-            width,
-            prompt,
-            prompt_embeds,
-            controlnet_conditioning_scale,
-            control_guidance_start,
-            control_guidance_end,
-        )
+        self.check_condition_images(image, prompt, prompt_embeds)
         self.check_panorama_inputs(
             height,
             width,
@@ -682,6 +674,16 @@ class SyncDiffusionControlNetPipeline(
             num_images_per_prompt,
             latents,
             guidance_rescale,
+        )
+        self.check_control_inputs(
+            image,
+            height,
+            width,
+            prompt,
+            prompt_embeds,
+            controlnet_conditioning_scale,
+            control_guidance_start,
+            control_guidance_end,
         )
 
     # Copied from pipeline_syncdiffusion.SyncDiffusionPipeline.check_prompt_inputs
@@ -745,18 +747,8 @@ class SyncDiffusionControlNetPipeline(
                     f" but has shape {tuple(latents.shape)}."
                 )
 
-    def check_control_inputs(
-        self,
-        image,
-        height,
-        width,
-        prompt=None,
-        prompt_embeds=None,
-        controlnet_conditioning_scale=1.0,
-        control_guidance_start=0.0,
-        control_guidance_end=1.0,
-    ):
-        """Check the condition images (one per ControlNet, each the panorama's size) and the per-ControlNet values."""
+    def check_condition_images(self, image, prompt=None, prompt_embeds=None):
+        """One condition image per ControlNet (or one per prompt), each a multiple of the VAE scale factor."""
         num_nets = len(self.controlnet_models)
         images = self._images_per_controlnet(image)
         if len(images) != num_nets:
@@ -781,6 +773,22 @@ class SyncDiffusionControlNetPipeline(
                         f"`image` has to be a multiple of the VAE scale factor {factor} on both sides, but is"
                         f" {size[0]}x{size[1]} pixels (height x width)."
                     )
+
+    def check_control_inputs(
+        self,
+        image,
+        height,
+        width,
+        prompt=None,
+        prompt_embeds=None,
+        controlnet_conditioning_scale=1.0,
+        control_guidance_start=0.0,
+        control_guidance_end=1.0,
+    ):
+        """Check that the condition images cover the panorama, and the per-ControlNet values."""
+        num_nets = len(self.controlnet_models)
+        for condition in self._images_per_controlnet(image):
+            for size in self._condition_sizes(condition):
                 if size != (height, width):
                     raise ValueError(
                         f"`image` has to cover the whole panorama, {height}x{width} pixels (height x width), but is"

@@ -70,11 +70,13 @@ class PipelineKind:
 
     def call_arguments(self, **kwargs):
         """`SMALL` with `kwargs` over it, a seeded generator, and for the ControlNet class a condition image of
-        the panorama's size (unless `image` is given)."""
+        the panorama's size (unless `image` is given; rounded up to a valid image size, so that a bad `height` or
+        `width` is the only bad input)."""
         call = {"prompt": PROMPT, **SMALL, **kwargs}
         call.setdefault("generator", torch.Generator().manual_seed(0))
         if self.conditioned and "image" not in call:
-            call["image"] = condition_image(call.get("height", 64), call.get("width", 128))
+            height, width = (max(8, -(-size // 8) * 8) for size in (call.get("height", 64), call.get("width", 128)))
+            call["image"] = condition_image(height, width)
         return call
 
     def __call__(self, pipe, **kwargs):

@@ -27,21 +27,11 @@ def latents_of(pipe, **kwargs):
 # Bad input: a clear ValueError naming the argument, before any model runs
 # ---------------------------------------------------------------------------------------------------------------
 
+# The panorama and sync_* arguments of every class: tests/test_contract.py.
 BAD_INPUTS = [
-    ({"height": 60}, "height"),
-    ({"width": 130}, "width"),
-    ({"stride": 0}, "stride"),
-    ({"stride": 9}, "stride"),
-    ({"sync_weight": -1.0}, "sync_weight"),
-    ({"sync_decay_rate": 0.0}, "sync_decay_rate"),
-    ({"sync_decay_rate": 1.5}, "sync_decay_rate"),
-    ({"sync_freq": 0}, "sync_freq"),
-    ({"sync_thres": -1}, "sync_thres"),
-    ({"view_batch_size": 0}, "view_batch_size"),
     ({"num_inference_steps": 0}, "num_inference_steps"),
     ({"num_images_per_prompt": 0}, "num_images_per_prompt"),
     ({"guidance_rescale": 1.5}, "guidance_rescale"),
-    ({"latents": torch.zeros(1, 4, 8, 8)}, "latents"),
     ({"prompt_embeds": torch.zeros(1, 77, 32)}, "prompt_embeds"),
     ({"prompt": None}, "prompt"),
     ({"prompt": 3}, "prompt"),
@@ -52,11 +42,6 @@ BAD_INPUTS = [
     ),
     ({"callback_on_step_end_tensor_inputs": ["noise_pred"]}, "callback_on_step_end_tensor_inputs"),
     ({"ip_adapter_image_embeds": torch.zeros(2, 1, 32)}, "ip_adapter_image_embeds"),
-    ({"sync_mode": "fastest"}, "sync_mode"),
-    ({"sync_gradient": "vae"}, "sync_gradient"),
-    ({"sync_reuse_noise": "yes"}, "sync_reuse_noise"),
-    ({"sync_decoder": "madebyollin/taesd"}, "sync_decoder"),
-    ({"sync_lpips_size": 16}, "sync_lpips_size"),
 ]
 
 
@@ -190,19 +175,6 @@ def test_callback_can_replace_prompt_embeds(pipe):
         output_type="latent",
     ).images
     assert (replaced - latents_of(pipe, num_inference_steps=3)).abs().max() > 1e-3
-
-
-def test_interrupt_stops_denoising(pipe):
-    steps = []
-
-    def callback(pipeline, step, timestep, tensors):
-        steps.append(step)
-        if step == 0:
-            pipeline._interrupt = True
-        return {}
-
-    pipe("a photo", **{**SMALL, "num_inference_steps": 4}, callback_on_step_end=callback, output_type="latent")
-    assert steps == [0]
 
 
 def test_prompt_embeds_give_the_same_images_as_prompts(pipe):

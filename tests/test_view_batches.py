@@ -34,13 +34,6 @@ BATCHING_NOISE = 2e-5
 
 
 @torch.no_grad()
-def test_auto_view_batches_give_the_one_view_result(pipe):
-    one = latents_of(pipe, view_batch_size=1)
-    auto = latents_of(pipe, view_batch_size="auto")
-    assert relative_error(auto, one) < BATCHING_NOISE
-
-
-@torch.no_grad()
 def test_gradient_pass_in_chunks_gives_the_whole_batch_result(pipe, monkeypatch):
     """All 5 views in one denoising batch, their gradient pass in chunks of 1, 2 and 4 views."""
     whole = latents_of(pipe, view_batch_size=5)
