@@ -957,9 +957,27 @@ class SyncDiffusionPipeline(
                 f"`sync_decode_downsample` has to be a positive integer dividing the view size {window}, but is"
                 f" {sync_decode_downsample!r}."
             )
+        factor = self.vae_scale_factor
+        several_views = height // factor > window or width // factor > window
+        if sync_weight > 0 and sync_thres > 0 and several_views:
+            # The images LPIPS compares: one view's, decoded from the (pooled) clean latent, resized to `sync_lpips_size`.
+            compared = [min(window, side // factor) * factor // sync_decode_downsample for side in (height, width)]
+            if sync_lpips_size is not None and max(compared) > sync_lpips_size:
+                compared = [max(1, round(side * sync_lpips_size / max(compared))) for side in compared]
+            if min(compared) < self.SYNC_MIN_IMAGE_SIDE:
+                raise ValueError(
+                    f"synchronization would compare {compared[0]}x{compared[1]}-pixel view images (`height` {height},"
+                    f" `width` {width}, `sync_decode_downsample` {sync_decode_downsample}, `sync_lpips_size`"
+                    f" {sync_lpips_size}), smaller than the {self.SYNC_MIN_IMAGE_SIDE} pixels LPIPS-VGG's pooling needs:"
+                    " a larger panorama, a smaller `sync_decode_downsample`, a larger `sync_lpips_size`, or"
+                    " `sync_weight=0`."
+                )
         self.check_scheduler(
             synchronized=sync_weight > 0 and sync_thres > 0, sync_gradient=sync_gradient, sync_mode=sync_mode
         )
+
+    # The smallest side of an image LPIPS-VGG can compare (its fifth block sees 1/16 of it).
+    SYNC_MIN_IMAGE_SIDE = 16
 
     def check_scheduler(self, synchronized, sync_gradient=None, sync_mode="exact"):
         """The scheduler's family has to be one this pipeline supports; synchronization needs a known one."""
