@@ -1,4 +1,5 @@
-"""Count the passes a `SyncDiffusionPipeline` call makes: UNet, ControlNet, VAE decoder, LPIPS; forward and backward.
+"""Count the passes a panorama pipeline's call makes: denoiser (UNet, ControlNet, FLUX transformer), VAE decoder,
+LPIPS; forward and backward.
 
 SyncDiffusion's cost is in passes, so they are counted, not guessed::
 
@@ -8,11 +9,14 @@ SyncDiffusion's cost is in passes, so they are counted, not guessed::
         pipe(prompt, sync_decoder=tiny_decoder, ...)
     print(counter.as_dict())   # {"unet_fwd": 9, "unet_bwd": 4, ...}
 
-Units: **view-passes**. A call on a batch of `k` views counts `k`; with classifier-free guidance the UNet sees
-every view twice (`[uncond, cond]`) and that doubled batch counts once; with several images per call (several
-prompts, `num_images_per_prompt`) each view appears once per image and is still counted once, i.e. counts are
-divided by the number of images, so they depend neither on `view_batch_size` nor on the image batch. The number of
-images is read from the call itself (the batch size given to `prepare_latents`) unless `num_images` is passed.
+Units: **view-passes**. A view-pass is one view's guided prediction (or its backward). A call on a batch of `k`
+views counts `k`; with classifier-free guidance the UNet sees every view twice (`[uncond, cond]`) and that doubled
+batch counts once; with FLUX's true CFG (`true_cfg_scale > 1` and a negative prompt) the transformer runs twice per
+view, positive and negative, and each of the two calls counts half, so a guided view is one view-pass as without
+true CFG (its cost per view-pass is then two transformer calls). With several images per call (several prompts,
+`num_images_per_prompt`) each view appears once per image and is still counted once, i.e. counts are divided by the
+number of images, so they depend neither on `view_batch_size` nor on the image batch. The number of images is read
+from the call itself (the batch size given to `prepare_latents`) unless `num_images` is passed.
 
 What is counted, with hooks only (nothing in the pipeline changes; everything is removed on exit):
 
@@ -21,6 +25,12 @@ What is counted, with hooks only (nothing in the pipeline changes; everything is
   submodules ran forward again counts one recomputed forward per view, even though the (small) layers that
   diffusers does not checkpoint, like `conv_in`, are not re-run.
 - `unet_bwd`: backward passes through `pipe.unet` (a full backward hook; the batch of the gradient).
+- `transformer_fwd`, `transformer_recompute`, `transformer_bwd`: the same for `pipe.transformer` (FLUX's
+  `SyncDiffusionFluxPipeline`, diffusers' `FluxPipeline`). The transformer takes its inputs as keywords, so torch
+  fires its backward hook when the gradient reaches its output, before its blocks are recomputed; a submodule that
+  runs outside the transformer's own forward is then a recomputation of the last backward (a submodule running a
+  second time starts the next one's).
+- The denoisers are `pipe.unet` and `pipe.transformer`, whichever the pipeline has (`pipe.denoiser` is one of them).
 - `controlnet_fwd`, `controlnet_bwd`, `controlnet_recompute`: the same for `pipe.controlnet` when the pipeline has
   one (`SyncDiffusionControlNetPipeline`; a `MultiControlNetModel` counts once per call, like one model). With
   guidance it sees every view twice, as the UNet does, except in `guess_mode` (conditional rows only): either way
@@ -49,6 +59,9 @@ COUNT_KEYS = (
     "unet_fwd",
     "unet_recompute",
     "unet_bwd",
+    "transformer_fwd",
+    "transformer_recompute",
+    "transformer_bwd",
     "controlnet_fwd",
     "controlnet_recompute",
     "controlnet_bwd",
@@ -63,6 +76,7 @@ COUNT_KEYS = (
     "lpips_bwd",
 )
 DERIVED_KEYS = ("dec_fwd", "dec_bwd")
+DENOISERS = ("unet", "transformer")
 
 
 def _batch(value):
@@ -97,6 +111,10 @@ class _TrackedModule:
         self.depth = 0  # nesting of forward calls of this very module
         self.in_backward = 0  # >0 between the module's backward pre-hook and its backward hook
         self.recomputed = False
+        # Backwards whose hook fired before their recomputation (inputs passed as keywords): their batches, and the
+        # submodules re-run so far in the recomputation being counted.
+        self.awaiting_recompute = []
+        self.recomputing = None
         self.handles = [
             module.register_forward_pre_hook(self._pre_forward, with_kwargs=True),
             module.register_forward_hook(self._post_forward),
@@ -112,14 +130,26 @@ class _TrackedModule:
     def _pre_forward(self, module, args, kwargs):
         self.depth += 1
         if self.depth == 1:
+            # a new forward: every earlier backward has finished, recomputation included
+            self.awaiting_recompute, self.recomputing = [], None
             self.on_forward(_batch(args) or _batch(kwargs), args, kwargs)
 
     def _post_forward(self, module, args, output):
         self.depth -= 1
 
     def _sub_forward(self, module, args):
+        if self.depth:  # inside the module's own forward
+            return
         if self.in_backward:
             self.recomputed = True
+        elif self.recomputing is None or module in self.recomputing:
+            # outside the module's forward and its backward's hooks: the recomputation of a backward whose hook has
+            # fired already; a submodule re-running starts the next backward's
+            if self.awaiting_recompute:
+                self.on_recompute(self.awaiting_recompute.pop())
+                self.recomputing = {module}
+        else:
+            self.recomputing.add(module)
 
     def _pre_backward(self, module, grad_output):
         self.in_backward += 1
@@ -133,6 +163,9 @@ class _TrackedModule:
         if self.recomputed:
             self.on_recompute(batch)
             self.recomputed = False
+        else:
+            self.awaiting_recompute.append(batch)
+            self.recomputing = None
 
     def remove(self):
         for handle in self.handles:
@@ -142,26 +175,33 @@ class _TrackedModule:
 
 class PassCounter:
     """
-    Context manager counting a pipeline's UNet, VAE-decoder and LPIPS passes in view-passes (see the module doc).
+    Context manager counting a pipeline's denoiser, VAE-decoder and LPIPS passes in view-passes (see the module doc).
 
     Args:
-        pipe: a `SyncDiffusionPipeline` (anything with `unet`, `vae`, `do_classifier_free_guidance`,
-            `decode_for_sync` and `_perceptual_loss` works).
+        pipe: a SyncDiffusion pipeline (anything with a `unet` or a `transformer`, and a `vae`, works: diffusers'
+            own pipelines too; `decode_for_sync` and `_perceptual_loss` where it synchronizes).
         sync_decoder: the `sync_decoder` given to the calls being counted, if any; counted as `sync_dec_*`.
         num_images: images per call (prompts × `num_images_per_prompt`); by default read from each call.
         track_recompute: also count the forwards that activation checkpointing recomputes in the backward
-            (a pre-hook on every submodule of the UNet and the decoders; cheap).
+            (a pre-hook on every submodule of the denoisers and the decoders; cheap).
+        guided: whether the denoiser sees every view twice (classifier-free guidance; FLUX's true CFG). By default
+            read from the pipeline during the call: `do_classifier_free_guidance` for a UNet, the call's true CFG
+            (`_true_cfg`, which `SyncDiffusionFluxPipeline` sets) for a transformer. Pass it for a pipeline that
+            does not say, such as diffusers' `FluxPipeline` with true CFG.
 
     Read the counts with attribute access (`counter.unet_fwd`), `counter.as_dict()`, or `counter.snapshot()`
     (also usable while the pipeline runs, e.g. from `callback_on_step_end`, to count per step).
     `counter.reset()` zeroes them.
     """
 
-    def __init__(self, pipe, sync_decoder=None, num_images=None, track_recompute=True):
+    def __init__(self, pipe, sync_decoder=None, num_images=None, track_recompute=True, guided=None):
+        if not any(getattr(pipe, name, None) is not None for name in DENOISERS):
+            raise ValueError(f"pipe={type(pipe).__name__}: a pipeline with a `unet` or a `transformer` to count")
         self.pipe = pipe
         self.sync_decoder = sync_decoder
         self.fixed_num_images = num_images
         self.track_recompute = track_recompute
+        self.fixed_guided = guided
         self._tracked = []
         self._patched = {}
         self._in_sync_decode = 0
@@ -208,9 +248,15 @@ class PassCounter:
     def _num_images(self):
         return self.fixed_num_images or self._call_num_images or 1
 
-    def _guided(self):
-        # `do_classifier_free_guidance` reads `_guidance_scale`, which the pipeline sets at call time.
+    def _guided(self, denoiser="unet"):
+        """Whether `denoiser` sees every view twice in the current call."""
+        if self.fixed_guided is not None:
+            return bool(self.fixed_guided)
         try:
+            if denoiser == "transformer":
+                # FLUX guides by an embedding; only true CFG runs the transformer twice (set at call time).
+                return bool(getattr(self.pipe, "_true_cfg", False))
+            # `do_classifier_free_guidance` reads `_guidance_scale`, which the pipeline sets at call time.
             return bool(self.pipe.do_classifier_free_guidance)
         except (AttributeError, TypeError):
             return False
@@ -223,13 +269,12 @@ class PassCounter:
 
     # -- hooks -------------------------------------------------------------------------------------------------
 
-    def _track(self, module, fwd, bwd, recompute, guidance=False, forward_key=None, track_recompute=None):
-        """Hook `module`. `guidance`: whether its batches hold two rows per view under classifier-free guidance;
-        `True`, `False`, or a function of the forward's `kwargs` (the ControlNet's `guess_mode` drops a row)."""
+    def _track(self, module, fwd, bwd, recompute, guidance=None, forward_key=None, track_recompute=None):
+        """Hook `module`. `guidance`: a function of the forward's `kwargs` saying whether this pass sees every view
+        twice (the ControlNet's `guess_mode` drops a row); `None` for never."""
 
         def on_forward(batch, args, kwargs):
-            guided = guidance(kwargs) if callable(guidance) else guidance
-            tracked.guided = bool(guided) and self._guided()
+            tracked.guided = guidance is not None and bool(guidance(kwargs))
             self._add(forward_key(args) if forward_key else fwd, batch, tracked.guided)
 
         def on_backward(batch):
@@ -261,14 +306,22 @@ class PassCounter:
 
     def __enter__(self):
         pipe = self.pipe
-        self._track(pipe.unet, "unet_fwd", "unet_bwd", "unet_recompute", guidance=True)
+        for name in DENOISERS:
+            if getattr(pipe, name, None) is not None:
+                self._track(
+                    getattr(pipe, name),
+                    f"{name}_fwd",
+                    f"{name}_bwd",
+                    f"{name}_recompute",
+                    guidance=lambda kwargs, name=name: self._guided(name),
+                )
         if getattr(pipe, "controlnet", None) is not None:
             self._track(
                 pipe.controlnet,
                 "controlnet_fwd",
                 "controlnet_bwd",
                 "controlnet_recompute",
-                guidance=lambda kwargs: not kwargs.get("guess_mode", False),
+                guidance=lambda kwargs: self._guided() and not kwargs.get("guess_mode", False),
             )
 
         vae_decoder = getattr(pipe.vae, "decoder", pipe.vae)
@@ -347,66 +400,94 @@ class PassCounter:
 _MISSING = object()
 
 
+GRADIENTS = ("unet", "transformer", "x0")
+
+
+def _denoiser_counts(denoiser, fwd, recompute, bwd):
+    """The denoisers' keys: `denoiser`'s with these counts, the other denoisers' zero."""
+    if denoiser not in DENOISERS:
+        raise ValueError(f"denoiser={denoiser!r}: expected one of {', '.join(DENOISERS)}")
+    counts = {}
+    for name in DENOISERS:
+        scale = 1 if name == denoiser else 0
+        counts[f"{name}_fwd"] = fwd * scale
+        counts[f"{name}_recompute"] = recompute * scale
+        counts[f"{name}_bwd"] = bwd * scale
+    return counts
+
+
 def expected_sync_step(
-    num_views, gradient="unet", reuse_noise=False, checkpointing=False, tiny_decoder=False, controlnet=False
+    num_views,
+    gradient="unet",
+    reuse_noise=False,
+    checkpointing=False,
+    tiny_decoder=False,
+    controlnet=False,
+    denoiser="unet",
 ):
     """
     View-passes of one synchronized step with `num_views` views, in `PassCounter`'s keys, for the pipeline's
     algorithm: the anchor's guided forward and decode without gradient; for each of the other
-    `N - 1` views a gradient pass (UNet forward, decoder forward, LPIPS, and their backwards) and, unless the
-    noise is reused, a second UNet forward. With `checkpointing` the backwards recompute the UNet (only when the
-    gradient goes through it) and the decoder (the VAE's, or a `sync_decoder` such as a tiny one: it must support
-    checkpointing, so `tiny_decoder` counts the same).
+    `N - 1` views a gradient pass (denoiser forward, decoder forward, LPIPS, and their backwards) and, unless the
+    noise is reused, a second denoiser forward. `gradient` is `"x0"` or goes through the denoiser (`"unet"` or
+    `"transformer"`, the pipelines' own names; either counts alike). With `checkpointing` the backwards recompute the
+    denoiser (only when the gradient goes through it) and the decoder (the VAE's, or a `sync_decoder` such as a tiny
+    one: it must support checkpointing, so `tiny_decoder` counts the same).
     With `controlnet` (a ControlNet that runs at this step) every UNet pass has a ControlNet pass before it, and the
-    gradient goes back through it too, so its counts are the UNet's.
+    gradient goes back through it too, so its counts are the UNet's. `denoiser` is `"unet"` or `"transformer"`
+    (FLUX, docs/flux.md: the same formulas, a view-pass being one view's guided velocity, true CFG included).
 
-    Exact mode: `2N-1` UNet forward, `N-1` UNet backward, `N` decoder forward, `N-1` decoder backward, `N-1`
+    Exact mode: `2N-1` denoiser forward, `N-1` denoiser backward, `N` decoder forward, `N-1` decoder backward, `N-1`
     LPIPS forward and backward (the paper's released code does `2N+1, N, N+1, N`).
     """
+    if gradient not in GRADIENTS:
+        raise ValueError(f"gradient={gradient!r}: expected one of {', '.join(GRADIENTS)}")
     n = num_views
     others = n - 1
-    unet_grad = gradient == "unet"
-    unet_recompute = others if checkpointing and unet_grad else 0
+    through = gradient != "x0"
+    recompute = others if checkpointing and through else 0
     dec_recompute = others if checkpointing else 0
-    unet_fwd = 1 + others + (0 if reuse_noise else others) + unet_recompute
-    unet_bwd = others if unet_grad else 0
-    counts = {
-        "unet_fwd": unet_fwd,
-        "unet_recompute": unet_recompute,
-        "unet_bwd": unet_bwd,
-        "controlnet_fwd": unet_fwd if controlnet else 0,
-        "controlnet_recompute": unet_recompute if controlnet else 0,
-        "controlnet_bwd": unet_bwd if controlnet else 0,
-        "dec_fwd": n + dec_recompute,
-        "dec_bwd": others,
-        "lpips_fwd": others,
-        "lpips_bwd": others,
-    }
+    fwd = 1 + others + (0 if reuse_noise else others) + recompute
+    bwd = others if through else 0
+    counts = _denoiser_counts(denoiser, fwd, recompute, bwd)
+    counts.update(
+        {
+            "controlnet_fwd": fwd if controlnet else 0,
+            "controlnet_recompute": recompute if controlnet else 0,
+            "controlnet_bwd": bwd if controlnet else 0,
+            "dec_fwd": n + dec_recompute,
+            "dec_bwd": others,
+            "lpips_fwd": others,
+            "lpips_bwd": others,
+        }
+    )
     return counts
 
 
-def expected_plain_step(num_views, controlnet=False):
-    """View-passes of one unsynchronized (MultiDiffusion) step: one guided UNet (and ControlNet) forward per view."""
-    return {
-        "unet_fwd": num_views,
-        "unet_recompute": 0,
-        "unet_bwd": 0,
-        "controlnet_fwd": num_views if controlnet else 0,
-        "controlnet_recompute": 0,
-        "controlnet_bwd": 0,
-        "dec_fwd": 0,
-        "dec_bwd": 0,
-        "lpips_fwd": 0,
-        "lpips_bwd": 0,
-    }
+def expected_plain_step(num_views, controlnet=False, denoiser="unet"):
+    """View-passes of one unsynchronized (MultiDiffusion) step: one guided forward of the denoiser (`"unet"` or
+    `"transformer"`, and of the ControlNet) per view."""
+    counts = _denoiser_counts(denoiser, num_views, 0, 0)
+    counts.update(
+        {
+            "controlnet_fwd": num_views if controlnet else 0,
+            "controlnet_recompute": 0,
+            "controlnet_bwd": 0,
+            "dec_fwd": 0,
+            "dec_bwd": 0,
+            "lpips_fwd": 0,
+            "lpips_bwd": 0,
+        }
+    )
+    return counts
 
 
 class StepRecorder:
     """
     A `callback_on_step_end` that records, for every denoising step, its wall time, this process's CPU time and
-    (given a `PassCounter`) its passes. Step 0 starts at the call's first UNet forward, or ControlNet forward, which
-    comes before it (forward pre-hooks); pass the recorder as `callback_on_step_end=recorder` and use it as a context
-    manager around the call.
+    (given a `PassCounter`) its passes. Step 0 starts at the call's first denoiser forward (UNet or transformer), or
+    ControlNet forward, which comes before it (forward pre-hooks); pass the recorder as
+    `callback_on_step_end=recorder` and use it as a context manager around the call.
     """
 
     def __init__(self, pipe, counter=None, synchronize=None):
@@ -424,7 +505,7 @@ class StepRecorder:
         self._last_cpu = None
         self._last_counts = None
         # prepend: run before a `PassCounter`'s hook, so that step 0 includes the first forward
-        models = [self.pipe.unet, getattr(self.pipe, "controlnet", None)]
+        models = [getattr(self.pipe, name, None) for name in (*DENOISERS, "controlnet")]
         self._handles = [m.register_forward_pre_hook(self._start, prepend=True) for m in models if m is not None]
         return self
 
