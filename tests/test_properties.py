@@ -19,7 +19,9 @@ and `long` (thousands of draws, random): `SYNCDIFFUSION_HYPOTHESIS_PROFILE=long 
 tests/test_properties.py --hypothesis-show-statistics`.
 """
 
+import collections
 import os
+import time
 import traceback
 from dataclasses import dataclass, field
 
@@ -163,6 +165,11 @@ def fits(arguments, height, width, stride):
     return gradient_passes <= MAX_GRADIENT_PASSES and view_passes <= MAX_VIEW_PASSES
 
 
+def valid_size(value, fallback):
+    """`value` where it is a valid size (a positive multiple of 8), else `fallback`."""
+    return value if isinstance(value, int) and value > 0 and value % FACTOR == 0 else fallback
+
+
 def valid_or(value, fallback):
     """`value` where it is a valid positive integer, else `fallback` (to size the cost of a call that must fail)."""
     return value if isinstance(value, int) and value > 0 else fallback
@@ -201,12 +208,14 @@ def combinations(draw):
     for name in ("height", "width", "stride"):
         if name in invalid:
             arguments[name] = argument(name)
+    # An invalid size is costed as 64 pixels; a valid height is drawn before the width, as if the width were 8.
     if "height" not in invalid:
-        arguments["height"] = draw(st.sampled_from([h for h in SIZES if fits(costed, h, FACTOR, WINDOW)]))
-    height = valid_or(arguments["height"], 64)
+        width = valid_size(arguments["width"], 64) if "width" in invalid else FACTOR
+        arguments["height"] = draw(st.sampled_from([h for h in SIZES if fits(costed, h, width, WINDOW)]))
+    height = valid_size(arguments["height"], 64)
     if "width" not in invalid:
         arguments["width"] = draw(st.sampled_from([w for w in SIZES if fits(costed, height, w, WINDOW)]))
-    width = valid_or(arguments["width"], 64)
+    width = valid_size(arguments["width"], 64)
     if "stride" not in invalid:
         strides = [s for s in range(WINDOW, 0, -1) if fits(costed, height, width, s)]
         arguments["stride"] = draw(st.sampled_from(strides))  # shrinks toward the window: the fewest views
@@ -293,10 +302,8 @@ def call_arguments(kind, combination, tiny_decoder):
     arguments["sync_decoder"] = tiny_decoder if arguments["sync_decoder"] == "tiny" else None
     arguments["callback_on_step_end"] = make_callback(arguments["callback_on_step_end"])
     arguments["eta"] = {**SCHEDULERS, **REFUSED_SCHEDULERS}[scheduler][2]
-    if kind.conditioned:
-        height, width = arguments["height"], arguments["width"]
-        valid_size = all(isinstance(v, int) and v > 0 for v in (height, width))
-        arguments["image"] = condition_image(height, width) if valid_size else condition_image(64, 64)
+    if kind.conditioned:  # the condition of the panorama's size (64 pixels for an invalid size)
+        arguments["image"] = condition_image(valid_size(arguments["height"], 64), valid_size(arguments["width"], 64))
     return arguments
 
 
@@ -456,14 +463,16 @@ def failure_signature(error):
     return f"{type(error).__name__} at {where} ({frames[-1].name})"
 
 
-def survey(examples, seed=0):
-    """Draw `examples` calls over every class without stopping at a failure: `{signature: failures}`, each failure
-    `(kind, combination, the exception's last lines)`, and the number of calls made per class."""
+def survey(examples, seed=0, seconds=None):
+    """Draw up to `examples` calls over every class (for at most `seconds`) without stopping at a failure: returns
+    `{signature: failures}`, each failure `(kind, combination, the exception's last line)`, and the number of calls
+    made per class and validity."""
     from syncdiffusion_utils.testing import make_lpips
 
     torch.set_num_threads(1)
     pipes = build_pipelines({}, make_lpips())
-    failures, calls = {}, dict.fromkeys(KINDS, 0)
+    failures, calls = {}, collections.Counter()
+    deadline = time.monotonic() + (float("inf") if seconds is None else seconds)
 
     @settings(
         max_examples=examples,
@@ -475,20 +484,22 @@ def survey(examples, seed=0):
     @seed_decorator(seed)
     @given(st.sampled_from(list(KINDS)), combinations())
     def draw(kind_name, combination):
+        if time.monotonic() > deadline:
+            return
         pipe, base_config = pipes[kind_name]
-        calls[kind_name] += 1
+        calls[kind_name, "invalid" if combination.invalid else "valid"] += 1
         try:
             check_call(KINDS[kind_name], pipe, base_config, combination, pipes.tiny_decoder)
-        except Exception as error:  # every failure is recorded; the survey goes on
-            lines = "".join(traceback.format_exception_only(error)).strip().splitlines()[-1][:300]
-            failures.setdefault(failure_signature(error), []).append((kind_name, combination, lines))
+        except (Exception, pytest.fail.Exception) as error:  # every failure is recorded; the survey goes on
+            line = "".join(traceback.format_exception_only(error)).strip().splitlines()[-1][:300]
+            failures.setdefault(failure_signature(error), []).append((kind_name, combination, line))
 
     draw()
     return failures, calls
 
 
 def smallest(failures):
-    """The failure whose call is the smallest (fewest images, steps and latent pixels, then the shortest repr)."""
+    """The failure whose call is the smallest (fewest latent pixels, then the shortest repr)."""
 
     def size(failure):
         arguments = failure[1].arguments
@@ -496,24 +507,6 @@ def smallest(failures):
         return (pixels[0] * pixels[1], len(repr(failure[1])))
 
     return min(failures, key=size)
-
-
-if __name__ == "__main__":
-    import argparse
-    import collections
-    import time
-
-    parser = argparse.ArgumentParser(description=survey.__doc__)
-    parser.add_argument("--examples", type=int, default=3000)
-    parser.add_argument("--seed", type=int, default=0)
-    options = parser.parse_args()
-    start = time.monotonic()
-    found, made = survey(options.examples, options.seed)
-    print(f"{sum(made.values())} calls in {time.monotonic() - start:.0f} s: {made}")
-    for signature, failures in sorted(found.items(), key=lambda item: -len(item[1])):
-        kinds = collections.Counter(kind for kind, _, _ in failures)
-        kind, combination, message = smallest(failures)
-        print(f"\n{len(failures)} x {signature} {dict(kinds)}\n  {message}\n  smallest: {kind} {combination}")
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -568,3 +561,33 @@ def test_loss_images_of_views_lower_than_the_window(kind_name, pipelines, call):
     they are 8 pixels high. Found: `RuntimeError: Given input size: (512x1x4). Calculated output size: (512x0x2).
     Output size is too small` in LPIPS."""
     assert_refused_early_or_runs(kind_name, pipelines, [*call, "height"], height=16, **call)
+
+
+@pytest.mark.parametrize("size", ["height", "width"])
+def test_controlnet_zero_size_is_an_error_not_the_condition_size(pipelines, size):
+    """`height=0` (or `width=0`) for the ControlNet class: `_default_size` takes `height or image_height`, so 0 becomes
+    the condition image's size and the call runs (found: DID NOT RAISE). A size is defaulted only when None."""
+    pipe, base_config = pipelines["controlnet"]
+    pipe.scheduler = make_scheduler("ddim", base_config)
+    arguments = KINDS["controlnet"].call_arguments(num_inference_steps=1, sync_weight=0, **{size: 0})
+    with torch.no_grad(), CallRecord(pipe) as record:
+        with pytest.raises(ValueError, match=f"`{size}`"):
+            pipe(**arguments)
+    assert record.denoiser_calls == 0
+
+
+if __name__ == "__main__":
+    import argparse
+
+    parser = argparse.ArgumentParser(description=survey.__doc__)
+    parser.add_argument("--examples", type=int, default=3000)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seconds", type=float, default=None)
+    options = parser.parse_args()
+    start = time.monotonic()
+    found, made = survey(options.examples, options.seed, options.seconds)
+    print(f"{sum(made.values())} calls in {time.monotonic() - start:.0f} s: {dict(made)}")
+    for signature, failures in sorted(found.items(), key=lambda item: -len(item[1])):
+        kinds = collections.Counter(kind for kind, _, _ in failures)
+        kind, combination, line = smallest(failures)
+        print(f"\n{len(failures)} x {signature} {dict(kinds)}\n  {line}\n  smallest: {kind} {combination}")
