@@ -1,9 +1,11 @@
 """Every pipeline class on tiny random components, so that one contract test runs for all of them.
 
 `KINDS` holds one `PipelineKind` per class: how to build it (SD: `make_components("tiny", sample_size=8)`; SDXL:
-`make_sdxl_components`; ControlNet: the SD components plus `make_tiny_controlnet(unet)`) and how to call it (the
-ControlNet class with a condition `image` of the panorama's size). Views are 64x64 pixels (8 latents); `SMALL` is a
-64x128-pixel panorama, 3 views at stride 4. Only public API is used: `__call__`, components,
+`make_sdxl_components`; ControlNet: the SD components plus `make_tiny_controlnet(unet)`; FLUX:
+`make_flux_components("tiny")`), how to call it (the ControlNet class with a condition `image` of the panorama's
+size; FLUX with a 64-pixel `window_size`) and what differs between the classes (the denoiser, guidance rows, latent
+layout, schedulers, half precision). Views are 64x64 pixels (8 latents); `SMALL` is a 64x128-pixel panorama, 3 views
+at stride 4. Only public API is used: `__call__`, components, `denoiser`, `denoising_models`,
 `set_perceptual_loss`, `scheduler`.
 """
 
@@ -11,19 +13,69 @@ import copy
 from dataclasses import dataclass, field
 
 import torch
+from diffusers import (
+    DDIMScheduler,
+    DDPMScheduler,
+    DPMSolverMultistepScheduler,
+    EulerAncestralDiscreteScheduler,
+    EulerDiscreteScheduler,
+    FlowMatchEulerDiscreteScheduler,
+    UniPCMultistepScheduler,
+)
 from diffusers.callbacks import SDCFGCutoffCallback, SDXLCFGCutoffCallback
+from diffusers.models.modeling_outputs import Transformer2DModelOutput
 from diffusers.models.unets.unet_2d_condition import UNet2DConditionOutput
 
 from pipeline_syncdiffusion import SyncDiffusionPipeline
 from pipeline_syncdiffusion_controlnet import SyncDiffusionControlNetPipeline
+from pipeline_syncdiffusion_flux import SyncDiffusionFluxPipeline
 from pipeline_syncdiffusion_xl import SyncDiffusionXLPipeline
-from syncdiffusion_utils.testing import make_components, make_sdxl_components, make_tiny_controlnet
+from syncdiffusion_utils.testing import (
+    make_components,
+    make_flux_components,
+    make_sdxl_components,
+    make_tiny_controlnet,
+)
+from tests.flux_reference import unpack
 
 
 PROMPT = "a photo of a forest"
 # 64x128 pixels: 8x16 latents, 8-latent views at stride 4 -> 3 views (columns 0, 4, 8), the middle one the anchor.
 SMALL = {"height": 64, "width": 128, "stride": 4, "num_inference_steps": 2, "output_type": "latent"}
 NUM_VIEWS = 3
+
+# Schedulers of the classes with a UNet (epsilon prediction): synchronized runs, the refused family, stochastic ones
+# (name: class, scheduler options, call options).
+UNET_SCHEDULERS = {
+    "ddim": (DDIMScheduler, {}),
+    "euler": (EulerDiscreteScheduler, {}),
+    "dpmsolver++": (DPMSolverMultistepScheduler, {"algorithm_type": "dpmsolver++"}),
+    "unipc": (UniPCMultistepScheduler, {}),
+    "euler_ancestral": (EulerAncestralDiscreteScheduler, {}),
+}
+UNET_REFUSED_SCHEDULERS = {"flow_match_euler": (FlowMatchEulerDiscreteScheduler, {})}
+UNET_STOCHASTIC_SCHEDULERS = {
+    "euler_ancestral": (EulerAncestralDiscreteScheduler, {}, {}),
+    "ddim_eta": (DDIMScheduler, {}, {"eta": 0.5}),
+}
+UNET_STEP_NOISE_SCHEDULERS = {"ddpm": (DDPMScheduler, {}), "euler_ancestral": (EulerAncestralDiscreteScheduler, {})}
+
+# FLUX: flow matching only. `stochastic_sampling` (diffusers >= 0.32) re-noises every step, z' = (1 - s') x0 + s' eps.
+FLUX_SCHEDULERS = {
+    "flow_match_euler": (FlowMatchEulerDiscreteScheduler, {}),
+    "flow_match_euler_schnell": (FlowMatchEulerDiscreteScheduler, {"shift": 1.0, "use_dynamic_shifting": False}),
+    "flow_match_euler_stochastic": (FlowMatchEulerDiscreteScheduler, {"stochastic_sampling": True}),
+}
+FLUX_REFUSED_SCHEDULERS = {
+    "ddim": (DDIMScheduler, {}),  # variance-preserving
+    "euler": (EulerDiscreteScheduler, {}),  # sigma-scaled
+}
+FLUX_STOCHASTIC_SCHEDULERS = {
+    "flow_match_euler_stochastic": (FlowMatchEulerDiscreteScheduler, {"stochastic_sampling": True}, {}),
+}
+FLUX_STEP_NOISE_SCHEDULERS = {
+    "flow_match_euler_stochastic": (FlowMatchEulerDiscreteScheduler, {"stochastic_sampling": True}),
+}
 
 
 def condition_image(height, width, seed=0):
@@ -33,22 +85,53 @@ def condition_image(height, width, seed=0):
 
 @dataclass(frozen=True)
 class PipelineKind:
-    """One pipeline class: how to build it on tiny components and how to call it on a small panorama."""
+    """One pipeline class: how to build it on tiny components, how to call it on a small panorama, and what the
+    contract expects of it where the classes differ."""
 
     name: str
     pipeline_class: type
     # The documented `__call__` defaults in which this class differs from `SyncDiffusionPipeline`.
     own_defaults: dict = field(default_factory=dict)
-    # diffusers' classifier-free-guidance cutoff callback for this family (a `PipelineCallback`).
-    cfg_cutoff_callback: type = SDCFGCutoffCallback
+    # diffusers' classifier-free-guidance cutoff callback for this family (a `PipelineCallback`); None: no CFG.
+    cfg_cutoff_callback: type | None = SDCFGCutoffCallback
     # Whether `__call__` takes a ControlNet condition `image` (of the panorama's size).
     conditioned: bool = False
+    # The denoiser's component name: also the exact `sync_gradient` value and `syncdiffusion_utils.counting`'s key.
+    denoiser: str = "unet"
+    # Denoiser rows per view and image: classifier-free guidance's `[uncond, cond]`; FLUX's guidance is an embedding.
+    guidance_rows: int = 2
+    latent_channels: int = 4
+    # Whether `output_type="latent"` (and `callback_on_step_end`) give FLUX's packed `(B, h/2 * w/2, 4C)` latents.
+    packed_latents: bool = False
+    # The real model's window in latents and the documented default stride for it.
+    real_window: int = 64
+    real_default_stride: int = 8
+    # Arguments every call of this class gets (FLUX: the 64-pixel window instead of 1024, a short T5 sequence).
+    call_options: dict = field(default_factory=dict)
+    # name: (class, options) of schedulers that run synchronized, and of those refused with a ValueError.
+    schedulers: dict = field(default_factory=lambda: UNET_SCHEDULERS)
+    refused_schedulers: dict = field(default_factory=lambda: UNET_REFUSED_SCHEDULERS)
+    # name: (class, scheduler options, call options) of schedulers that draw step noise from the generator.
+    stochastic_schedulers: dict = field(default_factory=lambda: UNET_STOCHASTIC_SCHEDULERS)
+    step_noise_schedulers: dict = field(default_factory=lambda: UNET_STEP_NOISE_SCHEDULERS)
+    # Whether float16 applies (its loss scaling is tested); FLUX runs in bfloat16.
+    float16: bool = True
+    # Arguments refused by this class only (a ValueError naming the argument), on top of the common ones.
+    own_bad_inputs: tuple = ()
+
+    @property
+    def exact_gradient(self) -> str:
+        """`sync_gradient`'s value for the exact gradient: through this class's denoiser."""
+        return self.denoiser
 
     def build(self, components_cache, lpips_module, sample_size=8):
-        """A fresh pipeline on copies of session-built components (tests may change them freely)."""
+        """A fresh pipeline on copies of session-built components (tests may change them freely). `sample_size` is
+        the UNet's (FLUX's window is a call argument)."""
         components = copy.deepcopy(self.components(components_cache, sample_size))
         if self.pipeline_class is SyncDiffusionXLPipeline:
             pipe = SyncDiffusionXLPipeline(**components, add_watermarker=False)
+        elif self.pipeline_class is SyncDiffusionFluxPipeline:
+            pipe = SyncDiffusionFluxPipeline(**components)
         else:
             pipe = self.pipeline_class(
                 **components, safety_checker=None, feature_extractor=None, requires_safety_checker=False
@@ -58,10 +141,14 @@ class PipelineKind:
         return pipe
 
     def components(self, cache, sample_size):
+        if self.pipeline_class is SyncDiffusionFluxPipeline:
+            sample_size = None  # the tiny FLUX components do not depend on the window
         key = (self.name, sample_size)
         if key not in cache:
             if self.pipeline_class is SyncDiffusionXLPipeline:
                 cache[key] = make_sdxl_components("tiny", sample_size=sample_size)
+            elif self.pipeline_class is SyncDiffusionFluxPipeline:
+                cache[key] = make_flux_components("tiny")
             else:
                 cache[key] = make_components("tiny", sample_size=sample_size)
                 if self.conditioned:
@@ -69,10 +156,10 @@ class PipelineKind:
         return cache[key]
 
     def call_arguments(self, **kwargs):
-        """`SMALL` with `kwargs` over it, a seeded generator, and for the ControlNet class a condition image of
-        the panorama's size (unless `image` is given; rounded up to a valid image size, so that a bad `height` or
-        `width` is the only bad input)."""
-        call = {"prompt": PROMPT, **SMALL, **kwargs}
+        """`SMALL` and `call_options` with `kwargs` over them, a seeded generator, and for the ControlNet class a
+        condition image of the panorama's size (unless `image` is given; rounded up to a valid image size, so that a
+        bad `height` or `width` is the only bad input)."""
+        call = {"prompt": PROMPT, **SMALL, **self.call_options, **kwargs}
         call.setdefault("generator", torch.Generator().manual_seed(0))
         if self.conditioned and "image" not in call:
             height, width = (max(8, -(-size // 8) * 8) for size in (call.get("height", 64), call.get("width", 128)))
@@ -86,14 +173,29 @@ class PipelineKind:
     def images(self, pipe, **kwargs):
         return self(pipe, **kwargs).images
 
+    def latent_shape(self, num_images, height, width):
+        """The shape of `output_type="latent"` for `num_images` panoramas of `height x width` pixels."""
+        if self.packed_latents:
+            return (num_images, (height // 16) * (width // 16), 4 * self.latent_channels)
+        return (num_images, self.latent_channels, height // 8, width // 8)
+
+    def unpacked(self, latents, height, width):
+        """`output_type="latent"`'s latents as `(B, C, height / 8, width / 8)`."""
+        return unpack(latents, height // 8, width // 8) if self.packed_latents else latents
+
 
 KINDS = {
-    "sd": PipelineKind("sd", SyncDiffusionPipeline),
+    "sd": PipelineKind(
+        "sd", SyncDiffusionPipeline, own_bad_inputs=(({"sync_gradient": "transformer"}, "sync_gradient"),)
+    ),
     "sdxl": PipelineKind(
         "sdxl",
         SyncDiffusionXLPipeline,
         own_defaults={"height": 1024, "width": 4096, "guidance_scale": 5.0},
         cfg_cutoff_callback=SDXLCFGCutoffCallback,
+        real_window=128,
+        real_default_stride=16,
+        own_bad_inputs=(({"sync_gradient": "transformer"}, "sync_gradient"),),
     ),
     "controlnet": PipelineKind(
         "controlnet",
@@ -101,24 +203,57 @@ KINDS = {
         # The panorama's size defaults to the condition image's.
         own_defaults={"height": None, "width": None},
         conditioned=True,
+        own_bad_inputs=(({"sync_gradient": "transformer"}, "sync_gradient"),),
+    ),
+    "flux": PipelineKind(
+        "flux",
+        SyncDiffusionFluxPipeline,
+        # FluxPipeline's steps and guidance embedding (FLUX.1-dev); a 4:1 panorama of 1024-pixel windows.
+        own_defaults={"height": 1024, "width": 4096, "num_inference_steps": 28, "guidance_scale": 3.5},
+        cfg_cutoff_callback=None,
+        denoiser="transformer",
+        guidance_rows=1,
+        latent_channels=16,
+        packed_latents=True,
+        # The 1024-pixel window, and its default stride: a quarter of it (even, for FLUX's 2x2 patches).
+        real_window=128,
+        real_default_stride=32,
+        call_options={"window_size": 64, "max_sequence_length": 32},
+        schedulers=FLUX_SCHEDULERS,
+        refused_schedulers=FLUX_REFUSED_SCHEDULERS,
+        stochastic_schedulers=FLUX_STOCHASTIC_SCHEDULERS,
+        step_noise_schedulers=FLUX_STEP_NOISE_SCHEDULERS,
+        float16=False,
+        own_bad_inputs=(
+            ({"sync_gradient": "unet"}, "sync_gradient"),
+            ({"height": 72}, "height"),  # a multiple of 8, not of 16: views pack into 2x2 patches
+            ({"width": 136}, "width"),
+            ({"stride": 3}, "stride"),  # odd: the views' patches would not be the panorama's
+            ({"window_size": 72}, "window_size"),
+        ),
     ),
 }
-# The real model's window in latents, whose eighth is the documented default stride (SD: 8, SDXL: 16).
-REAL_WINDOW = {"sd": 64, "sdxl": 128, "controlnet": 64}
+# The classes with a UNet (SD, SDXL, ControlNet): epsilon-prediction schedulers, float16, 4-channel latents.
+UNET_KINDS = {name: kind for name, kind in KINDS.items() if kind.denoiser == "unet"}
 
 
 def denoisers(pipe):
-    """The models that run once per view and step: the UNet, and the ControlNet where there is one."""
-    return [model for model in (pipe.unet, getattr(pipe, "controlnet", None)) if model is not None]
+    """The models that run once per view and step: the UNet (and the ControlNets where there are), or FLUX's
+    transformer."""
+    return list(pipe.denoising_models)
 
 
 def pipeline_models(pipe):
     """Every model of the pipeline."""
-    names = ("unet", "controlnet", "vae", "text_encoder", "text_encoder_2")
+    names = ("unet", "transformer", "controlnet", "vae", "text_encoder", "text_encoder_2")
     return [getattr(pipe, name) for name in names if getattr(pipe, name, None) is not None]
 
 
-def first_tensor(args, kwargs):
+def model_input(args, kwargs):
+    """The batch a model call runs on: the first tensor passed (FLUX's transformer takes `hidden_states` first)."""
+    named = kwargs.get("hidden_states", kwargs.get("sample"))
+    if isinstance(named, torch.Tensor):
+        return named
     for value in (*args, *kwargs.values()):
         if isinstance(value, torch.Tensor):
             return value
@@ -131,22 +266,26 @@ def record_forwards(monkeypatch, module, record=None):
     original = module.forward
 
     def forward(*args, **kwargs):
-        record.append(first_tensor(args, kwargs).shape[0])
+        record.append(model_input(args, kwargs).shape[0])
         return original(*args, **kwargs)
 
     monkeypatch.setattr(module, "forward", forward)
     return record
 
 
-def zero_noise_unet(monkeypatch, unet):
-    """Make the UNet predict zero noise (and run nothing): the scheduler's own step noise is all that changes the
-    latents."""
+def zero_prediction_denoiser(monkeypatch, pipe):
+    """Make the denoiser predict zeros (and run nothing): zero noise for a UNet, zero velocity for FLUX, so the
+    scheduler's own step noise is all that changes the latents."""
+    denoiser = pipe.denoiser
+    output_class = (
+        Transformer2DModelOutput if denoiser is getattr(pipe, "transformer", None) else UNet2DConditionOutput
+    )
 
-    def forward(sample, *args, return_dict=True, **kwargs):
-        zeros = torch.zeros_like(sample)
-        return UNet2DConditionOutput(sample=zeros) if return_dict else (zeros,)
+    def forward(*args, return_dict=True, **kwargs):
+        zeros = torch.zeros_like(model_input(args, kwargs))
+        return output_class(sample=zeros) if return_dict else (zeros,)
 
-    monkeypatch.setattr(unet, "forward", forward)
+    monkeypatch.setattr(denoiser, "forward", forward)
 
 
 class NonCheckpointableDecoder(torch.nn.Module):
@@ -154,9 +293,9 @@ class NonCheckpointableDecoder(torch.nn.Module):
 
     _supports_gradient_checkpointing = False
 
-    def __init__(self):
+    def __init__(self, latent_channels=4):
         super().__init__()
-        self.conv = torch.nn.Conv2d(4, 3, 1)
+        self.conv = torch.nn.Conv2d(latent_channels, 3, 1)
         self.config = type("Config", (), {"scaling_factor": 1.0})()
 
     @property
