@@ -55,6 +55,11 @@ MODES = {
 }
 # diffusers' own StableDiffusionPanoramaPipeline on the same components (MultiDiffusion; its stride is fixed at 8).
 PANORAMA_MODE = "panorama-pipeline"
+# diffusers' FluxPipeline on the same components at the panorama's full size, unwindowed: what a user would try first.
+FLUX_PIPELINE_MODE = "flux-pipeline"
+REFERENCE_PIPELINES = {PANORAMA_MODE: "StableDiffusionPanoramaPipeline", FLUX_PIPELINE_MODE: "FluxPipeline"}
+# What `--arch flux` runs unless `--modes` says otherwise.
+FLUX_MODES = ("multidiffusion", "exact", "exact+ckpt", "fast", TINY_DECODER_MODE, FLUX_PIPELINE_MODE)
 REFERENCE_MODE = "multidiffusion"
 # The any-width panorama of the small-card presets.
 WIDE = {
@@ -92,13 +97,34 @@ PRESETS = {
         "offload_text_encoder": True,
         "modes": ["multidiffusion", "fast", TINY_DECODER_MODE],
     },
+    # The FLUX panorama's defaults: 1024x4096 (13 views of 1024 pixels at stride 32), 28 steps, 5 synchronized,
+    # FLUX.1's real architecture (T5-XXL's encoder included) in bfloat16, beside FluxPipeline at 1024x4096.
+    "flux-default": {
+        "arch": "flux",
+        "height": 1024,
+        "width": 4096,
+        "stride": 32,
+        "steps": 28,
+        "sync_thres": 5,
+        "dtype": "bfloat16",
+        "view_batch_size": "auto",
+        "full_text_encoders": True,
+        "modes": list(FLUX_MODES),
+    },
 }
 PASS_KEYS = ("unet_fwd", "unet_bwd", "dec_fwd", "dec_bwd", "lpips_fwd")
+# The same for a pipeline whose denoiser is a transformer (FLUX).
+TRANSFORMER_PASS_KEYS = ("transformer_fwd", "transformer_bwd", "dec_fwd", "dec_bwd", "lpips_fwd")
+DENOISER_LABELS = {"unet": "UNet", "transformer": "transformer"}
+DENOISER_COLUMNS = {"unet": "unet", "transformer": "tr"}
 CONTROLNET_KEYS = ("controlnet_fwd", "controlnet_bwd")
 CHECKED_KEYS = (
     "unet_fwd",
     "unet_recompute",
     "unet_bwd",
+    "transformer_fwd",
+    "transformer_recompute",
+    "transformer_bwd",
     "controlnet_fwd",
     "controlnet_recompute",
     "controlnet_bwd",
@@ -113,8 +139,14 @@ ARCH_DEFAULTS = {
     "sd2": {"sample_size": 64, "height": 512, "width": 1024, "stride": 16},
     # stabilityai/stable-diffusion-xl-base-1.0's architecture and 1024-pixel window (SyncDiffusionXLPipeline)
     "sdxl": {"sample_size": 128, "height": 1024, "width": 2048, "stride": 32},
+    # black-forest-labs/FLUX.1-dev's architecture and 1024-pixel window (SyncDiffusionFluxPipeline)
+    "flux": {"sample_size": 128, "height": 1024, "width": 2048, "stride": 32},
 }
 XL_ARCHS = ("sdxl",)
+FLUX_ARCHS = ("flux",)
+# The guidance each architecture's pipeline defaults to: classifier-free guidance, FLUX.1-dev's guidance embedding.
+GUIDANCE_SCALES = {"flux": 3.5}
+DEFAULT_GUIDANCE_SCALE = 7.5
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
@@ -244,11 +276,17 @@ def set_channels_last(pipe, enabled=True):
         model.to(memory_format=memory_format)
 
 
-def _mode_settings(kwargs):
-    """`(sync on, gradient, reuse_noise, checkpointing, separate decoder)` for a mode's keyword arguments."""
-    from pipeline_syncdiffusion import SyncDiffusionPipeline, SyncSettings
+def _mode_settings(kwargs, denoiser="unet"):
+    """`(sync on, gradient, reuse_noise, checkpointing, separate decoder)` for a mode's keyword arguments, with the
+    defaults of the pipeline whose denoiser is `denoiser` (`"unet"`: SD's; `"transformer"`: FLUX's)."""
+    if denoiser == "transformer":
+        from pipeline_syncdiffusion_flux import SyncDiffusionFluxPipeline as pipeline_class
+        from pipeline_syncdiffusion_flux import SyncSettings
+    else:
+        from pipeline_syncdiffusion import SyncDiffusionPipeline as pipeline_class
+        from pipeline_syncdiffusion import SyncSettings
 
-    defaults = inspect.signature(SyncDiffusionPipeline.__call__).parameters
+    defaults = inspect.signature(pipeline_class.__call__).parameters
     settings = SyncSettings.from_arguments(
         kwargs.get("sync_mode", defaults["sync_mode"].default),
         kwargs.get("sync_gradient"),
@@ -257,41 +295,60 @@ def _mode_settings(kwargs):
     )
     return (
         kwargs.get("sync_weight", defaults["sync_weight"].default) > 0,
-        "unet" if settings.through_denoiser else "x0",
+        denoiser if settings.through_denoiser else "x0",
         settings.reuse_noise,
         settings.checkpointing,
         kwargs.get("sync_decoder") is not None,
     )
 
 
-def expected_passes(kwargs, num_views, steps, sync_thres, controlnet=False):
+def expected_passes(kwargs, num_views, steps, sync_thres, controlnet=False, denoiser="unet"):
     """Expected view-passes of a mode: `(per synchronized step or None, whole call)`, in `CHECKED_KEYS`.
-    `controlnet`: a ControlNet runs at every step (the pipeline's default guidance range)."""
-    sync, gradient, reuse, checkpointing, tiny = _mode_settings(kwargs)
+    `controlnet`: a ControlNet runs at every step (the pipeline's default guidance range). `denoiser`: `"unet"`, or
+    `"transformer"` for FLUX (docs/flux.md: the same formulas in transformer passes; one view-pass is one view's
+    guided velocity)."""
+    sync, gradient, reuse, checkpointing, tiny = _mode_settings(kwargs, denoiser)
     synced = min(steps, sync_thres) if sync and num_views > 1 else 0
     per_sync = None
     if synced:
-        per_sync = expected_sync_step(num_views, gradient, reuse, checkpointing, tiny, controlnet)
-    plain = expected_plain_step(num_views, controlnet)
+        per_sync = expected_sync_step(num_views, gradient, reuse, checkpointing, tiny, controlnet, denoiser)
+    plain = expected_plain_step(num_views, controlnet, denoiser)
     total = {key: (per_sync[key] * synced if per_sync else 0) + plain[key] * (steps - synced) for key in CHECKED_KEYS}
     return ({key: per_sync[key] for key in CHECKED_KEYS} if per_sync else None), total
 
 
 def build_pipeline(
-    arch="tiny", width_mult=1.0, sample_size=None, device="cpu", dtype=torch.float32, seed=0, controlnet=False
+    arch="tiny",
+    width_mult=1.0,
+    sample_size=None,
+    device="cpu",
+    dtype=torch.float32,
+    seed=0,
+    controlnet=False,
+    depth_mult=1.0,
+    full_text_encoders=False,
 ):
     """
     A pipeline of random-weight `arch` components with a random-backbone LPIPS, on `device`: a
-    `SyncDiffusionXLPipeline` for `sdxl`, else a `SyncDiffusionPipeline`, or with `controlnet` a
-    `SyncDiffusionControlNetPipeline` with a random ControlNet made from the UNet (`ControlNetModel.from_unet`).
+    `SyncDiffusionXLPipeline` for `sdxl`, a `SyncDiffusionFluxPipeline` for `flux` (FLUX.1's architecture, its
+    transformer's heads and every width scaled by `width_mult`, its block counts by `depth_mult`, text encoders of
+    one block unless `full_text_encoders`: `testing.make_flux_components`), else a `SyncDiffusionPipeline`, or with
+    `controlnet` a `SyncDiffusionControlNetPipeline` with a random ControlNet made from the UNet
+    (`ControlNetModel.from_unet`).
     """
     from syncdiffusion_utils.testing import make_lpips
 
     sample_size = sample_size or ARCH_DEFAULTS[arch]["sample_size"]
+    if arch not in FLUX_ARCHS and (depth_mult != 1.0 or full_text_encoders):
+        raise ValueError(f"depth_mult={depth_mult}, full_text_encoders={full_text_encoders}: for arch='flux' only")
     if arch in XL_ARCHS:
         if controlnet:
             raise ValueError("--controlnet: there is no SDXL ControlNet pipeline; use --arch tiny or sd2")
         pipe = _xl_pipeline(arch, sample_size, width_mult, seed)
+    elif arch in FLUX_ARCHS:
+        if controlnet:
+            raise ValueError("--controlnet: there is no FLUX ControlNet pipeline; use --arch tiny or sd2")
+        pipe = _flux_pipeline(width_mult, depth_mult, seed, full_text_encoders)
     else:
         pipe = _sd_pipeline(arch, sample_size, width_mult, seed, controlnet)
     pipe.set_perceptual_loss(make_lpips().requires_grad_(False))
@@ -319,6 +376,72 @@ def _xl_pipeline(arch, sample_size, width_mult, seed):
 
     components = make_sdxl_components(arch, sample_size=sample_size, width_mult=width_mult, seed=seed)
     return SyncDiffusionXLPipeline(**components, add_watermarker=False)
+
+
+def _flux_pipeline(width_mult, depth_mult, seed, full_text_encoders):
+    from pipeline_syncdiffusion_flux import SyncDiffusionFluxPipeline
+    from syncdiffusion_utils.testing import make_flux_components
+
+    components = make_flux_components(
+        "flux", seed=seed, width_mult=width_mult, depth_mult=depth_mult, full_text_encoders=full_text_encoders
+    )
+    return SyncDiffusionFluxPipeline(**components)
+
+
+def _flux_reference_pipeline(pipe):
+    """diffusers' `FluxPipeline` on `pipe`'s components."""
+    from diffusers import FluxPipeline
+
+    flux = FluxPipeline(**pipe.components)
+    flux.set_progress_bar_config(disable=True)
+    return flux
+
+
+def _flux_info(pipe, depth_mult, full_text_encoders, max_sequence_length):
+    """What a FLUX run's architecture is, reductions stated: the transformer's blocks, heads and width, text tokens."""
+    config = pipe.transformer.config
+    return {
+        "depth_mult": depth_mult,
+        "full_text_encoders": full_text_encoders,
+        "max_sequence_length": max_sequence_length,
+        "transformer_blocks": [config.num_layers, config.num_single_layers],
+        "transformer_heads": config.num_attention_heads,
+        "transformer_width": config.num_attention_heads * config.attention_head_dim,
+        "transformer_parameters": sum(p.numel() for p in pipe.transformer.parameters()),
+    }
+
+
+def _check_flux_options(arch, modes, controlnet, channels_last, offload_text_encoder, max_sequence_length, depth_mult):
+    """Refuse what a FLUX run or an SD run cannot do, before anything is built."""
+    bases = {m.partition("@")[0] for m in modes}
+    flux = arch in FLUX_ARCHS
+    if not flux and FLUX_PIPELINE_MODE in bases:
+        raise ValueError(f"{FLUX_PIPELINE_MODE} is FluxPipeline: for arch='flux' only")
+    if not flux and depth_mult != 1.0:
+        raise ValueError(f"depth_mult={depth_mult}: for arch='flux' only")
+    if not depth_mult > 0:
+        raise ValueError(f"depth_mult={depth_mult}: a positive number")
+    batched = [m for m in modes if m.partition("@")[0] == FLUX_PIPELINE_MODE and "@" in m]
+    if batched:
+        raise ValueError(f"modes {batched}: {FLUX_PIPELINE_MODE} has no views to batch; name it without @K")
+    if not flux:
+        return
+    refused = {
+        PANORAMA_MODE: PANORAMA_MODE in bases,
+        "controlnet": controlnet,
+        "channels_last": channels_last,
+        "offload_text_encoder": offload_text_encoder,
+    }
+    for name, given in refused.items():
+        if given:
+            raise ValueError(f"{name}: not for arch='flux' (SD's UNet pipelines only)")
+    if not isinstance(max_sequence_length, int) or not 1 <= max_sequence_length <= 512:
+        raise ValueError(f"max_sequence_length={max_sequence_length!r}: an integer from 1 to 512 (T5 tokens)")
+
+
+def _denoiser_name(pipe):
+    """`"transformer"` for a pipeline denoising with a transformer (FLUX), else `"unet"`."""
+    return "transformer" if getattr(pipe, "transformer", None) is not None else "unet"
 
 
 def _condition_image(height, width, seed):
@@ -351,7 +474,7 @@ def run_benchmark(
     repeat=1,
     seed=0,
     prompt="a photo of a mountain range at twilight",
-    guidance_scale=7.5,
+    guidance_scale=None,
     warmup=True,
     decode=True,
     project_steps=50,
@@ -365,6 +488,9 @@ def run_benchmark(
     channels_last=False,
     memory_limit_gib=None,
     offload_text_encoder=False,
+    depth_mult=1.0,
+    full_text_encoders=False,
+    max_sequence_length=512,
 ):
     """
     Run MultiDiffusion and the SyncDiffusion `modes` on the same inputs; return a list with one dict per mode (a
@@ -382,6 +508,11 @@ def run_benchmark(
     `offload_text_encoder` encodes the prompt once and moves the text encoder to the CPU for the run.
     `arch="sdxl"` runs `SyncDiffusionXLPipeline`; `controlnet` runs `SyncDiffusionControlNetPipeline` with a random
     ControlNet and a random condition image of the panorama's size (its passes counted as `controlnet_*`).
+    `arch="flux"` runs `SyncDiffusionFluxPipeline` on FLUX.1's architecture (`depth_mult`, `full_text_encoders`:
+    `build_pipeline`), views of `sample_size` latents (`window_size = 8 * sample_size` pixels), `max_sequence_length`
+    T5 tokens; its passes are `transformer_*`, and its `flux-pipeline` mode is diffusers' `FluxPipeline` on the same
+    components and initial noise at the panorama's full size (no views: one transformer pass of the whole image per
+    step). `guidance_scale` defaults to the architecture's (7.5; FLUX.1-dev's guidance embedding 3.5).
     Progress lines go to `progress` (`True`: standard error; a file; `None`: silent).
     `pipe` reuses a pipeline built by `build_pipeline` (its `arch`/`width_mult`/`sample_size` then only label the run).
     """
@@ -393,21 +524,27 @@ def run_benchmark(
     height = height or defaults["height"]
     width = width or defaults["width"]
     stride = stride or defaults["stride"]
-    modes = list(modes) if modes else list(MODES)
-    unknown = [m for m in modes + [reference] if m.partition("@")[0] not in (*MODES, PANORAMA_MODE)]
+    guidance_scale = GUIDANCE_SCALES.get(arch, DEFAULT_GUIDANCE_SCALE) if guidance_scale is None else guidance_scale
+    modes = list(modes) if modes else list(FLUX_MODES if arch in FLUX_ARCHS else MODES)
+    unknown = [m for m in modes + [reference] if m.partition("@")[0] not in (*MODES, *REFERENCE_PIPELINES)]
     if unknown:
         raise ValueError(
-            f"unknown modes {unknown}; choose from {list(MODES) + [PANORAMA_MODE]}, optionally @K or @auto"
+            f"unknown modes {unknown}; choose from {list(MODES) + list(REFERENCE_PIPELINES)}, optionally @K or @auto"
         )
     modes = [reference] + [m for m in dict.fromkeys(modes) if m != reference]
     if (arch in XL_ARCHS or controlnet) and any(m.partition("@")[0] == PANORAMA_MODE for m in modes):
         raise ValueError(f"{PANORAMA_MODE} is StableDiffusionPanoramaPipeline: SD 1.x/2.x without ControlNet only")
+    _check_flux_options(arch, modes, controlnet, channels_last, offload_text_encoder, max_sequence_length, depth_mult)
     synchronize = _synchronizer(device)
 
     t_build = time.perf_counter()
     if pipe is None:
-        _log(progress, f"building {arch} (width x{width_mult}) on {device} in {dtype_name} ...")
-        pipe = build_pipeline(arch, width_mult, sample_size, device, torch_dtype, seed, controlnet)
+        depth = f", depth x{depth_mult}" if arch in FLUX_ARCHS else ""
+        _log(progress, f"building {arch} (width x{width_mult}{depth}) on {device} in {dtype_name} ...")
+        flux_options = {"depth_mult": depth_mult, "full_text_encoders": full_text_encoders}
+        options = flux_options if arch in FLUX_ARCHS else {}
+        pipe = build_pipeline(arch, width_mult, sample_size, device, torch_dtype, seed, controlnet, **options)
+    denoiser = _denoiser_name(pipe)
     controlnet = getattr(pipe, "controlnet", None) is not None
     if vae_tiling:
         pipe.vae.enable_tiling()
@@ -418,20 +555,25 @@ def run_benchmark(
         pipe.unet = torch.compile(pipe.unet, dynamic=False)
         pipe.vae.decoder = torch.compile(pipe.vae.decoder, dynamic=False)
     build_seconds = time.perf_counter() - t_build
-    sample_size = pipe.unet.config.sample_size
-    views = pipe.get_views(height, width, stride=stride)
+    sample_size = pipe.unet.config.sample_size if denoiser == "unet" else sample_size
+    # FLUX's views are `window_size` pixels (its transformer has no fixed size), the UNet's its sample size.
+    window_call = {"window_size": sample_size * pipe.vae_scale_factor} if denoiser == "transformer" else {}
+    views = pipe.get_views(height, width, stride=stride, **window_call)
     num_views = len(views)
     if any(m.partition("@")[0] == PANORAMA_MODE for m in modes) and (sample_size != 64 or stride != 8):
         raise ValueError(f"{PANORAMA_MODE} has a fixed 64-latent window and stride 8: use --sample-size 64 --stride 8")
     tiny_decoder = None
     if any(MODES.get(m.partition("@")[0], {}).get("sync_decoder") == "tiny" for m in modes):
-        from syncdiffusion_utils.testing import make_tiny_decoder
+        from syncdiffusion_utils.testing import make_tiny_decoder, make_tiny_flux_decoder
 
-        tiny_decoder = make_tiny_decoder(seed=seed, width_mult=1.0).to(device=device, dtype=torch_dtype)
+        # TAESD's architecture for SD, TAEF1's (16 latent channels) for FLUX, at their real width
+        make = make_tiny_flux_decoder if denoiser == "transformer" else make_tiny_decoder
+        tiny_decoder = make(seed=seed, width_mult=1.0).to(device=device, dtype=torch_dtype)
 
     generator = torch.Generator("cpu").manual_seed(seed)
     factor = pipe.vae_scale_factor
-    shape = (1, pipe.unet.config.in_channels, height // factor, width // factor)
+    channels = pipe.unet.config.in_channels if denoiser == "unet" else pipe.transformer.config.in_channels // 4
+    shape = (1, channels, height // factor, width // factor)  # FLUX's latent unpacked (2x2 patches of 16 channels)
     latents = torch.randn(shape, generator=generator, dtype=torch.float32).to(device=device, dtype=torch_dtype)
     prompt_kwargs = {"prompt": prompt}
     if offload_text_encoder:
@@ -450,11 +592,13 @@ def run_benchmark(
         "view_batch_size": view_batch_size,
         "sync_thres": sync_thres,
         "output_type": "np" if decode else "latent",
+        **window_call,
+        **({"max_sequence_length": max_sequence_length} if denoiser == "transformer" else {}),
     }
     condition = _condition_image(height, width, seed).to(device=device, dtype=torch_dtype) if controlnet else None
     if controlnet:
         common["image"] = condition
-    expected_exact, _ = expected_passes({}, num_views, 1, 1, controlnet)
+    expected_exact, _ = expected_passes({}, num_views, 1, 1, controlnet, denoiser)
     info = {
         "arch": arch,
         "width_mult": width_mult,
@@ -487,11 +631,14 @@ def run_benchmark(
         "project_steps": project_steps,
         "project_sync_thres": project_sync_thres,
         "expected_exact_sync_step": expected_exact,
+        "denoiser": denoiser,
+        **(_flux_info(pipe, depth_mult, full_text_encoders, max_sequence_length) if denoiser == "transformer" else {}),
     }
     _log(
         progress,
         f"{num_views} views of {sample_size}x{sample_size} latents; per synchronized step the exact mode should make"
-        f" {expected_exact['unet_fwd']} UNet fwd (2N-1), {expected_exact['unet_bwd']} UNet bwd (N-1),"
+        f" {expected_exact[denoiser + '_fwd']} {DENOISER_LABELS[denoiser]} fwd (2N-1),"
+        f" {expected_exact[denoiser + '_bwd']} {DENOISER_LABELS[denoiser]} bwd (N-1),"
         f" {expected_exact['dec_fwd']} decoder fwd (N), {expected_exact['dec_bwd']} decoder bwd (N-1),"
         f" {expected_exact['lpips_fwd']} LPIPS (N-1) view-passes"
         + (
@@ -518,21 +665,20 @@ def run_benchmark(
         for index, mode in enumerate(modes, 1):
             base, _, batch = mode.partition("@")
             panorama = base == PANORAMA_MODE
-            kwargs = {"sync_weight": 0.0} if panorama else dict(MODES[base])
+            kwargs = {"sync_weight": 0.0} if base in REFERENCE_PIPELINES else dict(MODES[base])
             if kwargs.get("sync_decoder") == "tiny":
                 kwargs["sync_decoder"] = tiny_decoder
             if batch or panorama:
                 kwargs["view_batch_size"] = num_views if not batch else batch if batch == "auto" else int(batch)
-            measured = _panorama_pipeline(pipe) if panorama else pipe
-            ignored = (
-                ("sync_thres", "stride", "sync_weight") if panorama else ()
-            )  # MultiDiffusion only; its stride is 8
+            measured, ignored, adapt = _measured_pipeline(pipe, base)
 
             def run(**call):
-                return measured(**{k: v for k, v in {**common, **call}.items() if k not in ignored})
+                return measured(**adapt({k: v for k, v in {**common, **call}.items() if k not in ignored}))
 
-            sync, *_ = _mode_settings(kwargs)
-            synced_steps = min(steps, sync_thres) if sync and num_views > 1 else 0
+            # diffusers' FluxPipeline has no views: the whole panorama is its one image
+            mode_views = 1 if base == FLUX_PIPELINE_MODE else num_views
+            sync, *_ = _mode_settings(kwargs, denoiser)
+            synced_steps = min(steps, sync_thres) if sync and mode_views > 1 else 0
             _log(progress, f"[{index}/{len(modes)}] {mode}: running ...")
             try:
                 best = _measure(run, measured, kwargs, latents, repeat, device, synchronize, panorama, guidance_scale)
@@ -549,13 +695,14 @@ def run_benchmark(
                 whole = all(best["passes"][key] == expected_total[key] for key in CHECKED_KEYS)
                 return whole and (not synced_steps or passes_sync_step == expected_step)
 
-            expected_step, expected_total = expected_passes(kwargs, num_views, steps, sync_thres, controlnet)
+            expected_step, expected_total = expected_passes(
+                kwargs, mode_views, steps, sync_thres, controlnet, denoiser
+            )
             passes_match, auto_checkpointing = matches(expected_step, expected_total), False
             if not passes_match and synced_steps and kwargs.get("view_batch_size", view_batch_size) == "auto":
                 # "auto" turns checkpointing on where one view's gradient pass does not fit: its formula then.
-                checkpointed = expected_passes(
-                    {**kwargs, "sync_gradient_checkpointing": True}, num_views, steps, sync_thres, controlnet
-                )
+                checkpointing = {**kwargs, "sync_gradient_checkpointing": True}
+                checkpointed = expected_passes(checkpointing, mode_views, steps, sync_thres, controlnet, denoiser)
                 if matches(*checkpointed):
                     (expected_step, expected_total), passes_match, auto_checkpointing = checkpointed, True, True
             row = {
@@ -589,10 +736,12 @@ def run_benchmark(
                 row[prefix + "ratio"] = row[prefix + "seconds"] / reference[prefix + "seconds"]
                 step_time = row[prefix + "sync_step_seconds"] or _mean(step_seconds)
                 row[prefix + "step_ratio"] = step_time / md_step
-                # Unsynchronized steps do MultiDiffusion's work, so they are priced at MultiDiffusion's step time.
+                # Unsynchronized steps do MultiDiffusion's work, so they are priced at MultiDiffusion's step time;
+                # FluxPipeline's steps (the whole panorama at once) do other work, priced at its own step time.
+                plain_step = step_time if base == FLUX_PIPELINE_MODE else md_step
                 projected_synced = min(project_steps, project_sync_thres) if synced_steps else 0
                 row[prefix + "projected_ratio"] = (
-                    (project_steps - projected_synced) * md_step + projected_synced * step_time
+                    (project_steps - projected_synced) * plain_step + projected_synced * step_time
                 ) / (project_steps * md_step)
             rows.append(row)
             _log(
@@ -612,9 +761,10 @@ def _measure(run, measured, kwargs, latents, repeat, device, synchronize, panora
     best = None
     for _ in range(max(1, repeat)):
         _release_memory(device)
-        with PeakMemory(device) as memory, PassCounter(measured, sync_decoder=kwargs.get("sync_decoder")) as counter:
-            if panorama:  # its `do_classifier_free_guidance` is always False (a known bug), though it guides
-                counter._guided = lambda: guidance_scale > 1
+        # The panorama pipeline's `do_classifier_free_guidance` is always False (a known bug), though it guides.
+        guided = guidance_scale > 1 if panorama else None
+        counter = PassCounter(measured, sync_decoder=kwargs.get("sync_decoder"), guided=guided)
+        with PeakMemory(device) as memory, counter:
             with StepRecorder(measured, counter, synchronize) as recorder:
                 synchronize()
                 start, start_cpu = time.perf_counter(), time.process_time()
@@ -653,6 +803,23 @@ def _error_row(mode, kwargs, error, device):
     }
 
 
+def _measured_pipeline(pipe, base):
+    """`(pipeline, ignored arguments, adapt)` that mode `base` runs: `pipe` itself, or a reference pipeline of
+    diffusers on its components, which ignores the panorama's arguments; `adapt` turns the call's arguments into the
+    reference's (FluxPipeline takes the initial noise packed)."""
+    if base == PANORAMA_MODE:
+        return _panorama_pipeline(pipe), ("sync_thres", "stride", "sync_weight"), dict  # its stride is 8
+    if base == FLUX_PIPELINE_MODE:
+
+        def packed(call):
+            latents = call["latents"]
+            return {**call, "latents": measured._pack_latents(latents, *latents.shape)}
+
+        measured = _flux_reference_pipeline(pipe)
+        return measured, ("sync_thres", "stride", "sync_weight", "view_batch_size", "window_size"), packed
+    return pipe, (), dict
+
+
 def _panorama_pipeline(pipe):
     """diffusers' `StableDiffusionPanoramaPipeline` on `pipe`'s components."""
     from diffusers import StableDiffusionPanoramaPipeline
@@ -683,25 +850,44 @@ def _fmt(value, spec):
     return "-" if value is None else format(value, spec)
 
 
+def _flux_header(info):
+    """The FLUX run's architecture, its reductions from FLUX.1's stated, and what the reference row is."""
+    blocks, heads = info["transformer_blocks"], info["transformer_heads"]
+    text = "T5 and CLIP at full depth" if info["full_text_encoders"] else "text encoders of one block each"
+    return (
+        f"FLUX.1's architecture with random weights: transformer of {blocks[0]} double + {blocks[1]} single blocks"
+        f" (FLUX.1: 19 + 38), {heads} attention heads of 128 = width {info['transformer_width']} (FLUX.1: 24,"
+        f" 3072), {info['transformer_parameters'] / 1e6:.1f} M parameters (FLUX.1: 11900; width_mult={info['width_mult']},"
+        f" depth_mult={info['depth_mult']}); {text}; {info['max_sequence_length']} text tokens."
+        f" {FLUX_PIPELINE_MODE}: diffusers' FluxPipeline on the same components and noise at the panorama's full size,"
+        f" one transformer pass of the whole image per step (counted as 1)."
+    )
+
+
 def format_table(info, rows):
     """The header lines and the table as text."""
     n = info["num_views"]
     exp = info["expected_exact_sync_step"]
     controlnet = info.get("controlnet", False)
-    pass_keys = PASS_KEYS[:2] + CONTROLNET_KEYS + PASS_KEYS[2:] if controlnet else PASS_KEYS
+    denoiser = info.get("denoiser", "unet")
+    label = DENOISER_LABELS[denoiser]
+    keys = TRANSFORMER_PASS_KEYS if denoiser == "transformer" else PASS_KEYS
+    pass_keys = keys[:2] + CONTROLNET_KEYS + keys[2:] if controlnet else keys
     limit = info.get("memory_limit_gib")
     emulated = f"; a {limit:g} GiB card emulated (allocator capped, free memory read from the cap)" if limit else ""
     lines = [
         f"SyncDiffusion benchmark: {info.get('pipeline', 'SyncDiffusionPipeline')} arch={info['arch']}"
         f" width_mult={info['width_mult']} dtype={info['dtype']}"
         f" device={info['device']} [{info['device_name']}] torch {info['torch']}",
+        *([_flux_header(info)] if denoiser == "transformer" else []),
         f"{info['height']}x{info['width']} px, views of {info['sample_size']}x{info['sample_size']} latents at stride"
         f" {info['stride']}: N={n} views, view_batch_size={info['view_batch_size']}, {info['steps']} steps,"
         f" sync_thres={info['sync_thres']}, guidance {info['guidance_scale']}, best of {info['repeat']}",
         f"Passes are view-passes in the first denoising step (synchronized except for multidiffusion). Expected per"
-        f" synchronized step, exact mode: UNet fwd 2N-1={exp['unet_fwd']}, UNet bwd N-1={exp['unet_bwd']},"
+        f" synchronized step, exact mode: {label} fwd 2N-1={exp[denoiser + '_fwd']},"
+        f" {label} bwd N-1={exp[denoiser + '_bwd']},"
         f" decoder fwd N={exp['dec_fwd']}, decoder bwd N-1={exp['dec_bwd']}, LPIPS N-1={exp['lpips_fwd']};"
-        f" MultiDiffusion: UNet fwd N={n}."
+        f" MultiDiffusion: {label} fwd N={n}."
         + (" ControlNet (cn) fwd and bwd: the UNet's." if controlnet else "")
         + " 'ok' = every count (step and whole call) equals the formula.",
         f"MD = the reference mode, {info['reference']}"
@@ -723,8 +909,8 @@ def format_table(info, rows):
         "proj. x MD",
         "cpu step x MD",
         "cpu proj. x MD",
-        "unet fwd",
-        "unet bwd",
+        f"{DENOISER_COLUMNS[denoiser]} fwd",
+        f"{DENOISER_COLUMNS[denoiser]} bwd",
         *(("cn fwd", "cn bwd") if controlnet else ()),
         "dec fwd",
         "dec bwd",
@@ -790,21 +976,47 @@ def parse_args(argv=None):
     )
     parser.add_argument("--arch", choices=sorted(ARCH_DEFAULTS), help="architecture preset (default tiny)")
     parser.add_argument(
-        "--width-mult", type=float, default=1.0, help="scale channel widths (default 1: the real widths)"
+        "--width-mult",
+        type=float,
+        default=1.0,
+        help="scale channel widths, for flux the transformer's heads too (default 1: the real widths)",
     )
     parser.add_argument(
-        "--sample-size", type=int, default=None, help="UNet window in latents (default: 8 tiny, 64 sd2, 128 sdxl)"
+        "--depth-mult",
+        type=float,
+        default=1.0,
+        help="flux: scale the transformer's block counts, 19 double and 38 single (default 1: the real depth)",
     )
     parser.add_argument(
-        "--height", type=int, default=None, help="image height in pixels (default: 64 tiny, 512 sd2, 1024 sdxl)"
+        "--full-text-encoders",
+        action="store_true",
+        help="flux: CLIP and T5-XXL's encoder at full depth (default: one block each; they run once per call)",
     )
     parser.add_argument(
-        "--width", type=int, default=None, help="image width in pixels (default: 192 tiny, 1024 sd2, 2048 sdxl)"
+        "--max-sequence-length", type=int, default=512, help="flux: T5 tokens of the prompt (default 512)"
+    )
+    parser.add_argument(
+        "--sample-size",
+        type=int,
+        default=None,
+        help="view window in latents (default: 8 tiny, 64 sd2, 128 sdxl and flux)",
+    )
+    parser.add_argument(
+        "--height",
+        type=int,
+        default=None,
+        help="image height in pixels (default: 64 tiny, 512 sd2, 1024 sdxl and flux)",
+    )
+    parser.add_argument(
+        "--width",
+        type=int,
+        default=None,
+        help="image width in pixels (default: 192 tiny, 1024 sd2, 2048 sdxl and flux)",
     )
     parser.add_argument("--steps", type=int, help="denoising steps (default 2)")
     parser.add_argument("--sync-thres", type=int, help="synchronized steps (default 2: all of them)")
     parser.add_argument(
-        "--stride", type=int, default=None, help="view stride in latents (default: 4 tiny, 16 sd2, 32 sdxl)"
+        "--stride", type=int, default=None, help="view stride in latents (default: 4 tiny, 16 sd2, 32 sdxl and flux)"
     )
     parser.add_argument(
         "--view-batch-size",
@@ -842,13 +1054,16 @@ def parse_args(argv=None):
         action="store_true",
         help="SyncDiffusionControlNetPipeline with a random ControlNet of the arch and a random condition image",
     )
-    parser.add_argument("--guidance-scale", type=float, default=7.5)
+    parser.add_argument(
+        "--guidance-scale", type=float, default=None, help="default 7.5; flux: 3.5, FLUX.1-dev's guidance embedding"
+    )
     parser.add_argument("--dtype", choices=sorted(DTYPES), help="default float32")
     parser.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:1, ...")
     parser.add_argument(
         "--modes",
-        help=f"comma-separated subset of {','.join(MODES)},{PANORAMA_MODE}, each optionally NAME@K or NAME@auto"
-        " (its view_batch_size); the reference (multidiffusion) always runs first; default: all",
+        help=f"comma-separated subset of {','.join(MODES)},{','.join(REFERENCE_PIPELINES)}, each optionally NAME@K or"
+        " NAME@auto (its view_batch_size); the reference (multidiffusion) always runs first; default: all of the"
+        f" first {len(MODES)}, or for flux {','.join(FLUX_MODES)}",
     )
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     parser.add_argument("--repeat", type=int, default=1, help="run each mode this many times, keep the fastest")
@@ -870,7 +1085,8 @@ def main(argv=None):
         torch.set_num_threads(args.threads)
     # A preset fills in what the command line leaves unset, then the defaults fill in the rest.
     preset = PRESETS[args.preset] if args.preset else {}
-    for key, value in {**preset, "modes": ",".join(preset.get("modes", MODES))}.items():
+    # Without --modes (or a preset's), run_benchmark runs its architecture's default modes.
+    for key, value in {**preset, **({"modes": ",".join(preset["modes"])} if "modes" in preset else {})}.items():
         if getattr(args, key, None) in (None, False):
             setattr(args, key, value)
     for key, value in OPTION_DEFAULTS.items():
@@ -895,7 +1111,10 @@ def main(argv=None):
         channels_last=args.channels_last,
         memory_limit_gib=args.memory_limit_gib,
         offload_text_encoder=args.offload_text_encoder,
-        modes=[m.strip() for m in args.modes.split(",") if m.strip()],
+        depth_mult=args.depth_mult,
+        full_text_encoders=args.full_text_encoders,
+        max_sequence_length=args.max_sequence_length,
+        modes=None if args.modes is None else [m.strip() for m in args.modes.split(",") if m.strip()],
         repeat=args.repeat,
         seed=args.seed,
         prompt=args.prompt,

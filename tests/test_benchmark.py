@@ -1,8 +1,11 @@
 """The benchmark command: every mode on the tiny architecture, its JSON, its table and its pass checks."""
 
+import inspect
 import io
 import json
+import re
 import sys
+import tempfile
 import time
 
 import pytest
@@ -305,3 +308,181 @@ def test_a_mode_that_fails_gets_an_error_row_and_the_others_run(monkeypatch):
     assert not rows[1]["passes_match"] and rows[2]["passes_match"] and rows[2]["seconds"] > 0
     table = benchmark.format_table(rows.config, rows).splitlines()
     assert table[-2].split()[:2] == ["exact", "error"]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# FLUX: the real architecture at a tiny width and depth, transformer passes, FluxPipeline at the panorama's size
+# ----------------------------------------------------------------------------------------------------------------
+
+# 1 attention head of 128 (FLUX.1: 24), 1 double + 2 single blocks (19 + 38), 64-pixel views: 3 views at stride 4.
+FLUX_ARGS = ["--arch", "flux", "--width-mult", "0.0417", "--depth-mult", "0.05", "--sample-size", "8"]
+FLUX_ARGS += ["--height", "64", "--width", "128", "--stride", "4", "--steps", "2", "--sync-thres", "1"]
+FLUX_ARGS += ["--max-sequence-length", "16", "--no-warmup"]
+
+
+def run_main(args):
+    """`main(args)` with its output captured; `(exit code, the JSON report, standard output)`."""
+    capture = pytest.MonkeyPatch()
+    out = io.StringIO()
+    with tempfile.TemporaryDirectory() as folder:
+        path = f"{folder}/out.json"
+        capture.setattr(sys, "stdout", out)
+        capture.setattr(sys, "stderr", io.StringIO())
+        try:
+            code = main(args + ["--json", path])
+        finally:
+            capture.undo()
+        with open(path, encoding="utf-8") as f:
+            report = json.load(f)
+    return code, report, out.getvalue()
+
+
+@pytest.fixture(scope="module")
+def flux_report():
+    """The FLUX benchmark's default modes, and then every other mode, on the tiny FLUX architecture."""
+    default = run_main(FLUX_ARGS)
+    others = [m for m in MODES if m not in benchmark.FLUX_MODES]
+    rest = run_main(FLUX_ARGS + ["--modes", ",".join(others), "--no-decode"])
+    return {"default": default, "rest": rest}
+
+
+@pytest.mark.filterwarnings("ignore:Full backward hook is firing")
+def test_flux_rows_count_the_transformer_as_the_formulas(flux_report):
+    code, report, table = flux_report["default"]
+    config, rows = report["config"], {row["mode"]: row for row in report["rows"]}
+    assert code == 0 and list(rows) == list(benchmark.FLUX_MODES)
+    assert config["pipeline"] == "SyncDiffusionFluxPipeline" and config["denoiser"] == "transformer"
+    assert config["num_views"] == 3 and config["transformer_blocks"] == [1, 2] and config["transformer_heads"] == 1
+    assert all(row["passes_match"] for row in rows.values())
+    n = config["num_views"]
+    for mode, row in rows.items():
+        assert row["passes"]["unet_fwd"] == 0, mode  # the transformer's passes are the transformer's
+        assert row["final_decode"] == 1, mode
+
+    def step(mode):
+        counts = rows[mode]["passes_sync_step"]
+        return tuple(counts[key] for key in benchmark.TRANSFORMER_PASS_KEYS)
+
+    assert step("exact") == (2 * n - 1, n - 1, n, n - 1, n - 1)
+    assert rows["exact+ckpt"]["passes_sync_step"]["transformer_recompute"] == n - 1
+    assert step("exact+ckpt") == (3 * n - 2, n - 1, 2 * n - 1, n - 1, n - 1)  # transformer and decoder recomputed
+    assert step("fast") == (n, 0, n, n - 1, n - 1)
+    tiny = rows[benchmark.TINY_DECODER_MODE]["passes"]
+    assert tiny["vae_dec_fwd"] == 0 and (tiny["sync_dec_fwd"], tiny["sync_dec_bwd"]) == (n, n - 1)
+    # MultiDiffusion: one transformer pass per view and step; the second step of every mode is MultiDiffusion's
+    assert rows["multidiffusion"]["passes"]["transformer_fwd"] == 2 * n
+    assert rows["exact"]["passes"]["transformer_fwd"] == 3 * n - 1
+    assert "tr fwd" in table and "transformer fwd 2N-1=5" in table and "1 double + 2 single blocks" in table
+
+
+@pytest.mark.filterwarnings("ignore:Full backward hook is firing")
+def test_flux_other_modes_count_as_the_formulas(flux_report):
+    code, report, _ = flux_report["rest"]
+    rows = {row["mode"]: row for row in report["rows"]}
+    assert code == 0 and list(rows) == ["multidiffusion", "x0", "reuse", "fast+tiny-decoder+downsample2"]
+    assert all(row["passes_match"] for row in rows.values())
+    n = report["config"]["num_views"]
+    assert rows["x0"]["passes_sync_step"]["transformer_bwd"] == 0
+    assert rows["x0"]["passes_sync_step"]["transformer_fwd"] == 2 * n - 1
+    assert rows["reuse"]["passes_sync_step"]["transformer_fwd"] == n
+    assert rows["fast+tiny-decoder+downsample2"]["passes"]["lpips_sizes"] == [[32, 32]]
+
+
+@pytest.mark.filterwarnings("ignore:Full backward hook is firing")
+def test_flux_pipeline_row_is_flux_pipeline_at_the_panorama_size(flux_report):
+    """The reference row: diffusers' FluxPipeline on the same transformer, one pass of the whole 64x128 image per step
+    (32 image tokens; a view has 16), with its own ratios."""
+    _, report, _ = flux_report["default"]
+    rows = {row["mode"]: row for row in report["rows"]}
+    row = rows[benchmark.FLUX_PIPELINE_MODE]
+    assert row["passes_match"] and row["passes_sync_step"] is None
+    assert (row["passes"]["transformer_fwd"], row["passes"]["final_decode"], row["passes"]["dec_fwd"]) == (2, 1, 0)
+    assert row["projected_ratio"] == pytest.approx(row["step_ratio"])  # its steps priced at its own step time
+
+    pipe = benchmark.build_pipeline("flux", width_mult=0.0417, depth_mult=0.05)
+    tokens = []
+    pipe.transformer.register_forward_pre_hook(
+        lambda module, args, kwargs: tokens.append(kwargs["hidden_states"].shape[1]), with_kwargs=True
+    )
+    call = {"sample_size": 8, "height": 64, "width": 128, "stride": 4, "steps": 1, "sync_thres": 0}
+    rows = benchmark.run_benchmark(
+        "flux", pipe=pipe, modes=["flux-pipeline"], warmup=False, max_sequence_length=16, progress=None, **call
+    )
+    assert [row["mode"] for row in rows] == ["multidiffusion", "flux-pipeline"]
+    assert tokens == [16, 16, 16, 32]  # three 64-pixel views, then the whole panorama
+    assert all(row["passes_match"] for row in rows)
+
+
+@pytest.mark.filterwarnings("ignore:Full backward hook is firing")
+def test_flux_true_cfg_counts_one_view_pass_per_guided_view(lpips_module):
+    """True CFG runs the transformer twice per view (positive, negative): each call counts half, so the counts are
+    the formulas', checkpointed recomputation included; FluxPipeline, which does not say, is told with `guided`."""
+    from diffusers import FluxPipeline
+
+    from pipeline_syncdiffusion_flux import SyncDiffusionFluxPipeline
+    from syncdiffusion_utils.counting import PassCounter, expected_plain_step, expected_sync_step
+    from syncdiffusion_utils.testing import make_flux_components
+
+    pipe = SyncDiffusionFluxPipeline(**make_flux_components("tiny"))
+    pipe.set_perceptual_loss(lpips_module)
+    pipe.set_progress_bar_config(disable=True)
+    call = {"prompt": "a lake", "height": 64, "width": 128, "window_size": 64, "stride": 4, "num_inference_steps": 1}
+    call.update(max_sequence_length=16, output_type="latent", negative_prompt="fog", true_cfg_scale=4.0)
+    calls = []
+    pipe.transformer.register_forward_pre_hook(lambda *args: calls.append(1))
+    for kwargs, expected in (
+        ({}, expected_sync_step(3, "transformer", denoiser="transformer")),
+        ({"sync_gradient_checkpointing": True}, expected_sync_step(3, checkpointing=True, denoiser="transformer")),
+        ({"sync_weight": 0.0}, expected_plain_step(3, denoiser="transformer")),
+    ):
+        calls.clear()
+        with PassCounter(pipe) as counter:
+            pipe(**call, **kwargs)
+        counts = counter.as_dict()
+        assert {key: counts[key] for key in expected} == expected, kwargs
+        assert len(calls) == 2 * counts["transformer_fwd"] - 2 * counts["transformer_recompute"], kwargs
+
+    flux = FluxPipeline(**pipe.components)
+    flux.set_progress_bar_config(disable=True)
+    flux_call = {k: v for k, v in call.items() if k not in ("window_size", "stride")}
+    for guided, expected in ((True, 1), (None, 2)):  # unsaid, each of its two calls counts one
+        with PassCounter(flux, guided=guided) as counter:
+            flux(**flux_call)
+        assert counter.transformer_fwd == expected, guided
+
+
+def test_flux_preset_is_the_flux_default_panorama():
+    from pipeline_syncdiffusion_flux import SyncDiffusionFluxPipeline, get_views
+
+    preset = benchmark.PRESETS["flux-default"]
+    call = inspect.signature(SyncDiffusionFluxPipeline.__call__).parameters
+    assert (preset["height"], preset["width"]) == (call["height"].default, call["width"].default) == (1024, 4096)
+    assert preset["steps"] == call["num_inference_steps"].default == 28
+    assert preset["sync_thres"] == call["sync_thres"].default == 5
+    assert preset["dtype"] == "bfloat16" and preset["full_text_encoders"] and preset["view_batch_size"] == "auto"
+    assert preset["modes"] == list(benchmark.FLUX_MODES) and "flux-pipeline" in preset["modes"]
+    assert benchmark.ARCH_DEFAULTS["flux"]["sample_size"] == 128  # FLUX's 1024-pixel window
+    assert len(get_views(1024 // 8, 4096 // 8, 128, preset["stride"])) == 13  # docs/flux.md's 13 views
+    assert benchmark.parse_args(["--preset", "flux-default"]).preset == "flux-default"
+
+
+@pytest.mark.parametrize(
+    "options, message",
+    [
+        ({"arch": "flux", "modes": ["panorama-pipeline"]}, "panorama-pipeline: not for arch='flux'"),
+        ({"arch": "tiny", "modes": ["flux-pipeline"]}, "flux-pipeline is FluxPipeline: for arch='flux' only"),
+        ({"arch": "flux", "modes": ["flux-pipeline@2"]}, "no views to batch"),
+        ({"arch": "tiny", "depth_mult": 0.5}, "depth_mult=0.5: for arch='flux' only"),
+        ({"arch": "flux", "depth_mult": 0.0}, "depth_mult=0.0: a positive number"),
+        ({"arch": "flux", "max_sequence_length": 0}, "max_sequence_length=0"),
+        ({"arch": "flux", "controlnet": True}, "controlnet: not for arch='flux'"),
+        ({"arch": "flux", "channels_last": True}, "channels_last: not for arch='flux'"),
+    ],
+)
+def test_flux_options_are_checked_before_anything_is_built(options, message, monkeypatch):
+    def build_pipeline(*args, **kwargs):
+        raise AssertionError("built before the options were checked")
+
+    monkeypatch.setattr(benchmark, "build_pipeline", build_pipeline)
+    with pytest.raises(ValueError, match=re.escape(message)):
+        benchmark.run_benchmark(progress=None, **options)
