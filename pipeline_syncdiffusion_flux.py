@@ -1860,7 +1860,11 @@ class SyncDiffusionFluxPipeline(
         view_batch_size, sync = self.view_batch_sizes(view_batch_size, len(views), num_images, device, dtype, sync)
         panorama = self.prepare_panorama(latents, views, view_batch_size)
 
-        # 8. Denoising loop: MultiDiffusion over the views, with SyncDiffusion's update in the early steps
+        # 8. Denoising loop: MultiDiffusion over the views, with SyncDiffusion's update in the early steps. A stochastic
+        # step (`stochastic_sampling`) draws from the call's generator (FluxPipeline passes none: it draws from torch's
+        # global state, which `generator` would not make reproducible).
+        accepts_generator = "generator" in inspect.signature(self.scheduler.step).parameters
+        extra_step_kwargs = {"generator": generator} if accepts_generator else {}
         num_warmup_steps = max(len(timesteps) - num_inference_steps * self.scheduler.order, 0)
         self._num_timesteps = len(timesteps)
         with self.progress_bar(total=num_inference_steps) as progress_bar:
@@ -1869,7 +1873,7 @@ class SyncDiffusionFluxPipeline(
                     continue
 
                 self._current_timestep = t
-                latents = self.denoise_step(latents, t, panorama, conditioning, sync, {})
+                latents = self.denoise_step(latents, t, panorama, conditioning, sync, extra_step_kwargs)
 
                 if callback_on_step_end is not None:
                     # Callbacks see the packed latent, as FluxPipeline's do.
@@ -1891,7 +1895,7 @@ class SyncDiffusionFluxPipeline(
                     progress_bar.update()
                     if callback is not None and i % callback_steps == 0:
                         step_idx = i // getattr(self.scheduler, "order", 1)
-                        callback(step_idx, t, latents)
+                        callback(step_idx, t, self._pack_latents(latents, *latents.shape))
 
         self._current_timestep = None
 
