@@ -873,12 +873,13 @@ class SyncDiffusionControlNetPipeline(
         )
 
     def _default_size(self, image, height, width):
-        """`height` and `width`, each defaulting to the first condition image's size (unchanged when unreadable)."""
+        """`height` and `width`, each defaulting (when None) to the first condition image's size (unchanged when
+        unreadable)."""
         try:
             size = self._condition_sizes(self._images_per_controlnet(image)[0])[0]
         except (ValueError, IndexError, TypeError):
             return height, width
-        return height or size[0], width or size[1]
+        return size[0] if height is None else height, size[1] if width is None else width
 
     def prepare_control_images(self, image, height, width, num_images, num_images_per_prompt, device) -> list:
         """The condition images as tensors in [0, 1], one `(num_images, channels, height, width)` per ControlNet."""
