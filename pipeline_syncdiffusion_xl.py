@@ -955,8 +955,8 @@ class SyncDiffusionXLPipeline(
         negative time ids are the positive ones unless both `negative_original_size` and `negative_target_size` are
         given, as in `StableDiffusionXLPipeline`.
         """
-        original_size = tuple(original_size or view_size)
-        target_size = tuple(target_size or view_size)
+        original_size = tuple(view_size if original_size is None else original_size)
+        target_size = tuple(view_size if target_size is None else target_size)
         add_time_ids = self._get_add_time_ids(
             original_size, tuple(crops_coords_top_left), target_size, dtype, text_encoder_projection_dim
         )
@@ -1809,7 +1809,7 @@ class SyncDiffusionXLPipeline(
             callback_on_step_end_tensor_inputs=callback_on_step_end_tensor_inputs,
             num_inference_steps=num_inference_steps
             if timesteps is None and sigmas is None
-            else len(timesteps or sigmas),
+            else len(timesteps if timesteps is not None else sigmas),
             num_images_per_prompt=num_images_per_prompt,
             latents=latents,
             guidance_rescale=guidance_rescale,
