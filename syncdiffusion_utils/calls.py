@@ -4,19 +4,29 @@
     image = pipe(**call, generator=generator(0)).images[0]
 
 `prepare_call` fills in what the caller left out (None) from the pipeline class's own `__call__` defaults (SD:
-512x2048, guidance 7.5, stride 8; SDXL: 1024x4096, guidance 5, its stride from the window), asks for view batches
-sized by the pipeline (`view_batch_size="auto"`: the free GPU memory on CUDA, 16 views elsewhere), and turns the VAE's
-tiling on when decoding the whole panorama at once would not fit in the free GPU memory. The pipelines' own default,
-one view per UNet call and no tiling, is several times slower on a GPU (MultiDiffusion at 512x2048 on an H200:
-35.66 s against 6.94 s with "auto").
+512x2048, 50 steps, guidance 7.5, stride 8; SDXL: 1024x4096, guidance 5, its stride from the window; FLUX.1:
+1024x4096, 28 steps, guidance 3.5 (its guidance embedding), its stride from the window, 512 T5 tokens), asks for
+view batches sized by the pipeline (`view_batch_size="auto"`: the free GPU memory on CUDA, 16 views elsewhere), and
+turns the VAE's tiling on when decoding the whole panorama at once would not fit in the free GPU memory. The
+pipelines' own default, one view per UNet call and no tiling, is several times slower on a GPU (MultiDiffusion at
+512x2048 on an H200: 35.66 s against 6.94 s with "auto").
 """
 
 import inspect
 import operator
 
 
-# `__call__` arguments whose None means "left out": `prepare_call` replaces it with the class's default.
-DEFAULTED = ("height", "width", "num_inference_steps", "guidance_scale", "stride")
+# `__call__` arguments whose None means "left out": `prepare_call` replaces it with the class's default (those a
+# class lacks, such as FLUX's `true_cfg_scale` and `max_sequence_length` for SD, are not added).
+DEFAULTED = (
+    "height",
+    "width",
+    "num_inference_steps",
+    "guidance_scale",
+    "stride",
+    "true_cfg_scale",
+    "max_sequence_length",
+)
 VAE_TILING = ("auto", "on", "off")
 
 # Elements per image pixel a whole-panorama VAE decode holds at its peak, per channel of the decoder's widest block
@@ -26,10 +36,18 @@ DECODE_ELEMENTS = 9
 
 
 def call_defaults(pipe):
-    """The defaults of the pipeline class's `__call__` for `DEFAULTED` (they differ for SDXL and ControlNet; a None
-    default, e.g. SDXL's stride or the ControlNet pipeline's size, is resolved by the pipeline itself)."""
+    """The defaults of the pipeline class's `__call__` for `DEFAULTED` (they differ for SDXL, ControlNet and FLUX; a
+    None default, e.g. SDXL's and FLUX's stride or the ControlNet pipeline's size, is resolved by the pipeline)."""
     parameters = inspect.signature(type(pipe).__call__).parameters
     return {name: parameters[name].default for name in DEFAULTED if name in parameters}
+
+
+def window_pixels(pipe):
+    """The side of one view in image pixels by default: FLUX's `default_window_size`, else the UNet's sample size
+    times the VAE's scale factor."""
+    if hasattr(pipe, "default_window_size"):
+        return pipe.default_window_size
+    return pipe.unet.config.sample_size * pipe.vae_scale_factor
 
 
 def decode_fits(pipe, height, width, margin=0.8):
@@ -83,7 +101,8 @@ def prepare_call(pipe, *, height=None, width=None, view_batch_size="auto", vae_t
     """Set up `pipe` for one call and return the keyword arguments of `pipe(**returned)`.
 
     Args:
-        pipe: a loaded `SyncDiffusionPipeline`, `SyncDiffusionXLPipeline` or `SyncDiffusionControlNetPipeline`.
+        pipe: a loaded `SyncDiffusionPipeline`, `SyncDiffusionXLPipeline`, `SyncDiffusionControlNetPipeline` or
+            `SyncDiffusionFluxPipeline`.
         height (`int`, *optional*), width (`int`, *optional*):
             The panorama's size in pixels; None: the class's default (for the ControlNet pipeline: the size of
             `image`).
@@ -95,7 +114,8 @@ def prepare_call(pipe, *, height=None, width=None, view_batch_size="auto", vae_t
             panorama at once would not fit in the free GPU memory. This changes `pipe.vae` for later calls too.
         **call:
             Any other `__call__` argument (`prompt`, `sync_weight`, `generator`, ...), passed on as given, except
-            that a None `num_inference_steps`, `guidance_scale` or `stride` becomes the class's default.
+            that a None `num_inference_steps`, `guidance_scale`, `stride`, `true_cfg_scale` or
+            `max_sequence_length` becomes the class's default (where the class has that argument).
 
     Returns:
         `dict`: the arguments for `pipe(...)`, every one of `DEFAULTED` that the class has included.

@@ -3,6 +3,8 @@
     syncdiffusion "a photo of a mountain range at twilight" -o mountains.png
     syncdiffusion "a photo of a city skyline at night" --compare -o compare.png
     syncdiffusion "a cozy living room" --model tiny -o smoke.png      # offline smoke run, random weights
+    syncdiffusion "a harbour at dawn" --model black-forest-labs/FLUX.1-dev -o flux.png  # FLUX.1, 1024x4096
+    syncdiffusion "a desert canyon" --sync-weight 0,10,20,40 -o sweep.png  # one seed, one labelled row per weight
     syncdiffusion "a coastal town" --control-image depth.png --controlnet lllyasviel/control_v11f1p_sd15_depth \
         --model stable-diffusion-v1-5/stable-diffusion-v1-5                 # follows the layout of depth.png
     syncdiffusion generate "demo"                                     # a prompt that is a subcommand's name
@@ -18,6 +20,7 @@ is instant.
 """
 
 import argparse
+import math
 import os
 import random
 import re
@@ -32,20 +35,27 @@ from syncdiffusion_utils.loading import (
     DEFAULT_SCHEDULER,
     SCHEDULERS,
     TINY,
+    TINY_FLUX,
+    TINY_MODELS,
     TINY_XL,
     CLIError,
+    is_flux,
     load_control_image,
     load_for_export,
     load_perceptual_loss,
     load_pipeline,
     load_sync_decoder,
     note,
+    pipeline_class_of,
+    resolve_scheduler,
     with_controlnet,
 )
 
 
 DEFAULT_SIZE = {"real": (512, 2048, 50), TINY: (64, 256, 10)}  # height, width, steps when not given
-DEFAULT_SIZE[TINY_XL] = DEFAULT_SIZE[TINY]
+DEFAULT_SIZE[TINY_XL] = DEFAULT_SIZE[TINY_FLUX] = DEFAULT_SIZE[TINY]
+# T5 tokens of `--model tiny-flux` (its tokenizer has one token per character): a tenth of the time of FLUX's 512.
+TINY_MAX_SEQUENCE_LENGTH = 64
 DEFAULT_OUTPUT = "panorama.png"
 DEFAULT_COMPARE_OUTPUT = "compare.png"
 
@@ -73,6 +83,8 @@ ARGUMENT_FLAGS = {
     "sync_gradient_checkpointing": "--sync-gradient-checkpointing",
     "image": "--control-image",
     "controlnet_conditioning_scale": "--controlnet-scale",
+    "true_cfg_scale": "--true-cfg-scale",
+    "max_sequence_length": "--max-sequence-length",
 }
 
 
@@ -164,6 +176,24 @@ def _view_batch_size(text):
     return text if text == "auto" else _positive_int(text)
 
 
+def _sync_weights(text):
+    """--sync-weight: one number >= 0 (a float), or a comma list of different ones such as 0,10,20,40 (a tuple)."""
+    allowed = "a number >= 0 or a comma list of them such as 0,10,20,40"
+    values = []
+    for item in text.split(","):
+        try:
+            value = float(item)
+        except ValueError:
+            what = "an empty item" if not item.strip() else repr(item.strip())
+            raise argparse.ArgumentTypeError(f"expected {allowed}, got {text!r} ({what})") from None
+        if not math.isfinite(value) or value < 0:
+            raise argparse.ArgumentTypeError(f"expected {allowed}, got {text!r} ({item.strip()} is not >= 0)")
+        if value in values:
+            raise argparse.ArgumentTypeError(f"expected {allowed}, got {text!r} ({value:g} twice)")
+        values.append(value)
+    return values[0] if len(values) == 1 else tuple(values)
+
+
 def _non_negative_int(text):
     try:
         value = int(text)
@@ -187,25 +217,35 @@ def build_parser(prog="syncdiffusion"):
             "  syncdiffusion publish REPO_ID [--model M]    the same, or the pipeline file alone, on the Hub\n"
             "  syncdiffusion generate PROMPT ...            this command, for a prompt that is a subcommand's name\n"
             "                                               (or options first: syncdiffusion -o x.png -- PROMPT)\n"
-            "Offline smoke run: `syncdiffusion 'a test' --model tiny -o smoke.png`."
+            "Offline smoke run: `syncdiffusion 'a test' --model tiny -o smoke.png` (also tiny-xl, tiny-flux)."
         ),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("prompt", help="what the panorama shows")
     parser.add_argument(
-        "--output", "-o", help=f"image to write (default: {DEFAULT_OUTPUT}, with --compare {DEFAULT_COMPARE_OUTPUT})"
+        "--output",
+        "-o",
+        help=f"image to write (default: {DEFAULT_OUTPUT}; with --compare or several --sync-weight values:"
+        f" {DEFAULT_COMPARE_OUTPUT})",
     )
     parser.add_argument(
         "--model",
         default=DEFAULT_MODEL,
-        help=f"Hub model id or local diffusers folder, SD or SDXL (default: {DEFAULT_MODEL}); `tiny`, `tiny-xl`:"
-        " offline random tiny models",
+        help=f"Hub model id or local diffusers folder, SD, SDXL or FLUX.1 (default: {DEFAULT_MODEL}); the class"
+        " comes from its model_index.json; `tiny`, `tiny-xl`, `tiny-flux`: offline random tiny models",
     )
-    parser.add_argument("--height", type=_positive_int, help="pixels, a multiple of 8 (default: 512; tiny: 64)")
-    parser.add_argument("--width", type=_positive_int, help="pixels, a multiple of 8 (default: 2048; tiny: 256)")
-    parser.add_argument("--steps", type=_positive_int, help="denoising steps (default: 50; tiny: 10)")
     parser.add_argument(
-        "--guidance", type=float, help="classifier-free guidance scale (default: the pipeline's, 7.5; SDXL: 5)"
+        "--height", type=_positive_int, help="pixels, a multiple of 8 (default: 512; SDXL, FLUX: 1024; tiny: 64)"
+    )
+    parser.add_argument(
+        "--width", type=_positive_int, help="pixels, a multiple of 8 (default: 2048; SDXL, FLUX: 4096; tiny: 256)"
+    )
+    parser.add_argument("--steps", type=_positive_int, help="denoising steps (default: 50; FLUX: 28; tiny: 10)")
+    parser.add_argument(
+        "--guidance",
+        type=float,
+        help="classifier-free guidance scale (default: the pipeline's, 7.5; SDXL: 5); FLUX.1 [dev]: the guidance"
+        " embedding (default 3.5; [schnell] has none)",
     )
     parser.add_argument("--seed", type=int, help="random seed (default: a random one, printed)")
     parser.add_argument(
@@ -214,17 +254,24 @@ def build_parser(prog="syncdiffusion"):
         help="distance between views in latent pixels (default: 8, SDXL: 16; 8 means 25 views at 2048 px, twice the paper's 13 at 16;"
         " time grows with the view count)",
     )
-    parser.add_argument("--negative-prompt", help="what the panorama should not show")
+    parser.add_argument(
+        "--negative-prompt", help="what the panorama should not show (FLUX: with --true-cfg-scale above 1)"
+    )
     parser.add_argument(
         "--scheduler",
         choices=SCHEDULERS,
-        default=DEFAULT_SCHEDULER,
-        help="default: ddim, the paper's, with which --sync-weight 20 was chosen; keep: the model's own scheduler",
+        default=None,
+        help=f"default: {DEFAULT_SCHEDULER}, the paper's, with which --sync-weight 20 was chosen; keep: the model's"
+        " own scheduler (FLUX: the only choice, its flow-matching scheduler)",
     )
 
     sync = parser.add_argument_group("synchronization (SyncDiffusion)")
     sync.add_argument(
-        "--sync-weight", type=float, default=20.0, help="gradient step size; 0 = MultiDiffusion (default: 20)"
+        "--sync-weight",
+        type=_sync_weights,
+        default=20.0,
+        help="gradient step size; 0 = MultiDiffusion (default: 20, tuned for SD 2). Several, e.g. 0,10,20,40: one"
+        " panorama per weight from one seed, stacked in one sheet labelled with each one's intra-LPIPS",
     )
     sync.add_argument(
         "--sync-thres", type=_non_negative_int, default=5, help="synchronize the first N steps (default: 5)"
@@ -232,7 +279,11 @@ def build_parser(prog="syncdiffusion"):
     sync.add_argument("--sync-decay-rate", type=float, default=0.95, help="weight decay per step (default: 0.95)")
     sync.add_argument("--sync-freq", type=_positive_int, default=1, help="synchronize every N-th step (default: 1)")
     sync.add_argument("--sync-mode", choices=("exact", "fast"), default="exact", help="exact (the paper's) or fast")
-    sync.add_argument("--sync-gradient", choices=("unet", "x0"), help="default: from --sync-mode")
+    sync.add_argument(
+        "--sync-gradient",
+        choices=("unet", "transformer", "x0"),
+        help="through the denoiser (unet; FLUX: transformer) or x0 (default: from --sync-mode)",
+    )
     sync.add_argument(
         "--sync-reuse-noise", action=argparse.BooleanOptionalAction, default=None, help="default: from --sync-mode"
     )
@@ -245,7 +296,8 @@ def build_parser(prog="syncdiffusion"):
     )
     sync.add_argument(
         "--sync-decoder",
-        help="AutoencoderTiny Hub id or folder for the loss images, e.g. madebyollin/taesd (`tiny` with --model tiny)",
+        help="AutoencoderTiny Hub id or folder for the loss images, e.g. madebyollin/taesd (FLUX: madebyollin/taef1;"
+        " `tiny` with the tiny models)",
     )
     sync.add_argument("--sync-gradient-checkpointing", action="store_true", help="less memory, more compute")
     sync.add_argument(
@@ -254,7 +306,23 @@ def build_parser(prog="syncdiffusion"):
         help="torchvision's VGG-16 weights (vgg16-397923af.pth) for LPIPS, instead of downloading them on first use",
     )
     sync.add_argument(
-        "--compare", action="store_true", help="write MultiDiffusion and SyncDiffusion (same seed) stacked, labelled"
+        "--compare",
+        action="store_true",
+        help="write MultiDiffusion and SyncDiffusion (same seed) stacked, labelled (a sweep, --sync-weight 0,20, also"
+        " scores them)",
+    )
+
+    flux = parser.add_argument_group("FLUX.1")
+    flux.add_argument(
+        "--true-cfg-scale",
+        type=float,
+        help="true classifier-free guidance with --negative-prompt, above 1 (two transformer passes per view;"
+        " default: the pipeline's, 1: off)",
+    )
+    flux.add_argument(
+        "--max-sequence-length",
+        type=_positive_int,
+        help=f"T5 tokens of the prompt, at most 512 (default: 512; tiny-flux: {TINY_MAX_SEQUENCE_LENGTH})",
     )
 
     control = parser.add_argument_group("ControlNet (a panorama that follows a layout)")
@@ -290,7 +358,7 @@ def build_parser(prog="syncdiffusion"):
         default="auto",
         help="decode the panorama in tiles: auto (default) when it would not fit in GPU memory at once",
     )
-    run.add_argument("--fp16", action="store_true", help="half precision (GPU)")
+    run.add_argument("--fp16", action="store_true", help="half precision (GPU): float16; FLUX: bfloat16")
     run.add_argument("--device", default="auto", help="cuda, mps, cpu, ... (default: auto = cuda, else mps, else cpu)")
     run.add_argument("--attention-slicing", action="store_true", help="less memory, a little slower")
     run.add_argument("--cpu-offload", action="store_true", help="keep models on the CPU until used (GPU)")
@@ -359,20 +427,130 @@ def _command_sizes(args, tiny, control_image):
     return height, width, steps
 
 
+def _sync_weights_of(args):
+    """The --sync-weight values as a tuple (one, or the sweep's several)."""
+    return args.sync_weight if isinstance(args.sync_weight, tuple) else (args.sync_weight,)
+
+
+def _check_flags_for_class(args, pipeline_class):
+    """Raise `CLIError` for a flag that `pipeline_class` (the class --model loads) cannot take, before loading it."""
+    from pipeline_syncdiffusion import SyncDiffusionPipeline
+
+    if args.control_image is not None and not issubclass(pipeline_class, SyncDiffusionPipeline):
+        raise CLIError(
+            f"--controlnet works with Stable Diffusion 1.x and 2.x models, not a {pipeline_class.__name__}"
+            f" (--model {args.model}).",
+            code=2,
+        )
+    gradients = (pipeline_class.sync_denoiser_gradient, "x0")
+    if args.sync_gradient is not None and args.sync_gradient not in gradients:
+        raise CLIError(
+            f"--sync-gradient {args.sync_gradient}: {pipeline_class.__name__} takes {' or '.join(gradients)}"
+            f" ({gradients[0]}: through its denoiser).",
+            code=2,
+        )
+
+
+def _flux_options(args, pipeline_class):
+    """The FLUX-only arguments of the call (`true_cfg_scale`, `max_sequence_length`; None: the class's default), or
+    `{}` for another class, where the FLUX flags are an error. A negative prompt that FLUX would ignore is one too."""
+    given = [
+        flag
+        for flag, value in (
+            ("--true-cfg-scale", args.true_cfg_scale),
+            ("--max-sequence-length", args.max_sequence_length),
+        )
+        if value is not None
+    ]
+    if not is_flux(pipeline_class):
+        if given:
+            raise CLIError(
+                f"{' and '.join(given)}: for FLUX models only (--model {args.model} is a {pipeline_class.__name__}).",
+                code=2,
+            )
+        return {}
+    true_cfg = args.true_cfg_scale
+    if args.negative_prompt is not None and (true_cfg is None or true_cfg <= 1):
+        raise CLIError(
+            "--negative-prompt: FLUX uses it only with true classifier-free guidance, --true-cfg-scale above 1"
+            " (e.g. 4; two transformer passes per view).",
+            code=2,
+        )
+    if true_cfg is not None and true_cfg > 1 and args.negative_prompt is None:
+        raise CLIError(
+            f"--true-cfg-scale {true_cfg:g}: true classifier-free guidance needs --negative-prompt (an empty one:"
+            " --negative-prompt '').",
+            code=2,
+        )
+    max_sequence_length = args.max_sequence_length
+    if max_sequence_length is None and args.model == TINY_FLUX:
+        max_sequence_length = TINY_MAX_SEQUENCE_LENGTH
+    return {"true_cfg_scale": true_cfg, "max_sequence_length": max_sequence_length}
+
+
+def _runs(args, weights):
+    """`(label, sync_weight)` of each panorama to make, in the order they are stacked."""
+    if len(weights) > 1:
+        return [
+            (f"sync weight {weight:g}" + (" (MultiDiffusion)" if weight == 0 else ""), weight) for weight in weights
+        ]
+    runs = [(f"SyncDiffusion (sync weight {weights[0]:g}, {args.sync_mode})", weights[0])]
+    if args.compare:
+        runs.insert(0, ("MultiDiffusion (sync weight 0)", 0.0))
+    return runs
+
+
+def intra_lpips_window(pipe, height, width):
+    """The crop side of the sweep's intra-LPIPS: the model's view (512 pixels for SD 2, as in the paper; 1024 for
+    SDXL and FLUX), at most the panorama's shorter side. Raises `CLIError` when the panorama has only one crop."""
+    from syncdiffusion_utils.calls import window_pixels
+    from syncdiffusion_utils.metrics import intra_crop_boxes
+
+    window = min(window_pixels(pipe), height, width)
+    try:
+        intra_crop_boxes(height, width, window, window)
+    except ValueError as error:
+        raise CLIError(f"--sync-weight with several values: {error} Make the panorama wider (--width).", 2) from None
+    return window
+
+
+def _intra_lpips(image, pipe, window):
+    """The paper's intra-LPIPS of `image` (`metrics.intra_lpips`: `window`-pixel crops every `window` pixels, every
+    pair) with the pipeline's LPIPS-VGG, `lpips.LPIPS(net="vgg")` as `syncdiffusion evaluate` loads it (the tiny
+    models: the random one, as `evaluate --networks random`)."""
+    from syncdiffusion_utils.metrics import intra_lpips
+
+    return intra_lpips(image, window, window, loss=pipe.perceptual_loss(pipe._execution_device))
+
+
 def _generate(args):
-    tiny = args.model in (TINY, TINY_XL)
+    tiny = args.model in TINY_MODELS
+    weights = _sync_weights_of(args)
+    sweep = len(weights) > 1
+    if sweep and args.compare:
+        raise CLIError(
+            "--compare: not with several --sync-weight values, whose sheet already compares them (0 in the list is"
+            " MultiDiffusion).",
+            code=2,
+        )
     control_image = _control_image(args, args.model == TINY)
     height, width, steps = _command_sizes(args, tiny, control_image)
+    if not tiny and args.steps is None:
+        steps = None  # the class's own: 50, FLUX 28
     if args.output is not None:
         output = args.output
     else:
-        output = DEFAULT_COMPARE_OUTPUT if args.compare else DEFAULT_OUTPUT
+        output = DEFAULT_COMPARE_OUTPUT if args.compare or sweep else DEFAULT_OUTPUT
     seed = args.seed if args.seed is not None else random.randrange(2**32)
     check_output(output)
     if args.sync_decoder == TINY and not tiny:
         raise CLIError(
-            "--sync-decoder tiny is a random decoder for `--model tiny` only; use e.g. madebyollin/taesd.", 2
+            "--sync-decoder tiny is a random decoder for the tiny models only; use e.g. madebyollin/taesd.", 2
         )
+    pipeline_class = pipeline_class_of(args.model)  # from model_index.json: no weights loaded yet
+    scheduler = resolve_scheduler(pipeline_class, args.scheduler)
+    _check_flags_for_class(args, pipeline_class)
+    flux_options = _flux_options(args, pipeline_class)
 
     import torch
 
@@ -381,7 +559,7 @@ def _generate(args):
         args.model,
         args.device,
         args.fp16,
-        scheduler=args.scheduler,
+        scheduler=scheduler,
         attention_slicing=args.attention_slicing,
         cpu_offload=args.cpu_offload,
         compile=args.compile,
@@ -389,7 +567,7 @@ def _generate(args):
     if control_image is not None:
         pipe = with_controlnet(pipe, args.controlnet)
     sync_decoder = load_sync_decoder(args.sync_decoder, pipe) if args.sync_decoder is not None else None
-    if args.sync_weight != 0 or args.lpips_weights is not None:
+    if sweep or weights[0] != 0 or args.lpips_weights is not None:  # a sweep scores its panoramas with LPIPS
         load_perceptual_loss(pipe, args.lpips_weights)
     loaded = time.perf_counter()
 
@@ -415,19 +593,19 @@ def _generate(args):
         sync_lpips_size=args.sync_lpips_size,
         sync_decode_downsample=args.sync_decode_downsample,
         sync_gradient_checkpointing=args.sync_gradient_checkpointing,
+        **flux_options,
     )
     height, width = call["height"], call["width"]
     if args.vae_tiling == "auto" and pipe.vae.use_tiling:
         note(f"decoding the {width}x{height} panorama in tiles: at once it would not fit in the free GPU memory.")
     if control_image is not None:
         call.update(image=control_image, controlnet_conditioning_scale=args.controlnet_scale)
-    runs = [(f"SyncDiffusion (sync weight {args.sync_weight:g}, {args.sync_mode})", args.sync_weight)]
-    if args.compare:
-        runs.insert(0, ("MultiDiffusion (sync weight 0)", 0.0))
+    window = intra_lpips_window(pipe, height, width) if sweep else None
     out_of_memory = getattr(torch, "OutOfMemoryError", torch.cuda.OutOfMemoryError)
     images = []
-    for label, sync_weight in runs:
-        pipe.set_progress_bar_config(disable=False, desc=label.split(" (")[0] if args.compare else None)
+    for label, sync_weight in _runs(args, weights):
+        several = args.compare or sweep
+        pipe.set_progress_bar_config(disable=False, desc=label.split(" (")[0] if several else None)
         try:
             image = pipe(**call, sync_weight=sync_weight, generator=generator(seed)).images[0]
         except ValueError as error:
@@ -440,15 +618,23 @@ def _generate(args):
                 "out of GPU memory: try --fp16, --attention-slicing, --cpu-offload, --sync-mode fast,"
                 " --sync-gradient-checkpointing or a smaller --width/--height."
             ) from None
+        if sweep:
+            score = _intra_lpips(image, pipe, window)
+            print(f"sync weight {sync_weight:g}: intra-LPIPS {score:.4f} ({window}-pixel crops)", flush=True)
+            label = f"{label}: intra-LPIPS {score:.4f}"
         images.append((image, label))
     done = time.perf_counter()
 
-    image = label_and_stack(images) if args.compare else images[0][0]
+    image = label_and_stack(images) if len(images) > 1 else images[0][0]
     try:
         image.save(output)
     except OSError as error:
         raise CLIError(f"--output {output!r} cannot be written: {error}") from None
-    what = f": MultiDiffusion above SyncDiffusion, {width}x{height} each" if args.compare else ""
+    what = ""
+    if args.compare:
+        what = f": MultiDiffusion above SyncDiffusion, {width}x{height} each"
+    elif sweep:
+        what = f": sync weights {', '.join(f'{w:g}' for w in weights)} top to bottom, {width}x{height} each"
     print(
         f"wrote {output} ({image.width}x{image.height} pixels{what}; seed {seed};"
         f" {done - loaded:.1f} s generating, {loaded - start:.1f} s loading)",
@@ -467,6 +653,7 @@ PIPELINE_CLASSES = {
     "sd": ("pipeline_syncdiffusion", "SyncDiffusionPipeline"),
     "sdxl": ("pipeline_syncdiffusion_xl", "SyncDiffusionXLPipeline"),
     "controlnet": ("pipeline_syncdiffusion_controlnet", "SyncDiffusionControlNetPipeline"),
+    "flux": ("pipeline_syncdiffusion_flux", "SyncDiffusionFluxPipeline"),
 }
 
 
@@ -492,8 +679,8 @@ def _publish(argv):
     parser.add_argument(
         "--pipeline",
         choices=tuple(PIPELINE_CLASSES),
-        help="which pipeline file to upload: sd (SD 1.x/2.x, the default), sdxl or controlnet (not with --model,"
-        " whose own class is published)",
+        help="which pipeline file to upload: sd (SD 1.x/2.x, the default), sdxl, controlnet or flux (FLUX.1; not"
+        " with --model, whose own class is published)",
     )
     parser.add_argument("--token", help="a Hub token with write access (default: the saved login or HF_TOKEN)")
     parser.add_argument("--private", action="store_true", help="create the repository private")
@@ -539,7 +726,8 @@ def _export(argv):
     parser.add_argument(
         "--model",
         default=DEFAULT_MODEL,
-        help=f"Hub model id, diffusers folder or .safetensors checkpoint (default: {DEFAULT_MODEL}; `tiny`: random)",
+        help=f"Hub model id, diffusers folder or .safetensors checkpoint (default: {DEFAULT_MODEL}); `tiny`,"
+        " `tiny-xl`, `tiny-flux`: random",
     )
     args = parser.parse_args(argv)
 
@@ -549,7 +737,7 @@ def _export(argv):
 
     pipe = load_for_export(args.model)
     try:
-        hub.export(pipe, args.folder, base_model=None if args.model == TINY else args.model)
+        hub.export(pipe, args.folder, base_model=None if args.model in TINY_MODELS else args.model)
     except OSError as error:
         raise CLIError(f"FOLDER {args.folder!r} cannot be written: {error.strerror or error}.") from None
     print(f"exported {args.model} to {args.folder}")

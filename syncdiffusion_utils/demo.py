@@ -2,9 +2,11 @@
 
     syncdiffusion demo                          # stabilityai/stable-diffusion-2-base on http://127.0.0.1:7860
     syncdiffusion demo --model tiny --port 8000 # offline, on the tiny random pipeline (seconds on a CPU)
+    syncdiffusion demo --model black-forest-labs/FLUX.1-dev   # FLUX.1 (a large GPU); `tiny-flux` offline
 
 The model is loaded once; the queue runs one generation at a time. `build_app(pipe)` builds the page for any loaded
-`SyncDiffusionPipeline` and `launch(app)` serves it (`demo/app.py`, the Hugging Face Space, uses the same two).
+SyncDiffusion pipeline (SD, SDXL or FLUX.1: a FLUX page has no scheduler choice, and its negative prompt comes with
+true CFG) and `launch(app)` serves it (`demo/app.py`, the Hugging Face Space, uses the same two).
 gradio, torch and diffusers are imported only when the app is built, so `syncdiffusion --help` stays instant.
 """
 
@@ -14,15 +16,18 @@ import socket
 import threading
 import time
 
-from syncdiffusion_utils.calls import call_defaults, prepare_call
-from syncdiffusion_utils.cli import DEFAULT_SIZE, _input_error, _Parser, generator
+from syncdiffusion_utils.calls import call_defaults, prepare_call, window_pixels
+from syncdiffusion_utils.cli import DEFAULT_SIZE, TINY_MAX_SEQUENCE_LENGTH, _input_error, _Parser, generator
 from syncdiffusion_utils.loading import (
     DEFAULT_MODEL,
-    DEFAULT_SCHEDULER,
-    SCHEDULERS,
     TINY,
+    TINY_FLUX,
+    TINY_MODELS,
     CLIError,
+    is_flux,
     load_pipeline,
+    resolve_scheduler,
+    schedulers_for,
     set_scheduler,
 )
 
@@ -53,11 +58,6 @@ MULTIDIFFUSION = "MultiDiffusion"
 SYNCDIFFUSION = "SyncDiffusion"
 
 
-def window_pixels(pipe):
-    """The side of one view in image pixels: the UNet's sample size times the VAE's scale factor."""
-    return pipe.unet.config.sample_size * pipe.vae_scale_factor
-
-
 def preset_sizes(window):
     """`{label: (height, width, circular)}` of the presets for views of `window` pixels, e.g. "wide 512x2048"."""
     sizes = {}
@@ -85,9 +85,15 @@ class PanoramaDemo:
     def __init__(self, pipe, model=DEFAULT_MODEL):
         self.pipe = pipe
         self.model = model
+        self.flux = is_flux(type(pipe))
         self.window = window_pixels(pipe)
         self.sizes = preset_sizes(self.window)
-        self.default_steps = DEFAULT_SIZE[TINY if model == TINY else "real"][2]
+        tiny = model in TINY_MODELS
+        self.default_steps = DEFAULT_SIZE[TINY][2] if tiny else call_defaults(pipe)["num_inference_steps"]
+        self.schedulers = schedulers_for(type(pipe))  # FLUX: "keep" alone, its flow-matching scheduler
+        self.default_scheduler = resolve_scheduler(type(pipe))
+        # FLUX's T5 tokens: the class's 512, or the tiny model's few (its tokenizer has one token per character).
+        self.max_sequence_length = TINY_MAX_SEQUENCE_LENGTH if model == TINY_FLUX else None
         self._stop = threading.Event()
         self._lock = threading.Lock()  # the pipeline is stateful (scheduler, `_interrupt`): one call at a time
 
@@ -105,22 +111,25 @@ class PanoramaDemo:
         steps=None,
         seed=None,
         random_seed=True,
-        scheduler=DEFAULT_SCHEDULER,
+        scheduler=None,
         stride=None,
         guidance=None,
         sync_weight=20.0,
         sync_thres=5,
         sync_mode="exact",
         compare=False,
+        true_cfg_scale=None,
         progress=None,
     ):
         """Run the pipeline (MultiDiffusion first, from the same seed, when `compare`).
 
         The call is the command's (`prepare_call`): view batches sized by the pipeline ("auto"), the VAE tiled when
-        the panorama would not fit in GPU memory at once; `stride` and `guidance` None are the pipeline class's.
-        Returns `(syncdiffusion_image, multidiffusion_image, seed, status)`; an image is None when it was not made.
-        `progress(done, total, label)` is called after every step. Raises `ValueError` with the pipeline's message
-        for bad input, before any model runs.
+        the panorama would not fit in GPU memory at once; `stride`, `guidance` and `true_cfg_scale` None are the
+        pipeline class's, `scheduler` None its default (FLUX: "keep", the only one it runs). `true_cfg_scale` is
+        FLUX's: above 1 it needs a negative prompt, which FLUX uses only then. Returns `(syncdiffusion_image,
+        multidiffusion_image, seed, status)`; an image is None when it was not made. `progress(done, total, label)`
+        is called after every step. Raises `ValueError` with the pipeline's message for bad input, before any model
+        runs.
         """
         if random_seed:
             seed = random.randint(0, MAX_SEED)
@@ -128,6 +137,12 @@ class PanoramaDemo:
         if not isinstance(seed, int) or not 0 <= seed <= MAX_SEED:
             raise InputError(
                 f"`seed` has to be a whole number in 0..{MAX_SEED} (or tick 'random seed'), but is {seed!r}."
+            )
+        scheduler = self.default_scheduler if scheduler is None else scheduler
+        if scheduler not in self.schedulers:
+            raise InputError(
+                f"`scheduler` has to be one of {', '.join(self.schedulers)} for this model"
+                f"{' (FLUX runs its own flow-matching scheduler: keep)' if self.flux else ''}, but is {scheduler!r}."
             )
         arguments = {
             "prompt": prompt,
@@ -140,6 +155,7 @@ class PanoramaDemo:
             "guidance_scale": guidance,
             "sync_thres": _whole(sync_thres),
             "sync_mode": sync_mode,
+            **self._flux_arguments(negative_prompt, true_cfg_scale),
         }
         runs = [(SYNCDIFFUSION, sync_weight)]
         if compare:
@@ -166,6 +182,25 @@ class PanoramaDemo:
             f" {seconds:.1f} s."
         )
         return sync_image, images.get(MULTIDIFFUSION), seed, status
+
+    def _flux_arguments(self, negative_prompt, true_cfg_scale):
+        """FLUX's own call arguments (none for another model, where `true_cfg_scale` is an error). A negative prompt
+        without true CFG, which FLUX would ignore, and true CFG without one are input errors."""
+        if not self.flux:
+            if true_cfg_scale is not None:
+                raise InputError("`true_cfg_scale` is FLUX's (true classifier-free guidance); this model has none.")
+            return {}
+        true_cfg = 1.0 if true_cfg_scale is None else true_cfg_scale
+        if negative_prompt and not true_cfg > 1:
+            raise InputError(
+                "FLUX uses the negative prompt only with true CFG: set the true CFG scale above 1 (e.g. 4), or clear"
+                " the negative prompt."
+            )
+        if true_cfg > 1 and not negative_prompt:
+            raise InputError(
+                f"A true CFG scale of {true_cfg:g} needs a negative prompt; set one, or the scale to 1 (off)."
+            )
+        return {"true_cfg_scale": true_cfg_scale, "max_sequence_length": self.max_sequence_length}
 
     def _run(self, call, sync_weight, seed, label, progress):
         """One pipeline call; returns the image, how many steps ran (fewer when stopped) and how many there were."""
@@ -199,19 +234,46 @@ def _user_error(error):
     return None
 
 
+def _stride_slider(pipe, window):
+    """`(minimum, step, value)` of the stride slider, in latent pixels: the class's default stride (SDXL's and FLUX's
+    are None, picked by the pipeline from the window: the slider needs a number); FLUX's strides are even."""
+    latent_window = window // pipe.vae_scale_factor
+    if hasattr(pipe, "default_stride"):  # FLUX: a quarter of the window, even
+        return 2, 2, pipe.default_stride(window)
+    stride = call_defaults(pipe)["stride"]
+    return 1, 1, min(latent_window, stride if stride is not None else max(8, latent_window // 8))
+
+
 def build_app(pipe, model=DEFAULT_MODEL):
-    """The Gradio page (a `gr.Blocks`) around a loaded `SyncDiffusionPipeline`; serve it with `launch`."""
+    """The Gradio page (a `gr.Blocks`) around a loaded SyncDiffusion pipeline (SD, SDXL or FLUX.1); serve it with
+    `launch`. A FLUX page hides the scheduler (it runs its own flow-matching one) and adds the true CFG scale, which
+    its negative prompt needs; FLUX.1 [schnell], without a guidance embedding, shows no guidance scale."""
     import gradio as gr
 
     demo = PanoramaDemo(pipe, model)
     sizes = demo.sizes
     default_size = next(label for label in sizes if label.startswith(DEFAULT_PRESET))
     height0, width0, circular0 = sizes[default_size]
-    latent_window = pipe.unet.config.sample_size
+    latent_window = demo.window // pipe.vae_scale_factor
     defaults = call_defaults(pipe)
-    # SDXL's stride default is None (an eighth of the window, chosen by the pipeline): the slider needs a number.
-    stride0 = min(latent_window, defaults["stride"] if defaults["stride"] is not None else max(8, latent_window // 8))
+    stride_minimum, stride_step, stride0 = _stride_slider(pipe, demo.window)
+    size_step = pipe.image_processor.config.vae_scale_factor  # FLUX: 16 (its 2x2 latent patches), else 8
+    guided = not demo.flux or pipe.transformer.config.guidance_embeds  # FLUX.1 [schnell] has no guidance
 
+    def run(values, progress):
+        def report(done, total, label):
+            progress((done, total), desc=label, unit="steps")
+
+        try:
+            return demo.generate(*values, progress=report)
+        except Exception as error:
+            message = _user_error(error)
+            if message is None:
+                raise
+            raise gr.Error(message, duration=None, title="Cannot generate", print_exception=False) from None
+
+    # Gradio passes the page's values by position and finds `progress` by its default, so the API's parameters are
+    # these functions' own: FLUX's has one more, its true CFG scale.
     def generate(
         prompt,
         negative_prompt,
@@ -230,33 +292,30 @@ def build_app(pipe, model=DEFAULT_MODEL):
         compare,
         progress=gr.Progress(),
     ):
-        def report(done, total, label):
-            progress((done, total), desc=label, unit="steps")
+        values = (prompt, negative_prompt, height, width, circular, steps, seed, random_seed, scheduler, stride)
+        return run(values + (guidance, sync_weight, sync_thres, sync_mode, compare), progress)
 
-        try:
-            return demo.generate(
-                prompt,
-                negative_prompt,
-                height,
-                width,
-                circular,
-                steps,
-                seed,
-                random_seed,
-                scheduler,
-                stride,
-                guidance,
-                sync_weight,
-                sync_thres,
-                sync_mode,
-                compare,
-                progress=report,
-            )
-        except Exception as error:
-            message = _user_error(error)
-            if message is None:
-                raise
-            raise gr.Error(message, duration=None, title="Cannot generate", print_exception=False) from None
+    def generate_flux(
+        prompt,
+        negative_prompt,
+        height,
+        width,
+        circular,
+        steps,
+        seed,
+        random_seed,
+        scheduler,
+        stride,
+        guidance,
+        sync_weight,
+        sync_thres,
+        sync_mode,
+        compare,
+        true_cfg_scale,
+        progress=gr.Progress(),
+    ):
+        values = (prompt, negative_prompt, height, width, circular, steps, seed, random_seed, scheduler, stride)
+        return run(values + (guidance, sync_weight, sync_thres, sync_mode, compare, true_cfg_scale), progress)
 
     def choose_size(label):
         if label == CUSTOM:
@@ -272,7 +331,8 @@ def build_app(pipe, model=DEFAULT_MODEL):
         with gr.Row():
             with gr.Column(scale=3):
                 prompt = gr.Textbox(label="Prompt", value=EXAMPLES[0], lines=2, elem_id="prompt")
-                negative_prompt = gr.Textbox(label="Negative prompt", elem_id="negative-prompt")
+                negative_label = "Negative prompt (FLUX: with a true CFG scale above 1)" if demo.flux else None
+                negative_prompt = gr.Textbox(label=negative_label or "Negative prompt", elem_id="negative-prompt")
             with gr.Column(scale=1, min_width=200):
                 generate_button = gr.Button("Generate", variant="primary", elem_id="generate")
                 stop_button = gr.Button("Stop", variant="stop", elem_id="stop")
@@ -281,8 +341,8 @@ def build_app(pipe, model=DEFAULT_MODEL):
             size = gr.Radio(
                 [*sizes, CUSTOM], value=default_size, label="Size (height x width)", scale=3, elem_id="size"
             )
-            height = gr.Number(height0, label="Height", step=8, min_width=100, elem_id="height")
-            width = gr.Number(width0, label="Width", step=8, min_width=100, elem_id="width")
+            height = gr.Number(height0, label="Height", step=size_step, min_width=100, elem_id="height")
+            width = gr.Number(width0, label="Width", step=size_step, min_width=100, elem_id="width")
             circular = gr.Checkbox(circular0, label="360° (the edges meet)", min_width=100, elem_id="circular")
         status = gr.Markdown(elem_id="status")
         result = gr.Image(
@@ -305,11 +365,40 @@ def build_app(pipe, model=DEFAULT_MODEL):
         with gr.Accordion("Settings", open=False):
             with gr.Row():
                 steps = gr.Slider(1, 100, value=demo.default_steps, step=1, label="Steps", elem_id="steps")
-                guidance = gr.Slider(1, 20, value=defaults["guidance_scale"], step=0.5, label="Guidance scale")
-                scheduler = gr.Dropdown(list(SCHEDULERS), value=DEFAULT_SCHEDULER, label="Scheduler")
-                stride = gr.Slider(
-                    1, latent_window, value=stride0, step=1, label="Stride (latent pixels between views)"
+                guidance = gr.Slider(
+                    1,
+                    20,
+                    value=defaults["guidance_scale"],
+                    step=0.5,
+                    label="Guidance scale (FLUX.1 [dev]: its guidance embedding)" if demo.flux else "Guidance scale",
+                    visible=guided,
+                    elem_id="guidance",
                 )
+                scheduler = gr.Dropdown(
+                    list(demo.schedulers),
+                    value=demo.default_scheduler,
+                    label="Scheduler",
+                    visible=len(demo.schedulers) > 1,  # FLUX: its own flow-matching scheduler, no choice
+                    elem_id="scheduler",
+                )
+                stride = gr.Slider(
+                    stride_minimum,
+                    latent_window,
+                    value=stride0,
+                    step=stride_step,
+                    label="Stride (latent pixels between views)",
+                )
+                flux_inputs = []
+                if demo.flux:
+                    true_cfg = gr.Slider(
+                        1,
+                        10,
+                        value=defaults["true_cfg_scale"],
+                        step=0.5,
+                        label="True CFG scale (with the negative prompt; 1: off, above: two passes per view)",
+                        elem_id="true-cfg-scale",
+                    )
+                    flux_inputs = [true_cfg]
             with gr.Row():
                 seed = gr.Number(0, label="Seed", precision=0, minimum=0, maximum=MAX_SEED, elem_id="seed")
                 random_seed = gr.Checkbox(True, label="Random seed", elem_id="random-seed")
@@ -323,7 +412,7 @@ def build_app(pipe, model=DEFAULT_MODEL):
         for field in (height, width, circular):
             field.input(lambda: CUSTOM, None, size, queue=False, api_visibility="private")
         generate_button.click(
-            generate,
+            generate_flux if demo.flux else generate,
             [
                 prompt,
                 negative_prompt,
@@ -340,6 +429,7 @@ def build_app(pipe, model=DEFAULT_MODEL):
                 sync_thres,
                 sync_mode,
                 compare,
+                *flux_inputs,
             ],
             [result, baseline, seed, status],
             api_name="generate",
@@ -392,7 +482,8 @@ def build_parser():
     parser.add_argument(
         "--model",
         default=DEFAULT_MODEL,
-        help=f"Hub model id or local diffusers folder (default: {DEFAULT_MODEL}); `tiny`: offline random tiny model",
+        help=f"Hub model id or local diffusers folder, SD, SDXL or FLUX.1 (default: {DEFAULT_MODEL}); `tiny`,"
+        " `tiny-xl`, `tiny-flux`: offline random tiny models",
     )
     parser.add_argument("--host", default="127.0.0.1", help="address to serve on (default: 127.0.0.1; 0.0.0.0: all)")
     parser.add_argument("--port", type=_port, default=7860, help="port (default: 7860)")

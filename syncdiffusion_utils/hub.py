@@ -1,7 +1,8 @@
 """Publish a SyncDiffusion pipeline to the Hugging Face Hub, as a custom pipeline or as a ready-to-use model.
 
-Any of the three classes: `SyncDiffusionPipeline` (SD 1.x/2.x, the default), `SyncDiffusionXLPipeline` (SDXL) and
-`SyncDiffusionControlNetPipeline` (SD with a ControlNet), or a subclass of one. The uploaded source is the class's own
+Any of the four classes: `SyncDiffusionPipeline` (SD 1.x/2.x, the default), `SyncDiffusionXLPipeline` (SDXL),
+`SyncDiffusionControlNetPipeline` (SD with a ControlNet) and `SyncDiffusionFluxPipeline` (FLUX.1), or a subclass of
+one. The uploaded source is the class's own
 file (`inspect.getsourcefile`) and the model card's parameter table is read from its `__call__`.
 
 `publish(repo_id, pipeline_class=...)` uploads the pipeline file as `pipeline.py` and a model card as `README.md`, so
@@ -71,6 +72,21 @@ _FAMILIES = {
         " `StableDiffusionControlNetPipeline`'s components and arguments; the panorama takes the condition's size.",
         "besides": "the arguments of `StableDiffusionControlNetPipeline`, such as `image`, `controlnet_conditioning_scale`"
         " and `guess_mode`",
+    },
+    "SyncDiffusionFluxPipeline": {
+        "base_model": "black-forest-labs/FLUX.1-dev",
+        "tags": ["flux"],
+        "weights": "FLUX.1 [dev] or [schnell] (black-forest-labs/FLUX.1-dev, black-forest-labs/FLUX.1-schnell), under"
+        " their own licenses ([dev] is gated: accept its license on the Hub, then `hf auth login`)",
+        "kind": "FLUX.1 weights",
+        "about": "It brings SyncDiffusion to FLUX.1 ([dev] and [schnell]), with `FluxPipeline`'s components and"
+        " arguments (the guidance embedding, true CFG with a negative prompt, LoRAs, IP-Adapters). Every view is one"
+        " FLUX image of the window's size: its crop of the latent packed with that image's ids, its sigmas shifted"
+        " by the window's token count. The synchronization runs in FLUX's flow-matching terms (x0 = z - sigma v)."
+        " The default `sync_weight=20` was tuned for Stable Diffusion 2, not for FLUX: compare a few values from one"
+        " seed (e.g. 0, 10, 20 and 40) before settling on one. With `sync_weight=0` it is MultiDiffusion.",
+        "besides": "every argument of `FluxPipeline`",
+        "dtype": "bfloat16",
     },
 }
 
@@ -159,6 +175,22 @@ image = pipe("a photo of a mountain range at twilight", image=depth).images[0]
 image.save("panorama.png")"""
 
 
+_CUSTOM_FLUX_USAGE = """\
+import torch
+from diffusers import DiffusionPipeline
+
+pipe = DiffusionPipeline.from_pretrained(
+    "{base_model}",
+    custom_pipeline="{repo_id}",
+    trust_remote_code=True,
+    torch_dtype=torch.bfloat16,
+)
+pipe = pipe.to("cuda")
+
+image = pipe("a photo of a mountain range at twilight"{size}, view_batch_size="auto").images[0]
+image.save("panorama.png")"""
+
+
 def _default_class():
     from pipeline_syncdiffusion import SyncDiffusionPipeline
 
@@ -199,14 +231,15 @@ def pipeline_source(pipeline_class=None) -> str:
 
 
 def _sync_parameters(pipeline_class) -> list[tuple[str, object, str]]:
-    """`(name, default, description)` of `stride` and every `sync_*` argument of `pipeline_class.__call__`.
+    """`(name, default, description)` of `window_size` (FLUX), `stride` and every `sync_*` argument of
+    `pipeline_class.__call__`.
 
     Read from its signature and its docstring, so the model card always matches the uploaded file.
     """
     doc = pipeline_class.__call__.__doc__ or ""
     parameters = []
     for name, parameter in inspect.signature(pipeline_class.__call__).parameters.items():
-        if name != "stride" and not name.startswith("sync_"):
+        if name not in ("window_size", "stride") and not name.startswith("sync_"):
             continue
         # An argument is documented as `name (type):` followed by lines indented deeper than that header.
         match = re.search(rf"^( *){name} \(.*\):\n((?:\1 +\S.*\n?)+)", doc, re.M)
@@ -301,6 +334,14 @@ def model_repo_card(repo_id: str, base_model: str | None = None, pipeline_class=
             "from diffusers import DiffusionPipeline\n",
             "from diffusers import DiffusionPipeline\nfrom diffusers.utils import load_image\n",
         )
+    if "dtype" in family:  # FLUX.1: 12 billion parameters, bfloat16 (float16 overflows)
+        card = card.replace(
+            "from diffusers import DiffusionPipeline\n", "import torch\nfrom diffusers import DiffusionPipeline\n"
+        )
+        card = card.replace(
+            f'from_pretrained("{repo_id}", trust_remote_code=True)',
+            f'from_pretrained("{repo_id}", trust_remote_code=True, torch_dtype=torch.{family["dtype"]})',
+        )
     return card
 
 
@@ -309,7 +350,10 @@ def model_card(repo_id: str, pipeline_class=None) -> str:
     what the pipeline is, usage with `repo_id`, its parameters (from its `__call__`), citation."""
     pipeline_class = _default_class() if pipeline_class is None else pipeline_class
     family = _family(pipeline_class)
-    usage = _CUSTOM_CONTROLNET_USAGE if "controlnet" in family else _CUSTOM_USAGE
+    if "controlnet" in family:
+        usage = _CUSTOM_CONTROLNET_USAGE
+    else:
+        usage = _CUSTOM_FLUX_USAGE if family.get("dtype") == "bfloat16" else _CUSTOM_USAGE
     usage = _fill(
         usage,
         {
@@ -360,8 +404,9 @@ def publish(
         repo_id (`str`):
             The target repository, `namespace/name`.
         pipeline_class (*optional*):
-            `SyncDiffusionPipeline` (the default), `SyncDiffusionXLPipeline`, `SyncDiffusionControlNetPipeline` or a
-            subclass: its source file is uploaded and its `__call__` makes the card's parameter table.
+            `SyncDiffusionPipeline` (the default), `SyncDiffusionXLPipeline`, `SyncDiffusionControlNetPipeline`,
+            `SyncDiffusionFluxPipeline` or a subclass: its source file is uploaded and its `__call__` makes the card's
+            parameter table.
         token (`str`, *optional*):
             A Hub token with write access; defaults to the saved login or `HF_TOKEN`.
         private (`bool`, defaults to `False`):
@@ -404,8 +449,8 @@ def _explain_auth_error(err, repo_id):
 
 def export(pipe, folder, base_model: str | None = None, repo_id: str | None = None) -> str:
     """Save `pipe` to `folder` as a model that loads itself (weights, its class's source file as `syncdiffusion.py`,
-    `syncdiffusion_xl.py` or `syncdiffusion_controlnet.py`, `model_index.json`) with its model card `README.md`
-    (`repo_id` in the usage; default: the folder's name)."""
+    `syncdiffusion_xl.py`, `syncdiffusion_controlnet.py` or `syncdiffusion_flux.py`, `model_index.json`) with its
+    model card `README.md` (`repo_id` in the usage; default: the folder's name)."""
     name = os.path.basename(os.path.abspath(folder)) if repo_id is None else repo_id
     card = model_repo_card(name, base_model, type(pipe))  # raises for a class that is not a SyncDiffusion pipeline
     pipe.save_pretrained(folder)

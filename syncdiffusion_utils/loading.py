@@ -1,5 +1,6 @@
 """Loading what a panorama needs: the device, the pipeline (Hub id, folder, single-file checkpoint or the offline
-tiny models), its scheduler, a tiny decoder for the synchronization, a ControlNet and its condition, and LPIPS.
+tiny models; its class, SD, SDXL or FLUX, from the model's `model_index.json`), its scheduler, a tiny decoder for
+the synchronization, a ControlNet and its condition, and LPIPS.
 
 Shared by the `syncdiffusion` command, its subcommands (`demo`, `generate-set`, `export`, `publish`) and the scripts
 in `examples/`. Expected failures (a model that cannot be found, a device this machine lacks, missing LPIPS weights)
@@ -17,9 +18,20 @@ import warnings
 DEFAULT_MODEL = "stabilityai/stable-diffusion-2-base"
 TINY = "tiny"  # `--model tiny`: the offline random tiny pipeline of `syncdiffusion_utils.testing`
 TINY_XL = "tiny-xl"  # `--model tiny-xl`: the offline random tiny SDXL pipeline (SyncDiffusionXLPipeline)
+TINY_FLUX = "tiny-flux"  # `--model tiny-flux`: the offline random tiny FLUX.1 pipeline (SyncDiffusionFluxPipeline)
+TINY_MODELS = (TINY, TINY_XL, TINY_FLUX)
+# The tiny FLUX VAE's sample size in latents (64 pixels): its default window, as 128 latents are FLUX.1's.
+TINY_FLUX_SAMPLE_SIZE = 8
 SINGLE_FILE_EXTENSIONS = (".safetensors", ".ckpt")  # `--model` as one checkpoint file in the original layout
 SCHEDULERS = ("ddim", "euler", "dpm++", "keep")
-# The paper's scheduler, with which its default `sync_weight=20` was chosen; `keep` leaves the model's own.
+# The diffusers class each --scheduler builds, to match it with a pipeline class's scheduler families.
+SCHEDULER_CLASS_NAMES = {
+    "ddim": "DDIMScheduler",
+    "euler": "EulerDiscreteScheduler",
+    "dpm++": "DPMSolverMultistepScheduler",
+}
+# The paper's scheduler, with which its default `sync_weight=20` was chosen; `keep` leaves the model's own (FLUX's
+# default: its flow-matching scheduler, the only family it runs).
 DEFAULT_SCHEDULER = "ddim"
 
 _WEIGHTS_HINT = (
@@ -135,12 +147,8 @@ def _quiet_loading():
         hub_logging.set_verbosity(verbosity[1])
 
 
-def _from_pretrained(model, torch_dtype):
-    """`SyncDiffusionPipeline.from_pretrained`, turning "not found" into a `CLIError` that says how to get it."""
-    from pipeline_syncdiffusion import SyncDiffusionPipeline
-
-    if model.endswith(SINGLE_FILE_EXTENSIONS):
-        return _from_single_file(model, torch_dtype)
+def _check_model_path(model):
+    """Whether `model` is a local folder; raises `CLIError` for a path that is not a diffusers pipeline folder."""
     is_folder = os.path.isdir(model)
     looks_local = model.startswith(("/", "./", "../", "~", ".\\")) or "\\" in model or model.count("/") > 1
     if not is_folder and looks_local:
@@ -152,21 +160,33 @@ def _from_pretrained(model, torch_dtype):
             f"--model {model!r}: not a diffusers pipeline folder (it has no model_index.json). "
             + _WEIGHTS_HINT.format(model=DEFAULT_MODEL)
         )
+    return is_folder
+
+
+def _cannot_load(model, is_folder, error):
+    """The `CLIError` for a folder or Hub model that diffusers could not load (`error`)."""
+    if is_folder:
+        return CLIError(f"--model {model!r}: cannot load the pipeline from this folder: {_first_line(error)}")
+    where = "the local cache (HF_HUB_OFFLINE is set)" if _offline() else "the Hub or the local cache"
+    return CLIError(
+        f"--model {model!r}: cannot find or download it from {where}. " + _WEIGHTS_HINT.format(model=model)
+    )
+
+
+def _from_pretrained(model, torch_dtype, pipeline_class=None):
+    """`pipeline_class.from_pretrained` (default: the class `model_index.json` names), turning "not found" into a
+    `CLIError` that says how to get it."""
+    if model.endswith(SINGLE_FILE_EXTENSIONS):
+        return _from_single_file(model, torch_dtype)
+    is_folder = _check_model_path(model)
     local_files_only = None if is_folder else _local_files_only()
     try:
         with _quiet_loading():
-            return _pipeline_class(model, SyncDiffusionPipeline, local_files_only).from_pretrained(
-                model, torch_dtype=torch_dtype, local_files_only=local_files_only
-            )
+            if pipeline_class is None:
+                pipeline_class = _pipeline_class(model, local_files_only)
+            return pipeline_class.from_pretrained(model, torch_dtype=torch_dtype, local_files_only=local_files_only)
     except (OSError, ValueError) as error:
-        if is_folder:
-            raise CLIError(
-                f"--model {model!r}: cannot load the pipeline from this folder: {_first_line(error)}"
-            ) from None
-        where = "the local cache (HF_HUB_OFFLINE is set)" if _offline() else "the Hub or the local cache"
-        raise CLIError(
-            f"--model {model!r}: cannot find or download it from {where}. " + _WEIGHTS_HINT.format(model=model)
-        ) from None
+        raise _cannot_load(model, is_folder, error) from None
 
 
 def _from_single_file(path, torch_dtype):
@@ -189,18 +209,95 @@ def _from_single_file(path, torch_dtype):
         ) from None
 
 
-def _pipeline_class(model, default, local_files_only=None):
-    """`SyncDiffusionXLPipeline` when the model's `model_index.json` names an SDXL pipeline, else `default`."""
+# `model_index.json` class names of FLUX.1 text-to-image models (and of a saved SyncDiffusionFluxPipeline).
+FLUX_CLASS_NAMES = ("FluxPipeline", "SyncDiffusionFluxPipeline")
+
+
+def _pipeline_class(model, local_files_only=None):
+    """The SyncDiffusion class for the pipeline the model's `model_index.json` names: `SyncDiffusionFluxPipeline`
+    for FLUX.1, `SyncDiffusionXLPipeline` for SDXL, else `SyncDiffusionPipeline`. Raises `CLIError` for another
+    FLUX pipeline (Fill, Kontext, ...), whose transformer takes other inputs."""
     from diffusers import DiffusionPipeline
 
     config = DiffusionPipeline.load_config(model, local_files_only=local_files_only)
     class_name = config.get("_class_name")
     class_name = class_name[-1] if isinstance(class_name, (list, tuple)) else str(class_name)
-    if "XL" not in class_name:
-        return default
-    from pipeline_syncdiffusion_xl import SyncDiffusionXLPipeline
+    if class_name in FLUX_CLASS_NAMES:
+        from pipeline_syncdiffusion_flux import SyncDiffusionFluxPipeline
 
-    return SyncDiffusionXLPipeline
+        return SyncDiffusionFluxPipeline
+    if "Flux" in class_name:
+        raise CLIError(
+            f"--model {model!r} is a {class_name} model: SyncDiffusion's FLUX pipeline takes FLUX.1 text-to-image"
+            " models (FluxPipeline), e.g. black-forest-labs/FLUX.1-dev or black-forest-labs/FLUX.1-schnell.",
+            code=2,
+        )
+    if "XL" in class_name:
+        from pipeline_syncdiffusion_xl import SyncDiffusionXLPipeline
+
+        return SyncDiffusionXLPipeline
+    from pipeline_syncdiffusion import SyncDiffusionPipeline
+
+    return SyncDiffusionPipeline
+
+
+def pipeline_class_of(model):
+    """The class `load_pipeline(model)` builds, found without loading any weights: from `model_index.json` for a
+    folder or Hub id (downloading that file alone), `SyncDiffusionPipeline` for a single-file checkpoint, the tiny
+    models' own classes. Raises `CLIError` as `load_pipeline` does when the model cannot be found."""
+    if model in TINY_MODELS or model.endswith(SINGLE_FILE_EXTENSIONS):
+        if model == TINY_XL:
+            from pipeline_syncdiffusion_xl import SyncDiffusionXLPipeline
+
+            return SyncDiffusionXLPipeline
+        if model == TINY_FLUX:
+            from pipeline_syncdiffusion_flux import SyncDiffusionFluxPipeline
+
+            return SyncDiffusionFluxPipeline
+        from pipeline_syncdiffusion import SyncDiffusionPipeline
+
+        return SyncDiffusionPipeline
+    is_folder = _check_model_path(model)
+    try:
+        with _quiet_loading():
+            return _pipeline_class(model, None if is_folder else _local_files_only())
+    except (OSError, ValueError) as error:
+        raise _cannot_load(model, is_folder, error) from None
+
+
+def is_flux(pipeline_class):
+    """Whether `pipeline_class` is `SyncDiffusionFluxPipeline` or a subclass (found by name along the MRO: a copy
+    loaded from a repo's own file counts, and a checkout without the FLUX file need not import it)."""
+    return any(base.__name__ == "SyncDiffusionFluxPipeline" for base in pipeline_class.__mro__)
+
+
+def schedulers_for(pipeline_class):
+    """The `SCHEDULERS` that `pipeline_class` runs: those of its scheduler families, and "keep" (SD, SDXL and
+    ControlNet: all four; FLUX, flow matching only: "keep")."""
+    from pipeline_syncdiffusion import SCHEDULER_FAMILIES
+
+    supported = {name for family in pipeline_class._scheduler_families for name in SCHEDULER_FAMILIES[family]}
+    return tuple(name for name in SCHEDULERS if name == "keep" or SCHEDULER_CLASS_NAMES[name] in supported)
+
+
+def resolve_scheduler(pipeline_class, scheduler=None):
+    """`scheduler` checked against `pipeline_class`; None is the class's default (`DEFAULT_SCHEDULER`, or "keep"
+    where the class does not run it: FLUX). Raises `CLIError` naming --scheduler for one the class cannot run."""
+    allowed = schedulers_for(pipeline_class)
+    default = DEFAULT_SCHEDULER if DEFAULT_SCHEDULER in allowed else "keep"
+    if scheduler is None:
+        return default
+    if scheduler not in SCHEDULERS:
+        raise CLIError(f"--scheduler {scheduler!r}: choose one of {', '.join(SCHEDULERS)}.", code=2)
+    if scheduler not in allowed:
+        families = " or ".join(pipeline_class._scheduler_families)
+        choices = " or ".join(f"--scheduler {name}" for name in allowed)
+        raise CLIError(
+            f"--scheduler {scheduler}: {pipeline_class.__name__} runs {families} schedulers only; use {choices}"
+            f" (keep: the model's own scheduler{', the default here' if default == 'keep' else ''}).",
+            code=2,
+        )
+    return scheduler
 
 
 def load_pipeline(
@@ -208,29 +305,37 @@ def load_pipeline(
     device="auto",
     fp16=False,
     *,
-    scheduler=DEFAULT_SCHEDULER,
+    scheduler=None,
     attention_slicing=False,
     cpu_offload=False,
     progress=True,
     compile=False,
 ):
-    """A ready `SyncDiffusionPipeline`: `model` is a Hub id, a local folder, or `"tiny"` (offline, random weights).
+    """A ready pipeline: `model` is a Hub id, a local folder, a single-file checkpoint, or one of `TINY_MODELS`
+    (offline, random weights). The class is the one `pipeline_class_of(model)` finds: `SyncDiffusionPipeline`,
+    `SyncDiffusionXLPipeline` or `SyncDiffusionFluxPipeline`.
 
-    `fp16` and `cpu_offload` are skipped with a printed note where they cannot help (on the CPU). `scheduler` is
-    one of `SCHEDULERS`, or None to keep the model's. `compile` runs the UNet and the VAE decoder through
-    `torch.compile` (the first call compiles: minutes; later calls are faster). Raises `CLIError` when the model
-    cannot be found.
+    `fp16` is half precision: float16, bfloat16 for FLUX (FLUX.1 overflows float16). `fp16` and `cpu_offload` are
+    skipped with a printed note where they cannot help (on the CPU). `scheduler` is one of the class's
+    `schedulers_for`, or None for its default (`DEFAULT_SCHEDULER`; FLUX: "keep", its own flow-matching one); one
+    the class cannot run is a `CLIError` before any weights load.
+
+    `compile` runs the UNet and the VAE decoder through `torch.compile` (the first call compiles: minutes; later
+    calls are faster). Raises `CLIError` when the model cannot be found.
     """
     import torch
 
     device = resolve_device(device)
     check_device(device)
+    pipeline_class = pipeline_class_of(model)
+    scheduler = resolve_scheduler(pipeline_class, scheduler)
+    flux = is_flux(pipeline_class)
     dtype = torch.float32
     if fp16:
         if device.split(":")[0] == "cpu":
             note("--fp16 skipped on the CPU (float16 is slow or unsupported there): running in float32.")
         else:
-            dtype = torch.float16
+            dtype = torch.bfloat16 if flux else torch.float16
 
     if model == TINY:
         from syncdiffusion_utils.testing import tiny_pipeline
@@ -248,12 +353,17 @@ def load_pipeline(
             pipe = tiny_xl_pipeline()
         if dtype != torch.float32:
             pipe.to(dtype=dtype)
+    elif model == TINY_FLUX:
+        pipe = _tiny_flux_pipeline(pipeline_class)
+        if dtype != torch.float32:
+            pipe.to(dtype=dtype)
     else:
-        pipe = _from_pretrained(model, dtype)
+        pipe = _from_pretrained(model, dtype, pipeline_class)
 
-    if scheduler is not None:
-        set_scheduler(pipe, scheduler)
-    if attention_slicing:
+    set_scheduler(pipe, scheduler)
+    if attention_slicing and flux:
+        note("--attention-slicing skipped: FLUX's transformer has no attention slicing (its attention is SDPA's).")
+    elif attention_slicing:
         pipe.enable_attention_slicing()
     if cpu_offload and device.split(":")[0] == "cpu":
         note("--cpu-offload skipped: there is no accelerator to offload from, the pipeline runs on the CPU.")
@@ -267,6 +377,18 @@ def load_pipeline(
         pipe.unet = torch.compile(pipe.unet, dynamic=False)
         pipe.vae.decoder = torch.compile(pipe.vae.decoder, dynamic=False)
     pipe.set_progress_bar_config(disable=not progress)
+    return pipe
+
+
+def _tiny_flux_pipeline(pipeline_class):
+    """`--model tiny-flux`: the tiny random FLUX.1 of `syncdiffusion_utils.testing` in `pipeline_class`, with a
+    random LPIPS; its default window is the tiny VAE's 64-pixel sample size, as FLUX.1's is its 1024 pixels."""
+    from syncdiffusion_utils.testing import tiny_flux_pipeline
+
+    with warnings.catch_warnings():  # torchvision's notes about the random LPIPS backbone's arguments
+        warnings.simplefilter("ignore", UserWarning)
+        pipe = tiny_flux_pipeline(pipeline_class=pipeline_class)
+    pipe.default_sample_size = TINY_FLUX_SAMPLE_SIZE
     return pipe
 
 
@@ -289,15 +411,17 @@ def set_scheduler(pipe, name):
 
 
 def load_sync_decoder(name, pipe):
-    """The `sync_decoder` for `pipe`: an `AutoencoderTiny` from a Hub id or folder (e.g. madebyollin/taesd), or
-    `"tiny"` for the random one of `syncdiffusion_utils.testing` (offline; only meaningful with the tiny pipeline).
+    """The `sync_decoder` for `pipe`: an `AutoencoderTiny` from a Hub id or folder (e.g. madebyollin/taesd, for FLUX
+    madebyollin/taef1), or `"tiny"` for the random one of `syncdiffusion_utils.testing` (offline; only meaningful
+    with the tiny pipelines: TAESD's architecture, TAEF1's for FLUX).
     """
     device = pipe._execution_device
-    dtype = pipe.unet.dtype
+    dtype = pipe.denoiser.dtype
     if name == TINY:
-        from syncdiffusion_utils.testing import make_tiny_decoder
+        from syncdiffusion_utils.testing import make_tiny_decoder, make_tiny_flux_decoder
 
-        decoder = make_tiny_decoder().to(device=device).requires_grad_(False)
+        make = make_tiny_flux_decoder if is_flux(type(pipe)) else make_tiny_decoder
+        decoder = make().to(device=device).requires_grad_(False)
         return decoder.to(dtype=dtype) if dtype != decoder.dtype else decoder
 
     from diffusers import AutoencoderTiny
@@ -393,11 +517,21 @@ def load_perceptual_loss(pipe, weights=None):
 
 
 def load_for_export(model):
-    """The pipeline to save: `model` (Hub id, diffusers folder or single-file checkpoint) in float32, on the CPU."""
+    """The pipeline to save: `model` (Hub id, diffusers folder, single-file checkpoint or a tiny model) in float32,
+    on the CPU."""
     import torch
 
     if model == TINY:
         from syncdiffusion_utils.testing import tiny_pipeline
 
         return tiny_pipeline(lpips_module=False)
+    if model == TINY_XL:
+        from syncdiffusion_utils.testing import tiny_xl_pipeline
+
+        return tiny_xl_pipeline(lpips_module=False)
+    if model == TINY_FLUX:
+        from pipeline_syncdiffusion_flux import SyncDiffusionFluxPipeline
+        from syncdiffusion_utils.testing import tiny_flux_pipeline
+
+        return tiny_flux_pipeline(pipeline_class=SyncDiffusionFluxPipeline, lpips_module=False)
     return _from_pretrained(model, torch.float32)

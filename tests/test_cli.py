@@ -3,6 +3,7 @@ the installed console script."""
 
 import functools
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -510,3 +511,244 @@ def test_the_hub_probe_sees_a_server_that_answers(tmp_path):
         server.shutdown()
         server.server_close()
     assert not loading._hub_reachable("http://127.0.0.1:9")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# FLUX.1: `--model tiny-flux`, its flags, and the flags it refuses
+# ---------------------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def flux_calls(monkeypatch):
+    """The keyword arguments of every `SyncDiffusionFluxPipeline` call (the call runs as usual)."""
+    from pipeline_syncdiffusion_flux import SyncDiffusionFluxPipeline
+
+    seen = []
+    original = SyncDiffusionFluxPipeline.__call__
+
+    @functools.wraps(original)  # the command reads the class's defaults from its signature
+    def call(self, *args, **kwargs):
+        seen.append({**kwargs, "scheduler": type(self.scheduler).__name__, "window": self.default_window_size})
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(SyncDiffusionFluxPipeline, "__call__", call)
+    return seen
+
+
+def test_tiny_flux_runs_the_flux_pipeline_offline_in_seconds(tmp_path, capsys, flux_calls, monkeypatch):
+    """The issue's `syncdiffusion "..." --model tiny-flux -o x.png`, with the command's own defaults."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    output = tmp_path / "x.png"
+    assert main(["a harbour at dawn", "--model", "tiny-flux", "--seed", "0", "-o", str(output)]) == 0
+
+    (call,) = flux_calls
+    assert call["scheduler"] == "FlowMatchEulerDiscreteScheduler"  # "keep": FLUX's own, not the SD default ddim
+    assert call["window"] == 64  # the tiny VAE's sample size, as FLUX.1's window is its 1024 pixels
+    assert (call["height"], call["width"], call["num_inference_steps"], call["stride"]) == (64, 256, 10, 8)
+    assert call["guidance_scale"] == 3.5 and call["true_cfg_scale"] == 1.0  # the class's defaults
+    assert call["max_sequence_length"] == cli.TINY_MAX_SEQUENCE_LENGTH and call["sync_weight"] == 20.0
+    image = pixels(output)
+    assert image.shape == (64, 256, 3) and image.std() > 5
+    out = capsys.readouterr().out
+    generating = float(re.search(r"([\d.]+) s generating", out).group(1))
+    assert generating < 60, out  # measured 2.8 s on a shared 2-core CPU
+
+
+def test_flux_true_cfg_and_sequence_length_flags_reach_the_call(tmp_path, flux_calls):
+    from pipeline_syncdiffusion_flux import SyncDiffusionFluxPipeline
+    from syncdiffusion_utils.testing import tiny_flux_pipeline
+
+    output = tmp_path / "cfg.png"
+    args = ["a lake", "--model", "tiny-flux", "--height", "64", "--width", "128", "--steps", "2", "--seed", "4"]
+    args += ["--sync-weight", "0", "--true-cfg-scale", "4", "--negative-prompt", "blurry", "--guidance", "2"]
+    assert main(args + ["--max-sequence-length", "16", "-o", str(output)]) == 0
+    (call,) = flux_calls
+    assert call["true_cfg_scale"] == 4.0 and call["negative_prompt"] == "blurry" and call["guidance_scale"] == 2.0
+    assert call["max_sequence_length"] == 16
+
+    # The same panorama as the pipeline called directly with those arguments (bit-identical on the same CPU).
+    pipe = tiny_flux_pipeline(pipeline_class=SyncDiffusionFluxPipeline, lpips_module=False)
+    pipe.default_sample_size = 8
+    direct = pipe(
+        prompt="a lake",
+        negative_prompt="blurry",
+        true_cfg_scale=4.0,
+        guidance_scale=2.0,
+        max_sequence_length=16,
+        height=64,
+        width=128,
+        num_inference_steps=2,
+        stride=8,
+        sync_weight=0.0,
+        view_batch_size="auto",
+        generator=cli.generator(4),
+    ).images[0]
+    assert np.array_equal(pixels(output), np.asarray(direct, dtype=np.float64))
+
+
+@pytest.mark.parametrize(
+    "model, flags, needles",
+    [
+        ("tiny-flux", ["--scheduler", "ddim"], ["--scheduler ddim", "flow-matching", "--scheduler keep"]),
+        ("tiny-flux", ["--scheduler", "euler"], ["--scheduler euler", "--scheduler keep"]),
+        ("tiny", ["--true-cfg-scale", "4"], ["--true-cfg-scale", "FLUX models only"]),
+        ("tiny-xl", ["--max-sequence-length", "64"], ["--max-sequence-length", "FLUX models only"]),
+        ("tiny-flux", ["--negative-prompt", "blurry"], ["--negative-prompt", "--true-cfg-scale above 1"]),
+        ("tiny-flux", ["--negative-prompt", "x", "--true-cfg-scale", "1"], ["--negative-prompt"]),
+        ("tiny-flux", ["--true-cfg-scale", "4"], ["--true-cfg-scale 4", "--negative-prompt"]),
+        ("tiny-flux", ["--sync-gradient", "unet"], ["--sync-gradient unet", "transformer or x0"]),
+        ("tiny", ["--sync-gradient", "transformer"], ["--sync-gradient transformer", "unet or x0"]),
+        ("tiny-flux", ["--max-sequence-length", "0"], ["--max-sequence-length", "positive integer"]),
+    ],
+)
+def test_flux_flags_and_the_flags_flux_refuses_fail_before_loading(
+    model, flags, needles, tmp_path, capsys, no_model_loading
+):
+    assert main(["a lake", "--model", model, "-o", str(tmp_path / "x.png")] + flags) == 2
+    assert_one_line_error(capsys.readouterr().err, *needles)
+
+
+def test_flux_refuses_a_controlnet_before_loading(tmp_path, capsys, no_model_loading):
+    Image.new("RGB", (128, 64)).save(tmp_path / "depth.png")
+    args = ["a lake", "--model", "tiny-flux", "--control-image", str(tmp_path / "depth.png"), "--controlnet", "tiny"]
+    assert main(args + ["-o", str(tmp_path / "x.png")]) == 2
+    assert_one_line_error(capsys.readouterr().err, "--controlnet")
+
+
+def test_a_too_long_sequence_is_the_pipelines_error_named_by_its_flag(tmp_path, capsys):
+    assert main(["a lake", "--model", "tiny-flux", "--max-sequence-length", "600", "-o", str(tmp_path / "x.png")]) == 2
+    assert_one_line_error(capsys.readouterr().err, "--max-sequence-length", "1..512", "600")
+
+
+def test_each_class_has_its_own_default_scheduler():
+    from pipeline_syncdiffusion_flux import SyncDiffusionFluxPipeline
+    from pipeline_syncdiffusion_xl import SyncDiffusionXLPipeline
+
+    assert (
+        loading.resolve_scheduler(SyncDiffusionPipeline)
+        == loading.resolve_scheduler(SyncDiffusionXLPipeline)
+        == "ddim"
+    )
+    assert loading.resolve_scheduler(SyncDiffusionFluxPipeline) == "keep"
+    assert loading.schedulers_for(SyncDiffusionFluxPipeline) == ("keep",)
+    assert loading.schedulers_for(SyncDiffusionPipeline) == loading.SCHEDULERS
+
+
+def test_prepare_call_gives_fluxs_own_defaults():
+    from pipeline_syncdiffusion_flux import SyncDiffusionFluxPipeline
+    from syncdiffusion_utils.testing import tiny_flux_pipeline
+
+    pipe = tiny_flux_pipeline(pipeline_class=SyncDiffusionFluxPipeline, lpips_module=False)
+    call = prepare_call(pipe, prompt="a lake", true_cfg_scale=None, max_sequence_length=None)
+    assert call == {
+        "prompt": "a lake",
+        "height": 1024,
+        "width": 4096,
+        "num_inference_steps": 28,
+        "guidance_scale": 3.5,
+        "stride": None,  # the pipeline picks a quarter of its window, even
+        "true_cfg_scale": 1.0,
+        "max_sequence_length": 512,
+        "view_batch_size": "auto",
+    }
+    # An SD pipeline has neither FLUX argument: none is added.
+    from syncdiffusion_utils.testing import tiny_pipeline
+
+    assert "max_sequence_length" not in prepare_call(tiny_pipeline(lpips_module=False), prompt="a lake")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The sync-weight sweep: `--sync-weight 0,10,20,40`, one seed, one labelled sheet with each row's intra-LPIPS
+# ---------------------------------------------------------------------------------------------------------------
+
+SWEEP = ["a photo of a lake", "--height", "64", "--width", "128", "--steps", "3", "--sync-thres", "2", "--seed", "2"]
+
+
+@pytest.fixture
+def stacked(monkeypatch):
+    """The `(image, label)` rows the command stacks (`label_and_stack` runs as usual)."""
+    rows = []
+    original = cli.label_and_stack
+
+    def record(images_and_labels, **kwargs):
+        rows.extend(images_and_labels)
+        return original(images_and_labels, **kwargs)
+
+    monkeypatch.setattr(cli, "label_and_stack", record)
+    return rows
+
+
+def find_rows(sheet, image):
+    """The top offsets where `image` (an array) lies in `sheet`, full width."""
+    height = image.shape[0]
+    return [y for y in range(sheet.shape[0] - height + 1) if np.array_equal(sheet[y : y + height], image)]
+
+
+@pytest.mark.parametrize(
+    "model, weights",
+    [("tiny", "0,10,40"), ("tiny-xl", "0,20"), ("tiny-flux", "0,20"), ("controlnet", "0,20")],
+    ids=["sd", "sdxl", "flux", "controlnet"],
+)
+def test_a_sync_weight_sweep_writes_one_labelled_row_per_weight_scored_by_intra_lpips(
+    model, weights, tmp_path, capsys, stacked, lpips_module
+):
+    from syncdiffusion_utils.metrics import intra_lpips
+
+    flags = ["--model", model]
+    if model == "controlnet":
+        Image.fromarray(np.random.default_rng(0).integers(0, 255, (64, 128, 3), dtype=np.uint8)).save(
+            tmp_path / "depth.png"
+        )
+        flags = ["--model", "tiny", "--control-image", str(tmp_path / "depth.png"), "--controlnet", "tiny"]
+    sheet_path, single_path = tmp_path / "sweep.png", tmp_path / "single.png"
+
+    assert main(SWEEP + flags + ["--sync-weight", weights, "-o", str(sheet_path)]) == 0
+    out = capsys.readouterr().out
+    assert main(SWEEP + flags + ["--sync-weight", "0", "-o", str(single_path)]) == 0
+
+    values = [float(value) for value in weights.split(",")]
+    assert len(stacked) == len(values)  # one row per weight
+    sheet = pixels(sheet_path)
+    assert sheet.shape[1] == 128 and sheet.shape[0] > 64 * len(values)
+    for (image, label), value in zip(stacked, values):
+        assert label.startswith(f"sync weight {value:g}")
+        # The label's intra-LPIPS is the paper's metric of that row: 64-pixel crops (the tiny views), the random
+        # LPIPS-VGG of the tiny models, which the session fixture also is (same seed, same weights).
+        score = intra_lpips(image, 64, 64, loss=lpips_module)
+        assert f"intra-LPIPS {score:.4f}" in label, (label, score)
+        assert f"sync weight {value:g}: intra-LPIPS {score:.4f}" in out
+        assert find_rows(sheet, np.asarray(image.convert("RGB"), dtype=np.float64)), f"row {label!r} not in the sheet"
+    # The first row is the single MultiDiffusion run from the same seed, exactly; synchronization changed the others.
+    first_rows = find_rows(sheet, pixels(single_path))
+    assert first_rows and first_rows[0] < sheet.shape[0] // len(values)
+    assert "(MultiDiffusion)" in stacked[0][1]
+    assert not np.array_equal(np.asarray(stacked[0][0]), np.asarray(stacked[-1][0]))
+    assert f"wrote {sheet_path}" in out and "sync weights " + weights.replace(",", ", ") in out
+
+
+@pytest.mark.parametrize(
+    "value, needle",
+    [
+        ("0,,20", "an empty item"),
+        ("0,20,", "an empty item"),
+        (",", "an empty item"),
+        ("0,-10", "-10 is not >= 0"),
+        ("0,ten", "'ten'"),
+        ("0,nan", "nan is not >= 0"),
+        ("10,10", "10 twice"),
+        ("-5", "-5 is not >= 0"),
+    ],
+)
+def test_a_bad_sync_weight_list_is_a_one_line_error_at_parse_time(value, needle, tmp_path, capsys, no_model_loading):
+    assert main(TINY + [f"--sync-weight={value}", "-o", str(tmp_path / "x.png")]) == 2
+    assert_one_line_error(capsys.readouterr().err, "--sync-weight", needle)
+
+
+def test_a_sweep_refuses_compare_and_a_panorama_of_one_crop(tmp_path, capsys, prompts):
+    args = TINY + ["--sync-weight", "0,20", "-o", str(tmp_path / "x.png")]
+    assert main(args + ["--compare"]) == 2
+    assert_one_line_error(capsys.readouterr().err, "--compare", "--sync-weight")
+    # 64x64: one 64-pixel crop, no pair for intra-LPIPS: refused before any panorama is made.
+    assert main(args + ["--width", "64"]) == 2
+    assert_one_line_error(capsys.readouterr().err, "--sync-weight", "one 64-pixel crop")
+    assert prompts == [] and not (tmp_path / "x.png").exists()

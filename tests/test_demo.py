@@ -265,6 +265,121 @@ def test_space_app_loads_the_configured_model_once_and_builds_the_same_app(monke
 
 
 # ----------------------------------------------------------------------------------------------------------------
+# FLUX.1 models: `--model tiny-flux` / SYNCDIFFUSION_MODEL=tiny-flux, in process
+# ----------------------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def flux_pipe():
+    """`loading.load_pipeline("tiny-flux")`: the tiny random FLUX.1 with its 64-pixel window, as the demo loads it."""
+    return loading.load_pipeline("tiny-flux", "cpu", progress=False)
+
+
+FLUX_CALL = {"prompt": "a photo of a lake", "height": 64, "width": 128, "num_inference_steps": 3, "stride": 4}
+FLUX_CALL.update(sync_thres=2, max_sequence_length=cli.TINY_MAX_SEQUENCE_LENGTH, view_batch_size="auto")
+
+
+def test_a_flux_demo_generates_and_compares_as_the_flux_pipeline(flux_pipe):
+    from pipeline_syncdiffusion_flux import SyncDiffusionFluxPipeline
+
+    app = PanoramaDemo(flux_pipe, "tiny-flux")
+    assert app.flux and app.schedulers == ("keep",) and app.default_scheduler == "keep"
+    assert app.window == 64 and app.default_steps == 10  # the tiny defaults (a real FLUX: 1024 and its 28)
+    (sync_image, multi_image, seed, status), reports = generate(app, compare=True, random_seed=True)
+
+    assert type(flux_pipe) is SyncDiffusionFluxPipeline
+    assert type(flux_pipe.scheduler).__name__ == "FlowMatchEulerDiscreteScheduler"  # kept: FLUX's own
+    reference_sync = flux_pipe(**FLUX_CALL, sync_weight=20.0, generator=generator(seed)).images[0]
+    reference_multi = flux_pipe(**FLUX_CALL, sync_weight=0.0, generator=generator(seed)).images[0]
+    # Same seed, same CPU, same arguments: bit-identical (measured: max difference 0).
+    assert np.array_equal(pixels(sync_image), pixels(reference_sync))
+    assert np.array_equal(pixels(multi_image), pixels(reference_multi))
+    assert not np.array_equal(pixels(sync_image), pixels(multi_image)), "synchronization changed nothing"
+    assert reports == [(i, 3, label) for label in ("MultiDiffusion", "SyncDiffusion") for i in (1, 2, 3)]
+    assert "3/3 steps" in status and "128x64" in status
+
+    # True CFG with a negative prompt: the pipeline's true CFG.
+    (cfg_image, _, _, _), _ = generate(
+        app, negative_prompt="blurry", true_cfg_scale=3.0, sync_weight=0.0, random_seed=False, seed=seed
+    )
+    direct = flux_pipe(
+        **FLUX_CALL, negative_prompt="blurry", true_cfg_scale=3.0, sync_weight=0.0, generator=generator(seed)
+    ).images[0]
+    assert np.array_equal(pixels(cfg_image), pixels(direct))
+    assert not np.array_equal(pixels(cfg_image), pixels(multi_image)), "the negative prompt changed nothing"
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        ({"scheduler": "ddim"}, "`scheduler` has to be one of keep for this model (FLUX runs its own flow-matching"),
+        ({"negative_prompt": "blurry"}, "FLUX uses the negative prompt only with true CFG"),
+        ({"negative_prompt": "blurry", "true_cfg_scale": 1.0}, "FLUX uses the negative prompt only with true CFG"),
+        ({"true_cfg_scale": 4.0}, "A true CFG scale of 4 needs a negative prompt"),
+    ],
+)
+def test_a_flux_demo_refuses_what_flux_does_not_run_before_any_step(flux_pipe, overrides, message):
+    app = PanoramaDemo(flux_pipe, "tiny-flux")
+    with pytest.raises(demo.InputError) as caught:
+        generate(app, **overrides, progress=lambda *report: pytest.fail("a step ran"))
+    assert demo._user_error(caught.value).startswith(message)
+
+
+def test_an_sd_demo_refuses_a_true_cfg_scale(pipe):
+    with pytest.raises(demo.InputError, match="`true_cfg_scale` is FLUX's"):
+        generate(PanoramaDemo(pipe, "tiny"), true_cfg_scale=2.0, progress=lambda *report: pytest.fail("a step ran"))
+
+
+def page_controls(app):
+    """`{elem_id: props}` of the page's components that have an elem_id."""
+    return {c["props"]["elem_id"]: c["props"] for c in app.config["components"] if c.get("props", {}).get("elem_id")}
+
+
+def generate_endpoint(app):
+    return next(fn for fn in app.fns.values() if fn.api_name == "generate")
+
+
+def test_a_flux_page_hides_the_scheduler_and_adds_the_true_cfg_scale(flux_pipe, pipe):
+    _require("gradio")
+    flux_page = demo.build_app(flux_pipe, "tiny-flux")
+    controls = page_controls(flux_page)
+    assert controls["scheduler"]["visible"] is False and [c[0] for c in controls["scheduler"]["choices"]] == ["keep"]
+    assert controls["true-cfg-scale"]["visible"] is not False and controls["true-cfg-scale"]["value"] == 1.0
+    assert controls["guidance"]["value"] == 3.5 and controls["height"]["step"] == 16  # FLUX's 2x2 latent patches
+    assert len(generate_endpoint(flux_page).inputs) == len(API_ARGUMENTS) + 1
+    names = [p["parameter_name"] for p in flux_page.get_api_info()["named_endpoints"]["/generate"]["parameters"]]
+    assert names == [*API_ARGUMENTS, "true_cfg_scale"]
+
+    sd_page = demo.build_app(pipe, "tiny")
+    controls = page_controls(sd_page)
+    assert "true-cfg-scale" not in controls and controls["scheduler"]["visible"] is not False
+    assert len(generate_endpoint(sd_page).inputs) == len(API_ARGUMENTS)
+
+
+def test_the_space_app_serves_tiny_flux_end_to_end(monkeypatch):
+    """SYNCDIFFUSION_MODEL=tiny-flux: app.py loads the FLUX class (for real) and its page generates."""
+    _require("gradio")
+    monkeypatch.setenv("SYNCDIFFUSION_MODEL", "tiny-flux")
+    monkeypatch.setattr(sys, "path", list(sys.path))
+    space = runpy.run_path(str(ROOT / "demo" / "app.py"), run_name="space")
+    assert type(space["pipe"]).__name__ == "SyncDiffusionFluxPipeline"
+    app = space["demo"].panorama_demo
+    (sync_image, _, seed, status), reports = generate(app, random_seed=False, seed=5)
+    assert sync_image.size == (128, 64) and pixels(sync_image).std() > 5 and len(reports) == 3
+    assert seed == 5 and "3/3 steps" in status
+
+
+def test_the_demo_command_loads_a_flux_model_and_builds_its_page(monkeypatch, flux_pipe):
+    _require("gradio")
+    served = []
+    monkeypatch.setattr(demo, "load_pipeline", lambda model, *args, **kwargs: served.append(model) or flux_pipe)
+    monkeypatch.setattr(demo, "launch", lambda app, **kwargs: served.append(app))
+    assert cli.main(["demo", "--model", "tiny-flux", "--port", str(_free_port())]) == 0
+    model, app = served
+    assert model == "tiny-flux" and app.panorama_demo.flux and app.panorama_demo.pipe is flux_pipe
+
+
+# ----------------------------------------------------------------------------------------------------------------
 # The served app: `python -m syncdiffusion_utils.cli demo --model tiny` on 127.0.0.1
 # ----------------------------------------------------------------------------------------------------------------
 

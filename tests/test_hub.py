@@ -6,6 +6,7 @@ The fake Hub is a small HTTP server that implements the few endpoints `huggingfa
 """
 
 import base64
+import functools
 import hashlib
 import inspect
 import json
@@ -631,6 +632,12 @@ def controlnet_class():
     return SyncDiffusionControlNetPipeline
 
 
+def flux_class():
+    from pipeline_syncdiffusion_flux import SyncDiffusionFluxPipeline
+
+    return SyncDiffusionFluxPipeline
+
+
 def parameter_rows(card):
     return {name: default for name, default, _ in re.findall(r"^\| `(\w+)` \| (.*?) \| (.*) \|$", card, re.M)}
 
@@ -638,7 +645,7 @@ def parameter_rows(card):
 def check_card_is_the_classs(card, pipeline_class):
     """The card's parameter table is `pipeline_class.__call__`'s (names and defaults), and it names that class."""
     signature = inspect.signature(pipeline_class.__call__).parameters
-    expected = {name for name in signature if name == "stride" or name.startswith("sync_")}
+    expected = {name for name in signature if name in ("window_size", "stride") or name.startswith("sync_")}
     rows = parameter_rows(card)
     assert set(rows) == expected
     for name in expected:
@@ -648,7 +655,9 @@ def check_card_is_the_classs(card, pipeline_class):
     assert "`SyncDiffusionPipeline`" not in card  # no SD-only text left in another class's card
 
 
-@pytest.mark.parametrize("pipeline_class", [xl_class, controlnet_class], ids=["sdxl", "controlnet"])
+@pytest.mark.parametrize(
+    "pipeline_class", [xl_class, controlnet_class, flux_class], ids=["sdxl", "controlnet", "flux"]
+)
 def test_publish_uploads_the_given_classs_file_and_parameters(pipeline_class):
     pipeline_class = pipeline_class()
     api = RecordingApi()
@@ -667,6 +676,13 @@ def test_publish_uploads_the_given_classs_file_and_parameters(pipeline_class):
         assert parameter_rows(card)["stride"] == "`None`"  # SDXL picks an eighth of its window; SD's is 8
         assert '"stabilityai/stable-diffusion-xl-base-1.0"' in card and "height=1024, width=4096" in card
         assert "stable-diffusion-xl" in metadata["tags"] and "StableDiffusionPanoramaPipeline" not in card
+    elif pipeline_class is flux_class():
+        rows = parameter_rows(card)
+        assert rows["window_size"] == rows["stride"] == "`None`"  # FLUX's 1024-pixel window, a quarter of it
+        assert '"black-forest-labs/FLUX.1-dev"' in card and "height=1024, width=4096" in card
+        assert "torch_dtype=torch.bfloat16" in card and "DDIMScheduler" not in card  # flow matching, its own
+        assert "`num_inference_steps=28`, `guidance_scale=3.5`" in card and "`FluxPipeline`" in card
+        assert "flux" in metadata["tags"] and "tuned for Stable Diffusion 2, not for FLUX" in card
     else:
         assert "ControlNetModel.from_pretrained(" in card and "controlnet=controlnet" in card
         assert "image=depth" in card and "height=512" not in card  # the panorama takes the condition's size
@@ -748,3 +764,85 @@ def test_publish_model_of_a_controlnet_pipeline_uploads_its_file_and_card(tmp_pa
     assert "from diffusers.utils import load_image" in card and "image=load_image(" in card
     export(pipe, tmp_path / "exported", base_model="someone/tiny-sd", repo_id="someone/panorama-control")
     assert (tmp_path / "exported" / "README.md").read_text() == card
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# FLUX.1: published and loaded through the fake Hub, a model repo, and `--model black-forest-labs/FLUX.1-dev`
+# ---------------------------------------------------------------------------------------------------------------
+
+FLUX_SMALL = {"window_size": 64, "height": 64, "width": 128, "num_inference_steps": 2, "max_sequence_length": 16}
+
+
+def flux_images(pipe, lpips_module, **kwargs):
+    pipe.set_perceptual_loss(lpips_module)
+    pipe.set_progress_bar_config(disable=True)
+    generator = torch.Generator().manual_seed(0)
+    return pipe("a photo of a beach", generator=generator, output_type="np", **FLUX_SMALL, **kwargs).images
+
+
+def test_publish_flux_then_load_it_as_a_custom_pipeline_through_fake_hub(fake_hub, tmp_path, lpips_module):
+    from syncdiffusion_utils.testing import save_tiny_flux_pipeline
+
+    repo_id = "syncdiffusion-test/flux"
+    publish(repo_id, pipeline_class=flux_class(), token=fake_hub.token)
+
+    source = Path(inspect.getsourcefile(flux_class())).read_bytes()
+    assert fake_hub.repos[repo_id]["files"]["pipeline.py"] == source
+    folder = save_tiny_flux_pipeline(tmp_path / "flux")
+    pipe = load_from_hub(folder, repo_id)
+    assert type(pipe).__name__ == "SyncDiffusionFluxPipeline" and type(pipe) is not flux_class()
+    assert Path(sys.modules[type(pipe).__module__].__file__).read_bytes() == source
+    # The served file makes the installed class's panorama from the same folder, synchronized (same weights, same
+    # CPU: bit-identical, measured; an in-memory tiny FLUX differs from its reloaded folder by up to 6e-5).
+    expected = flux_images(flux_class().from_pretrained(folder), lpips_module, sync_thres=1)
+    np.testing.assert_array_equal(flux_images(pipe, lpips_module, sync_thres=1), expected)
+
+
+def test_publish_model_of_a_flux_pipeline_then_load_back(fake_hub, tmp_path, lpips_module):
+    from syncdiffusion_utils.testing import tiny_flux_pipeline
+
+    repo_id = "syncdiffusion-test/flux-panorama"
+    pipe = tiny_flux_pipeline(pipeline_class=flux_class(), lpips_module=False)
+    publish_model(pipe, repo_id, base_model="someone/tiny-flux", token=fake_hub.token)
+
+    files = fake_hub.repos[repo_id]["files"]
+    assert files["syncdiffusion_flux.py"] == Path(inspect.getsourcefile(flux_class())).read_bytes()
+    assert json.loads(files["model_index.json"])["_class_name"] == ["syncdiffusion_flux", "SyncDiffusionFluxPipeline"]
+    card = files["README.md"].decode()
+    assert card == model_repo_card(repo_id, "someone/tiny-flux", flux_class())
+    check_card_is_the_classs(card, flux_class())
+    assert f'from_pretrained("{repo_id}", trust_remote_code=True, torch_dtype=torch.bfloat16)' in card
+    assert "import torch\n" in card
+    remote = DiffusionPipeline.from_pretrained(repo_id, trust_remote_code=True)
+    assert type(remote).__name__ == "SyncDiffusionFluxPipeline" and type(remote) is not flux_class()
+    installed = flux_class().from_pretrained(repo_id)
+    assert type(installed) is flux_class()
+    # The repo's own file and the installed class: the same panorama (bit-identical, measured).
+    np.testing.assert_array_equal(flux_images(remote, lpips_module), flux_images(installed, lpips_module))
+
+
+def test_the_command_picks_the_flux_class_for_a_flux_hub_model(fake_hub, tmp_path, capsys, monkeypatch):
+    """`--model black-forest-labs/FLUX.1-dev`: its `model_index.json` names FluxPipeline (a tiny one is served)."""
+    from syncdiffusion_utils import loading
+    from syncdiffusion_utils.cli import main
+    from syncdiffusion_utils.testing import save_tiny_flux_pipeline
+
+    repo_id = "black-forest-labs/FLUX.1-dev"
+    fake_hub.add_repo(repo_id, folder_files(save_tiny_flux_pipeline(tmp_path / "flux")))
+    classes = []
+    original = flux_class().__call__
+
+    @functools.wraps(original)
+    def call(self, *args, **kwargs):
+        classes.append((type(self), type(self.scheduler).__name__, kwargs["max_sequence_length"]))
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(flux_class(), "__call__", call)
+    assert loading.pipeline_class_of(repo_id) is flux_class()
+    output = tmp_path / "flux.png"
+    # One view of FLUX.1's own 1024-pixel window, one step, few text tokens: the tiny transformer in seconds.
+    args = ["a lake", "--model", repo_id, "--height", "1024", "--width", "1024", "--steps", "1", "--sync-weight", "0"]
+    assert main(args + ["--max-sequence-length", "16", "-o", str(output)]) == 0
+    assert classes == [(flux_class(), "FlowMatchEulerDiscreteScheduler", 16)]
+    assert f"wrote {output} (1024x1024 pixels" in capsys.readouterr().out
+    assert fake_hub.requested("GET", f"/{repo_id}/resolve/main/model_index.json")

@@ -397,3 +397,74 @@ def test_the_command_and_its_loading_modules_import_nothing_heavy():
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "[]"
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The class a model loads with: from its model_index.json (SD, SDXL, FLUX.1), and the offline tiny FLUX
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def test_the_pipeline_class_comes_from_the_models_model_index(tmp_path):
+    from pipeline_syncdiffusion_flux import SyncDiffusionFluxPipeline
+    from pipeline_syncdiffusion_xl import SyncDiffusionXLPipeline
+    from syncdiffusion_utils import loading
+    from syncdiffusion_utils.testing import save_tiny_flux_pipeline, save_tiny_pipeline, save_tiny_xl_pipeline
+
+    flux = save_tiny_flux_pipeline(tmp_path / "flux")
+    assert json.loads((flux / "model_index.json").read_text())["_class_name"] == "FluxPipeline"
+    assert loading.pipeline_class_of(str(flux)) is SyncDiffusionFluxPipeline
+    assert loading.pipeline_class_of(str(save_tiny_xl_pipeline(tmp_path / "xl"))) is SyncDiffusionXLPipeline
+    assert loading.pipeline_class_of(str(save_tiny_pipeline(tmp_path / "sd"))) is SyncDiffusionPipeline
+    for name, cls in (("tiny", SyncDiffusionPipeline), ("tiny-xl", SyncDiffusionXLPipeline)):
+        assert loading.pipeline_class_of(name) is cls
+    assert loading.pipeline_class_of("tiny-flux") is SyncDiffusionFluxPipeline
+
+    # Loaded, the FLUX folder is the FLUX class with FLUX's own scheduler (the SD default, ddim, is not applied).
+    pipe = loading.load_pipeline(str(flux), "cpu", progress=False)
+    assert type(pipe) is SyncDiffusionFluxPipeline
+    assert type(pipe.scheduler).__name__ == "FlowMatchEulerDiscreteScheduler"
+    assert pipe.default_window_size == 1024  # a real FLUX folder keeps FLUX.1's window
+
+
+def test_another_flux_pipeline_is_refused_by_name(tmp_path):
+    from syncdiffusion_utils import loading
+    from syncdiffusion_utils.testing import save_tiny_flux_pipeline
+
+    folder = save_tiny_flux_pipeline(tmp_path / "fill")
+    index = json.loads((folder / "model_index.json").read_text())
+    (folder / "model_index.json").write_text(json.dumps({**index, "_class_name": "FluxFillPipeline"}))
+    with pytest.raises(loading.CLIError, match="is a FluxFillPipeline model: .*FluxPipeline") as caught:
+        loading.pipeline_class_of(str(folder))
+    assert caught.value.code == 2
+
+
+def test_tiny_flux_loads_offline_with_its_window_lpips_and_sync_decoder():
+    from pipeline_syncdiffusion_flux import SyncDiffusionFluxPipeline
+    from syncdiffusion_utils import loading
+
+    pipe = loading.load_pipeline("tiny-flux", "cpu", progress=False)
+    assert type(pipe) is SyncDiffusionFluxPipeline
+    assert type(pipe.scheduler).__name__ == "FlowMatchEulerDiscreteScheduler"
+    assert pipe.default_window_size == 64 and pipe.default_stride(64) == 2  # the tiny VAE's sample size
+    assert pipe._perceptual_loss is not None  # a random LPIPS: nothing to download
+    decoder = loading.load_sync_decoder("tiny", pipe)
+    assert decoder.config.latent_channels == 16  # TAEF1's architecture, for FLUX's 16-channel latent
+    with pytest.raises(loading.CLIError, match="--scheduler ddim: SyncDiffusionFluxPipeline runs flow-matching"):
+        loading.load_pipeline("tiny-flux", "cpu", scheduler="ddim")
+
+
+def test_export_command_of_tiny_flux_writes_a_folder_that_loads_itself(tmp_path, capsys):
+    import pipeline_syncdiffusion_flux
+    from pipeline_syncdiffusion_flux import SyncDiffusionFluxPipeline
+    from syncdiffusion_utils.cli import main
+    from syncdiffusion_utils.hub import model_repo_card
+
+    out = tmp_path / "flux-panorama"
+    assert main(["export", str(out), "--model", "tiny-flux"]) == 0
+
+    assert (out / "syncdiffusion_flux.py").read_bytes() == Path(pipeline_syncdiffusion_flux.__file__).read_bytes()
+    index = json.loads((out / "model_index.json").read_text())
+    assert index["_class_name"] == ["syncdiffusion_flux", "SyncDiffusionFluxPipeline"]
+    assert (out / "README.md").read_text() == model_repo_card("flux-panorama", None, SyncDiffusionFluxPipeline)
+    assert type(SyncDiffusionFluxPipeline.from_pretrained(out)) is SyncDiffusionFluxPipeline
+    assert f"exported tiny-flux to {out}" in capsys.readouterr().out
