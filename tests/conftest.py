@@ -65,7 +65,8 @@ def pipe64(components_cache, lpips_module):
 def one_thread():
     """Tiny models gain nothing from a second thread, and on a loaded 2-core machine two threads per process make
     them an order of magnitude slower (measured: a synchronized tiny run stalls behind another process's threads).
-    Every test runs on one thread; modules may still name the fixture."""
+    Every test runs on one thread; the suite uses the cores through pytest-xdist's workers (`-n auto` in setup.cfg),
+    one thread each. Modules may still name the fixture."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     yield
