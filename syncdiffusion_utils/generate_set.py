@@ -62,9 +62,17 @@ SETTINGS = (
     "controlnet",
     "controlnet_scale",
     "control_image_sha256",
+    "true_cfg_scale",
+    "max_sequence_length",
 )
 # Settings the pipeline class decides when the flags leave them out: known only once the model is loaded.
-CLASS_DEFAULTED = {"height": "height", "width": "width", "guidance": "guidance_scale", "stride": "stride"}
+CLASS_DEFAULTED = {
+    "height": "height",
+    "width": "width",
+    "steps": "num_inference_steps",
+    "guidance": "guidance_scale",
+    "stride": "stride",
+}
 KEY_DIGITS = 12  # hex digits of the hash that ends a file name
 
 
@@ -167,7 +175,13 @@ def _generation_args(rest):
             raise CLIError(f"{flag}: not for a set (it names one image); use --out and --seeds.", code=2)
     if args.lpips_weights is not None and not os.path.isfile(os.path.expanduser(args.lpips_weights)):
         raise CLIError(f"--lpips-weights {args.lpips_weights!r} is not a file; expected vgg16-397923af.pth.", 2)
-    if args.sync_decoder == loading.TINY and args.model not in (loading.TINY, loading.TINY_XL):
+    if isinstance(args.sync_weight, tuple):
+        raise CLIError(
+            "--sync-weight: one value for a set; a sweep of several is for one panorama"
+            " (syncdiffusion PROMPT --sync-weight 0,10,20,40).",
+            code=2,
+        )
+    if args.sync_decoder == loading.TINY and args.model not in loading.TINY_MODELS:
         raise CLIError(
             "--sync-decoder tiny is a random decoder for `--model tiny` only; use e.g. madebyollin/taesd.", 2
         )
@@ -179,7 +193,7 @@ def _file_digest(path):
         return hashlib.sha256(f.read()).hexdigest()
 
 
-def _flag_settings(args, height, width, steps):
+def _flag_settings(args, height, width, steps, flux_options):
     """The settings the flags fix before any model loads: all of `SETTINGS` but the dtype and what the pipeline
     class decides because the flags leave it out."""
     settings = {
@@ -206,6 +220,8 @@ def _flag_settings(args, height, width, steps):
         "controlnet": args.controlnet,
         "controlnet_scale": None if args.controlnet is None else args.controlnet_scale,
         "control_image_sha256": None if args.control_image is None else _file_digest(args.control_image),
+        "true_cfg_scale": flux_options.get("true_cfg_scale"),
+        "max_sequence_length": flux_options.get("max_sequence_length"),
     }
     return {key: value for key, value in settings.items() if not (key in CLASS_DEFAULTED and value is None)}
 
@@ -272,7 +288,7 @@ def write_index(out, settings, options, prompts, seeds, jobs):
     return index
 
 
-def _load(args, device, control_image, height, width, steps):
+def _load(args, device, control_image, height, width, steps, flux_options):
     """The pipeline, as the main command loads it, and the keyword arguments of its call (`calls.prepare_call`)."""
     pipe = loading.load_pipeline(
         args.model,
@@ -289,7 +305,7 @@ def _load(args, device, control_image, height, width, steps):
     sync_decoder = None if args.sync_decoder is None else loading.load_sync_decoder(args.sync_decoder, pipe)
     if args.sync_weight != 0 or args.lpips_weights is not None:
         loading.load_perceptual_loss(pipe, args.lpips_weights)
-    tiny = args.model in (loading.TINY, loading.TINY_XL)
+    tiny = args.model in loading.TINY_MODELS
     control = {} if control_image is None else {"image": control_image}
     if control_image is not None:
         control["controlnet_conditioning_scale"] = args.controlnet_scale
@@ -316,6 +332,7 @@ def _load(args, device, control_image, height, width, steps):
         sync_decode_downsample=args.sync_decode_downsample,
         sync_gradient_checkpointing=args.sync_gradient_checkpointing,
         **control,
+        **flux_options,
     )
     return pipe, call
 
@@ -323,7 +340,7 @@ def _load(args, device, control_image, height, width, steps):
 def _settings(flag_settings, pipe, call):
     """Every one of `SETTINGS`, with the loaded pipeline's dtype and the values its call resolved."""
     resolved = {key: call.get(name) for key, name in CLASS_DEFAULTED.items()}
-    resolved["dtype"] = str(pipe.unet.dtype).removeprefix("torch.")
+    resolved["dtype"] = str(pipe.denoiser.dtype).removeprefix("torch.")
     settings = {**flag_settings, **resolved}
     return {key: settings[key] for key in SETTINGS}
 
@@ -353,10 +370,16 @@ def main(argv=None) -> int:
     prompts, seeds = read_prompts(own.prompts), parse_seeds(own.seeds)
     if os.path.exists(own.out) and not os.path.isdir(own.out):
         raise CLIError(f"--out {own.out!r} is a file, not a folder.")
+    # The flags the model's class cannot take are errors before anything loads, as in the main command.
+    pipeline_class = loading.pipeline_class_of(args.model)
+    cli._check_flags_for_class(args, pipeline_class)
+    flux_options = cli._flux_options(args, pipeline_class)
     # The main command's sizes: the flags, else the tiny model's or the ControlNet condition's, else the class's.
     control_image = cli._control_image(args, args.model == loading.TINY)
-    height, width, steps = cli._command_sizes(args, args.model in (loading.TINY, loading.TINY_XL), control_image)
-    flag_settings = _flag_settings(args, height, width, steps)
+    height, width, steps = cli._command_sizes(args, args.model in loading.TINY_MODELS, control_image)
+    if args.model not in loading.TINY_MODELS and args.steps is None:
+        steps = None  # the class's own, as in the main command: 50, FLUX 28
+    flag_settings = _flag_settings(args, height, width, steps, flux_options)
     _check_resume(own.out, flag_settings, complete=False)  # what the flags fix, before loading any model
 
     from accelerate import PartialState
@@ -368,7 +391,7 @@ def main(argv=None) -> int:
     state = PartialState(cpu=device.split(":")[0] == "cpu")
     if state.num_processes > 1 and args.device == "auto":
         device = str(state.device)
-    pipe, call = _load(args, device, control_image, height, width, steps)
+    pipe, call = _load(args, device, control_image, height, width, steps, flux_options)
     settings = _settings(flag_settings, pipe, call)
     _check_resume(own.out, settings, complete=True)
     state.wait_for_everyone()  # every process has read the old index before the main one rewrites it

@@ -17,6 +17,7 @@ from PIL import Image
 from pipeline_syncdiffusion_xl import SyncDiffusionXLPipeline
 from syncdiffusion_utils import cli, evaluation, generate_set, loading
 from syncdiffusion_utils.cli import main
+from syncdiffusion_utils.generate_set import read_prompts
 from syncdiffusion_utils.testing import tiny_xl_pipeline
 
 
@@ -224,6 +225,7 @@ def test_an_sdxl_set_takes_the_sdxl_class_defaults(tmp_path, prompts_file, monke
 
     pipe.__class__ = type("RecordingXL", (SyncDiffusionXLPipeline,), {"__call__": record})
     monkeypatch.setattr(loading, "load_pipeline", lambda *args, **kwargs: pipe)
+    monkeypatch.setattr(loading, "pipeline_class_of", lambda model: SyncDiffusionXLPipeline)  # its model_index.json
     out = tmp_path / "set"
     argv = ["generate-set", str(prompts_file), "--out", str(out), "--model", "some/sdxl-model", "--sync-weight", "0"]
     assert main(argv) == 0
@@ -379,3 +381,44 @@ def test_accelerate_launch_splits_the_set_over_two_cpu_processes(tmp_path, promp
         "a photo of a lake", generator=cli.generator(1), height=64, width=128, num_inference_steps=2, sync_weight=0.0
     ).images[0]
     assert np.abs(pixels(out / index["images"][1]["file"]) - np.asarray(image, dtype=np.int16)).max() <= 1  # threads
+
+
+def test_a_sync_weight_sweep_is_refused_for_a_set(tmp_path, prompts_file, capsys):
+    """`--sync-weight 0,20` makes one contact sheet in the main command; a set holds one weight: a one-line error."""
+    argv = [
+        "generate-set",
+        str(prompts_file),
+        "--out",
+        str(tmp_path / "set"),
+        "--model",
+        "tiny",
+        "--sync-weight",
+        "0,20",
+    ]
+    assert main(argv) == 2
+    assert "--sync-weight: one value for a set" in capsys.readouterr().err
+    assert not (tmp_path / "set").exists()
+
+
+def test_a_flux_set_refuses_a_negative_prompt_without_true_cfg(tmp_path, prompts_file, capsys):
+    """As the main command: FLUX ignores a negative prompt unless true CFG is on, so the set refuses it before loading."""
+    argv = [
+        "generate-set", str(prompts_file), "--out", str(tmp_path / "set"), "--model", "tiny-flux",
+        "--negative-prompt", "blurry",
+    ]  # fmt: skip
+    assert main(argv) == 2
+    assert "--negative-prompt: FLUX uses it only with true classifier-free guidance" in capsys.readouterr().err
+
+
+def test_a_tiny_flux_set_records_its_flux_options(tmp_path, prompts_file):
+    """A tiny-flux set runs offline and records FLUX's options and the denoiser's dtype in its index."""
+    out = tmp_path / "set"
+    argv = [
+        "generate-set", str(prompts_file), "--out", str(out), "--model", "tiny-flux", "--seeds", "0",
+        "--sync-weight", "0", "--steps", "2", "--width", "128",
+    ]  # fmt: skip
+    assert main(argv) == 0
+    settings = index_of(out)["settings"]
+    assert settings["max_sequence_length"] == 64 and settings["true_cfg_scale"] is None
+    assert settings["dtype"] == "float32" and settings["steps"] == 2
+    assert len(list(out.glob("*.png"))) == len(read_prompts(str(prompts_file)))
