@@ -672,6 +672,14 @@ class SyncDiffusionFluxPipeline(
                 f"`ip_adapter_image_embeds` has to be a list of tensors, but is {type(ip_adapter_image_embeds)}."
             )
         batch_size = 1 if isinstance(prompt, str) else len(prompt) if prompt is not None else prompt_embeds.shape[0]
+        for name, value in (("negative_prompt", negative_prompt), ("negative_prompt_2", negative_prompt_2)):
+            # A negative prompt string serves every prompt; a list must have one per prompt (as diffusers' SD and
+            # SDXL pipelines require), else the two passes of true CFG have different batches.
+            if isinstance(value, list) and len(value) != batch_size:
+                raise ValueError(
+                    f"`{name}` has to be a string or a list of {batch_size} (one per prompt), but is a list of"
+                    f" {len(value)}."
+                )
         num_images = batch_size * num_images_per_prompt
         if isinstance(generator, list) and len(generator) != num_images:
             raise ValueError(
