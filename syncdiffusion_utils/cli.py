@@ -353,6 +353,19 @@ def build_parser(prog="syncdiffusion"):
         "--compile", action="store_true", help="torch.compile the UNet and VAE decoder (GPU; slow first call)"
     )
     run.add_argument(
+        "--compile-mode",
+        choices=("regional", "whole"),
+        default=None,
+        help="with --compile: regional (default: each repeated block) or whole (each model as one graph)",
+    )
+    run.add_argument(
+        "--compile-cache",
+        metavar="DIR",
+        default=None,
+        help="with --compile: torch's compile caches, shared by later runs (default: $SYNCDIFFUSION_COMPILE_CACHE,"
+        " else ~/.cache/syncdiffusion/torch-compile)",
+    )
+    run.add_argument(
         "--vae-tiling",
         choices=("auto", "on", "off"),
         default="auto",
@@ -563,6 +576,8 @@ def _generate(args):
         attention_slicing=args.attention_slicing,
         cpu_offload=args.cpu_offload,
         compile=args.compile,
+        compile_mode=args.compile_mode,
+        compile_cache=args.compile_cache,
     )
     if control_image is not None:
         pipe = with_controlnet(pipe, args.controlnet)

@@ -310,6 +310,8 @@ def load_pipeline(
     cpu_offload=False,
     progress=True,
     compile=False,
+    compile_mode=None,
+    compile_cache=None,
 ):
     """A ready pipeline: `model` is a Hub id, a local folder, a single-file checkpoint, or one of `TINY_MODELS`
     (offline, random weights). The class is the one `pipeline_class_of(model)` finds: `SyncDiffusionPipeline`,
@@ -320,13 +322,17 @@ def load_pipeline(
     `schedulers_for`, or None for its default (`DEFAULT_SCHEDULER`; FLUX: "keep", its own flow-matching one); one
     the class cannot run is a `CLIError` before any weights load.
 
-    `compile` runs the UNet and the VAE decoder through `torch.compile` (the first call compiles: minutes; later
-    calls are faster). Raises `CLIError` when the model cannot be found.
+    `compile` compiles the denoiser and the VAE decoder with `torch.compile` (`syncdiffusion_utils.compiling`):
+    `compile_mode` "regional" (the default: their repeated blocks) or "whole"; the first calls compile, and torch's
+    caches in `compile_cache` (default `$SYNCDIFFUSION_COMPILE_CACHE`, else ~/.cache/syncdiffusion/torch-compile)
+    spare later processes most of it.
+    Raises `CLIError` when the model cannot be found or a compile option is wrong.
     """
     import torch
 
     device = resolve_device(device)
     check_device(device)
+    compile_mode = _compile_options(compile, compile_mode, compile_cache)
     pipeline_class = pipeline_class_of(model)
     scheduler = resolve_scheduler(pipeline_class, scheduler)
     flux = is_flux(pipeline_class)
@@ -373,9 +379,10 @@ def load_pipeline(
     else:
         pipe.to(device)
     if compile:
+        from syncdiffusion_utils.compiling import compile_pipeline
+
         # Views come in batches of at most two sizes, so shapes are static: no dynamic-shape compilation.
-        pipe.unet = torch.compile(pipe.unet, dynamic=False)
-        pipe.vae.decoder = torch.compile(pipe.vae.decoder, dynamic=False)
+        compile_pipeline(pipe, compile_mode, dynamic=False)
     pipe.set_progress_bar_config(disable=not progress)
     return pipe
 
@@ -390,6 +397,27 @@ def _tiny_flux_pipeline(pipeline_class):
         pipe = tiny_flux_pipeline(pipeline_class=pipeline_class)
     pipe.default_sample_size = TINY_FLUX_SAMPLE_SIZE
     return pipe
+
+
+def _compile_options(compile, compile_mode, compile_cache):
+    """The compile mode `load_pipeline` uses, after pointing torch's compile caches at their folder; raises
+    `CLIError` naming --compile-mode or --compile-cache for a wrong value, or one given without --compile."""
+    from syncdiffusion_utils.compiling import COMPILE_MODES, DEFAULT_COMPILE_MODE, setup_compile_cache
+
+    if not compile:
+        options = (("--compile-mode", compile_mode), ("--compile-cache", compile_cache))
+        given = [flag for flag, value in options if value is not None]
+        if given:
+            raise CLIError(f"{' and '.join(given)}: only with --compile (nothing is compiled without it).", code=2)
+        return None
+    compile_mode = DEFAULT_COMPILE_MODE if compile_mode is None else compile_mode
+    if compile_mode not in COMPILE_MODES:
+        raise CLIError(f"--compile-mode {compile_mode!r}: choose one of {', '.join(COMPILE_MODES)}.", code=2)
+    try:
+        setup_compile_cache(compile_cache)
+    except ValueError as error:
+        raise CLIError(f"--compile-cache: {error}", code=2) from None
+    return compile_mode
 
 
 def set_scheduler(pipe, name):
