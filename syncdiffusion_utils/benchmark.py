@@ -34,10 +34,11 @@ import os
 import sys
 import threading
 import time
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 
 import torch
 
+from syncdiffusion_utils import compiling
 from syncdiffusion_utils.counting import PassCounter, StepRecorder, expected_plain_step, expected_sync_step
 
 
@@ -61,6 +62,8 @@ REFERENCE_PIPELINES = {PANORAMA_MODE: "StableDiffusionPanoramaPipeline", FLUX_PI
 # What `--arch flux` runs unless `--modes` says otherwise.
 FLUX_MODES = ("multidiffusion", "exact", "exact+ckpt", "fast", TINY_DECODER_MODE, FLUX_PIPELINE_MODE)
 REFERENCE_MODE = "multidiffusion"
+# A mode ending in this runs after the eager modes, on the pipeline compiled (`syncdiffusion_utils.compiling`).
+COMPILED_SUFFIX = "+compiled"
 # The any-width panorama of the small-card presets.
 WIDE = {
     "arch": "sd2",
@@ -87,6 +90,8 @@ PRESETS = {
         "view_batch_size": "auto",
         "reference": PANORAMA_MODE,
         "modes": [PANORAMA_MODE, "multidiffusion@1", "multidiffusion", "exact", "fast", "fast+tiny-decoder+lpips256"],
+        # Two calls of each mode: the first (with `--compile`, its compiling) and the steady state.
+        "repeat": 2,
     },
     # Any width on a 6 GB card: 512x8192 (3 steps, 2 synchronized), tiled final decode, on an emulated 6 GiB card.
     "gpu-wide": {**WIDE, "memory_limit_gib": 6, "modes": ["multidiffusion", "exact"]},
@@ -413,7 +418,7 @@ def _flux_info(pipe, depth_mult, full_text_encoders, max_sequence_length):
 
 def _check_flux_options(arch, modes, controlnet, channels_last, offload_text_encoder, max_sequence_length, depth_mult):
     """Refuse what a FLUX run or an SD run cannot do, before anything is built."""
-    bases = {m.partition("@")[0] for m in modes}
+    bases = {_mode_name(m).partition("@")[0] for m in modes}
     flux = arch in FLUX_ARCHS
     if not flux and FLUX_PIPELINE_MODE in bases:
         raise ValueError(f"{FLUX_PIPELINE_MODE} is FluxPipeline: for arch='flux' only")
@@ -421,7 +426,7 @@ def _check_flux_options(arch, modes, controlnet, channels_last, offload_text_enc
         raise ValueError(f"depth_mult={depth_mult}: for arch='flux' only")
     if not depth_mult > 0:
         raise ValueError(f"depth_mult={depth_mult}: a positive number")
-    batched = [m for m in modes if m.partition("@")[0] == FLUX_PIPELINE_MODE and "@" in m]
+    batched = [m for m in modes if _mode_name(m).partition("@")[0] == FLUX_PIPELINE_MODE and "@" in m]
     if batched:
         raise ValueError(f"modes {batched}: {FLUX_PIPELINE_MODE} has no views to batch; name it without @K")
     if not flux:
@@ -483,6 +488,9 @@ def run_benchmark(
     pipe=None,
     reference=REFERENCE_MODE,
     compile=False,
+    compile_mode="regional",
+    compile_cache=None,
+    compile_backend="inductor",
     vae_tiling=False,
     controlnet=False,
     channels_last=False,
@@ -498,11 +506,17 @@ def run_benchmark(
     `mode, kwargs, seconds, ratio, step_seconds, sync_steps, sync_step_seconds, plain_step_seconds, step_ratio,
     projected_ratio` (wall clock), the same prefixed `cpu_` (this process's CPU time), `passes` (whole call),
     `passes_sync_step` (first synchronized step), `expected_sync_step, expected_passes, passes_match, final_decode,
-    peak_mem_mib, memory_kind`; MultiDiffusion's also `md_step_seconds`. MultiDiffusion always runs first, as the
-    reference of the ratios (or `reference`). With `repeat > 1` the fastest (wall clock) of the repeats is kept.
-    A mode named `NAME@K` runs mode `NAME` with `view_batch_size=K` (an integer or `auto`); `panorama-pipeline` is
-    diffusers' `StableDiffusionPanoramaPipeline` on the same components with all views in one batch (`@K` too).
-    `compile` runs the UNet and the VAE decoder through `torch.compile`; `vae_tiling` decodes in tiles;
+    peak_mem_mib, memory_kind`, and `calls` (each call's seconds, peak memory, compiling seconds and view batches),
+    `first_call_seconds`, `steady_seconds` (the fastest call after the first; None with one call) and
+    `compile_seconds` (torch's compiling during the mode's calls); MultiDiffusion's also `md_step_seconds`.
+    MultiDiffusion always runs first, as the reference of the ratios (or `reference`). With `repeat > 1` the figures
+    besides `calls` are the fastest (wall clock) call's. A mode named `NAME@K` runs mode `NAME` with
+    `view_batch_size=K` (an integer or `auto`); `panorama-pipeline` is diffusers' `StableDiffusionPanoramaPipeline`
+    on the same components with all views in one batch (`@K` too). A mode ending in `+compiled` runs after the
+    others, on the pipeline compiled in `compile_mode` ("regional" or "whole", `syncdiffusion_utils.compiling`;
+    the `sync_decoder` of the tiny-decoder modes too) with torch.compile's `compile_backend`, its caches in
+    `compile_cache` (`compiling.setup_compile_cache`); `compile` adds every mode again compiled, reference included,
+    and the pipeline is restored uncompiled at the end. `vae_tiling` decodes in tiles;
     `channels_last` puts the UNet and the VAE in channels-last layout; `memory_limit_gib` emulates a CUDA card of
     that size (`cuda_memory_limit`), where a mode that runs out of memory gets a row with its `error`;
     `offload_text_encoder` encodes the prompt once and moves the text encoder to the CPU for the run.
@@ -526,13 +540,21 @@ def run_benchmark(
     stride = stride or defaults["stride"]
     guidance_scale = GUIDANCE_SCALES.get(arch, DEFAULT_GUIDANCE_SCALE) if guidance_scale is None else guidance_scale
     modes = list(modes) if modes else list(FLUX_MODES if arch in FLUX_ARCHS else MODES)
-    unknown = [m for m in modes + [reference] if m.partition("@")[0] not in (*MODES, *REFERENCE_PIPELINES)]
+    unknown = [m for m in modes + [reference] if _mode_name(m).partition("@")[0] not in (*MODES, *REFERENCE_PIPELINES)]
     if unknown:
         raise ValueError(
-            f"unknown modes {unknown}; choose from {list(MODES) + list(REFERENCE_PIPELINES)}, optionally @K or @auto"
+            f"unknown modes {unknown}; choose from {list(MODES) + list(REFERENCE_PIPELINES)}, optionally @K or @auto,"
+            f" and {COMPILED_SUFFIX}"
         )
+    if reference.endswith(COMPILED_SUFFIX):
+        raise ValueError(f"reference={reference!r}: the reference runs first, before compiling; name an eager mode")
+    compiling.check_compile_mode(compile_mode)
     modes = [reference] + [m for m in dict.fromkeys(modes) if m != reference]
-    if (arch in XL_ARCHS or controlnet) and any(m.partition("@")[0] == PANORAMA_MODE for m in modes):
+    if compile:
+        modes += [m + COMPILED_SUFFIX for m in modes if not m.endswith(COMPILED_SUFFIX)]
+    # Eager modes first: compiling changes the pipeline for every later mode.
+    modes = list(dict.fromkeys(sorted(modes, key=lambda m: m.endswith(COMPILED_SUFFIX))))
+    if (arch in XL_ARCHS or controlnet) and any(_mode_name(m).partition("@")[0] == PANORAMA_MODE for m in modes):
         raise ValueError(f"{PANORAMA_MODE} is StableDiffusionPanoramaPipeline: SD 1.x/2.x without ControlNet only")
     _check_flux_options(arch, modes, controlnet, channels_last, offload_text_encoder, max_sequence_length, depth_mult)
     synchronize = _synchronizer(device)
@@ -550,10 +572,6 @@ def run_benchmark(
         pipe.vae.enable_tiling()
     if channels_last:
         set_channels_last(pipe)
-    if compile:
-        # Fixed shapes (views come in batches of at most two sizes), so no dynamic-shape compilation.
-        pipe.unet = torch.compile(pipe.unet, dynamic=False)
-        pipe.vae.decoder = torch.compile(pipe.vae.decoder, dynamic=False)
     build_seconds = time.perf_counter() - t_build
     sample_size = pipe.unet.config.sample_size if denoiser == "unet" else sample_size
     # FLUX's views are `window_size` pixels (its transformer has no fixed size), the UNet's its sample size.
@@ -563,7 +581,7 @@ def run_benchmark(
     if any(m.partition("@")[0] == PANORAMA_MODE for m in modes) and (sample_size != 64 or stride != 8):
         raise ValueError(f"{PANORAMA_MODE} has a fixed 64-latent window and stride 8: use --sample-size 64 --stride 8")
     tiny_decoder = None
-    if any(MODES.get(m.partition("@")[0], {}).get("sync_decoder") == "tiny" for m in modes):
+    if any(MODES.get(_mode_name(m).partition("@")[0], {}).get("sync_decoder") == "tiny" for m in modes):
         from syncdiffusion_utils.testing import make_tiny_decoder, make_tiny_flux_decoder
 
         # TAESD's architecture for SD, TAEF1's (16 latent channels) for FLUX, at their real width
@@ -618,6 +636,9 @@ def run_benchmark(
         else f"cpu ({torch.get_num_threads()} threads)",
         "reference": reference,
         "compile": compile,
+        "compile_mode": compile_mode if any(m.endswith(COMPILED_SUFFIX) for m in modes) else None,
+        "compiled_blocks": None,
+        "compile_cache": None,
         "vae_tiling": vae_tiling,
         "channels_last": channels_last,
         "memory_limit_gib": memory_limit_gib if device.type == "cuda" else None,
@@ -626,6 +647,7 @@ def run_benchmark(
         "controlnet": controlnet,
         "torch": torch.__version__,
         "repeat": repeat,
+        "warmup": warmup,
         "final_decode": decode,
         "build_seconds": build_seconds,
         "project_steps": project_steps,
@@ -648,7 +670,7 @@ def run_benchmark(
         ),
     )
 
-    with cuda_memory_limit(device, memory_limit_gib):
+    with cuda_memory_limit(device, memory_limit_gib), ExitStack() as restore:
         if warmup:
             # First-call costs (allocator, kernels, lazy imports) must not count against the first mode measured.
             t0 = time.perf_counter()
@@ -662,8 +684,19 @@ def run_benchmark(
 
         rows = []
         reference_name, reference = reference, None
+        compiled = None
         for index, mode in enumerate(modes, 1):
-            base, _, batch = mode.partition("@")
+            if mode.endswith(COMPILED_SUFFIX) and compiled is None:
+                info["compile_cache"] = compiling.setup_compile_cache(compile_cache)["directory"]
+                compiled = compiling.compile_pipeline(pipe, compile_mode, backend=compile_backend)
+                restore.callback(compiling.uncompile_pipeline, pipe)
+                if tiny_decoder is not None:
+                    compiled["models"]["sync_decoder"] = compiling.compile_decoder(
+                        tiny_decoder, compile_mode, backend=compile_backend
+                    )
+                info["compiled_blocks"] = compiled["models"]
+                _log(progress, f"compiled ({compile_mode}): {compiled['models']}")
+            base, _, batch = _mode_name(mode).partition("@")
             panorama = base == PANORAMA_MODE
             kwargs = {"sync_weight": 0.0} if base in REFERENCE_PIPELINES else dict(MODES[base])
             if kwargs.get("sync_decoder") == "tiny":
@@ -718,6 +751,10 @@ def run_benchmark(
                 "final_decode": best["passes"]["final_decode"],
                 "peak_mem_mib": best["peak_mem_mib"],
                 "memory_kind": best["memory_kind"],
+                "calls": best["calls"],
+                "first_call_seconds": best["calls"][0]["seconds"],
+                "steady_seconds": min((c["seconds"] for c in best["calls"][1:]), default=None),
+                "compile_seconds": _sum_known(c["compile_seconds"] for c in best["calls"]),
             }
             if mode == reference_name:
                 reference = row
@@ -757,20 +794,36 @@ def run_benchmark(
 
 
 def _measure(run, measured, kwargs, latents, repeat, device, synchronize, panorama, guidance_scale):
-    """Run one mode `repeat` times; the fastest run's times, step times, pass counts and peak memory."""
-    best = None
+    """
+    Run one mode `repeat` times; the fastest run's times, step times, pass counts and peak memory, and `calls`: each
+    call's seconds, peak memory, compiling seconds and view batches. Every call starts from an emptied allocator
+    cache, so that "auto" reads the same free memory and chooses the same batches each time.
+    """
+    best, calls = None, []
     for _ in range(max(1, repeat)):
         _release_memory(device)
+        compiled_before = compiling.compile_seconds()
         # The panorama pipeline's `do_classifier_free_guidance` is always False (a known bug), though it guides.
         guided = guidance_scale > 1 if panorama else None
         counter = PassCounter(measured, sync_decoder=kwargs.get("sync_decoder"), guided=guided)
         with PeakMemory(device) as memory, counter:
-            with StepRecorder(measured, counter, synchronize) as recorder:
+            with StepRecorder(measured, counter, synchronize) as recorder, ViewBatchRecorder(measured) as batches:
                 synchronize()
                 start, start_cpu = time.perf_counter(), time.process_time()
                 run(**kwargs, latents=latents.clone(), callback_on_step_end=recorder)
                 synchronize()
                 seconds, cpu_seconds = time.perf_counter() - start, time.process_time() - start_cpu
+        compiled_after = compiling.compile_seconds()
+        calls.append(
+            {
+                "seconds": seconds,
+                "cpu_seconds": cpu_seconds,
+                "peak_mem_mib": memory.peak_mib,
+                "compile_seconds": None if compiled_before is None else compiled_after - compiled_before,
+                "view_batches": batches.chosen,
+                "step_seconds": list(recorder.step_seconds),
+            }
+        )
         if best is None or seconds < best["seconds"]:
             best = {
                 "seconds": seconds,
@@ -782,7 +835,53 @@ def _measure(run, measured, kwargs, latents, repeat, device, synchronize, panora
                 "peak_mem_mib": memory.peak_mib,
                 "memory_kind": memory.kind,
             }
+    best["calls"] = calls
     return best
+
+
+def _sum_known(values):
+    values = list(values)
+    return None if any(v is None for v in values) else sum(values)
+
+
+class ViewBatchRecorder:
+    """
+    Context manager: the view batches a SyncDiffusion pipeline chooses in each call made inside it, as dicts
+    `{"view_batch_size", "gradient_batch_size", "checkpointing"}` in `.chosen` (empty for a pipeline without
+    `view_batch_sizes`, such as diffusers' panorama pipeline).
+    """
+
+    def __init__(self, pipe):
+        self.pipe = pipe
+        self.chosen = []
+
+    def __enter__(self):
+        choose = getattr(self.pipe, "view_batch_sizes", None)
+        if choose is None:
+            return self
+
+        def view_batch_sizes(*args, **kwargs):
+            view_batch_size, sync = choose(*args, **kwargs)
+            self.chosen.append(
+                {
+                    "view_batch_size": view_batch_size,
+                    "gradient_batch_size": sync.gradient_batch_size,
+                    "checkpointing": sync.checkpointing,
+                }
+            )
+            return view_batch_size, sync
+
+        self.pipe.view_batch_sizes = view_batch_sizes
+        return self
+
+    def __exit__(self, *exc):
+        self.pipe.__dict__.pop("view_batch_sizes", None)
+        return False
+
+
+def _mode_name(mode):
+    """`mode` without its `+compiled` suffix."""
+    return mode[: -len(COMPILED_SUFFIX)] if mode.endswith(COMPILED_SUFFIX) else mode
 
 
 def _error_row(mode, kwargs, error, device):
@@ -891,18 +990,27 @@ def format_table(info, rows):
         + (" ControlNet (cn) fwd and bwd: the UNet's." if controlnet else "")
         + " 'ok' = every count (step and whole call) equals the formula.",
         f"MD = the reference mode, {info['reference']}"
-        f"{' (compiled UNet and decoder)' if info['compile'] else ''}{'; VAE tiling' if info['vae_tiling'] else ''}"
+        f"{'; VAE tiling' if info['vae_tiling'] else ''}"
         f"{'; channels-last UNet and VAE' if info.get('channels_last') else ''}{emulated}."
         f" x MD: whole call vs the reference; step x MD: mean synchronized step vs the reference's mean step;"
         f" proj. x MD: a {info['project_steps']}-step run with sync_thres={info['project_sync_thres']},"
         f" projected from the per-step figures. 'cpu': the same ratios in this process's CPU time (steadier than wall"
-        f" time when other processes share the CPU; meaningless on a GPU).",
+        f" time when other processes share the CPU; meaningless on a GPU)."
+        + (
+            f" '{COMPILED_SUFFIX}': the same mode after the eager ones, {info['compile_mode']} compilation"
+            f" ({info['compiled_blocks']}), caches in {info['compile_cache']}."
+            if info.get("compile_mode")
+            else ""
+        )
+        + f" 'first s': the mode's first call; 'compile s': torch's compiling in its {info['repeat']} call(s).",
         "",
     ]
     memory_kind = rows[0]["memory_kind"] if rows else ""
     header = [
         "mode",
         "total s",
+        "first s",
+        "compile s",
         "x MD",
         "step s",
         "step x MD",
@@ -931,6 +1039,8 @@ def format_table(info, rows):
         cells = [
             row["mode"],
             _fmt(row["seconds"], ".2f"),
+            _fmt(row["first_call_seconds"], ".2f"),
+            _fmt(row["compile_seconds"], ".1f"),
             _fmt(row["ratio"], ".2f"),
             _fmt(step_time, ".2f"),
             _fmt(row["step_ratio"], ".2f"),
@@ -953,7 +1063,7 @@ def format_table(info, rows):
 
 
 # Options a preset may set: the command line's defaults apply only where neither says anything.
-OPTION_DEFAULTS = {"arch": "tiny", "steps": 2, "sync_thres": 2, "dtype": "float32", "view_batch_size": 1}
+OPTION_DEFAULTS = {"arch": "tiny", "steps": 2, "sync_thres": 2, "dtype": "float32", "view_batch_size": 1, "repeat": 1}
 
 
 def _view_batch_size(text):
@@ -1031,7 +1141,23 @@ def parse_args(argv=None):
         + ", ".join(f"{name} ({p['height']}x{p['width']}, {p['steps']} steps)" for name, p in PRESETS.items()),
     )
     parser.add_argument("--reference", default=None, help=f"the mode ratios refer to (default {REFERENCE_MODE})")
-    parser.add_argument("--compile", action="store_true", help="torch.compile the UNet and the VAE decoder")
+    parser.add_argument(
+        "--compile",
+        action="store_true",
+        help=f"also run every mode compiled (NAME{COMPILED_SUFFIX}), after the eager ones",
+    )
+    parser.add_argument(
+        "--compile-mode",
+        choices=compiling.COMPILE_MODES,
+        help="compiled modes' compilation: regional (default: the repeated blocks of the denoiser and the VAE"
+        " decoder) or whole (each model)",
+    )
+    parser.add_argument(
+        "--compile-cache",
+        metavar="DIR",
+        default=None,
+        help="torch's compile caches (default: $SYNCDIFFUSION_COMPILE_CACHE, else ~/.cache/syncdiffusion/torch-compile)",
+    )
     parser.add_argument("--vae-tiling", action="store_true", help="decode the panorama in tiles (vae.enable_tiling)")
     parser.add_argument(
         "--channels-last", action="store_true", help="channels-last memory layout for the UNet and VAE"
@@ -1066,7 +1192,9 @@ def parse_args(argv=None):
         f" first {len(MODES)}, or for flux {','.join(FLUX_MODES)}",
     )
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
-    parser.add_argument("--repeat", type=int, default=1, help="run each mode this many times, keep the fastest")
+    parser.add_argument(
+        "--repeat", type=int, help="run each mode this many times: the first call, and the fastest (default 1)"
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--prompt", default="a photo of a mountain range at twilight")
     parser.add_argument("--no-warmup", action="store_true", help="skip the warm-up call")
@@ -1076,7 +1204,14 @@ def parse_args(argv=None):
         "--project-sync-thres", type=int, default=5, help="sync_thres of the projected run (default 5)"
     )
     parser.add_argument("--json", metavar="PATH", help="also write the configuration and rows as JSON")
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    compiled_modes = args.compile or COMPILED_SUFFIX in (args.modes or "")
+    for flag, value in (("--compile-mode", args.compile_mode), ("--compile-cache", args.compile_cache)):
+        if value is not None and not compiled_modes:
+            parser.error(f"{flag}: only with --compile or a {COMPILED_SUFFIX} mode")
+    if args.compile_mode is None:
+        args.compile_mode = compiling.DEFAULT_COMPILE_MODE
+    return args
 
 
 def main(argv=None):
@@ -1106,6 +1241,8 @@ def main(argv=None):
         device=args.device,
         reference=args.reference or REFERENCE_MODE,
         compile=args.compile,
+        compile_mode=args.compile_mode,
+        compile_cache=args.compile_cache,
         vae_tiling=args.vae_tiling,
         controlnet=args.controlnet,
         channels_last=args.channels_last,

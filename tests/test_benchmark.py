@@ -486,3 +486,67 @@ def test_flux_options_are_checked_before_anything_is_built(options, message, mon
     monkeypatch.setattr(benchmark, "build_pipeline", build_pipeline)
     with pytest.raises(ValueError, match=re.escape(message)):
         benchmark.run_benchmark(progress=None, **options)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Compiled modes: after the eager ones, first call and steady state, compiling time
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def test_compiled_modes_follow_the_eager_ones_with_the_same_passes(tmp_path):
+    """`compile=True` (`--compile`) adds every mode again, `+compiled`, after the eager ones: regional compilation
+    (Dynamo's eager backend here; Inductor on a GPU), two calls each. The first compiled call compiles, the second
+    compiles nothing; the counts are unchanged; the pipeline is eager again afterwards."""
+    from syncdiffusion_utils import compiling
+
+    pipe = benchmark.build_pipeline("tiny")
+    torch._dynamo.reset()
+    try:
+        rows = benchmark.run_benchmark(
+            pipe=pipe,
+            modes=["exact"],
+            compile=True,
+            compile_backend="eager",
+            compile_cache=str(tmp_path / "cache"),
+            repeat=2,
+            height=64,
+            width=128,
+            stride=4,
+            steps=2,
+            sync_thres=1,
+            warmup=False,
+            decode=False,
+            progress=None,
+        )
+    finally:
+        torch._dynamo.reset()
+    names = ["multidiffusion", "exact", "multidiffusion+compiled", "exact+compiled"]
+    assert [row["mode"] for row in rows] == names
+    by_mode = {row["mode"]: row for row in rows}
+    for mode in ("multidiffusion", "exact"):
+        eager, compiled = by_mode[mode], by_mode[mode + "+compiled"]
+        assert eager["passes_match"] and compiled["passes_match"]
+        assert compiled["passes"] == eager["passes"] and compiled["passes_sync_step"] == eager["passes_sync_step"]
+        assert eager["compile_seconds"] == 0
+        assert [call["compile_seconds"] > 0 for call in compiled["calls"]] == [True, False]
+        assert compiled["first_call_seconds"] == compiled["calls"][0]["seconds"]
+        assert compiled["steady_seconds"] == compiled["calls"][1]["seconds"]
+    config = rows.config
+    assert config["compile_mode"] == "regional" and config["compile_cache"] == str(tmp_path / "cache")
+    assert config["compiled_blocks"]["unet"] == {"BasicTransformerBlock": 4, "ResnetBlock2D": 8}
+    assert compiling.compiled_blocks(pipe.unet) == {} and compiling.compiled_blocks(pipe.vae) == {}
+    table = benchmark.format_table(config, rows)
+    assert "\nexact+compiled " in table and "'+compiled': the same mode after the eager ones" in table
+
+
+def test_compile_flags_need_a_compiled_mode_and_the_reference_is_eager():
+    with pytest.raises(SystemExit):
+        benchmark.parse_args(ARGS + ["--compile-mode", "whole"])
+    assert (
+        benchmark.parse_args(ARGS + ["--modes", "exact+compiled", "--compile-mode", "whole"]).compile_mode == "whole"
+    )
+    assert benchmark.parse_args(ARGS + ["--compile"]).compile_mode == "regional"
+    with pytest.raises(ValueError, match="reference='exact\\+compiled'"):
+        benchmark.run_benchmark(reference="exact+compiled", progress=None)
+    with pytest.raises(ValueError, match="compile_mode='fast'"):
+        benchmark.run_benchmark(compile=True, compile_mode="fast", progress=None)
