@@ -5,36 +5,61 @@
 The project's own measurement (the figures of README.md and docs/gpu.md), kept beside the JSON files it writes and
 not part of the installed package; it runs the checkout's `syncdiffusion_utils.benchmark` and pipelines.
 
-A lent GPU is short of time, not memory, so the runs share one pipeline build and come most important first;
-once `--budget` seconds have passed the remaining ones are skipped (and say so):
+A lent GPU is short of time, not memory, so the runs come most important first, those in this process share one
+pipeline build (made when the first of them starts), and once `--budget` seconds have passed the remaining ones are
+skipped (and say so). The `compile` group (`--only compile`) is what the compiled exact mode costs, and comes first:
 
-1. `gpu-default`: the command's default panorama (512x2048, 50 steps, 5 synchronized) with diffusers'
-   `StableDiffusionPanoramaPipeline`, all views in one batch, as the reference; MultiDiffusion, exact, fast and
-   fast + tiny decoder with `view_batch_size="auto"`.
-2. `gpu-default-steady`: the reference, exact and fast again, each the faster of two calls (a process's first
-   synchronized call also grows the allocator and chooses kernels).
-3. `components`: seconds of each network pass (UNet, VAE decoder, LPIPS) alone, at 1, 4 and 8 views.
-4. `gpu-wide` (exact, an emulated 6 GiB card) and `gpu-wide-fast` (the fast modes, 4 GiB, the text encoder moved
-   to the CPU after encoding): 512x8192, tiled final decode.
-5. `lpips-precision`: LPIPS's image gradient in float16 against float32, and the time of each.
-6. `gpu-default-channels-last`: the reference, MultiDiffusion and exact with the UNet and VAE channels-last.
-7. `gpu-default-unbatched`: MultiDiffusion with one view per UNet call, as the panorama pipeline's default.
-8. `gpu-default-compiled`: the reference and MultiDiffusion with `torch.compile`d UNet and decoder.
+1. `first-call-exact`: a fresh process, as the `syncdiffusion` command is (one panorama per process): the default
+   panorama (512x2048, 50 steps, 5 synchronized) in the exact mode with `view_batch_size="auto"`, its first call
+   (no warm-up: the allocator grows, kernels are chosen) and a second call; then diffusers'
+   `StableDiffusionPanoramaPipeline` with all views in one batch, twice: the ratios' reference.
+2. `first-call-exact-compiled`: run 1's exact mode with the UNet's and the VAE decoder's repeated blocks compiled
+   (regional compilation, `syncdiffusion_utils.compiling`), torch's compile caches in a new, empty folder: the
+   first call compiles (forward and backward), the second is the steady state.
+3. `first-call-exact-compiled-warm`: the same again in another fresh process, on the caches the previous one filled
+   (what a second `syncdiffusion --compile` run pays).
+4. `first-call-exact-capped`: run 1's exact mode with at most 8 views per gradient pass (a smaller allocator on a
+   first call, against slower passes): the data for a first-call cap in "auto".
+5. `gpu-default-compiled`: a fresh process, `benchmark --preset gpu-default --compile`'s rows: the reference,
+   MultiDiffusion, exact and fast, eager, then compiled (regional, on the warm caches), two calls each.
+6. `first-call-exact-compiled-whole`: run 2 with each model compiled whole (`--compile-mode whole`), its own empty
+   cache folder.
+7. `flux-default-compiled`: a fresh process, `benchmark --preset flux-default --compile`'s MultiDiffusion, exact and
+   fast (FLUX.1's architecture in bfloat16, 1024x4096), eager then compiled, two calls each; it needs 590 s of
+   budget, so it runs alone (`--only flux-default-compiled`).
 
-Then the goal table. Everything goes into one file, `OUT/gpu-goals-DEVICE.json`, rewritten after each run. Random
-weights: the costs are the real architectures', the images mean nothing.
+Then the earlier measurements, in this process:
+
+8. `gpu-default`: the reference; MultiDiffusion, exact, fast and fast + tiny decoder with "auto", first calls.
+9. `gpu-default-steady`: the reference, exact and fast again, each the faster of two calls.
+10. `components`: seconds of each network pass (UNet, VAE decoder, LPIPS) alone, at 1, 4 and 8 views.
+11. `gpu-wide` (exact, an emulated 6 GiB card) and `gpu-wide-fast` (the fast modes, 4 GiB, the text encoder moved
+    to the CPU after encoding): 512x8192, tiled final decode.
+12. `lpips-precision`: LPIPS's image gradient in float16 against float32, and the time of each.
+13. `gpu-default-channels-last`: the reference, MultiDiffusion and exact with the UNet and VAE channels-last.
+14. `gpu-default-unbatched`: MultiDiffusion with one view per UNet call, as the panorama pipeline's default.
+
+Then the goal table. Everything goes into one file, `OUT/gpu-goals-DEVICE.json`, rewritten after each run (a fresh
+process's run is written when it ends). Random weights: the costs are the real architectures', the images mean
+nothing.
 """
 
 import argparse
 import copy
 import json
 import os
+import shutil
 import statistics
+import subprocess
 import sys
+import tempfile
 import time
 import traceback
+from contextlib import contextmanager
+from dataclasses import replace
 
 
+STARTED = time.perf_counter()  # a fresh process's imports count from here
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 if ROOT not in sys.path:  # `python benchmarks/gpu_goals.py`: the checkout's package and pipelines, installed or not
@@ -42,9 +67,11 @@ if ROOT not in sys.path:  # `python benchmarks/gpu_goals.py`: the checkout's pac
 
 import torch  # noqa: E402
 
-from syncdiffusion_utils import benchmark  # noqa: E402
+from syncdiffusion_utils import benchmark, compiling  # noqa: E402
 
 
+# The FLUX default panorama's modes, eager and then compiled; eager MultiDiffusion is the reference.
+FLUX_MODES = ["multidiffusion", "exact", "fast"]
 DEFAULT_MODES = [
     "panorama-pipeline",
     "multidiffusion@auto",
@@ -52,8 +79,61 @@ DEFAULT_MODES = [
     "fast@auto",
     "fast+tiny-decoder+lpips256@auto",
 ]
-RUNS = [
-    ("gpu-default", {"preset": "gpu-default", "modes": DEFAULT_MODES}),
+# A first call of the exact mode, and a second, with nothing run before in the process.
+FIRST_CALL = {"preset": "gpu-default", "modes": ["exact@auto"], "reference": "exact@auto", "warmup": False}
+# The same, then the reference twice (after the exact mode's calls: a warm process), for the ratios.
+FIRST_CALL_AND_REFERENCE = {**FIRST_CALL, "modes": ["exact@auto", "panorama-pipeline"]}
+# The gradient-pass cap of `first-call-exact-capped`: the trial cap of docs/gpu.md (7% slower in the steady state).
+GRADIENT_CAP = 8
+# `process`: the run goes to a fresh process (`--child`); `compile_first`: the pipeline is compiled so before the
+# first call; `cache`: the compile cache folder, by name (one per name and session, new and empty at first use).
+# `needs`: the seconds of budget that must be left for the run to start.
+COMPILE_RUNS = [
+    ("first-call-exact", {"process": {"options": FIRST_CALL_AND_REFERENCE}, "needs": 90}),
+    (
+        "first-call-exact-compiled",
+        {"process": {"options": FIRST_CALL, "compile_first": "regional", "cache": "regional"}, "needs": 240},
+    ),
+    (
+        "first-call-exact-compiled-warm",
+        {"process": {"options": FIRST_CALL, "compile_first": "regional", "cache": "regional"}, "needs": 120},
+    ),
+    ("first-call-exact-capped", {"process": {"options": FIRST_CALL, "gradient_cap": GRADIENT_CAP}, "needs": 90}),
+    (
+        "gpu-default-compiled",
+        {
+            "process": {
+                "options": {"preset": "gpu-default", "modes": DEFAULT_MODES[:4], "compile": True},
+                "cache": "regional",
+            },
+            "needs": 240,
+        },
+    ),
+    (
+        "first-call-exact-compiled-whole",
+        {"process": {"options": FIRST_CALL, "compile_first": "whole", "cache": "whole"}, "needs": 300},
+    ),
+    # The FLUX default panorama (FLUX.1's architecture, T5-XXL's encoder included, bfloat16): building it alone takes
+    # minutes, so it needs a budget of its own (`--only flux-default-compiled`).
+    (
+        "flux-default-compiled",
+        {
+            "process": {
+                "options": {"preset": "flux-default", "modes": FLUX_MODES, "compile": True, "repeat": 2},
+                "arch": "flux",
+                "dtype": "bfloat16",
+                "sample_size": 128,
+                "build": {"full_text_encoders": True},
+                "cache": "flux",
+            },
+            "needs": 590,
+        },
+    ),
+]
+GROUPS = {"compile": [name for name, _ in COMPILE_RUNS]}
+RUNS = COMPILE_RUNS + [
+    # First calls of each mode (after the warm-up), as docs/gpu.md's table.
+    ("gpu-default", {"preset": "gpu-default", "modes": DEFAULT_MODES, "repeat": 1}),
     # The same after a first call of each (allocator grown, kernels chosen), as a user's second panorama runs.
     (
         "gpu-default-steady",
@@ -63,13 +143,13 @@ RUNS = [
     ("gpu-wide", {"preset": "gpu-wide"}),
     ("gpu-wide-fast", {"preset": "gpu-wide-fast"}),
     ("lpips-precision", {"measure": "lpips", "views": 8, "size": 512}),
-    ("gpu-default-channels-last", {"preset": "gpu-default", "modes": DEFAULT_MODES[:3], "channels_last": True}),
-    ("gpu-default-unbatched", {"preset": "gpu-default", "modes": ["panorama-pipeline", "multidiffusion@1"]}),
-    # Compilation happens inside the first call of each new shape: the faster of two calls is kept. `needs`: the
-    # seconds of budget that must be left for the run to start (compiling SD 2's UNet and decoder takes minutes).
     (
-        "gpu-default-compiled",
-        {"preset": "gpu-default", "modes": DEFAULT_MODES[:2], "compile": True, "repeat": 2, "needs": 150},
+        "gpu-default-channels-last",
+        {"preset": "gpu-default", "modes": DEFAULT_MODES[:3], "channels_last": True, "repeat": 1},
+    ),
+    (
+        "gpu-default-unbatched",
+        {"preset": "gpu-default", "modes": ["panorama-pipeline", "multidiffusion@1"], "repeat": 1},
     ),
 ]
 # run_benchmark's arguments a preset holds (the rest of a preset is the command line's business).
@@ -86,8 +166,13 @@ BENCHMARK_KEYS = (
     "modes",
     "channels_last",
     "compile",
+    "compile_mode",
+    "compile_cache",
+    "compile_backend",
     "repeat",
+    "warmup",
     "offload_text_encoder",
+    "full_text_encoders",
 )
 
 
@@ -254,7 +339,8 @@ def goal_table(results):
     exact, md = _row(default, "exact@auto"), _row(default, "multidiffusion@auto")
     channels_last = results.get("gpu-default-channels-last")
     exact_cl = _row(channels_last, "exact@auto")
-    compiled = _row(results.get("gpu-default-compiled"), "multidiffusion@auto")
+    compiled_run = results.get("gpu-default-compiled")
+    compiled_reference = _row(compiled_run, "panorama-pipeline")
     wide, wide_fast = _row(results.get("gpu-wide"), "exact"), _row(results.get("gpu-wide-fast"), "fast")
     wide_tiny = _row(results.get("gpu-wide-fast"), "fast+tiny-decoder+lpips256")
     steady = results.get("gpu-default-steady")
@@ -269,6 +355,22 @@ def goal_table(results):
     def peak(row):
         return None if row is None else (None if row.get("error") else row["peak_mem_mib"])
 
+    def call(row, index, key="seconds"):
+        """The `index`-th call's figure (0: the first call, 1: the second, the steady state)."""
+        calls = [] if row is None or row.get("error") else row.get("calls", [])
+        return calls[index][key] if len(calls) > index else None
+
+    def over_compiled_reference(mode):  # the compiled run's fastest call over its own eager reference's
+        return _ratio(seconds(_row(compiled_run, mode + benchmark.COMPILED_SUFFIX)), seconds(compiled_reference))
+
+    flux_run = results.get("flux-default-compiled")
+
+    def over_flux_reference(mode):
+        return _ratio(seconds(_row(flux_run, mode)), seconds(_row(flux_run, "multidiffusion")))
+
+    fresh = {name: _row(results.get(name), "exact@auto") for name, _ in COMPILE_RUNS if name.startswith("first")}
+    reference_steady = call(_row(results.get("first-call-exact"), "panorama-pipeline"), 1)
+
     goals = [
         ("exact, 512x2048 / 50 steps, x the batched panorama pipeline (goal <= 1.25)", over_reference(exact), 1.25),
         ("  the same, channels-last UNet and VAE", over_reference(exact_cl), 1.25),
@@ -278,20 +380,77 @@ def goal_table(results):
             1.25,
         ),
         ("MultiDiffusion auto, x the batched panorama pipeline (goal <= 1)", over_reference(md), 1.0),
-        ("  the same, compiled UNet and decoder", over_reference(compiled), 1.0),
+        (
+            "  the same, compiled (regional), x the eager reference of its run",
+            over_compiled_reference(DEFAULT_MODES[1]),
+            1.0,
+        ),
         ("512x8192 exact on a 6 GiB card: peak MiB (goal < 6144)", peak(wide), 6144),
         ("512x8192 fast on a 4 GiB card: peak MiB (goal < 4096)", peak(wide_fast), 4096),
         ("  the same, fast + tiny decoder + LPIPS at 256 px", peak(wide_tiny), 4096),
+        (
+            "exact compiled (regional), second call, x the reference's (goal <= 1.25)",
+            _ratio(call(fresh["first-call-exact-compiled"], 1), reference_steady),
+            1.25,
+        ),
+        (
+            "  the same, whole models compiled",
+            _ratio(call(fresh["first-call-exact-compiled-whole"], 1), reference_steady),
+            1.25,
+        ),
+        ("  the same, eager", _ratio(call(fresh["first-call-exact"], 1), reference_steady), 1.25),
+        ("  compiled in the benchmark's process, x its eager reference", over_compiled_reference("exact@auto"), 1.25),
+        (
+            "fast compiled in the benchmark's process, x its eager reference",
+            over_compiled_reference("fast@auto"),
+            None,
+        ),
+        (
+            "exact, first call of a fresh process (the command), eager: seconds",
+            call(fresh["first-call-exact"], 0),
+            None,
+        ),
+        ("  compiled (regional), empty compile caches: seconds", call(fresh["first-call-exact-compiled"], 0), None),
+        (
+            "    of which compiling: seconds",
+            call(fresh["first-call-exact-compiled"], 0, "compile_seconds"),
+            None,
+        ),
+        (
+            "  compiled (regional), the caches of an earlier process: seconds",
+            call(fresh["first-call-exact-compiled-warm"], 0),
+            None,
+        ),
+        ("  compiled whole, empty compile caches: seconds", call(fresh["first-call-exact-compiled-whole"], 0), None),
+        (
+            f"  eager, at most {GRADIENT_CAP} views per gradient pass: seconds",
+            call(fresh["first-call-exact-capped"], 0),
+            None,
+        ),
+        ("  eager: peak MiB", call(fresh["first-call-exact"], 0, "peak_mem_mib"), None),
+        (
+            f"  eager, at most {GRADIENT_CAP} views per gradient pass: peak MiB",
+            call(fresh["first-call-exact-capped"], 0, "peak_mem_mib"),
+            None,
+        ),
+        ("FLUX default panorama, exact, x eager MultiDiffusion", over_flux_reference("exact"), None),
+        ("  the same, compiled (regional)", over_flux_reference("exact" + benchmark.COMPILED_SUFFIX), None),
     ]
     return [
-        {"goal": goal, "figure": figure, "bound": bound, "met": None if figure is None else figure <= bound}
+        {
+            "goal": goal,
+            "figure": figure,
+            "bound": bound,
+            "met": None if figure is None or bound is None else figure <= bound,
+        }
         for goal, figure, bound in goals
     ] + [{"reference_seconds": seconds(reference), "exact_seconds": seconds(exact), "md_auto_seconds": seconds(md)}]
 
 
-def run_goals(out, device="cuda", dtype="float16", budget=None, runs=None, overrides=None, arch="sd2"):
+def run_goals(out, device="cuda", dtype="float16", budget=None, runs=None, overrides=None, arch="sd2", sample_size=64):
     """
-    Run `runs` (default `RUNS`) in order on one `arch` pipeline with a 64-latent window. After each run
+    Run `runs` (default `RUNS`) in order on one `arch` pipeline with a `sample_size` window, built when the first run
+    of this process starts; a run with `process` goes to a fresh process of its own (`process_run`). After each run
     `out/gpu-goals-DEVICE.json` is rewritten with every result so far and the goal table (one file, so that a run
     cut short still leaves what it measured). `overrides` replace the presets' sizes and steps (tests).
     """
@@ -302,37 +461,150 @@ def run_goals(out, device="cuda", dtype="float16", budget=None, runs=None, overr
     os.makedirs(out, exist_ok=True)
     slug = _device_slug(device)
     path = os.path.join(out, f"gpu-goals-{slug}.json")
-    print(f"building {arch} in {dtype} on {device} ({slug}) ...", flush=True)
-    pipe = benchmark.build_pipeline(arch, sample_size=64, device=device, dtype=torch_dtype)
+    pipe = None
+    caches = tempfile.mkdtemp(prefix="syncdiffusion-compile-caches-")  # the named cache folders of this session
     results, skipped = {}, []
-    for name, options in RUNS if runs is None else runs:
-        elapsed = time.perf_counter() - started
-        options = dict(options)
-        if budget is not None and elapsed + options.pop("needs", 0) > budget:
-            skipped.append(name)
-            print(f"== {name}: skipped, {elapsed:.0f} s of the {budget:.0f} s budget spent", flush=True)
-            continue
-        print(f"== {name} (at {elapsed:.0f} s)", flush=True)
-        try:
-            measure = {k: v for k, v in options.items() if k != "measure"}
-            if options.get("measure") == "components":
-                result = component_seconds(pipe, device, torch_dtype, **measure)
-            elif options.get("measure") == "lpips":
-                result = lpips_precision(pipe, device, **measure)
-            else:
-                result = _benchmark_run(pipe, arch, device, dtype, options, overrides)
-        except Exception:  # one failed run must not cost the others
-            result = {"error": traceback.format_exc()}
-            print(result["error"], file=sys.stderr, flush=True)
-        if "rows" not in result:
-            print(json.dumps(result, indent=1), flush=True)
-        result["seconds_in_session"] = time.perf_counter() - started
-        results[name] = result
-        _write(path, results, skipped)
-        benchmark._release_memory(device)
+    try:
+        for name, options in RUNS if runs is None else runs:
+            elapsed = time.perf_counter() - started
+            options = dict(options)
+            needs = options.pop("needs", 0)
+            if budget is not None and elapsed + needs > budget:
+                skipped.append(name)
+                print(f"== {name}: skipped, {elapsed:.0f} s of the {budget:.0f} s budget spent", flush=True)
+                continue
+            print(f"== {name} (at {elapsed:.0f} s)", flush=True)
+            try:
+                measure = {k: v for k, v in options.items() if k != "measure"}
+                if "process" in options:
+                    timeout = None if budget is None else budget - elapsed
+                    spec = {"sample_size": sample_size, **options["process"]}
+                    result = process_run(spec, arch, device, dtype, overrides, caches, timeout)
+                else:
+                    if pipe is None:
+                        print(f"building {arch} in {dtype} on {device} ({slug}) ...", flush=True)
+                        pipe = benchmark.build_pipeline(
+                            arch, sample_size=sample_size, device=device, dtype=torch_dtype
+                        )
+                    if options.get("measure") == "components":
+                        result = component_seconds(pipe, device, torch_dtype, **measure)
+                    elif options.get("measure") == "lpips":
+                        result = lpips_precision(pipe, device, **measure)
+                    else:
+                        result = _benchmark_run(pipe, arch, device, dtype, options, overrides)
+            except Exception:  # one failed run must not cost the others
+                result = {"error": traceback.format_exc()}
+                print(result["error"], file=sys.stderr, flush=True)
+            if "rows" not in result:
+                print(json.dumps(result, indent=1), flush=True)
+            result["seconds_in_session"] = time.perf_counter() - started
+            results[name] = result
+            _write(path, results, skipped)
+            if pipe is not None:  # a process that only starts others leaves the device to them
+                benchmark._release_memory(device)
+    finally:
+        shutil.rmtree(caches, ignore_errors=True)
     goals = _write(path, results, skipped)
     print(format_goals(goals, skipped), flush=True)
     return results, goals
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# A run in a fresh process
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def process_run(spec, arch, device, dtype, overrides, caches, timeout=None):
+    """
+    Run `spec` in a fresh Python process (this script with `--child`) and return its result. The child's output
+    goes to this process's; `timeout` seconds at most (then the result is an error saying so). `spec["cache"]`
+    names a compile cache folder under `caches`, shared by the runs that name it; `spec` may name its own `arch`,
+    `dtype`, `sample_size` and `build_pipeline` arguments (`build`).
+    """
+    spec = {"arch": arch, "dtype": dtype, **spec, "device": str(device), "overrides": overrides}
+    if spec.get("cache") is not None:
+        spec["cache_dir"] = os.path.join(caches, spec["cache"])
+    with tempfile.TemporaryDirectory(prefix="syncdiffusion-child-") as folder:
+        result_path = os.path.join(folder, "result.json")
+        command = [
+            sys.executable,
+            os.path.abspath(__file__),
+            "--child",
+            json.dumps(spec),
+            "--child-result",
+            result_path,
+        ]
+        try:
+            done = subprocess.run(command, timeout=timeout, cwd=ROOT)
+        except subprocess.TimeoutExpired:
+            return {"error": f"the fresh process ran past the {timeout:.0f} s left of the budget", "spec": spec}
+        if done.returncode != 0 or not os.path.exists(result_path):
+            return {"error": f"the fresh process exited with status {done.returncode}", "spec": spec}
+        with open(result_path, encoding="utf-8") as f:
+            return json.load(f)
+
+
+def _count_files(folder):
+    return sum(len(files) for _, _, files in os.walk(folder)) if folder and os.path.isdir(folder) else 0
+
+
+def child_run(spec):
+    """
+    The measurement of a fresh process: build the pipeline, point torch's compile caches at `spec["cache_dir"]`,
+    compile it (`spec["compile_first"]`: a compile mode, before any call), cap its gradient passes
+    (`spec["gradient_cap"]`) and run `spec["options"]` as an in-process run would. The result says how long the
+    process took to get there, and how many files the cache folder held before and after.
+    """
+    imported = time.perf_counter() - STARTED
+    device = torch.device(spec["device"])
+    torch_dtype = benchmark.DTYPES[spec["dtype"]]
+    build_start = time.perf_counter()
+    build = spec.get("build", {})
+    pipe = benchmark.build_pipeline(
+        spec["arch"], sample_size=spec["sample_size"], device=device, dtype=torch_dtype, **build
+    )
+    build_seconds = time.perf_counter() - build_start
+    cache_dir = spec.get("cache_dir")
+    result = {"spec": spec, "import_seconds": imported, "build_seconds": build_seconds}
+    result["cache_files_before"] = _count_files(cache_dir)
+    if cache_dir is not None:
+        result["cache"] = compiling.setup_compile_cache(cache_dir)
+    overrides = dict(spec.get("overrides") or {})
+    if spec.get("compile_first"):
+        backend = overrides.pop("compile_backend", "inductor")
+        result["compiled"] = compiling.compile_pipeline(pipe, spec["compile_first"], backend=backend)
+    options = {**spec["options"], **({"compile_cache": cache_dir} if cache_dir else {})}
+    with gradient_views_capped(pipe, spec.get("gradient_cap")):
+        result.update(_benchmark_run(pipe, spec["arch"], device, spec["dtype"], options, overrides))
+    result["cache_files_after"] = _count_files(cache_dir)
+    result["process_seconds"] = time.perf_counter() - STARTED
+    return result
+
+
+@contextmanager
+def gradient_views_capped(pipe, cap):
+    """
+    `view_batch_size="auto"` with at most `cap` views per gradient pass (None: as the pipeline chooses), in batches
+    of nearly equal size as "auto" makes them; the pipeline's own sizing is untouched and restored on exit.
+    """
+    if cap is None:
+        yield pipe
+        return
+    from pipeline_syncdiffusion import balanced_batch_size
+
+    choose = pipe.auto_view_batch_sizes
+
+    def auto_view_batch_sizes(*args, **kwargs):
+        view_batch_size, sync = choose(*args, **kwargs)
+        if sync.gradient_batch_size > cap:
+            sync = replace(sync, gradient_batch_size=balanced_batch_size(view_batch_size, cap))
+        return view_batch_size, sync
+
+    pipe.auto_view_batch_sizes = auto_view_batch_sizes
+    try:
+        yield pipe
+    finally:
+        del pipe.auto_view_batch_sizes
 
 
 def _write(path, results, skipped):
@@ -383,19 +655,35 @@ def main(argv=None):
     parser = argparse.ArgumentParser(prog="python benchmarks/gpu_goals.py", description=__doc__.split("\n")[0])
     parser.add_argument("--out", default=HERE, help="folder for the JSON file (default: this script's, benchmarks/)")
     parser.add_argument("--budget", type=_positive_float, help="seconds after which no further run starts")
-    parser.add_argument("--only", help="comma-separated run names (default: all, in order)")
+    parser.add_argument(
+        "--only", help=f"comma-separated run names or groups ({', '.join(GROUPS)}) (default: all, in order)"
+    )
     parser.add_argument("--device", default="auto")
     parser.add_argument("--dtype", default="float16", choices=sorted(benchmark.DTYPES))
+    parser.add_argument("--child", help=argparse.SUPPRESS)  # a fresh process's run (JSON), from process_run
+    parser.add_argument("--child-result", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
-    runs = RUNS
-    if args.only is not None:
-        wanted = args.only.split(",")
-        unknown = sorted(set(wanted) - {name for name, _ in RUNS})
-        if unknown:
-            parser.error(f"--only: unknown runs {unknown}; choose from {[name for name, _ in RUNS]}")
-        runs = [run for run in RUNS if run[0] in wanted]
+    if args.child is not None:
+        result = child_run(json.loads(args.child))
+        with open(args.child_result, "w", encoding="utf-8") as f:
+            json.dump(result, f, indent=2)
+        return 0
+    try:
+        runs = RUNS if args.only is None else select_runs(args.only)
+    except ValueError as error:
+        parser.error(str(error))
     run_goals(args.out, args.device, args.dtype, args.budget, runs)
     return 0
+
+
+def select_runs(only):
+    """The runs `--only` names (comma-separated run names and `GROUPS`), in `RUNS`' order."""
+    wanted = [run for entry in only.split(",") for run in GROUPS.get(entry, [entry])]
+    unknown = sorted(set(wanted) - {name for name, _ in RUNS})
+    if unknown:
+        names = [name for name, _ in RUNS]
+        raise ValueError(f"--only: unknown runs {unknown}; choose from {names} or the groups {list(GROUPS)}")
+    return [run for run in RUNS if run[0] in wanted]
 
 
 if __name__ == "__main__":
