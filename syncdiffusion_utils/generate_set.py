@@ -235,6 +235,8 @@ def _options(args, device, processes):
         "attention_slicing": args.attention_slicing,
         "cpu_offload": args.cpu_offload,
         "compile": args.compile,
+        "compile_mode": args.compile_mode,
+        "compile_cache": args.compile_cache,
         "sync_gradient_checkpointing": args.sync_gradient_checkpointing,
         "lpips_weights": args.lpips_weights,
         "control_image": args.control_image,
@@ -299,6 +301,8 @@ def _load(args, device, control_image, height, width, steps, flux_options):
         cpu_offload=args.cpu_offload,
         progress=False,
         compile=args.compile,
+        compile_mode=args.compile_mode,
+        compile_cache=args.compile_cache,
     )
     if control_image is not None:
         pipe = loading.with_controlnet(pipe, args.controlnet)
