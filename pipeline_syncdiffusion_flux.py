@@ -1801,6 +1801,12 @@ class SyncDiffusionFluxPipeline(
         )
         negative = None
         if true_cfg:
+            # A string negative prompt is every prompt's, as in diffusers' SD and SDXL pipelines (FluxPipeline encodes
+            # it once, which breaks true CFG for several prompts).
+            if isinstance(negative_prompt, str):
+                negative_prompt = [negative_prompt] * batch_size
+            if isinstance(negative_prompt_2, str):
+                negative_prompt_2 = [negative_prompt_2] * batch_size
             negative = self._text_conditioning(
                 negative_prompt,
                 negative_prompt_2,
