@@ -22,6 +22,8 @@ from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from typing import Any, Callable
 
+import numpy as np
+import PIL.Image
 import torch
 import torch.nn.functional as F
 from diffusers.callbacks import MultiPipelineCallbacks, PipelineCallback
@@ -30,6 +32,7 @@ from diffusers.loaders import IPAdapterMixin, StableDiffusionXLLoraLoaderMixin, 
 from diffusers.models import AutoencoderKL, UNet2DConditionModel
 from diffusers.pipelines.pipeline_utils import DiffusionPipeline, StableDiffusionMixin
 from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion import rescale_noise_cfg, retrieve_timesteps
+from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion_img2img import retrieve_latents
 from diffusers.pipelines.stable_diffusion_xl import StableDiffusionXLPipeline, StableDiffusionXLPipelineOutput
 from diffusers.schedulers import KarrasDiffusionSchedulers
 from diffusers.utils import deprecate, is_invisible_watermark_available, logging, replace_example_docstring
@@ -195,18 +198,25 @@ def crop_views(latents: torch.Tensor, views: list) -> torch.Tensor:
 
 
 # Copied from pipeline_syncdiffusion.add_views
-def add_views(value: torch.Tensor, count: torch.Tensor, view_latents: torch.Tensor, views: list):
-    """Accumulate view-major `view_latents` into the panorama sums `value` and their counts `count`."""
+def add_views(value: torch.Tensor, count: torch.Tensor, view_latents: torch.Tensor, views: list, weights=None):
+    """
+    Accumulate view-major `view_latents` into the panorama sums `value` and their counts `count`; with `weights` (one
+    `(1, 1, h, w)` crop per view) each view adds `weight * latents` to `value` and `weight` to `count`.
+    """
     width = value.shape[-1]
-    for crop, view in zip(view_latents.chunk(len(views)), views):
+    for k, (crop, view) in enumerate(zip(view_latents.chunk(len(views)), views)):
         h_start, h_end, w_start, w_end = view
+        weight = None if weights is None else weights[k]
+        if weight is not None:
+            crop, ones = crop * weight, weight.expand_as(crop)
         if w_end <= width:
             value[:, :, h_start:h_end, w_start:w_end] += crop
-            count[:, :, h_start:h_end, w_start:w_end] += 1
+            count[:, :, h_start:h_end, w_start:w_end] += 1 if weight is None else ones
         else:
             columns = view_columns(view, width, value.device)
+            ones = torch.ones_like(crop, dtype=count.dtype) if weight is None else ones.to(count.dtype)
             value[:, :, h_start:h_end].index_add_(3, columns, crop.to(value.dtype))
-            count[:, :, h_start:h_end].index_add_(3, columns, torch.ones_like(crop, dtype=count.dtype))
+            count[:, :, h_start:h_end].index_add_(3, columns, ones)
 
 
 # Copied from pipeline_syncdiffusion.balanced_batch_size
@@ -259,6 +269,61 @@ class PanoramaNoise:
             self.module.randn_tensor = draw
 
 
+# Copied from pipeline_syncdiffusion.REGION_BOOTSTRAP_FRACTION
+REGION_BOOTSTRAP_FRACTION = 0.4
+
+
+# Copied from pipeline_syncdiffusion.region_mask_tensor
+def region_mask_tensor(mask, index: int) -> torch.Tensor:
+    """`region_masks[index]` as a float32 `(height, width)` tensor in [0, 1]: a PIL image (white = 1), an array or a
+    tensor (values in [0, 1]), with any leading dimensions of size 1."""
+    name = f"`region_masks[{index}]`"
+    if isinstance(mask, PIL.Image.Image):
+        mask = torch.from_numpy(np.asarray(mask.convert("L"), dtype=np.float32) / 255.0)
+    elif isinstance(mask, np.ndarray):
+        mask = torch.from_numpy(mask)
+    elif not isinstance(mask, torch.Tensor):
+        raise ValueError(f"{name} has to be a PIL image, a numpy array or a torch tensor, but is {type(mask)}.")
+    while mask.ndim > 2 and mask.shape[0] == 1:
+        mask = mask[0]
+    if mask.ndim != 2:
+        raise ValueError(f"{name} has to be one `(height, width)` mask, but has shape {tuple(mask.shape)}.")
+    if not (mask.dtype == torch.bool or mask.is_floating_point()):
+        raise ValueError(f"{name} has to hold floats in [0, 1] (or booleans), but has dtype {mask.dtype}.")
+    mask = mask.detach().to(device="cpu", dtype=torch.float32)
+    if not torch.isfinite(mask).all() or mask.min() < 0 or mask.max() > 1:
+        raise ValueError(
+            f"{name} has to hold values in [0, 1], but they range over [{mask.min().item():g}, {mask.max().item():g}]."
+        )
+    return mask
+
+
+# Copied from pipeline_syncdiffusion.region_weights
+def region_weights(latent_masks: torch.Tensor) -> torch.Tensor:
+    """
+    Every prompt's weight over the panorama latent, `(1 + regions, 1, 1, height, width)`, from the regions'
+    `(regions, height, width)` masks: the background first, weighted `max(1 - sum of the region masks, 0)` as in
+    MultiDiffusion's `region_based.py`, so that a region's prompt alone shapes the inside of a hard mask.
+    """
+    background = (1 - latent_masks.sum(0, keepdim=True)).clamp_min(0)
+    return torch.cat([background, latent_masks])[:, None, None]
+
+
+# Copied from pipeline_syncdiffusion.PanoramaRegions
+@dataclass
+class PanoramaRegions:
+    """Region prompts: their conditioning, each prompt's weight map (background first) and the bootstrapping."""
+
+    conditionings: list  # one per region prompt; the background's is the call's
+    weights: torch.Tensor  # (prompts, 1, 1, height, width) float32, background first
+    view_prompts: dict  # view -> the prompts whose weight is nonzero in it
+    bootstrap_steps: int
+    backgrounds: torch.Tensor | None = None  # (colours, channels, h, w) latents of constant-colour view images
+    background_choice: torch.Tensor | None = None  # (bootstrap_steps, views, prompts, batch) background indices
+    view_index: dict | None = None
+    initial_noise: torch.Tensor | None = None  # the starting latents, the noise bootstrapped backgrounds get
+
+
 # Copied from pipeline_syncdiffusion.PanoramaState
 @dataclass
 class PanoramaState:
@@ -273,6 +338,7 @@ class PanoramaState:
     count: torch.Tensor
     noise: PanoramaNoise
     step: int = -1  # the denoising step; second-order schedulers evaluate the model twice per step
+    regions: PanoramaRegions | None = None
 
 
 # Copied from pipeline_syncdiffusion.loss_scale
@@ -884,6 +950,25 @@ class SyncDiffusionXLPipeline(
         image = decoder.decode(clean_latents, return_dict=False)[0]
         return (image / 2 + 0.5).clamp(0, 1)
 
+    # Adapted from pipeline_syncdiffusion.SyncDiffusionPipeline.encode_latents: SDXL's latents_mean/latents_std
+    def encode_latents(self, images: torch.Tensor, generator=None) -> torch.Tensor:
+        """
+        The UNet's latent of `images` in [-1, 1]: a sample of the VAE encoder's distribution, scaled by SDXL's rule
+        `(latents - mean) * scaling_factor / std` (as `StableDiffusionXLImg2ImgPipeline`), in float32 where the VAE
+        overflows in float16.
+        """
+        with self.upcast_vae_if_needed():
+            posterior = self.vae.encode(images.to(self.vae.dtype))
+        latents = retrieve_latents(posterior, generator=generator)
+        config = self.vae.config
+        mean, std = getattr(config, "latents_mean", None), getattr(config, "latents_std", None)
+        if mean is None or std is None:
+            return latents * config.scaling_factor
+        channels = latents.shape[1]
+        mean = torch.tensor(mean, device=latents.device, dtype=latents.dtype).view(1, channels, 1, 1)
+        std = torch.tensor(std, device=latents.device, dtype=latents.dtype).view(1, channels, 1, 1)
+        return (latents - mean) * config.scaling_factor / std
+
     @staticmethod
     def unscale_latents(latents: torch.Tensor, decoder) -> torch.Tensor:
         """Diffusion latents to what `decoder.decode` takes: `latents * std / scaling_factor + mean` (SDXL's rule)."""
@@ -1070,9 +1155,13 @@ class SyncDiffusionXLPipeline(
         sync_lpips_size=None,
         sync_decode_downsample=1,
         sync_gradient_checkpointing=False,
+        region_prompts=None,
+        region_masks=None,
+        region_negative_prompts=None,
+        region_bootstrap_steps=None,
     ):
         """
-        The panorama's and the synchronization's arguments, and the scheduler: a `ValueError` naming the argument,
+        The panorama's, the synchronization's and the regions' arguments, and the scheduler: a `ValueError` naming the argument,
         its value and what is allowed, before any model runs. `window` is the view side in latent pixels.
         """
         for name, value in (("height", height), ("width", width)):
@@ -1160,6 +1249,15 @@ class SyncDiffusionXLPipeline(
                     " a larger panorama, a smaller `sync_decode_downsample`, a larger `sync_lpips_size`, or"
                     " `sync_weight=0`."
                 )
+        self.check_region_inputs(
+            region_prompts,
+            region_masks,
+            region_negative_prompts,
+            region_bootstrap_steps,
+            height,
+            width,
+            num_inference_steps,
+        )
         self.check_scheduler(
             synchronized=sync_weight > 0 and sync_thres > 0, sync_gradient=sync_gradient, sync_mode=sync_mode
         )
@@ -1233,8 +1331,15 @@ class SyncDiffusionXLPipeline(
         return {**tensors, **replaced}, any(name != "latents" for name in replaced)
 
     # Copied from pipeline_syncdiffusion.SyncDiffusionPipeline.view_batch_sizes
-    def view_batch_sizes(self, view_batch_size, num_views, num_images, device, dtype, sync: SyncSettings):
-        """`(views per denoising batch, sync)`, with `sync`'s gradient batch and checkpointing set for "auto"."""
+    def view_batch_sizes(
+        self, view_batch_size, num_views, num_images, device, dtype, sync: SyncSettings, regions=None
+    ):
+        """
+        `(views per denoising batch, sync)`, with `sync`'s gradient batch and checkpointing set for "auto"; with
+        `regions`, "auto" sizes for a view denoised for as many prompts as the most any view has.
+        """
+        if regions is not None:
+            num_images *= max(len(prompts) for prompts in regions.view_prompts.values())
         if view_batch_size != "auto":
             return view_batch_size, replace(sync, gradient_batch_size=view_batch_size)
         return self.auto_view_batch_sizes(num_views, num_images, device, dtype, sync.active and num_views > 1, sync)
@@ -1433,23 +1538,189 @@ class SyncDiffusionXLPipeline(
                 if not was_enabled:
                     model.disable_gradient_checkpointing()
 
+    # Copied from pipeline_syncdiffusion.SyncDiffusionPipeline.check_region_inputs
+    def check_region_inputs(
+        self, region_prompts, region_masks, region_negative_prompts, region_bootstrap_steps, height, width, steps
+    ):
+        """Region prompts, their masks (the panorama's size in pixels, values in [0, 1]) and bootstrapping."""
+        if region_prompts is None:
+            for name, value in (
+                ("region_masks", region_masks),
+                ("region_negative_prompts", region_negative_prompts),
+                ("region_bootstrap_steps", region_bootstrap_steps),
+            ):
+                if value is not None:
+                    raise ValueError(f"`{name}` needs `region_prompts`, but `region_prompts` is None.")
+            return
+        if (
+            not isinstance(region_prompts, list)
+            or not region_prompts
+            or not all(isinstance(p, str) for p in region_prompts)
+        ):
+            raise ValueError(f"`region_prompts` has to be a non-empty list of strings, but is {region_prompts!r}.")
+        if not isinstance(region_masks, (list, tuple)) or len(region_masks) != len(region_prompts):
+            count = len(region_masks) if isinstance(region_masks, (list, tuple)) else type(region_masks).__name__
+            raise ValueError(
+                f"`region_masks` has to be a list of one mask per region prompt ({len(region_prompts)}), but has"
+                f" {count}."
+            )
+        for index, mask in enumerate(region_masks):
+            mask = region_mask_tensor(mask, index)
+            if tuple(mask.shape) != (height, width):
+                raise ValueError(
+                    f"`region_masks[{index}]` is {mask.shape[0]}x{mask.shape[1]} pixels (height x width), but the"
+                    f" panorama is {height}x{width}."
+                )
+        if region_negative_prompts is not None and (
+            not isinstance(region_negative_prompts, list)
+            or len(region_negative_prompts) != len(region_prompts)
+            or not all(p is None or isinstance(p, str) for p in region_negative_prompts)
+        ):
+            raise ValueError(
+                "`region_negative_prompts` has to be a list of one string (or None) per region prompt"
+                f" ({len(region_prompts)}), but is {region_negative_prompts!r}."
+            )
+        if region_bootstrap_steps is not None and (
+            not isinstance(region_bootstrap_steps, int)
+            or isinstance(region_bootstrap_steps, bool)
+            or not 0 <= region_bootstrap_steps <= steps
+        ):
+            raise ValueError(
+                f"`region_bootstrap_steps` has to be an integer in 0..{steps} (`num_inference_steps`) or None, but is"
+                f" {region_bootstrap_steps!r}."
+            )
+
+    # Copied from pipeline_syncdiffusion.SyncDiffusionPipeline.prepare_regions
+    def prepare_regions(self, conditionings, region_masks, bootstrap_steps, views, latents, steps, generator):
+        """
+        The call's `PanoramaRegions`: each mask averaged over the VAE's pixel blocks to the latent, the prompts
+        present in each view, and for bootstrapping constant-colour backgrounds encoded at the view size (as many as
+        bootstrap steps, as `region_based.py` does) with a random choice per step, view, region and image.
+        """
+        factor = self.vae_scale_factor
+        masks = torch.stack([region_mask_tensor(mask, k) for k, mask in enumerate(region_masks)])
+        latent_masks = F.avg_pool2d(masks[:, None], factor)[:, 0].to(latents.device)
+        for index in torch.nonzero(latent_masks.flatten(1).amax(1) == 0).flatten().tolist():
+            logger.warning(f"`region_masks[{index}]` covers no latent pixel: its region prompt changes nothing.")
+        weights = region_weights(latent_masks)
+        view_prompts = {
+            view: [p for p in range(len(weights)) if crop_views(weights[p], [view]).any()] for view in views
+        }
+        if bootstrap_steps is None:
+            bootstrap_steps = round(REGION_BOOTSTRAP_FRACTION * steps)
+        regions = PanoramaRegions(conditionings, weights, view_prompts, bootstrap_steps)
+        if bootstrap_steps == 0:
+            return regions
+        first = generator[0] if isinstance(generator, list) else generator
+        device = first.device if first is not None else latents.device
+        colours = torch.rand((bootstrap_steps, 3, 1, 1), generator=first, device=device)
+        h_start, h_end, w_start, w_end = views[0]
+        size = ((h_end - h_start) * factor, (w_end - w_start) * factor)
+        images = [(2 * colour - 1).expand(1, 3, *size) for colour in colours.to(latents.device)]
+        regions.backgrounds = torch.cat([self.encode_latents(image, first) for image in images]).to(latents.dtype)
+        choice_shape = (bootstrap_steps, len(views), len(weights), latents.shape[0])
+        regions.background_choice = torch.randint(bootstrap_steps, choice_shape, generator=first, device=device)
+        regions.view_index = {view: k for k, view in enumerate(views)}
+        regions.initial_noise = latents / self.scheduler.init_noise_sigma
+        return regions
+
+    # Copied from pipeline_syncdiffusion.SyncDiffusionPipeline.add_noise
+    def add_noise(self, clean_latents: torch.Tensor, noise: torch.Tensor, t) -> torch.Tensor:
+        """`clean_latents` noised to step `t` as the scheduler would (flow matching: `sigma * noise + (1 - sigma) x`)."""
+        timesteps = torch.as_tensor(t, device=clean_latents.device).reshape(1)
+        if scheduler_family(self.scheduler) == FLOW_MATCHING:
+            return self.scheduler.scale_noise(clean_latents, timesteps, noise)
+        return self.scheduler.add_noise(clean_latents, noise, timesteps)
+
+    # Copied from pipeline_syncdiffusion.SyncDiffusionPipeline.view_items
+    def view_items(self, views: list, regions: PanoramaRegions | None) -> list:
+        """`(view, prompt)` of every prompt denoised in each view, view-major; prompt 0 is the call's own."""
+        if regions is None:
+            return [(view, 0) for view in views]
+        return [(view, prompt) for view in views for prompt in regions.view_prompts[view]]
+
+    # Copied from pipeline_syncdiffusion.SyncDiffusionPipeline.region_items
+    def region_items(self, view_latents, views, t, panorama: PanoramaState | None, input_scale=1.0):
+        """
+        The latent of every `view_items` entry from the views' latents: a view's own for each of its prompts; in the
+        bootstrapping steps a region's outside its mask is a noised constant-colour background. `input_scale` is
+        `scale_model_input`'s factor when `view_latents` are model inputs.
+        """
+        regions = panorama.regions if panorama is not None else None
+        if regions is None:
+            return view_latents
+        bootstrapping = panorama.step < regions.bootstrap_steps
+        items = []
+        for view, latents in zip(views, view_latents.chunk(len(views))):
+            for prompt in regions.view_prompts[view]:
+                if bootstrapping and prompt > 0:
+                    choice = regions.background_choice[panorama.step, regions.view_index[view], prompt]
+                    background = regions.backgrounds[choice.to(regions.backgrounds.device)]
+                    noise = crop_views(regions.initial_noise, [view])
+                    background = self.add_noise(background, noise, t).to(latents.dtype) * input_scale
+                    weight = crop_views(regions.weights[prompt], [view]).to(latents.dtype)
+                    latents = latents * weight + background * (1 - weight)
+                items.append(latents)
+        return torch.cat(items)
+
+    # Copied from pipeline_syncdiffusion.SyncDiffusionPipeline.predict_items
+    def predict_items(self, model_input, t, conditioning, views, panorama: PanoramaState | None):
+        """The model output of every `view_items` entry: one `predict_noise` per prompt present."""
+        regions = panorama.regions if panorama is not None else None
+        if regions is None:
+            return self.predict_noise(model_input, t, conditioning, views)
+        items = self.view_items(views, regions)
+        inputs = model_input.chunk(len(items))
+        outputs = [None] * len(items)
+        for prompt in sorted({prompt for _, prompt in items}):
+            picked = [k for k, (_, p) in enumerate(items) if p == prompt]
+            prompt_conditioning = conditioning if prompt == 0 else regions.conditionings[prompt - 1]
+            prompt_views = [items[k][0] for k in picked]
+            output = self.predict_noise(torch.cat([inputs[k] for k in picked]), t, prompt_conditioning, prompt_views)
+            for k, output_k in zip(picked, output.chunk(len(picked))):
+                outputs[k] = output_k
+        return torch.cat(outputs)
+
+    # Copied from pipeline_syncdiffusion.SyncDiffusionPipeline.combine_items
+    def combine_items(self, item_latents, views, panorama: PanoramaState | None):
+        """Each view's mask-weighted mean of its prompts' `item_latents` (its own with no regions)."""
+        regions = panorama.regions if panorama is not None else None
+        if regions is None:
+            return item_latents
+        items = self.view_items(views, regions)
+        chunks = item_latents.chunk(len(items))
+        combined = []
+        for view in views:
+            picked = [k for k, (v, _) in enumerate(items) if v == view]
+            weights = [crop_views(regions.weights[items[k][1]], [view]).to(item_latents.dtype) for k in picked]
+            total = sum(w * chunks[k] for w, k in zip(weights, picked))
+            combined.append(total / sum(weights))
+        return torch.cat(combined)
+
     # Copied from pipeline_syncdiffusion.SyncDiffusionPipeline.synchronize_views
-    def synchronize_views(self, view_latents, views, anchor_images, t, weight, conditioning, sync: SyncSettings):
+    def synchronize_views(
+        self, view_latents, views, anchor_images, t, weight, conditioning, sync: SyncSettings, panorama=None
+    ):
         """
         SyncDiffusion's update of a stack of (non-anchor) views:
         `z_v <- z_v - w * d LPIPS(D(x0(z_v)), D(x0(z_anchor))) / d z_v`.
 
         The step is taken on the denoiser's input `scale_model_input(z_v)`: `z_v` itself for DDIM (the paper's),
         DPM-Solver, UniPC and flow matching; for sigma-scaled schedulers (Euler, LMS) the variance-preserving latent,
-        so that `sync_weight` means the same as with DDIM instead of a step `sigma**2 + 1` times smaller.
+        so that `sync_weight` means the same as with DDIM instead of a step `sigma**2 + 1` times smaller. With region
+        prompts `x0(z_v)` is the mask-weighted mean of the view's prompts' clean latents (`combine_items`): the
+        image the view will contribute.
 
-        Returns the updated latents and the model output predicted before the update.
+        Returns the updated latents and the model output (of every `view_items` entry) predicted before the update.
         """
+        input_scale = self.scale_model_input(torch.ones_like(view_latents[:1, :1, :1, :1]), t).float()
 
         def predict_clean(model_input):
+            item_input = self.region_items(model_input, views, t, panorama, input_scale.to(model_input.dtype))
             with torch.set_grad_enabled(sync.through_denoiser):
-                model_output = self.predict_noise(model_input, t, conditioning, views)
-            return self.predict_clean_latents(model_input, model_output, t), model_output
+                model_output = self.predict_items(item_input, t, conditioning, views, panorama)
+            clean_latents = self.predict_clean_latents(item_input, model_output, t)
+            return self.combine_items(clean_latents, views, panorama), model_output
 
         def decode(clean_latents):
             return self.decode_for_sync(clean_latents, sync.decoder, sync.decode_downsample)
@@ -1462,30 +1733,37 @@ class SyncDiffusionXLPipeline(
             updated, model_output = synchronization_update(
                 model_input, anchor_images, weight, predict_clean, decode, distance, lambda: onload(self.denoiser)
             )
-        input_scale = self.scale_model_input(torch.ones_like(view_latents[:1, :1, :1, :1]), t).float()
         return (updated / input_scale).to(view_latents.dtype), model_output
 
     # Copied from pipeline_syncdiffusion.SyncDiffusionPipeline.prepare_anchor
-    def prepare_anchor(self, latents, anchor_view, t, conditioning, sync: SyncSettings):
+    def prepare_anchor(self, latents, anchor_view, t, conditioning, sync: SyncSettings, panorama=None):
         """The anchor view's model output (reused for its own step) and its decoded clean image, no gradient."""
-        anchor_latents = crop_views(latents, [anchor_view])
+        anchor_latents = self.region_items(crop_views(latents, [anchor_view]), [anchor_view], t, panorama)
         model_input = self.scale_model_input(anchor_latents, t)
-        model_output = self.predict_noise(model_input, t, conditioning, [anchor_view])
+        model_output = self.predict_items(model_input, t, conditioning, [anchor_view], panorama)
         clean_latents = self.predict_clean_latents(model_input, model_output, t)
+        clean_latents = self.combine_items(clean_latents, [anchor_view], panorama)
         images = self.decode_for_sync(clean_latents, sync.decoder, sync.decode_downsample)
         return {"view": anchor_view, "model_output": model_output, "images": images}
 
     # Copied from pipeline_syncdiffusion.SyncDiffusionPipeline.denoise_view_batch
-    def denoise_view_batch(self, view_latents, views, anchor, weight, t, conditioning, sync: SyncSettings):
+    def denoise_view_batch(
+        self, view_latents, views, anchor, weight, t, conditioning, sync: SyncSettings, panorama=None
+    ):
         """
         The model output for one batch of views, synchronizing the non-anchor ones first on a synchronized step
         (`anchor` given).
 
-        Returns the (possibly updated) view latents and their model output, both view-major.
+        Returns the latents and the model output of every `view_items` entry (the views' own without regions).
         """
         if anchor is None:
-            return view_latents, self.predict_noise(self.scale_model_input(view_latents, t), t, conditioning, views)
+            item_latents = self.region_items(view_latents, views, t, panorama)
+            model_input = self.scale_model_input(item_latents, t)
+            return item_latents, self.predict_items(model_input, t, conditioning, views, panorama)
 
+        regions = panorama.regions if panorama is not None else None
+        rows = view_latents.shape[0] // len(views)
+        item_rows = [rows * len(self.view_items([view], regions)) for view in views]
         latents_per_view = list(view_latents.chunk(len(views)))
         others = [k for k, view in enumerate(views) if view != anchor["view"]]
         outputs_per_view = [anchor["model_output"]] * len(views)  # the anchor keeps its own prediction
@@ -1496,21 +1774,25 @@ class SyncDiffusionXLPipeline(
             anchor_images = anchor["images"].repeat(len(chunk), 1, 1, 1)
             chunk_views = [views[k] for k in chunk]
             updated, before = self.synchronize_views(
-                stacked, chunk_views, anchor_images, t, weight, conditioning, sync
+                stacked, chunk_views, anchor_images, t, weight, conditioning, sync, panorama
             )
-            for k, latents_k, output_k in zip(chunk, updated.chunk(len(chunk)), before.chunk(len(chunk))):
+            before = before.split([item_rows[k] for k in chunk])
+            for k, latents_k, output_k in zip(chunk, updated.chunk(len(chunk)), before):
                 latents_per_view[k], outputs_per_view[k] = latents_k, output_k
         if others and not sync.reuse_noise:
             # The denoising step predicts again from the updated latents, in one call for the whole batch.
-            updated = torch.cat([latents_per_view[k] for k in others])
             other_views = [views[k] for k in others]
-            after = self.predict_noise(self.scale_model_input(updated, t), t, conditioning, other_views)
-            for k, output_k in zip(others, after.chunk(len(others))):
+            updated = self.region_items(torch.cat([latents_per_view[k] for k in others]), other_views, t, panorama)
+            after = self.predict_items(self.scale_model_input(updated, t), t, conditioning, other_views, panorama)
+            for k, output_k in zip(others, after.split([item_rows[k] for k in others])):
                 outputs_per_view[k] = output_k
-        return torch.cat(latents_per_view), torch.cat(outputs_per_view)
+        item_latents = self.region_items(torch.cat(latents_per_view), views, t, panorama)
+        return item_latents, torch.cat(outputs_per_view)
 
     # Copied from pipeline_syncdiffusion.SyncDiffusionPipeline.prepare_panorama
-    def prepare_panorama(self, latents: torch.Tensor, views: list, view_batch_size: int) -> PanoramaState:
+    def prepare_panorama(
+        self, latents: torch.Tensor, views: list, view_batch_size: int, regions=None
+    ) -> PanoramaState:
         """The views in batches, one scheduler state per batch, the anchor `views[len(views) // 2]`, the sums."""
         view_batches = [views[i : i + view_batch_size] for i in range(0, len(views), view_batch_size)]
         return PanoramaState(
@@ -1522,6 +1804,7 @@ class SyncDiffusionXLPipeline(
             value=torch.zeros_like(latents, dtype=torch.float32),
             count=torch.zeros_like(latents, dtype=torch.float32),
             noise=PanoramaNoise(self.scheduler, latents.shape),
+            regions=regions,
         )
 
     # Copied from pipeline_syncdiffusion.SyncDiffusionPipeline.denoise_step
@@ -1529,7 +1812,8 @@ class SyncDiffusionXLPipeline(
         """
         One step of the joint diffusion: every view is denoised from its crop of `latents` (synchronized to the
         anchor view first, on the early steps), and every latent pixel becomes the mean of its views (MultiDiffusion,
-        Eq. 5). Returns the new latents.
+        Eq. 5). With region prompts every prompt present in a view is denoised from it, and each adds its result
+        weighted by its mask: the pixel is the mask-weighted mean over views and prompts. Returns the new latents.
         """
         panorama.value.zero_()
         panorama.count.zero_()
@@ -1542,22 +1826,26 @@ class SyncDiffusionXLPipeline(
         weight = sync.weight_at(panorama.step) if first_evaluation and len(panorama.views) > 1 else None
         anchor = None
         if weight is not None:
-            anchor = self.prepare_anchor(latents, panorama.anchor_view, t, conditioning, sync)
+            anchor = self.prepare_anchor(latents, panorama.anchor_view, t, conditioning, sync, panorama)
             # The anchor's batch keeps what scale_model_input recorded there (it reuses this prediction).
             panorama.scheduler_states[panorama.anchor_batch] = self._scheduler_state()
 
+        regions = panorama.regions
         for j, views in enumerate(panorama.view_batches):
             self.scheduler.__dict__.update(panorama.scheduler_states[j])
             view_latents = crop_views(latents, views)
-            view_latents, model_output = self.denoise_view_batch(
-                view_latents, views, anchor, weight, t, conditioning, sync
+            item_latents, model_output = self.denoise_view_batch(
+                view_latents, views, anchor, weight, t, conditioning, sync, panorama
             )
-            with panorama.noise.crop(views):
-                denoised = self.scheduler.step(model_output, t, view_latents, **extra_step_kwargs, return_dict=False)[
+            items = self.view_items(views, regions)
+            item_views = [view for view, _ in items]
+            with panorama.noise.crop(item_views):
+                denoised = self.scheduler.step(model_output, t, item_latents, **extra_step_kwargs, return_dict=False)[
                     0
                 ]
             panorama.scheduler_states[j] = self._scheduler_state()
-            add_views(panorama.value, panorama.count, denoised, views)
+            weights = None if regions is None else [crop_views(regions.weights[p], [v]) for v, p in items]
+            add_views(panorama.value, panorama.count, denoised, item_views, weights)
         return torch.where(panorama.count > 0, panorama.value / panorama.count, panorama.value).to(latents.dtype)
 
     # Copied from pipeline_syncdiffusion.SyncDiffusionPipeline._first_evaluation
