@@ -5,6 +5,7 @@
         --steps 2 --sync-thres 2 --modes exact,fast,fast+tiny-decoder+lpips256 --json out.json
     python -m syncdiffusion_utils.benchmark --arch sdxl --width-mult 0.25 --modes exact,fast  # SDXL pipeline
     python -m syncdiffusion_utils.benchmark --controlnet     # SyncDiffusionControlNetPipeline, random ControlNet
+    python -m syncdiffusion_utils.benchmark --regions 2 --modes multidiffusion,exact  # and each with 2 region prompts
 
 Every mode runs in one process on the same prompt, seed and initial latents, MultiDiffusion (`sync_weight=0`)
 first, after a warm-up call. For each mode it reports
@@ -17,6 +18,13 @@ first, after a warm-up call. For each mode it reports
   (the prompt encoding and final decode, the same in every mode, are left out, so the real ratio is a bit lower);
 - passes in view-passes (see `syncdiffusion_utils.counting`), counted with hooks, in the first (synchronized)
   step and in the whole call, and whether they equal the algorithm's formula;
+- with `--regions N`, every mode again as `NAME+regions` right after it, with `N` region prompts in boxes side by
+  side (the panorama's full height, together the middle `--region-coverage` of its width, 0.5 by default, their
+  edges on the VAE's 8-pixel blocks): its passes against the region formula (per step and view, one denoiser pass
+  per prompt present in the view, `syncdiffusion_utils.counting.prompts_per_view`), and its cost against the same
+  mode without regions ('x plain': wall time of the whole call, one call each in this process, same settings,
+  bootstrapping at the pipeline's default); its projection prices the unsynchronized steps at MultiDiffusion's
+  with the regions;
 - peak memory: on CUDA the peak allocated memory (`torch.cuda.max_memory_allocated`, weights included); on CPU the
   peak growth of the process's resident memory during the mode (sampled every few milliseconds by a thread,
   after handing freed memory back to the OS with `malloc_trim`).
@@ -39,7 +47,13 @@ from contextlib import ExitStack, contextmanager
 import torch
 
 from syncdiffusion_utils import compiling
-from syncdiffusion_utils.counting import PassCounter, StepRecorder, expected_plain_step, expected_sync_step
+from syncdiffusion_utils.counting import (
+    PassCounter,
+    StepRecorder,
+    expected_plain_step,
+    expected_sync_step,
+    prompts_per_view,
+)
 
 
 TINY_DECODER_MODE = "fast+tiny-decoder+lpips256"
@@ -64,6 +78,10 @@ FLUX_MODES = ("multidiffusion", "exact", "exact+ckpt", "fast", TINY_DECODER_MODE
 REFERENCE_MODE = "multidiffusion"
 # A mode ending in this runs after the eager modes, on the pipeline compiled (`syncdiffusion_utils.compiling`).
 COMPILED_SUFFIX = "+compiled"
+# A mode ending in this (before `+compiled`) runs with the benchmark's region prompts (`--regions N`).
+REGIONS_SUFFIX = "+regions"
+# The part of the panorama's width the region boxes cover together, by default.
+DEFAULT_REGION_COVERAGE = 0.5
 # The any-width panorama of the small-card presets.
 WIDE = {
     "arch": "sd2",
@@ -307,17 +325,19 @@ def _mode_settings(kwargs, denoiser="unet"):
     )
 
 
-def expected_passes(kwargs, num_views, steps, sync_thres, controlnet=False, denoiser="unet"):
+def expected_passes(kwargs, num_views, steps, sync_thres, controlnet=False, denoiser="unet", view_prompts=None):
     """Expected view-passes of a mode: `(per synchronized step or None, whole call)`, in `CHECKED_KEYS`.
     `controlnet`: a ControlNet runs at every step (the pipeline's default guidance range). `denoiser`: `"unet"`, or
     `"transformer"` for FLUX (docs/flux.md: the same formulas in transformer passes; one view-pass is one view's
-    guided velocity)."""
+    guided velocity). `view_prompts`: with region prompts, the prompts present in each view (`prompts_per_view`)."""
     sync, gradient, reuse, checkpointing, tiny = _mode_settings(kwargs, denoiser)
     synced = min(steps, sync_thres) if sync and num_views > 1 else 0
     per_sync = None
     if synced:
-        per_sync = expected_sync_step(num_views, gradient, reuse, checkpointing, tiny, controlnet, denoiser)
-    plain = expected_plain_step(num_views, controlnet, denoiser)
+        per_sync = expected_sync_step(
+            num_views, gradient, reuse, checkpointing, tiny, controlnet, denoiser, view_prompts=view_prompts
+        )
+    plain = expected_plain_step(num_views, controlnet, denoiser, view_prompts=view_prompts)
     total = {key: (per_sync[key] * synced if per_sync else 0) + plain[key] * (steps - synced) for key in CHECKED_KEYS}
     return ({key: per_sync[key] for key in CHECKED_KEYS} if per_sync else None), total
 
@@ -455,6 +475,52 @@ def _condition_image(height, width, seed):
     return torch.rand((1, 3, height, width), generator=generator)
 
 
+def check_region_options(regions, region_coverage):
+    """Refuse a region count or coverage the benchmark cannot lay out, before anything is built."""
+    if not isinstance(regions, int) or isinstance(regions, bool) or regions < 0:
+        raise ValueError(f"regions={regions!r}: a non-negative integer (region prompts; 0 for none)")
+    if (
+        isinstance(region_coverage, bool)
+        or not isinstance(region_coverage, (int, float))
+        or not 0 < region_coverage <= 1
+    ):
+        raise ValueError(f"region_coverage={region_coverage!r}: a fraction of the panorama's width in (0, 1]")
+
+
+def region_boxes(width, regions, coverage=DEFAULT_REGION_COVERAGE, vae_scale_factor=8):
+    """
+    The benchmark's `regions` boxes as `(x0, x1)` pixel columns (each of the panorama's full height): side by side,
+    centred, together `coverage` of the width rounded to whole blocks of `vae_scale_factor` pixels (so that each
+    mask is hard in the latent too), the blocks shared out as evenly as they go.
+    """
+    check_region_options(regions, coverage)
+    blocks = width // vae_scale_factor
+    covered = round(coverage * blocks)
+    if covered < regions:
+        raise ValueError(
+            f"regions={regions}, region_coverage={coverage}: {covered} of the panorama's {blocks} latent columns"
+            f" covered, fewer than one per region; cover more of the width or use fewer regions"
+        )
+    start = (blocks - covered) // 2
+    edges = [start + k * covered // regions for k in range(regions + 1)]
+    return [(x0 * vae_scale_factor, x1 * vae_scale_factor) for x0, x1 in zip(edges, edges[1:])]
+
+
+def region_masks(height, width, boxes):
+    """Hard float masks of the panorama's size in pixels, 1 inside each `(x0, x1)` box over the full height."""
+    masks = []
+    for x0, x1 in boxes:
+        mask = torch.zeros(height, width)
+        mask[:, x0:x1] = 1.0
+        masks.append(mask)
+    return masks
+
+
+def region_prompts(prompt, regions):
+    """A prompt per region, each its own (so that each is its own conditioning)."""
+    return [f"{prompt}, region {k + 1} of {regions}" for k in range(regions)]
+
+
 def _log(progress, message):
     """Print a progress line to `progress`: a file, `True` for standard error, `None`/`False` for silence."""
     if progress is True:
@@ -499,6 +565,8 @@ def run_benchmark(
     depth_mult=1.0,
     full_text_encoders=False,
     max_sequence_length=512,
+    regions=0,
+    region_coverage=DEFAULT_REGION_COVERAGE,
 ):
     """
     Run MultiDiffusion and the SyncDiffusion `modes` on the same inputs; return a list with one dict per mode (a
@@ -527,6 +595,11 @@ def run_benchmark(
     T5 tokens; its passes are `transformer_*`, and its `flux-pipeline` mode is diffusers' `FluxPipeline` on the same
     components and initial noise at the panorama's full size (no views: one transformer pass of the whole image per
     step). `guidance_scale` defaults to the architecture's (7.5; FLUX.1-dev's guidance embedding 3.5).
+    `regions > 0` runs every SyncDiffusion mode again as `NAME+regions` right after it (a mode may also be named so
+    in `modes`), with `regions` region prompts in the boxes of `region_boxes` (together `region_coverage` of the
+    width) and the pipeline's default bootstrapping; its row's passes are checked against the region formula
+    (`view_prompts`: the prompts present in each view) and its `region_ratio` / `cpu_region_ratio` is its call's
+    wall / CPU time over that of the same mode without regions (None when that mode did not run).
     Progress lines go to `progress` (`True`: standard error; a file; `None`: silent).
     `pipe` reuses a pipeline built by `build_pipeline` (its `arch`/`width_mult`/`sample_size` then only label the run).
     """
@@ -549,7 +622,19 @@ def run_benchmark(
     if reference.endswith(COMPILED_SUFFIX):
         raise ValueError(f"reference={reference!r}: the reference runs first, before compiling; name an eager mode")
     compiling.check_compile_mode(compile_mode)
+    check_region_options(regions, region_coverage)
+    regional = [m for m in modes + [reference] if _has_regions(m)]
+    if regional and not regions:
+        raise ValueError(f"modes {regional}: {REGIONS_SUFFIX} needs region prompts (regions > 0)")
+    if any(_mode_base(m) in REFERENCE_PIPELINES for m in regional):
+        raise ValueError(f"modes {regional}: {', '.join(REFERENCE_PIPELINES)} take no region prompts")
+    if regions and offload_text_encoder:
+        raise ValueError(f"regions={regions}: the region prompts need the text encoder; not with offload_text_encoder")
     modes = [reference] + [m for m in dict.fromkeys(modes) if m != reference]
+    if regions:
+        # each SyncDiffusion mode's twin with regions right after it, for the cost of regions in the same settings
+        twins = [(m, _with_regions(m)) if _mode_base(m) not in REFERENCE_PIPELINES else (m,) for m in modes]
+        modes = list(dict.fromkeys(m for pair in twins for m in pair))
     if compile:
         modes += [m + COMPILED_SUFFIX for m in modes if not m.endswith(COMPILED_SUFFIX)]
     # Eager modes first: compiling changes the pipeline for every later mode.
@@ -578,6 +663,14 @@ def run_benchmark(
     window_call = {"window_size": sample_size * pipe.vae_scale_factor} if denoiser == "transformer" else {}
     views = pipe.get_views(height, width, stride=stride, **window_call)
     num_views = len(views)
+    region_call, view_prompts, boxes = {}, None, []
+    if regions:
+        if "region_prompts" not in inspect.signature(pipe.__call__).parameters:
+            raise ValueError(f"regions={regions}: {type(pipe).__name__} takes no region prompts")
+        boxes = region_boxes(width, regions, region_coverage, pipe.vae_scale_factor)
+        masks = region_masks(height, width, boxes)
+        view_prompts = prompts_per_view(masks, views, pipe.vae_scale_factor)
+        region_call = {"region_prompts": region_prompts(prompt, regions), "region_masks": masks}
     if any(m.partition("@")[0] == PANORAMA_MODE for m in modes) and (sample_size != 64 or stride != 8):
         raise ValueError(f"{PANORAMA_MODE} has a fixed 64-latent window and stride 8: use --sample-size 64 --stride 8")
     tiny_decoder = None
@@ -654,6 +747,12 @@ def run_benchmark(
         "project_sync_thres": project_sync_thres,
         "expected_exact_sync_step": expected_exact,
         "denoiser": denoiser,
+        "regions": regions,
+        "region_coverage": region_coverage if regions else None,
+        "region_boxes": [list(box) for box in boxes],
+        "region_covered_fraction": sum(x1 - x0 for x0, x1 in boxes) / width if regions else None,
+        "view_prompts": view_prompts,
+        "region_bootstrap_steps": _default_bootstrap_steps(steps) if regions else None,
         **(_flux_info(pipe, depth_mult, full_text_encoders, max_sequence_length) if denoiser == "transformer" else {}),
     }
     _log(
@@ -678,6 +777,15 @@ def run_benchmark(
             warmup_call = {**common, "height": window, "width": window, "num_inference_steps": 1, "sync_weight": 0.0}
             if controlnet:
                 warmup_call["image"] = condition[..., :window, :window]
+            if regions:
+                # the regions' first-call costs too (the VAE encoder of bootstrapping runs only with regions)
+                warmup_mask = torch.zeros(window, window)
+                warmup_mask[:, : window // 2] = 1.0
+                warmup_call.update(
+                    region_prompts=region_call["region_prompts"][:1],
+                    region_masks=[warmup_mask],
+                    region_bootstrap_steps=1,
+                )
             pipe(**warmup_call)
             synchronize()
             _log(progress, f"warm-up call: {time.perf_counter() - t0:.1f} s")
@@ -705,8 +813,13 @@ def run_benchmark(
                 kwargs["view_batch_size"] = num_views if not batch else batch if batch == "auto" else int(batch)
             measured, ignored, adapt = _measured_pipeline(pipe, base)
 
+            regional = _has_regions(mode)
+            mode_region_call = region_call if regional else {}
+            mode_view_prompts = view_prompts if regional else None
+
             def run(**call):
-                return measured(**adapt({k: v for k, v in {**common, **call}.items() if k not in ignored}))
+                call = {**common, **mode_region_call, **call}
+                return measured(**adapt({k: v for k, v in call.items() if k not in ignored}))
 
             # diffusers' FluxPipeline has no views: the whole panorama is its one image
             mode_views = 1 if base == FLUX_PIPELINE_MODE else num_views
@@ -729,13 +842,15 @@ def run_benchmark(
                 return whole and (not synced_steps or passes_sync_step == expected_step)
 
             expected_step, expected_total = expected_passes(
-                kwargs, mode_views, steps, sync_thres, controlnet, denoiser
+                kwargs, mode_views, steps, sync_thres, controlnet, denoiser, mode_view_prompts
             )
             passes_match, auto_checkpointing = matches(expected_step, expected_total), False
             if not passes_match and synced_steps and kwargs.get("view_batch_size", view_batch_size) == "auto":
                 # "auto" turns checkpointing on where one view's gradient pass does not fit: its formula then.
                 checkpointing = {**kwargs, "sync_gradient_checkpointing": True}
-                checkpointed = expected_passes(checkpointing, mode_views, steps, sync_thres, controlnet, denoiser)
+                checkpointed = expected_passes(
+                    checkpointing, mode_views, steps, sync_thres, controlnet, denoiser, mode_view_prompts
+                )
                 if matches(*checkpointed):
                     (expected_step, expected_total), passes_match, auto_checkpointing = checkpointed, True, True
             row = {
@@ -755,6 +870,8 @@ def run_benchmark(
                 "first_call_seconds": best["calls"][0]["seconds"],
                 "steady_seconds": min((c["seconds"] for c in best["calls"][1:]), default=None),
                 "compile_seconds": _sum_known(c["compile_seconds"] for c in best["calls"]),
+                "regions": regions if regional else 0,
+                "view_prompts": mode_view_prompts,
             }
             if mode == reference_name:
                 reference = row
@@ -776,17 +893,31 @@ def run_benchmark(
                 # Unsynchronized steps do MultiDiffusion's work, so they are priced at MultiDiffusion's step time;
                 # FluxPipeline's steps (the whole panorama at once) do other work, priced at its own step time.
                 plain_step = step_time if base == FLUX_PIPELINE_MODE else md_step
+                if regional:
+                    # with regions they do MultiDiffusion's work with regions: its step time, or the mode's own
+                    plain_step = _regions_plain_step(rows, row, prefix, reference_name)
                 projected_synced = min(project_steps, project_sync_thres) if synced_steps else 0
                 row[prefix + "projected_ratio"] = (
-                    (project_steps - projected_synced) * plain_step + projected_synced * step_time
-                ) / (project_steps * md_step)
+                    None
+                    if plain_step is None
+                    else ((project_steps - projected_synced) * plain_step + projected_synced * step_time)
+                    / (project_steps * md_step)
+                )
+            plain = next((r for r in rows if r["mode"] == _without_regions(mode) and not r.get("error")), None)
+            for prefix in ("", "cpu_"):
+                row[prefix + "region_ratio"] = (
+                    row[prefix + "seconds"] / plain[prefix + "seconds"] if regional and plain else None
+                )
             rows.append(row)
+            region_cost = f", x{row['region_ratio']:.2f} without regions" if row["region_ratio"] else ""
             _log(
                 progress,
                 f"[{index}/{len(modes)}] {mode}: {row['seconds']:.2f} s (x{row['ratio']:.2f} MultiDiffusion),"
                 f" step x{row['step_ratio']:.2f} (cpu time x{row['cpu_step_ratio']:.2f}),"
-                f" projected {project_steps}-step x{row['projected_ratio']:.3f} (cpu time x{row['cpu_projected_ratio']:.3f}),"
-                f" peak {row['peak_mem_mib']:.0f} MiB, passes {'as expected' if passes_match else 'NOT as expected'}",
+                f" projected {project_steps}-step x{_fmt(row['projected_ratio'], '.3f')}"
+                f" (cpu time x{_fmt(row['cpu_projected_ratio'], '.3f')}),"
+                f" peak {row['peak_mem_mib']:.0f} MiB, passes {'as expected' if passes_match else 'NOT as expected'}"
+                f"{region_cost}",
             )
     if offload_text_encoder:
         pipe.text_encoder.to(device)
@@ -839,6 +970,20 @@ def _measure(run, measured, kwargs, latents, repeat, device, synchronize, panora
     return best
 
 
+def _regions_plain_step(rows, row, prefix, reference_name):
+    """
+    The price of an unsynchronized step for a `+regions` row's projection: the plain step time of MultiDiffusion
+    with the regions (the reference's twin, else `multidiffusion+regions`) if it ran, else the row's own plain steps
+    (None when it has none).
+    """
+    names = (_with_regions(reference_name), REFERENCE_MODE + REGIONS_SUFFIX)
+    for name in names:
+        twin = next((r for r in rows if r["mode"] == name and not r.get("error")), None)
+        if twin is not None and twin[prefix + "plain_step_seconds"] is not None:
+            return twin[prefix + "plain_step_seconds"]
+    return row[prefix + "plain_step_seconds"]
+
+
 def _sum_known(values):
     values = list(values)
     return None if any(v is None for v in values) else sum(values)
@@ -880,8 +1025,44 @@ class ViewBatchRecorder:
 
 
 def _mode_name(mode):
-    """`mode` without its `+compiled` suffix."""
-    return mode[: -len(COMPILED_SUFFIX)] if mode.endswith(COMPILED_SUFFIX) else mode
+    """`mode` without its `+compiled` and `+regions` suffixes: `NAME` or `NAME@K`."""
+    mode = mode[: -len(COMPILED_SUFFIX)] if mode.endswith(COMPILED_SUFFIX) else mode
+    return mode[: -len(REGIONS_SUFFIX)] if mode.endswith(REGIONS_SUFFIX) else mode
+
+
+def _mode_base(mode):
+    """The name of `mode` in `MODES` or `REFERENCE_PIPELINES`, without view batch size and suffixes."""
+    return _mode_name(mode).partition("@")[0]
+
+
+def _has_regions(mode):
+    """Whether `mode` runs with the region prompts (`NAME[@K]+regions[+compiled]`)."""
+    compiled = mode.endswith(COMPILED_SUFFIX)
+    return (mode[: -len(COMPILED_SUFFIX)] if compiled else mode).endswith(REGIONS_SUFFIX)
+
+
+def _with_regions(mode):
+    """`mode`'s twin with the region prompts: `+regions` before any `+compiled`."""
+    if _has_regions(mode):
+        return mode
+    if mode.endswith(COMPILED_SUFFIX):
+        return mode[: -len(COMPILED_SUFFIX)] + REGIONS_SUFFIX + COMPILED_SUFFIX
+    return mode + REGIONS_SUFFIX
+
+
+def _without_regions(mode):
+    """`mode`'s twin without the region prompts."""
+    if not _has_regions(mode):
+        return mode
+    compiled = COMPILED_SUFFIX if mode.endswith(COMPILED_SUFFIX) else ""
+    return mode[: len(mode) - len(compiled) - len(REGIONS_SUFFIX)] + compiled
+
+
+def _default_bootstrap_steps(steps):
+    """The bootstrapping steps the pipelines run by default (`region_bootstrap_steps=None`)."""
+    from pipeline_syncdiffusion import REGION_BOOTSTRAP_FRACTION
+
+    return round(REGION_BOOTSTRAP_FRACTION * steps)
 
 
 def _error_row(mode, kwargs, error, device):
@@ -963,6 +1144,23 @@ def _flux_header(info):
     )
 
 
+def _regions_header(info):
+    """What the `+regions` rows run and how their passes are checked."""
+    prompts = info["view_prompts"]
+    label = DENOISER_LABELS[info.get("denoiser", "unet")]
+    boxes = ", ".join(f"{x0}-{x1}" for x0, x1 in info["region_boxes"])
+    return (
+        f"'{REGIONS_SUFFIX}': the mode with {info['regions']} region prompts, hard masks of the full height side by"
+        f" side at pixel columns {boxes} ({info['region_covered_fraction']:.0%} of the width; asked"
+        f" {info['region_coverage']:g}), bootstrapping in the first {info['region_bootstrap_steps']} steps (the"
+        f" pipelines' default). Prompts present in each view, background included: {prompts}; a view's {label} passes"
+        f" are made once per prompt present: per MultiDiffusion step {sum(prompts)} {label} fwd (sum over views) for"
+        f" N={len(prompts)}; per synchronized step the anchor's {prompts[len(prompts) // 2]} and every other view's"
+        f" gradient pass and second forward once per prompt, decoder and LPIPS once per view. 'x plain' (and its"
+        f" cpu-time twin): the whole call against the same mode without regions."
+    )
+
+
 def format_table(info, rows):
     """The header lines and the table as text."""
     n = info["num_views"]
@@ -1003,6 +1201,7 @@ def format_table(info, rows):
             else ""
         )
         + f" 'first s': the mode's first call; 'compile s': torch's compiling in its {info['repeat']} call(s).",
+        *([_regions_header(info)] if info.get("regions") else []),
         "",
     ]
     memory_kind = rows[0]["memory_kind"] if rows else ""
@@ -1026,6 +1225,9 @@ def format_table(info, rows):
         "ok",
         f"MiB ({memory_kind})",
     ]
+    regions = any(row.get("regions") for row in rows)
+    if regions:
+        header += ["x plain", "cpu x plain"]
     table = []
     for row in rows:
         if row.get("error"):
@@ -1050,6 +1252,8 @@ def format_table(info, rows):
         ]
         cells += [_fmt(counts.get(key), "g") for key in pass_keys]
         cells += ["ok" if row["passes_match"] else "NO", _fmt(row["peak_mem_mib"], ".0f")]
+        if regions:
+            cells += [_fmt(row.get("region_ratio"), ".2f"), _fmt(row.get("cpu_region_ratio"), ".2f")]
         table.append(cells)
     widths = [max(len(str(r[i])) for r in [header] + table) for i in range(len(header))]
 
@@ -1059,6 +1263,18 @@ def format_table(info, rows):
     lines.append(line(header))
     lines.append("  ".join("-" * w for w in widths))
     lines.extend(line(cells) for cells in table)
+    costs = [row for row in rows if row.get("regions") and row.get("region_ratio") is not None]
+    if costs:
+        lines.append("")
+        lines.append(
+            f"Cost of {info['regions']} region prompts (whole call, wall time, one call each in this process, same"
+            " settings): "
+            + ", ".join(
+                f"{row['mode']} x{row['region_ratio']:.2f} {_without_regions(row['mode'])}"
+                f" (cpu time x{row['cpu_region_ratio']:.2f})"
+                for row in costs
+            )
+        )
     return "\n".join(lines)
 
 
@@ -1075,6 +1291,26 @@ def _view_batch_size(text):
         value = 0
     if value < 1:
         raise argparse.ArgumentTypeError(f"{text!r}: a positive integer or auto")
+    return value
+
+
+def _non_negative_int(text):
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{text!r}: a non-negative integer")
+    return value
+
+
+def _fraction(text):
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not 0 < value <= 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: a fraction in (0, 1]")
     return value
 
 
@@ -1203,8 +1439,30 @@ def parse_args(argv=None):
     parser.add_argument(
         "--project-sync-thres", type=int, default=5, help="sync_thres of the projected run (default 5)"
     )
+    parser.add_argument(
+        "--regions",
+        type=_non_negative_int,
+        default=0,
+        metavar="N",
+        help=f"also run every mode with N region prompts (NAME{REGIONS_SUFFIX}, right after it): boxes of the full"
+        " height side by side in the middle of the width; passes checked against the region formula, cost against"
+        " the mode without regions (default 0: none)",
+    )
+    parser.add_argument(
+        "--region-coverage",
+        type=_fraction,
+        default=None,
+        metavar="F",
+        help=f"with --regions: the fraction of the width the boxes cover together (default {DEFAULT_REGION_COVERAGE})",
+    )
     parser.add_argument("--json", metavar="PATH", help="also write the configuration and rows as JSON")
     args = parser.parse_args(argv)
+    if REGIONS_SUFFIX in (args.modes or "") and not args.regions:
+        parser.error(f"--modes {args.modes}: a {REGIONS_SUFFIX} mode needs --regions N (N > 0)")
+    if args.region_coverage is not None and not args.regions:
+        parser.error(f"--region-coverage {args.region_coverage}: only with --regions N (N > 0)")
+    if args.region_coverage is None:
+        args.region_coverage = DEFAULT_REGION_COVERAGE
     compiled_modes = args.compile or COMPILED_SUFFIX in (args.modes or "")
     for flag, value in (("--compile-mode", args.compile_mode), ("--compile-cache", args.compile_cache)):
         if value is not None and not compiled_modes:
@@ -1260,6 +1518,8 @@ def main(argv=None):
         decode=not args.no_decode,
         project_steps=args.project_steps,
         project_sync_thres=args.project_sync_thres,
+        regions=args.regions,
+        region_coverage=args.region_coverage,
     )
     info = rows.config
     print(format_table(info, rows))

@@ -47,12 +47,18 @@ What is counted, with hooks only (nothing in the pipeline changes; everything is
   on first use), counted by its first input's batch; `lpips_sizes` holds the image sizes `(height, width)` it saw.
 
 A module's forward is counted once per outermost call, even if the same module is re-entered inside it.
+
+What the algorithm should make, in the same keys: `expected_sync_step` (a synchronized step) and
+`expected_plain_step` (a MultiDiffusion step); with region prompts a view's denoiser passes are made once per prompt
+present in it, which `prompts_per_view` gives from the masks and the views.
 """
 
 import time
 from fractions import Fraction
 
+import numpy as np
 import torch
+import torch.nn.functional as F
 
 
 COUNT_KEYS = (
@@ -424,12 +430,17 @@ def expected_sync_step(
     tiny_decoder=False,
     controlnet=False,
     denoiser="unet",
+    view_prompts=None,
 ):
     """
     View-passes of one synchronized step with `num_views` views, in `PassCounter`'s keys, for the pipeline's
     algorithm: the anchor's guided forward and decode without gradient; for each of the other
     `N - 1` views a gradient pass (denoiser forward, decoder forward, LPIPS, and their backwards) and, unless the
-    noise is reused, a second denoiser forward. `gradient` is `"x0"` or goes through the denoiser (`"unet"` or
+    noise is reused, a second denoiser forward.
+    With region prompts, `view_prompts` is the number of prompts present in each view (`prompts_per_view`; the
+    anchor is view `N // 2`, the pipeline's): a view's denoiser passes (forward, backward, recomputation; the
+    ControlNet's too) are made once per prompt present, while its decoder and LPIPS passes stay one per view (the
+    loss image is decoded from the mask-weighted mean of its prompts' clean latents). `gradient` is `"x0"` or goes through the denoiser (`"unet"` or
     `"transformer"`, the pipelines' own names; either counts alike). With `checkpointing` the backwards recompute the
     denoiser (only when the gradient goes through it) and the decoder (the VAE's, or a `sync_decoder` such as a tiny
     one: it must support checkpointing, so `tiny_decoder` counts the same).
@@ -444,11 +455,15 @@ def expected_sync_step(
         raise ValueError(f"gradient={gradient!r}: expected one of {', '.join(GRADIENTS)}")
     n = num_views
     others = n - 1
+    prompts = _view_prompt_counts(view_prompts, n)
+    anchor_prompts = prompts[n // 2]
+    # the denoiser's passes of the other views, one per prompt present in each
+    other_prompts = sum(prompts) - anchor_prompts
     through = gradient != "x0"
-    recompute = others if checkpointing and through else 0
+    recompute = other_prompts if checkpointing and through else 0
     dec_recompute = others if checkpointing else 0
-    fwd = 1 + others + (0 if reuse_noise else others) + recompute
-    bwd = others if through else 0
+    fwd = anchor_prompts + other_prompts + (0 if reuse_noise else other_prompts) + recompute
+    bwd = other_prompts if through else 0
     counts = _denoiser_counts(denoiser, fwd, recompute, bwd)
     counts.update(
         {
@@ -464,13 +479,15 @@ def expected_sync_step(
     return counts
 
 
-def expected_plain_step(num_views, controlnet=False, denoiser="unet"):
+def expected_plain_step(num_views, controlnet=False, denoiser="unet", view_prompts=None):
     """View-passes of one unsynchronized (MultiDiffusion) step: one guided forward of the denoiser (`"unet"` or
-    `"transformer"`, and of the ControlNet) per view."""
-    counts = _denoiser_counts(denoiser, num_views, 0, 0)
+    `"transformer"`, and of the ControlNet) per view, or with region prompts one per prompt present in each view
+    (`view_prompts`, as for `expected_sync_step`)."""
+    fwd = sum(_view_prompt_counts(view_prompts, num_views))
+    counts = _denoiser_counts(denoiser, fwd, 0, 0)
     counts.update(
         {
-            "controlnet_fwd": num_views if controlnet else 0,
+            "controlnet_fwd": fwd if controlnet else 0,
             "controlnet_recompute": 0,
             "controlnet_bwd": 0,
             "dec_fwd": 0,
@@ -479,6 +496,65 @@ def expected_plain_step(num_views, controlnet=False, denoiser="unet"):
             "lpips_bwd": 0,
         }
     )
+    return counts
+
+
+def _view_prompt_counts(view_prompts, num_views):
+    """`view_prompts` as a list of `num_views` positive ints; one prompt per view when it is None."""
+    if view_prompts is None:
+        return [1] * num_views
+    counts = list(view_prompts)
+    if len(counts) != num_views or not all(isinstance(c, int) and not isinstance(c, bool) and c > 0 for c in counts):
+        raise ValueError(
+            f"view_prompts={view_prompts!r}: expected {num_views} positive integers (prompts present in each view)"
+        )
+    return counts
+
+
+def _mask_tensor(mask, index):
+    """`region_masks[index]` as a float32 `(height, width)` tensor: a PIL image (white = 1), an array or a tensor."""
+    if hasattr(mask, "convert"):  # a PIL image, read as the pipelines read it
+        mask = torch.from_numpy(np.asarray(mask.convert("L"), dtype=np.float32) / 255.0)
+    mask = torch.as_tensor(mask)
+    while mask.ndim > 2 and mask.shape[0] == 1:
+        mask = mask[0]
+    if mask.ndim != 2:
+        raise ValueError(f"region_masks[{index}] has shape {tuple(mask.shape)}: expected one (height, width) mask")
+    return mask.detach().to(device="cpu", dtype=torch.float32)
+
+
+def region_latent_weights(region_masks, vae_scale_factor=8):
+    """
+    Every prompt's weight over the panorama latent, `(1 + regions, height, width)`, background first: each region's
+    mask (pixels) averaged over the VAE's `vae_scale_factor`-pixel blocks, the background `max(1 - sum of the
+    region masks, 0)` (MultiDiffusion's `region_based.py`).
+    """
+    if not region_masks:
+        raise ValueError(f"region_masks={region_masks!r}: expected one mask per region prompt")
+    masks = [_mask_tensor(mask, k) for k, mask in enumerate(region_masks)]
+    shapes = {tuple(mask.shape) for mask in masks}
+    if len(shapes) != 1:
+        raise ValueError(f"region_masks have the shapes {sorted(shapes)}: expected one (height, width) for all")
+    latent_masks = F.avg_pool2d(torch.stack(masks)[:, None], vae_scale_factor)[:, 0]
+    background = (1 - latent_masks.sum(0, keepdim=True)).clamp_min(0)
+    return torch.cat([background, latent_masks])
+
+
+def prompts_per_view(region_masks, views, vae_scale_factor=8):
+    """
+    The number of prompts present in each of `views` (`(h_start, h_end, w_start, w_end)` in latents, as
+    `pipe.get_views` gives them; circular ones wrap): the background, where its weight `max(1 - sum of the masks, 0)`
+    is nonzero somewhere in the view, and each region whose mask (averaged to the latent) is. This is what a view
+    costs in denoiser passes per step (`expected_plain_step`, `expected_sync_step`'s `view_prompts`); a region
+    covering no latent pixel is present in no view.
+    """
+    weights = region_latent_weights(region_masks, vae_scale_factor)
+    width = weights.shape[-1]
+    counts = []
+    for h_start, h_end, w_start, w_end in views:
+        columns = torch.arange(w_start, w_end) % width
+        crop = weights[:, h_start:h_end].index_select(2, columns)
+        counts.append(int(crop.flatten(1).ne(0).any(1).sum()))
     return counts
 
 

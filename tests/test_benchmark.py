@@ -550,3 +550,89 @@ def test_compile_flags_need_a_compiled_mode_and_the_reference_is_eager():
         benchmark.run_benchmark(reference="exact+compiled", progress=None)
     with pytest.raises(ValueError, match="compile_mode='fast'"):
         benchmark.run_benchmark(compile=True, compile_mode="fast", progress=None)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Region prompts: every mode again with regions, passes against the region formula, cost against the plain mode
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def test_regions_rows_count_as_the_region_formula_and_cost_against_the_plain_mode():
+    """`--regions 2`: two boxes side by side over the middle half of the 128-pixel width (pixels 32-64 and 64-96,
+    latents 4-7 and 8-11). Views [0, 8), [4, 12), [8, 16) hold 2 prompts each: the background and box 1, both boxes
+    (no background left), box 2 and the background."""
+    code, report, table = run_main(ARGS + ["--modes", "exact", "--regions", "2", "--no-decode"])
+    assert code == 0
+    config, rows = report["config"], {row["mode"]: row for row in report["rows"]}
+    assert list(rows) == ["multidiffusion", "multidiffusion+regions", "exact", "exact+regions"]
+    assert config["region_boxes"] == [[32, 64], [64, 96]] and config["region_covered_fraction"] == 0.5
+    assert config["view_prompts"] == [2, 2, 2] and config["region_bootstrap_steps"] == 1
+    n, prompts = config["num_views"], 2
+    assert all(row["passes_match"] for row in rows.values())
+    # MultiDiffusion: one UNet pass per prompt present in each view, both steps
+    assert rows["multidiffusion+regions"]["passes"]["unet_fwd"] == 2 * n * prompts
+    step = rows["exact+regions"]["passes_sync_step"]
+    assert (step["unet_fwd"], step["unet_bwd"]) == (prompts * (2 * n - 1), prompts * (n - 1))
+    assert (step["dec_fwd"], step["dec_bwd"], step["lpips_fwd"]) == (n, n - 1, n - 1)  # one loss image per view
+    assert rows["exact+regions"]["passes"]["unet_fwd"] == prompts * (2 * n - 1) + prompts * n
+    for mode in ("multidiffusion", "exact"):
+        plain, regional = rows[mode], rows[mode + "+regions"]
+        assert plain["regions"] == 0 and plain["region_ratio"] is None and plain["view_prompts"] is None
+        assert regional["regions"] == 2 and regional["view_prompts"] == [2, 2, 2]
+        assert regional["region_ratio"] == pytest.approx(regional["seconds"] / plain["seconds"])
+        assert regional["cpu_region_ratio"] == pytest.approx(regional["cpu_seconds"] / plain["cpu_seconds"])
+        assert regional["passes"]["unet_fwd"] > plain["passes"]["unet_fwd"]
+    # unsynchronized steps of a region row are priced at MultiDiffusion's with the regions
+    md, md_regions = rows["multidiffusion"], rows["multidiffusion+regions"]
+    assert md_regions["projected_ratio"] == pytest.approx(md_regions["plain_step_seconds"] / md["md_step_seconds"])
+    exact = rows["exact+regions"]
+    assert exact["projected_ratio"] == pytest.approx(
+        (45 * md_regions["plain_step_seconds"] + 5 * exact["sync_step_seconds"]) / (50 * md["md_step_seconds"])
+    )
+    assert "x plain" in table and "Prompts present in each view, background included: [2, 2, 2]" in table
+    cost = f"exact+regions x{rows['exact+regions']['region_ratio']:.2f} exact"
+    assert "Cost of 2 region prompts" in table and cost in table
+
+
+def test_region_boxes_and_mode_names():
+    assert benchmark.region_boxes(128, 2) == [(32, 64), (64, 96)]
+    # 24 latent columns, 12 covered from column 6, shared 4/4/4; the whole width with one box
+    assert benchmark.region_boxes(192, 3) == [(48, 80), (80, 112), (112, 144)]
+    assert benchmark.region_boxes(192, 1, coverage=1.0) == [(0, 192)]
+    # 16 columns, a quarter covered: 4 columns for 3 boxes, 1/1/2
+    assert benchmark.region_boxes(128, 3, coverage=0.25) == [(48, 56), (56, 64), (64, 80)]
+    with pytest.raises(ValueError, match="fewer than one per region"):
+        benchmark.region_boxes(128, 9)
+    assert benchmark._with_regions("exact@2+compiled") == "exact@2+regions+compiled"
+    assert benchmark._without_regions("exact@2+regions+compiled") == "exact@2+compiled"
+    assert benchmark._mode_base("fast@auto+regions+compiled") == "fast"
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"regions": -1}, "regions=-1"),
+        ({"regions": True}, "regions=True"),
+        ({"regions": 2, "region_coverage": 0.0}, "region_coverage=0.0"),
+        ({"modes": ["exact+regions"]}, "needs region prompts"),
+        ({"regions": 1, "modes": ["panorama-pipeline+regions"]}, "take no region prompts"),
+        ({"regions": 1, "offload_text_encoder": True}, "offload_text_encoder"),
+    ],
+)
+def test_region_options_are_checked_before_anything_is_built(kwargs, message, monkeypatch):
+    def build_pipeline(*args, **kwargs):
+        raise AssertionError("built before the options were checked")
+
+    monkeypatch.setattr(benchmark, "build_pipeline", build_pipeline)
+    with pytest.raises(ValueError, match=message):
+        benchmark.run_benchmark(**kwargs, progress=None)
+
+
+def test_region_flags():
+    for args in (["--regions", "-1"], ["--regions", "2", "--region-coverage", "1.5"], ["--region-coverage", "0.5"]):
+        with pytest.raises(SystemExit):
+            benchmark.parse_args(ARGS + args)
+    with pytest.raises(SystemExit):
+        benchmark.parse_args(ARGS + ["--modes", "exact+regions"])
+    args = benchmark.parse_args(ARGS + ["--regions", "2"])
+    assert (args.regions, args.region_coverage) == (2, benchmark.DEFAULT_REGION_COVERAGE)

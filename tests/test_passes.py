@@ -1,7 +1,8 @@
 """Pass counts of every synchronization mode, counted with hooks (`syncdiffusion_utils.counting.PassCounter`).
 
 Per synchronized step with N views the exact mode makes 2N-1 UNet forward, N-1 UNet backward, N VAE-decoder
-forward, N-1 VAE-decoder backward and N-1 LPIPS view-passes; each fast mode removes what it says it removes.
+forward, N-1 VAE-decoder backward and N-1 LPIPS view-passes; each fast mode removes what it says it removes. With
+region prompts a view's denoiser passes are made once per prompt present in it.
 Images are 64 x 128 pixels with 64-pixel windows at stride 4 latents: N = 3 views.
 """
 
@@ -9,7 +10,13 @@ import numpy as np
 import pytest
 import torch
 
-from syncdiffusion_utils.counting import PassCounter, StepRecorder, expected_sync_step
+from syncdiffusion_utils.counting import (
+    PassCounter,
+    StepRecorder,
+    expected_plain_step,
+    expected_sync_step,
+    prompts_per_view,
+)
 from syncdiffusion_utils.testing import make_lpips, make_tiny_decoder, tiny_pipeline
 
 
@@ -258,3 +265,94 @@ def test_perceptual_loss_set_after_the_counter_starts(pipe, num_views):
         assert counter.lpips_bwd == num_views - 1
     finally:
         pipe.set_perceptual_loss(previous)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Region prompts: a view's denoiser passes are made once per prompt present in it
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def box_mask(x0, x1):
+    """A hard mask of the panorama's size, 1 in pixel columns `x0:x1` over the full height."""
+    mask = torch.zeros(HEIGHT, WIDTH)
+    mask[:, x0:x1] = 1.0
+    return mask
+
+
+# Latent columns of the views: [0, 8), [4, 12) (the anchor), [8, 16). Region A covers latents 0-7, B 10-15:
+# view 0 holds A alone (no background left), the anchor A, B and the background (latents 8-9), view 2 B and the
+# background. Every view costs a different number of prompts, so a formula off by a view shows.
+REGION_MASKS = [box_mask(0, 64), box_mask(80, 128)]
+PROMPTS_PER_VIEW = [1, 3, 2]
+
+
+def test_prompts_per_view_from_the_masks(pipe):
+    views = pipe.get_views(HEIGHT, WIDTH, stride=STRIDE)
+    assert prompts_per_view(REGION_MASKS, views) == PROMPTS_PER_VIEW
+    # an empty region is present nowhere; a single pixel is present where its 8x8 block is
+    assert prompts_per_view(REGION_MASKS + [torch.zeros(HEIGHT, WIDTH)], views) == PROMPTS_PER_VIEW
+    speck = torch.zeros(HEIGHT, WIDTH)
+    speck[0, 127] = 1.0
+    assert prompts_per_view(REGION_MASKS + [speck], views) == [1, 3, 3]
+    # a soft mask leaves the background some weight: present with it
+    assert prompts_per_view([0.5 * box_mask(0, 128)], views) == [2, 2, 2]
+    # circular views wrap: the last one sees region A again
+    circular = pipe.get_views(HEIGHT, WIDTH, stride=STRIDE, circular_padding=True)
+    assert circular[-1][3] > WIDTH // 8 and prompts_per_view(REGION_MASKS, circular)[-1] == 2
+    with pytest.raises(ValueError, match="view_prompts"):
+        expected_plain_step(3, view_prompts=[1, 2])
+    with pytest.raises(ValueError, match="region_masks"):
+        prompts_per_view([box_mask(0, 64), torch.zeros(HEIGHT, 64)], views)
+
+
+def region_step_counts(pipe, masks, **kwargs):
+    """Two steps, the first synchronized (unless `sync_weight=0`), with the region prompts: each step's counts."""
+    prompts = [f"region {k}" for k in range(len(masks))]
+    with PassCounter(pipe) as counter, StepRecorder(pipe, counter) as recorder:
+        pipe(
+            "a lighthouse",
+            height=HEIGHT,
+            width=WIDTH,
+            stride=STRIDE,
+            num_inference_steps=2,
+            sync_thres=1,
+            output_type="latent",
+            region_prompts=prompts,
+            region_masks=masks,
+            callback_on_step_end=recorder,
+            **kwargs,
+        )
+    return recorder.step_counts
+
+
+@pytest.mark.parametrize(
+    "kwargs, settings",
+    [
+        ({}, {}),
+        ({"sync_mode": "fast"}, {"gradient": "x0", "reuse_noise": True}),
+        ({"sync_gradient_checkpointing": True}, {"checkpointing": True}),
+        ({"sync_weight": 0.0}, None),
+    ],
+)
+def test_region_counts_equal_the_formula(pipe, num_views, kwargs, settings):
+    first, second = region_step_counts(pipe, REGION_MASKS, **kwargs)
+    plain = expected_plain_step(num_views, view_prompts=PROMPTS_PER_VIEW)
+    if settings is None:  # MultiDiffusion with regions: one pass per prompt present in each view, every step
+        assert_counts(first, plain)
+    else:
+        assert_counts(first, expected_sync_step(num_views, view_prompts=PROMPTS_PER_VIEW, **settings))
+    assert_counts(second, plain)
+    assert second["unet_fwd"] == sum(PROMPTS_PER_VIEW) == 6
+    if not kwargs:
+        # exact: the anchor's 3 prompts, then 1 + 2 prompts of the other views twice (gradient pass, after the update)
+        assert (first["unet_fwd"], first["unet_bwd"]) == (3 + 2 * (1 + 2), 1 + 2)
+        # the loss images are one per view: decoder and LPIPS as without regions
+        assert (first["dec_fwd"], first["dec_bwd"], first["lpips_fwd"]) == (num_views, num_views - 1, num_views - 1)
+
+
+def test_a_region_covering_no_latent_pixel_adds_no_pass(pipe, num_views):
+    """An all-zero mask is present in no view: the same passes as without it, every step."""
+    empty = torch.zeros(HEIGHT, WIDTH)
+    with_empty = region_step_counts(pipe, REGION_MASKS + [empty])
+    assert with_empty == region_step_counts(pipe, REGION_MASKS)
+    assert_counts(with_empty[0], expected_sync_step(num_views, view_prompts=PROMPTS_PER_VIEW))
