@@ -5,6 +5,8 @@
     syncdiffusion "a cozy living room" --model tiny -o smoke.png      # offline smoke run, random weights
     syncdiffusion "a harbour at dawn" --model black-forest-labs/FLUX.1-dev -o flux.png  # FLUX.1, 1024x4096
     syncdiffusion "a desert canyon" --sync-weight 0,10,20,40 -o sweep.png  # one seed, one labelled row per weight
+    syncdiffusion "a green meadow" --region "a red barn" box:0.4,0.3,0.6,1 \
+        --region "a full moon" moon_mask.png -o farm.png               # a prompt per region: white in the mask
     syncdiffusion "a coastal town" --control-image depth.png --controlnet lllyasviel/control_v11f1p_sd15_depth \
         --model stable-diffusion-v1-5/stable-diffusion-v1-5                 # follows the layout of depth.png
     syncdiffusion generate "demo"                                     # a prompt that is a subcommand's name
@@ -85,6 +87,9 @@ ARGUMENT_FLAGS = {
     "controlnet_conditioning_scale": "--controlnet-scale",
     "true_cfg_scale": "--true-cfg-scale",
     "max_sequence_length": "--max-sequence-length",
+    "region_prompts": "--region",
+    "region_masks": "--region",
+    "region_bootstrap_steps": "--region-bootstrap-steps",
 }
 
 
@@ -217,7 +222,9 @@ def build_parser(prog="syncdiffusion"):
             "  syncdiffusion publish REPO_ID [--model M]    the same, or the pipeline file alone, on the Hub\n"
             "  syncdiffusion generate PROMPT ...            this command, for a prompt that is a subcommand's name\n"
             "                                               (or options first: syncdiffusion -o x.png -- PROMPT)\n"
-            "Offline smoke run: `syncdiffusion 'a test' --model tiny -o smoke.png` (also tiny-xl, tiny-flux)."
+            "Offline smoke run: `syncdiffusion 'a test' --model tiny -o smoke.png` (also tiny-xl, tiny-flux).\n"
+            "A prompt per region (white in a mask of the panorama's size, or a box of fractions):\n"
+            "  syncdiffusion 'a green meadow' --region 'a red barn' box:0.4,0.3,0.6,1 --region 'a full moon' moon.png"
         ),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
@@ -323,6 +330,28 @@ def build_parser(prog="syncdiffusion"):
         "--max-sequence-length",
         type=_positive_int,
         help=f"T5 tokens of the prompt, at most 512 (default: 512; tiny-flux: {TINY_MAX_SEQUENCE_LENGTH})",
+    )
+
+    regions = parser.add_argument_group("region prompts (MultiDiffusion's region-based generation, synchronized)")
+    regions.add_argument(
+        "--region",
+        nargs=2,
+        action="append",
+        metavar=("PROMPT", "MASK"),
+        help="PROMPT where MASK is white; PROMPT (the positional one) is the background; repeatable. MASK: an image"
+        " of the panorama's size in pixels (read as grayscale, white = the region, grays blend), or"
+        " box:X0,Y0,X1,Y1, fractions of the width and height in [0, 1] with X0 < X1 and Y0 < Y1: a hard rectangle,"
+        " the pixel columns round(X0*width) to round(X1*width) and rows round(Y0*height) to round(Y1*height),"
+        " end excluded, halves rounded up (e.g. box:0.5,0,1,1 is the right half). The model sees masks averaged"
+        " over 8x8-pixel blocks: an edge between blocks is soft",
+    )
+    regions.add_argument(
+        "--region-bootstrap-steps",
+        type=_non_negative_int,
+        metavar="N",
+        help="with --region: for the first N steps each region prompt sees a noised constant-colour background"
+        " outside its mask, which keeps its object inside it (MultiDiffusion's bootstrapping; default: 40%% of"
+        " the steps; 0: off; at most --steps)",
     )
 
     control = parser.add_argument_group("ControlNet (a panorama that follows a layout)")
@@ -501,6 +530,150 @@ def _flux_options(args, pipeline_class):
     return {"true_cfg_scale": true_cfg, "max_sequence_length": max_sequence_length}
 
 
+BOX_PREFIX = "box:"
+BOX_FORM = "box:X0,Y0,X1,Y1 with fractions of the panorama in [0, 1], X0 < X1 and Y0 < Y1"
+
+
+def _round_half_up(value):
+    return math.floor(value + 0.5)
+
+
+def parse_box(text):
+    """The fractions `(x0, y0, x1, y1)` of a `box:X0,Y0,X1,Y1` MASK; raises `ValueError` saying what is wrong."""
+    items = text[len(BOX_PREFIX) :].split(",")
+    if len(items) != 4:
+        raise ValueError(f"{len(items)} numbers instead of 4")
+    box = []
+    for name, item in zip(("X0", "Y0", "X1", "Y1"), items):
+        try:
+            value = float(item)
+        except ValueError:
+            raise ValueError(f"{name} {item.strip()!r} is not a number") from None
+        if not 0 <= value <= 1:  # also NaN
+            raise ValueError(f"{name} {item.strip()} is not in [0, 1]")
+        box.append(value)
+    x0, y0, x1, y1 = box
+    for low, high, value_low, value_high in (("X0", "X1", x0, x1), ("Y0", "Y1", y0, y1)):
+        if not value_low < value_high:
+            raise ValueError(f"{low} {value_low:g} is not below {high} {value_high:g}")
+    return x0, y0, x1, y1
+
+
+def box_pixels(box, height, width):
+    """The pixel rectangle `(left, top, right, bottom)` (right and bottom excluded) of the fractions `box` on a
+    `height x width` panorama: each edge at the fraction times the size, rounded half up."""
+    x0, y0, x1, y1 = box
+    return (
+        _round_half_up(x0 * width),
+        _round_half_up(y0 * height),
+        _round_half_up(x1 * width),
+        _round_half_up(y1 * height),
+    )
+
+
+def box_mask(box, height, width):
+    """A hard `height x width` mask ("L" PIL image: 255 inside `box_pixels(box, ...)`, 0 elsewhere)."""
+    from PIL import Image
+
+    mask = Image.new("L", (width, height), 0)
+    left, top, right, bottom = box_pixels(box, height, width)
+    mask.paste(255, (left, top, right, bottom))
+    return mask
+
+
+def region_mask(prompt, mask, height, width):
+    """The MASK of `--region PROMPT MASK` as an "L" PIL image of the panorama's size: a `box:` rectangle, or the
+    image at that path (grayscale). Raises `CLIError` (code 2) naming --region, the value and what is allowed."""
+    from PIL import Image, UnidentifiedImageError
+
+    flag = f"--region {prompt!r} {mask!r}"
+    if mask.startswith(BOX_PREFIX):
+        try:
+            box = parse_box(mask)
+        except ValueError as error:
+            raise CLIError(f"{flag}: {error}; a box is {BOX_FORM}.", code=2) from None
+        left, top, right, bottom = box_pixels(box, height, width)
+        if right <= left or bottom <= top:
+            raise CLIError(
+                f"{flag}: the box covers no pixel of the {width}x{height} panorama (its edges round to columns"
+                f" {left}..{right}, rows {top}..{bottom}); make it larger.",
+                code=2,
+            )
+        return box_mask(box, height, width)
+    if not os.path.isfile(mask):
+        raise CLIError(
+            f"{flag}: no such file; MASK is an image of the panorama's size ({width}x{height} pixels) or {BOX_FORM}.",
+            code=2,
+        )
+    try:
+        with Image.open(mask) as image:
+            image.load()
+            if image.size != (width, height):
+                raise CLIError(
+                    f"{flag}: the mask is {image.width}x{image.height} pixels, but the panorama is {width}x{height}"
+                    " (--width x --height); a mask image must be the panorama's size.",
+                    code=2,
+                )
+            return _grayscale(image, flag)
+    except (OSError, UnidentifiedImageError) as error:
+        raise CLIError(f"{flag}: cannot be read as an image: {str(error).splitlines()[0]}", code=2) from None
+
+
+def _grayscale(image, flag):
+    """`image` as an 8-bit "L" image. 16-bit grayscale (PNG's "I;16", or "I" in older Pillow) is scaled down, not
+    clipped as Pillow's `convert("L")` clips it (a 50% gray would become white)."""
+    import numpy as np
+    from PIL import Image
+
+    if image.mode == "F":
+        raise CLIError(f"{flag}: a floating-point image; save the mask as an 8- or 16-bit grayscale PNG.", code=2)
+    if image.mode != "I" and not image.mode.startswith("I;16"):
+        return image.convert("L")
+    values = np.asarray(image, dtype=np.float64)
+    if values.min() < 0 or values.max() > 65535:
+        raise CLIError(f"{flag}: 32-bit values beyond 0..65535; save the mask as an 8- or 16-bit grayscale PNG.", 2)
+    return Image.fromarray(np.round(values / 257).astype(np.uint8))
+
+
+def _running_class(pipeline_class, control_image):
+    """The class the command calls: --model's, or the ControlNet pipeline with --control-image."""
+    if control_image is None:
+        return pipeline_class
+    from pipeline_syncdiffusion_controlnet import SyncDiffusionControlNetPipeline
+
+    return SyncDiffusionControlNetPipeline
+
+
+def _region_options(args, pipeline_class, height, width, steps):
+    """The region arguments of the call (`{}` without --region), each mask built and checked against the panorama's
+    size before any model loads. `height`, `width`, `steps`: the command's, None for the class's own default."""
+    if not args.region:
+        if args.region_bootstrap_steps is not None:
+            raise CLIError(f"--region-bootstrap-steps {args.region_bootstrap_steps}: only with --region.", code=2)
+        return {}
+    import inspect
+
+    parameters = inspect.signature(pipeline_class.__call__).parameters
+    if "region_prompts" not in parameters:
+        raise CLIError(f"--region: {pipeline_class.__name__} (--model {args.model}) takes no region prompts yet.", 2)
+    height = parameters["height"].default if height is None else height
+    width = parameters["width"].default if width is None else width
+    steps = parameters["num_inference_steps"].default if steps is None else steps
+    bootstrap = args.region_bootstrap_steps
+    if bootstrap is not None and bootstrap > steps:
+        raise CLIError(
+            f"--region-bootstrap-steps {bootstrap}: at most the {steps} denoising steps (--steps); 0 turns it off.",
+            code=2,
+        )
+    options = {
+        "region_prompts": [prompt for prompt, _ in args.region],
+        "region_masks": [region_mask(prompt, mask, height, width) for prompt, mask in args.region],
+    }
+    if args.region_bootstrap_steps is not None:
+        options["region_bootstrap_steps"] = args.region_bootstrap_steps
+    return options
+
+
 def _runs(args, weights):
     """`(label, sync_weight)` of each panorama to make, in the order they are stacked."""
     if len(weights) > 1:
@@ -564,6 +737,7 @@ def _generate(args):
     scheduler = resolve_scheduler(pipeline_class, args.scheduler)
     _check_flags_for_class(args, pipeline_class)
     flux_options = _flux_options(args, pipeline_class)
+    region_options = _region_options(args, _running_class(pipeline_class, control_image), height, width, steps)
 
     import torch
 
@@ -609,6 +783,7 @@ def _generate(args):
         sync_decode_downsample=args.sync_decode_downsample,
         sync_gradient_checkpointing=args.sync_gradient_checkpointing,
         **flux_options,
+        **region_options,
     )
     height, width = call["height"], call["width"]
     if args.vae_tiling == "auto" and pipe.vae.use_tiling:
