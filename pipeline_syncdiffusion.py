@@ -1389,8 +1389,14 @@ class SyncDiffusionPipeline(
         regions = PanoramaRegions(conditionings, weights, view_prompts, bootstrap_steps)
         if bootstrap_steps == 0:
             return regions
+        # A generator of their own, seeded from the call's (its first one) without consuming it: the draws of the
+        # scheduler's noise after this stay those of a call without regions.
         first = generator[0] if isinstance(generator, list) else generator
         device = first.device if first is not None else latents.device
+        if first is not None:
+            seed_generator = torch.Generator(device).set_state(first.get_state())
+            seed = int(torch.randint(2**62, (1,), generator=seed_generator, device=device))
+            first = torch.Generator(device).manual_seed(seed)
         colours = torch.rand((bootstrap_steps, 3, 1, 1), generator=first, device=device)
         h_start, h_end, w_start, w_end = views[0]
         size = ((h_end - h_start) * factor, (w_end - w_start) * factor)
@@ -1399,7 +1405,9 @@ class SyncDiffusionPipeline(
         choice_shape = (bootstrap_steps, len(views), len(weights), latents.shape[0])
         regions.background_choice = torch.randint(bootstrap_steps, choice_shape, generator=first, device=device)
         regions.view_index = {view: k for k, view in enumerate(views)}
-        regions.initial_noise = latents / self.scheduler.init_noise_sigma
+        # The unit noise the latents were drawn from (sigma-scaled schedulers start from `init_noise_sigma` times it).
+        start_sigma = 1.0 if scheduler_family(self.scheduler) == FLOW_MATCHING else self.scheduler.init_noise_sigma
+        regions.initial_noise = latents / start_sigma
         return regions
 
     def add_noise(self, clean_latents: torch.Tensor, noise: torch.Tensor, t) -> torch.Tensor:
@@ -1425,17 +1433,20 @@ class SyncDiffusionPipeline(
         if regions is None:
             return view_latents
         bootstrapping = panorama.step < regions.bootstrap_steps
+        if all(regions.view_prompts[view] == [0] for view in views):  # the background alone: the views' own
+            return view_latents
         items = []
         for view, latents in zip(views, view_latents.chunk(len(views))):
             for prompt in regions.view_prompts[view]:
-                if bootstrapping and prompt > 0:
-                    choice = regions.background_choice[panorama.step, regions.view_index[view], prompt]
-                    background = regions.backgrounds[choice.to(regions.backgrounds.device)]
-                    noise = crop_views(regions.initial_noise, [view])
-                    background = self.add_noise(background, noise, t).to(latents.dtype) * input_scale
-                    weight = crop_views(regions.weights[prompt], [view]).to(latents.dtype)
-                    latents = latents * weight + background * (1 - weight)
-                items.append(latents)
+                if not bootstrapping or prompt == 0:
+                    items.append(latents)
+                    continue
+                choice = regions.background_choice[panorama.step, regions.view_index[view], prompt]
+                background = regions.backgrounds[choice.to(regions.backgrounds.device)]
+                noise = crop_views(regions.initial_noise, [view])
+                background = self.add_noise(background, noise, t).to(latents.dtype) * input_scale
+                weight = crop_views(regions.weights[prompt], [view]).to(latents.dtype)
+                items.append(latents * weight + background * (1 - weight))
         return torch.cat(items)
 
     def predict_items(self, model_input, t, conditioning, views, panorama: PanoramaState | None):
@@ -1444,9 +1455,13 @@ class SyncDiffusionPipeline(
         if regions is None:
             return self.predict_noise(model_input, t, conditioning, views)
         items = self.view_items(views, regions)
+        prompts = sorted({prompt for _, prompt in items})
+        if len(prompts) == 1:
+            prompt_conditioning = conditioning if prompts[0] == 0 else regions.conditionings[prompts[0] - 1]
+            return self.predict_noise(model_input, t, prompt_conditioning, [view for view, _ in items])
         inputs = model_input.chunk(len(items))
         outputs = [None] * len(items)
-        for prompt in sorted({prompt for _, prompt in items}):
+        for prompt in prompts:
             picked = [k for k, (_, p) in enumerate(items) if p == prompt]
             prompt_conditioning = conditioning if prompt == 0 else regions.conditionings[prompt - 1]
             prompt_views = [items[k][0] for k in picked]
@@ -1461,6 +1476,8 @@ class SyncDiffusionPipeline(
         if regions is None:
             return item_latents
         items = self.view_items(views, regions)
+        if len(items) == len(views):  # one prompt in each view: its own
+            return item_latents
         chunks = item_latents.chunk(len(items))
         combined = []
         for view in views:
@@ -1801,8 +1818,9 @@ class SyncDiffusionPipeline(
                 A negative prompt per region prompt; `None` (the default) takes `negative_prompt`.
             region_bootstrap_steps (`int`, *optional*):
                 MultiDiffusion's bootstrapping: during the first this many steps a region's latent outside its mask
-                is replaced by a noised constant-colour background, drawn with `generator` (its first one, if a
-                list), which keeps each region's content inside its mask. Defaults to `round(0.4 *
+                is replaced by a noised constant-colour background, drawn from a generator seeded from `generator`'s
+                state (its first one, if a list) without consuming it, which keeps each region's content inside its
+                mask. Defaults to `round(0.4 *
                 num_inference_steps)` (20 of 50, as MultiDiffusion's `region_based.py`); 0 turns it off.
 
         Examples:
@@ -1889,17 +1907,19 @@ class SyncDiffusionPipeline(
         )
         region_tensors = []  # the conditioning tensors of each region prompt, for every image
         for region_prompt, region_negative_prompt in zip(
-            region_prompts or [], region_negative_prompts or [negative_prompt] * len(region_prompts or [])
+            region_prompts or [], region_negative_prompts or [None] * len(region_prompts or [])
         ):
             embeds, negative_embeds = self.encode_prompt(
                 [region_prompt] * batch_size,
                 device,
                 num_images_per_prompt,
-                self.do_classifier_free_guidance,
-                region_negative_prompt,
+                self.do_classifier_free_guidance and region_negative_prompt is not None,
+                None if region_negative_prompt is None else [region_negative_prompt] * batch_size,
                 lora_scale=lora_scale,
                 clip_skip=clip_skip,
             )
+            if region_negative_prompt is None:  # the call's own negative
+                negative_embeds = negative_prompt_embeds
             region_tensors.append({"prompt_embeds": embeds, "negative_prompt_embeds": negative_embeds})
         image_embeds = None
         if ip_adapter_image is not None or ip_adapter_image_embeds is not None:

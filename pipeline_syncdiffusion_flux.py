@@ -1561,8 +1561,14 @@ class SyncDiffusionFluxPipeline(
         regions = PanoramaRegions(conditionings, weights, view_prompts, bootstrap_steps)
         if bootstrap_steps == 0:
             return regions
+        # A generator of their own, seeded from the call's (its first one) without consuming it: the draws of the
+        # scheduler's noise after this stay those of a call without regions.
         first = generator[0] if isinstance(generator, list) else generator
         device = first.device if first is not None else latents.device
+        if first is not None:
+            seed_generator = torch.Generator(device).set_state(first.get_state())
+            seed = int(torch.randint(2**62, (1,), generator=seed_generator, device=device))
+            first = torch.Generator(device).manual_seed(seed)
         colours = torch.rand((bootstrap_steps, 3, 1, 1), generator=first, device=device)
         h_start, h_end, w_start, w_end = views[0]
         size = ((h_end - h_start) * factor, (w_end - w_start) * factor)
@@ -1571,7 +1577,9 @@ class SyncDiffusionFluxPipeline(
         choice_shape = (bootstrap_steps, len(views), len(weights), latents.shape[0])
         regions.background_choice = torch.randint(bootstrap_steps, choice_shape, generator=first, device=device)
         regions.view_index = {view: k for k, view in enumerate(views)}
-        regions.initial_noise = latents / self.scheduler.init_noise_sigma
+        # The unit noise the latents were drawn from (sigma-scaled schedulers start from `init_noise_sigma` times it).
+        start_sigma = 1.0 if scheduler_family(self.scheduler) == FLOW_MATCHING else self.scheduler.init_noise_sigma
+        regions.initial_noise = latents / start_sigma
         return regions
 
     # Copied from pipeline_syncdiffusion.SyncDiffusionPipeline.add_noise
@@ -1600,17 +1608,20 @@ class SyncDiffusionFluxPipeline(
         if regions is None:
             return view_latents
         bootstrapping = panorama.step < regions.bootstrap_steps
+        if all(regions.view_prompts[view] == [0] for view in views):  # the background alone: the views' own
+            return view_latents
         items = []
         for view, latents in zip(views, view_latents.chunk(len(views))):
             for prompt in regions.view_prompts[view]:
-                if bootstrapping and prompt > 0:
-                    choice = regions.background_choice[panorama.step, regions.view_index[view], prompt]
-                    background = regions.backgrounds[choice.to(regions.backgrounds.device)]
-                    noise = crop_views(regions.initial_noise, [view])
-                    background = self.add_noise(background, noise, t).to(latents.dtype) * input_scale
-                    weight = crop_views(regions.weights[prompt], [view]).to(latents.dtype)
-                    latents = latents * weight + background * (1 - weight)
-                items.append(latents)
+                if not bootstrapping or prompt == 0:
+                    items.append(latents)
+                    continue
+                choice = regions.background_choice[panorama.step, regions.view_index[view], prompt]
+                background = regions.backgrounds[choice.to(regions.backgrounds.device)]
+                noise = crop_views(regions.initial_noise, [view])
+                background = self.add_noise(background, noise, t).to(latents.dtype) * input_scale
+                weight = crop_views(regions.weights[prompt], [view]).to(latents.dtype)
+                items.append(latents * weight + background * (1 - weight))
         return torch.cat(items)
 
     # Copied from pipeline_syncdiffusion.SyncDiffusionPipeline.predict_items
@@ -1620,9 +1631,13 @@ class SyncDiffusionFluxPipeline(
         if regions is None:
             return self.predict_noise(model_input, t, conditioning, views)
         items = self.view_items(views, regions)
+        prompts = sorted({prompt for _, prompt in items})
+        if len(prompts) == 1:
+            prompt_conditioning = conditioning if prompts[0] == 0 else regions.conditionings[prompts[0] - 1]
+            return self.predict_noise(model_input, t, prompt_conditioning, [view for view, _ in items])
         inputs = model_input.chunk(len(items))
         outputs = [None] * len(items)
-        for prompt in sorted({prompt for _, prompt in items}):
+        for prompt in prompts:
             picked = [k for k, (_, p) in enumerate(items) if p == prompt]
             prompt_conditioning = conditioning if prompt == 0 else regions.conditionings[prompt - 1]
             prompt_views = [items[k][0] for k in picked]
@@ -1638,6 +1653,8 @@ class SyncDiffusionFluxPipeline(
         if regions is None:
             return item_latents
         items = self.view_items(views, regions)
+        if len(items) == len(views):  # one prompt in each view: its own
+            return item_latents
         chunks = item_latents.chunk(len(items))
         combined = []
         for view in views:
@@ -1880,6 +1897,10 @@ class SyncDiffusionFluxPipeline(
         sync_lpips_size: int | None = None,
         sync_gradient_checkpointing: bool = False,
         sync_decode_downsample: int = 1,
+        region_prompts: list[str] | None = None,
+        region_masks: list[PipelineImageInput] | None = None,
+        region_negative_prompts: list[str | None] | None = None,
+        region_bootstrap_steps: int | None = None,
         **kwargs: Any,
     ):
         r"""
@@ -1992,6 +2013,22 @@ class SyncDiffusionFluxPipeline(
                 peak memory, one more forward of each per synchronized view, the same result.
             sync_decode_downsample (`int`, *optional*, defaults to 1):
                 Average-pool the predicted clean latents by this factor before decoding the images the loss compares.
+            region_prompts (`list[str]`, *optional*):
+                Prompts for regions of the panorama (MultiDiffusion's region-based generation), one per mask in
+                `region_masks`; `prompt` is the background's. Each view denoises every prompt present in it, and each
+                prompt adds its result weighted by its mask; the background weighs `max(1 - sum of the masks, 0)`.
+                Synchronization compares each view's mask-weighted clean image with the anchor view's.
+            region_masks (`list`, *optional*):
+                One mask per region prompt, the panorama's size in pixels: PIL images (white = the region), arrays or
+                tensors of values in [0, 1]; soft edges are allowed. Averaged over the VAE's pixel blocks.
+            region_negative_prompts (`list[str | None]`, *optional*):
+                A negative prompt per region prompt; `None` (the default) takes `negative_prompt`.
+            region_bootstrap_steps (`int`, *optional*):
+                MultiDiffusion's bootstrapping: during the first this many steps a region's latent outside its mask
+                is replaced by a noised constant-colour background, drawn from a generator seeded from `generator`'s
+                state (its first one, if a list) without consuming it, which keeps each region's content inside its
+                mask. Defaults to `round(0.4 *
+                num_inference_steps)` (20 of 50, as MultiDiffusion's `region_based.py`); 0 turns it off.
 
         Examples:
 
@@ -2046,6 +2083,10 @@ class SyncDiffusionFluxPipeline(
             sync_lpips_size=sync_lpips_size,
             sync_decode_downsample=sync_decode_downsample,
             sync_gradient_checkpointing=sync_gradient_checkpointing,
+            region_prompts=region_prompts,
+            region_masks=region_masks,
+            region_negative_prompts=region_negative_prompts,
+            region_bootstrap_steps=region_bootstrap_steps,
         )
         stride = self.default_stride(window_size) if stride is None else stride
         window = window_size // self.vae_scale_factor
@@ -2091,6 +2132,19 @@ class SyncDiffusionFluxPipeline(
                 num_images_per_prompt,
                 **text,
             )
+        region_texts = []  # `(positive, negative)` of each region prompt, for every image
+        for region_prompt, region_negative_prompt in zip(
+            region_prompts or [], region_negative_prompts or [None] * len(region_prompts or [])
+        ):
+            region_positive = self._text_conditioning(
+                [region_prompt] * batch_size, None, None, None, num_images_per_prompt, **text
+            )
+            region_negative = negative  # the call's own negative
+            if true_cfg and region_negative_prompt is not None:
+                region_negative = self._text_conditioning(
+                    [region_negative_prompt] * batch_size, None, None, None, num_images_per_prompt, **text
+                )
+            region_texts.append((region_positive, region_negative))
         dtype = positive[0].dtype
 
         # 4. The panorama latent, unpacked
@@ -2147,8 +2201,33 @@ class SyncDiffusionFluxPipeline(
             checkpointing=sync_gradient_checkpointing,
         )
         self._window_size, self._text_tokens, self._true_cfg = window_size, positive[0].shape[1], true_cfg
-        view_batch_size, sync = self.view_batch_sizes(view_batch_size, len(views), num_images, device, dtype, sync)
-        panorama = self.prepare_panorama(latents, views, view_batch_size)
+        regions = None
+        if region_prompts is not None:
+            region_conditionings = [
+                self._conditioning(
+                    region_positive,
+                    region_negative,
+                    image_embeds,
+                    negative_image_embeds,
+                    guidance,
+                    img_ids,
+                    true_cfg_scale,
+                )
+                for region_positive, region_negative in region_texts
+            ]
+            regions = self.prepare_regions(
+                region_conditionings,
+                region_masks,
+                region_bootstrap_steps,
+                views,
+                latents,
+                num_inference_steps,
+                generator,
+            )
+        view_batch_size, sync = self.view_batch_sizes(
+            view_batch_size, len(views), num_images, device, dtype, sync, regions
+        )
+        panorama = self.prepare_panorama(latents, views, view_batch_size, regions)
 
         # 8. Denoising loop: MultiDiffusion over the views, with SyncDiffusion's update in the early steps. A stochastic
         # step (`stochastic_sampling`) draws from the call's generator (FluxPipeline passes none: it draws from torch's

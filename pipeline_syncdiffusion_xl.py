@@ -1611,8 +1611,14 @@ class SyncDiffusionXLPipeline(
         regions = PanoramaRegions(conditionings, weights, view_prompts, bootstrap_steps)
         if bootstrap_steps == 0:
             return regions
+        # A generator of their own, seeded from the call's (its first one) without consuming it: the draws of the
+        # scheduler's noise after this stay those of a call without regions.
         first = generator[0] if isinstance(generator, list) else generator
         device = first.device if first is not None else latents.device
+        if first is not None:
+            seed_generator = torch.Generator(device).set_state(first.get_state())
+            seed = int(torch.randint(2**62, (1,), generator=seed_generator, device=device))
+            first = torch.Generator(device).manual_seed(seed)
         colours = torch.rand((bootstrap_steps, 3, 1, 1), generator=first, device=device)
         h_start, h_end, w_start, w_end = views[0]
         size = ((h_end - h_start) * factor, (w_end - w_start) * factor)
@@ -1621,7 +1627,9 @@ class SyncDiffusionXLPipeline(
         choice_shape = (bootstrap_steps, len(views), len(weights), latents.shape[0])
         regions.background_choice = torch.randint(bootstrap_steps, choice_shape, generator=first, device=device)
         regions.view_index = {view: k for k, view in enumerate(views)}
-        regions.initial_noise = latents / self.scheduler.init_noise_sigma
+        # The unit noise the latents were drawn from (sigma-scaled schedulers start from `init_noise_sigma` times it).
+        start_sigma = 1.0 if scheduler_family(self.scheduler) == FLOW_MATCHING else self.scheduler.init_noise_sigma
+        regions.initial_noise = latents / start_sigma
         return regions
 
     # Copied from pipeline_syncdiffusion.SyncDiffusionPipeline.add_noise
@@ -1650,17 +1658,20 @@ class SyncDiffusionXLPipeline(
         if regions is None:
             return view_latents
         bootstrapping = panorama.step < regions.bootstrap_steps
+        if all(regions.view_prompts[view] == [0] for view in views):  # the background alone: the views' own
+            return view_latents
         items = []
         for view, latents in zip(views, view_latents.chunk(len(views))):
             for prompt in regions.view_prompts[view]:
-                if bootstrapping and prompt > 0:
-                    choice = regions.background_choice[panorama.step, regions.view_index[view], prompt]
-                    background = regions.backgrounds[choice.to(regions.backgrounds.device)]
-                    noise = crop_views(regions.initial_noise, [view])
-                    background = self.add_noise(background, noise, t).to(latents.dtype) * input_scale
-                    weight = crop_views(regions.weights[prompt], [view]).to(latents.dtype)
-                    latents = latents * weight + background * (1 - weight)
-                items.append(latents)
+                if not bootstrapping or prompt == 0:
+                    items.append(latents)
+                    continue
+                choice = regions.background_choice[panorama.step, regions.view_index[view], prompt]
+                background = regions.backgrounds[choice.to(regions.backgrounds.device)]
+                noise = crop_views(regions.initial_noise, [view])
+                background = self.add_noise(background, noise, t).to(latents.dtype) * input_scale
+                weight = crop_views(regions.weights[prompt], [view]).to(latents.dtype)
+                items.append(latents * weight + background * (1 - weight))
         return torch.cat(items)
 
     # Copied from pipeline_syncdiffusion.SyncDiffusionPipeline.predict_items
@@ -1670,9 +1681,13 @@ class SyncDiffusionXLPipeline(
         if regions is None:
             return self.predict_noise(model_input, t, conditioning, views)
         items = self.view_items(views, regions)
+        prompts = sorted({prompt for _, prompt in items})
+        if len(prompts) == 1:
+            prompt_conditioning = conditioning if prompts[0] == 0 else regions.conditionings[prompts[0] - 1]
+            return self.predict_noise(model_input, t, prompt_conditioning, [view for view, _ in items])
         inputs = model_input.chunk(len(items))
         outputs = [None] * len(items)
-        for prompt in sorted({prompt for _, prompt in items}):
+        for prompt in prompts:
             picked = [k for k, (_, p) in enumerate(items) if p == prompt]
             prompt_conditioning = conditioning if prompt == 0 else regions.conditionings[prompt - 1]
             prompt_views = [items[k][0] for k in picked]
@@ -1688,6 +1703,8 @@ class SyncDiffusionXLPipeline(
         if regions is None:
             return item_latents
         items = self.view_items(views, regions)
+        if len(items) == len(views):  # one prompt in each view: its own
+            return item_latents
         chunks = item_latents.chunk(len(items))
         combined = []
         for view in views:
@@ -1932,6 +1949,10 @@ class SyncDiffusionXLPipeline(
         sync_lpips_size: int | None = None,
         sync_gradient_checkpointing: bool = False,
         sync_decode_downsample: int = 1,
+        region_prompts: list[str] | None = None,
+        region_masks: list[PipelineImageInput] | None = None,
+        region_negative_prompts: list[str | None] | None = None,
+        region_bootstrap_steps: int | None = None,
         **kwargs: Any,
     ):
         r"""
@@ -2054,6 +2075,22 @@ class SyncDiffusionXLPipeline(
                 memory, one more forward of each per synchronized view, the same result.
             sync_decode_downsample (`int`, *optional*, defaults to 1):
                 Average-pool the predicted clean latents by this factor before decoding the images the loss compares.
+            region_prompts (`list[str]`, *optional*):
+                Prompts for regions of the panorama (MultiDiffusion's region-based generation), one per mask in
+                `region_masks`; `prompt` is the background's. Each view denoises every prompt present in it, and each
+                prompt adds its result weighted by its mask; the background weighs `max(1 - sum of the masks, 0)`.
+                Synchronization compares each view's mask-weighted clean image with the anchor view's.
+            region_masks (`list`, *optional*):
+                One mask per region prompt, the panorama's size in pixels: PIL images (white = the region), arrays or
+                tensors of values in [0, 1]; soft edges are allowed. Averaged over the VAE's pixel blocks.
+            region_negative_prompts (`list[str | None]`, *optional*):
+                A negative prompt per region prompt; `None` (the default) takes `negative_prompt`.
+            region_bootstrap_steps (`int`, *optional*):
+                MultiDiffusion's bootstrapping: during the first this many steps a region's latent outside its mask
+                is replaced by a noised constant-colour background, drawn from a generator seeded from `generator`'s
+                state (its first one, if a list) without consuming it, which keeps each region's content inside its
+                mask. Defaults to `round(0.4 *
+                num_inference_steps)` (20 of 50, as MultiDiffusion's `region_based.py`); 0 turns it off.
 
         Examples:
 
@@ -2114,6 +2151,10 @@ class SyncDiffusionXLPipeline(
             sync_lpips_size=sync_lpips_size,
             sync_decode_downsample=sync_decode_downsample,
             sync_gradient_checkpointing=sync_gradient_checkpointing,
+            region_prompts=region_prompts,
+            region_masks=region_masks,
+            region_negative_prompts=region_negative_prompts,
+            region_bootstrap_steps=region_bootstrap_steps,
         )
         if callback is not None and callback_steps is None:
             callback_steps = 1
@@ -2152,6 +2193,22 @@ class SyncDiffusionXLPipeline(
             lora_scale=lora_scale,
             clip_skip=clip_skip,
         )
+        region_embeds = []  # the text embeddings of each region prompt, for every image
+        for region_prompt, region_negative_prompt in zip(
+            region_prompts or [], region_negative_prompts or [None] * len(region_prompts or [])
+        ):
+            embeds = self.encode_prompt(
+                prompt=[region_prompt] * batch_size,
+                device=device,
+                num_images_per_prompt=num_images_per_prompt,
+                do_classifier_free_guidance=self.do_classifier_free_guidance and region_negative_prompt is not None,
+                negative_prompt=region_negative_prompt,
+                lora_scale=lora_scale,
+                clip_skip=clip_skip,
+            )
+            if region_negative_prompt is None:  # the call's own negative
+                embeds = (embeds[0], negative_prompt_embeds, embeds[2], negative_add_text_embeds)
+            region_embeds.append(embeds)
         image_embeds = None
         if ip_adapter_image is not None or ip_adapter_image_embeds is not None:
             image_embeds = self.prepare_ip_adapter_image_embeds(
@@ -2194,12 +2251,9 @@ class SyncDiffusionXLPipeline(
             decode_downsample=sync_decode_downsample,
             checkpointing=sync_gradient_checkpointing,
         )
-        view_batch_size, sync = self.view_batch_sizes(
-            view_batch_size, len(views), num_images, device, latents.dtype, sync
-        )
-        panorama = self.prepare_panorama(latents, views, view_batch_size)
 
-        # 7. Extra step kwargs and the UNet's conditioning (SDXL's micro-conditioning of one view)
+        # 7. Extra step kwargs and the UNet's conditioning (SDXL's micro-conditioning of one view), the regions', the
+        # view batches
         extra_step_kwargs = self.prepare_extra_step_kwargs(generator, eta)
         if self.text_encoder_2 is None:
             text_encoder_projection_dim = int(add_text_embeds.shape[-1])
@@ -2235,6 +2289,37 @@ class SyncDiffusionXLPipeline(
         conditioning = self._conditioning(
             **conditioning_tensors, image_embeds=image_embeds, timestep_cond=timestep_cond, num_images=num_images
         )
+        region_tensors = [
+            {
+                **conditioning_tensors,
+                "prompt_embeds": embeds,
+                "negative_prompt_embeds": negative_embeds,
+                "add_text_embeds": pooled.to(device),
+                "negative_add_text_embeds": None if negative_pooled is None else negative_pooled.to(device),
+            }
+            for embeds, negative_embeds, pooled, negative_pooled in region_embeds
+        ]
+        regions = None
+        if region_prompts is not None:
+            region_conditionings = [
+                self._conditioning(
+                    **region, image_embeds=image_embeds, timestep_cond=timestep_cond, num_images=num_images
+                )
+                for region in region_tensors
+            ]
+            regions = self.prepare_regions(
+                region_conditionings,
+                region_masks,
+                region_bootstrap_steps,
+                views,
+                latents,
+                num_inference_steps,
+                generator,
+            )
+        view_batch_size, sync = self.view_batch_sizes(
+            view_batch_size, len(views), num_images, device, latents.dtype, sync, regions
+        )
+        panorama = self.prepare_panorama(latents, views, view_batch_size, regions)
 
         # 8. Denoising loop: MultiDiffusion over the views, with SyncDiffusion's update in the early steps
         num_warmup_steps = max(len(timesteps) - num_inference_steps * self.scheduler.order, 0)
@@ -2262,6 +2347,16 @@ class SyncDiffusionXLPipeline(
                         conditioning = self._conditioning(
                             **tensors, image_embeds=image_embeds, timestep_cond=timestep_cond, num_images=num_images
                         )
+                        if regions is not None:
+                            regions.conditionings = [
+                                self._conditioning(
+                                    **region,
+                                    image_embeds=image_embeds,
+                                    timestep_cond=timestep_cond,
+                                    num_images=num_images,
+                                )
+                                for region in region_tensors
+                            ]
 
                 if i == len(timesteps) - 1 or ((i + 1) > num_warmup_steps and (i + 1) % self.scheduler.order == 0):
                     progress_bar.update()
