@@ -6,11 +6,13 @@ Nothing here comes from the pipelines: the masks are averaged to the latent, the
 guided prediction and one scheduler step, adding `denoised * mask` to `value` and `mask` to `count`; the latent is
 `where(count > 0, value / count, value)`. During the first `bootstrap_steps` steps a region's view latent outside its
 mask is a constant-colour background noised to the step (`region_based.py`'s bootstrapping), with the random draws
-the pipelines make: the colours `torch.rand((bootstrap_steps, 3, 1, 1))`, each encoded (a posterior sample) with the
-same generator, then the choices `torch.randint(bootstrap_steps, (bootstrap_steps, views, prompts, batch))`.
+the pipelines make, from a generator of their own seeded from the call's without consuming it (the seed is
+`torch.randint(2**62, (1,))` drawn from a copy of the call's generator): the colours
+`torch.rand((bootstrap_steps, 3, 1, 1))`, each encoded (a posterior sample) with that generator, then the choices
+`torch.randint(bootstrap_steps, (bootstrap_steps, views, prompts, batch))`.
 
-The model-specific parts are functions the caller passes: `predict(view_latents, t, prompt)` (the guided model
-output of one view for one prompt, prompt 0 being the background's), `step(model_output, t, view_latents)` (one
+The model-specific parts are functions the caller passes: `predict(view_latents, t, prompt, view)` (the guided
+model output of one view, `(row, column)` in latents, for one prompt, prompt 0 being the background's), `step(model_output, t, view_latents)` (one
 scheduler step), `noised(clean, noise, t)` (the scheduler's forward noising) and `encode(images, generator)` (the
 VAE's latent of images in [-1, 1]).
 """
@@ -37,6 +39,14 @@ def prompt_weights(region_masks, weight_scale=None):
         prompt, factor = weight_scale
         weights[prompt] = weights[prompt] * factor
     return weights
+
+
+def bootstrapping_generator(call_generator):
+    """The generator the bootstrapping draws from: seeded with a number drawn from a copy of `call_generator`, which
+    is left as it was."""
+    copied = torch.Generator().set_state(call_generator.get_state())
+    seed = int(torch.randint(2**62, (1,), generator=copied))
+    return torch.Generator().manual_seed(seed)
 
 
 def bootstrapping_draws(encode, generator, bootstrap_steps, view_pixels, num_views, num_prompts, batch):
@@ -74,7 +84,8 @@ def region_multidiffusion(
     matching's is 1).
 
     `views` are `(row, column)` starts of `window x window`-latent views; `masks` the regions' `(regions, H, W)`
-    pixel masks, averaged over `factor x factor` blocks. Every step's latents are appended to the list `trajectory`
+    pixel masks, averaged over `factor x factor` blocks. `generator` is the call's, as it is when the call's
+    bootstrapping is prepared (untouched when the starting latents are given). Every step's latents are appended to the list `trajectory`
     if given.
     """
     weights = prompt_weights(latent_masks(masks, factor), weight_scale).to(latents.dtype)
@@ -82,7 +93,13 @@ def region_multidiffusion(
     if bootstrap_steps:
         view_pixels = (window * factor, window * factor)
         backgrounds, choice = bootstrapping_draws(
-            encode, generator, bootstrap_steps, view_pixels, len(views), num_prompts, latents.shape[0]
+            encode,
+            bootstrapping_generator(generator),
+            bootstrap_steps,
+            view_pixels,
+            len(views),
+            num_prompts,
+            latents.shape[0],
         )
     noise = latents.clone()
     z = latents.clone()
@@ -97,7 +114,7 @@ def region_multidiffusion(
                 if i < bootstrap_steps and prompt > 0:
                     background = noised(backgrounds[choice[i, v, prompt]], noise[:, :, rows, columns], t)
                     prompt_latents = view_latents * mask + background * (1 - mask)
-                denoised = step(predict(prompt_latents, t, prompt), t, prompt_latents)
+                denoised = step(predict(prompt_latents, t, prompt, (row, column)), t, prompt_latents)
                 value[:, :, rows, columns] += denoised * mask
                 count[:, :, rows, columns] += mask
         z = torch.where(count > 0, value / count, value)
