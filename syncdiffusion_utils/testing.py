@@ -791,3 +791,470 @@ def add_tiny_flux_ip_adapter(transformer, image_embed_dim=16, seed=2):
         [{"image_proj": image_proj, "ip_adapter": ip_adapter}], low_cpu_mem_usage=False
     )
     return transformer
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Qwen3 text encoders and their tokenizer (FLUX.2 [klein], Z-Image)
+# ----------------------------------------------------------------------------------------------------------------
+
+# Qwen3's special tokens, in Qwen3's order: `<|endoftext|>` pads, `<|im_end|>` ends a turn (the EOS token).
+QWEN_SPECIAL_TOKENS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>", "<think>", "</think>")
+
+# Qwen3's chat template for what the pipelines send (one turn per message, no tools): a generation prompt opens the
+# assistant's turn and `enable_thinking=False` closes an empty thinking block, as Qwen3's own template does.
+QWEN3_CHAT_TEMPLATE = (
+    "{%- for message in messages %}"
+    "{{- '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>\\n' }}"
+    "{%- endfor %}"
+    "{%- if add_generation_prompt %}"
+    "{{- '<|im_start|>assistant\\n' }}"
+    "{%- if enable_thinking is defined and enable_thinking is false %}"
+    "{{- '<think>\\n\\n</think>\\n\\n' }}"
+    "{%- endif %}"
+    "{%- endif %}"
+)
+
+
+def make_qwen_tokenizer():
+    """An offline Qwen tokenizer (`Qwen2TokenizerFast`, what FLUX.2 [klein] and Z-Image load): Qwen2's byte-level
+    BPE with a vocabulary of the 256 bytes (no merges) and Qwen3's special tokens and chat template. Nothing is
+    written to disk."""
+    from tokenizers import AddedToken
+    from transformers import Qwen2TokenizerFast
+
+    vocab = {char: i for i, char in enumerate(_bytes_to_unicode())}
+    for token in QWEN_SPECIAL_TOKENS:
+        vocab[token] = len(vocab)
+    tokenizer = Qwen2TokenizerFast(
+        vocab=vocab,
+        merges=[],
+        unk_token=None,
+        eos_token="<|im_end|>",
+        pad_token="<|endoftext|>",
+        chat_template=QWEN3_CHAT_TEMPLATE,
+    )
+    # Special tokens are never split into bytes; in the vocabulary already, they keep their ids.
+    tokenizer.add_tokens([AddedToken(t, special=True, normalized=False) for t in QWEN_SPECIAL_TOKENS], True)
+    if len(tokenizer) != len(vocab):
+        raise RuntimeError(f"Qwen tokenizer has {len(tokenizer)} tokens, expected {len(vocab)}")
+    return tokenizer
+
+
+@dataclass(frozen=True)
+class Qwen3Preset:
+    """Architecture hyper-parameters of a Qwen3 text encoder."""
+
+    hidden_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    intermediate_size: int
+    tie_word_embeddings: bool
+
+
+QWEN3_PRESETS = {
+    # The tiny text encoder of both tiny pipelines (grouped-query attention, like Qwen3's).
+    "tiny": Qwen3Preset(
+        hidden_size=16,
+        num_layers=2,
+        num_heads=2,
+        num_kv_heads=1,
+        head_dim=8,
+        intermediate_size=32,
+        tie_word_embeddings=True,
+    ),
+    # Qwen/Qwen3-4B config.json (FLUX.2-klein-4B's and Z-Image-Turbo's text_encoder/).
+    "qwen3-4b": Qwen3Preset(
+        hidden_size=2560,
+        num_layers=36,
+        num_heads=32,
+        num_kv_heads=8,
+        head_dim=128,
+        intermediate_size=9728,
+        tie_word_embeddings=True,
+    ),
+    # Qwen/Qwen3-8B config.json (FLUX.2-klein-9B's text_encoder/).
+    "qwen3-8b": Qwen3Preset(
+        hidden_size=4096,
+        num_layers=36,
+        num_heads=32,
+        num_kv_heads=8,
+        head_dim=128,
+        intermediate_size=12288,
+        tie_word_embeddings=False,
+    ),
+}
+
+
+def _qwen3_text_encoder(model_class, p, tokenizer, width_mult=1.0, num_layers=None):
+    """A random-weight Qwen3 `model_class` (`Qwen3ForCausalLM` or `Qwen3Model`) of preset `p`: `width_mult` scales
+    the hidden and MLP widths and the head counts (head size and the query/key-value head ratio stay), `num_layers`
+    replaces the depth. Its vocabulary is `tokenizer`'s."""
+    from transformers import Qwen3Config
+
+    kv_heads = max(1, int(round(p.num_kv_heads * width_mult)))
+    config = Qwen3Config(
+        vocab_size=len(tokenizer),
+        hidden_size=_scaled((p.hidden_size,), width_mult, 8)[0],
+        intermediate_size=_scaled((p.intermediate_size,), width_mult, 8)[0],
+        num_hidden_layers=p.num_layers if num_layers is None else num_layers,
+        num_attention_heads=kv_heads * (p.num_heads // p.num_kv_heads),
+        num_key_value_heads=kv_heads,
+        head_dim=p.head_dim,
+        max_position_embeddings=40960,
+        rope_theta=1000000.0,
+        rms_norm_eps=1e-6,
+        tie_word_embeddings=p.tie_word_embeddings,
+        bos_token_id=None,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    return model_class(config).eval()
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# FLUX.2 [klein]
+# ----------------------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Flux2KleinPreset:
+    """Architecture hyper-parameters of one random-weight FLUX.2 [klein] pipeline."""
+
+    num_layers: int  # double-stream blocks
+    num_single_layers: int
+    attention_head_dim: int
+    num_attention_heads: int
+    axes_dims_rope: tuple  # sums to attention_head_dim
+    vae_channels: tuple
+    vae_norm_num_groups: int
+    vae_layers_per_block: int
+    text_encoder: str  # a QWEN3_PRESETS key
+    text_layers: int  # the tiny text encoder's depth; the real presets keep the Qwen3 preset's
+
+
+# The Qwen3 layers whose hidden states Flux2KleinPipeline stacks into the prompt embedding (its default
+# `text_encoder_out_layers`): the transformer's text width is their count times the text encoder's width.
+FLUX2_KLEIN_TEXT_ENCODER_OUT_LAYERS = (9, 18, 27)
+
+FLUX2_KLEIN_PRESETS = {
+    # 28 text layers: the fewest for which the pipeline's default `text_encoder_out_layers` exist (and are not the
+    # final, normalized hidden state), so the pipeline runs with its defaults.
+    "tiny": Flux2KleinPreset(
+        num_layers=1,
+        num_single_layers=1,
+        attention_head_dim=16,
+        num_attention_heads=2,
+        axes_dims_rope=(4, 4, 4, 4),
+        vae_channels=(8, 8, 8, 8),
+        vae_norm_num_groups=8,
+        vae_layers_per_block=1,
+        text_encoder="tiny",
+        text_layers=28,
+    ),
+    # black-forest-labs/FLUX.2-klein-4B: transformer/config.json (the flux2 repository's Klein4BParams: depth 5,
+    # 20 single blocks, hidden 3072 = 24 heads of 128, context 7680 = 3 x 2560), vae/config.json (FLUX.2's VAE:
+    # AutoencoderKLFlux2's defaults), text_encoder/ (Qwen3-4B).
+    "klein-4b": Flux2KleinPreset(
+        num_layers=5,
+        num_single_layers=20,
+        attention_head_dim=128,
+        num_attention_heads=24,
+        axes_dims_rope=(32, 32, 32, 32),
+        vae_channels=(128, 256, 512, 512),
+        vae_norm_num_groups=32,
+        vae_layers_per_block=2,
+        text_encoder="qwen3-4b",
+        text_layers=36,
+    ),
+    # black-forest-labs/FLUX.2-klein-9B (Klein9BParams: depth 8, 24 single blocks, hidden 4096 = 32 heads of 128,
+    # context 12288 = 3 x 4096), FLUX.2's VAE, text_encoder/ (Qwen3-8B).
+    "klein-9b": Flux2KleinPreset(
+        num_layers=8,
+        num_single_layers=24,
+        attention_head_dim=128,
+        num_attention_heads=32,
+        axes_dims_rope=(32, 32, 32, 32),
+        vae_channels=(128, 256, 512, 512),
+        vae_norm_num_groups=32,
+        vae_layers_per_block=2,
+        text_encoder="qwen3-8b",
+        text_layers=36,
+    ),
+}
+
+# FLUX.2 latents: 32 VAE channels, patchified 2x2 into the transformer's 128 input channels.
+FLUX2_LATENT_CHANNELS = 32
+
+# FLUX.2-klein scheduler/scheduler_config.json (FLUX.2's): the pipeline passes `mu` (its empirical shift of the
+# image's token count and step count), so `use_dynamic_shifting` and the exponential time shift are what matter.
+FLUX2_KLEIN_SCHEDULER_CONFIG = {
+    "num_train_timesteps": 1000,
+    "shift": 3.0,
+    "use_dynamic_shifting": True,
+    "base_shift": 0.5,
+    "max_shift": 1.15,
+    "base_image_seq_len": 256,
+    "max_image_seq_len": 4096,
+    "time_shift_type": "exponential",
+}
+
+
+def _randomize_batch_norm(vae, seed):
+    """Give FLUX.2's VAE latent batch norm random running statistics: a fresh one is the identity, under which a
+    pipeline that forgot to (de)normalize its latents would pass its tests."""
+    generator = torch.Generator().manual_seed(seed)
+    channels = vae.bn.running_mean.shape[0]
+    with torch.no_grad():
+        vae.bn.running_mean.copy_(0.2 * torch.randn(channels, generator=generator))
+        vae.bn.running_var.copy_(torch.exp(0.5 * torch.randn(channels, generator=generator)))
+    return vae
+
+
+def make_flux2_klein_components(
+    preset="tiny", seed=0, is_distilled=False, width_mult=1.0, depth_mult=1.0, full_text_encoder=False
+):
+    """Random-weight FLUX.2 [klein] components: `scheduler, vae, text_encoder, tokenizer, transformer, is_distilled`
+    (the keyword arguments of `Flux2KleinPipeline`).
+
+    `is_distilled=False` is a klein base model (real classifier-free guidance with the empty negative prompt when
+    `guidance_scale > 1`), `True` a step-distilled one (guidance ignored). The VAE is FLUX.2's (`AutoencoderKLFlux2`:
+    32 latent channels, factor 8, a latent batch norm, here with random statistics); the transformer reads 2x2
+    patches (128 channels) and the stacked hidden states of Qwen3 layers 9, 18 and 27
+    (`FLUX2_KLEIN_TEXT_ENCODER_OUT_LAYERS`), so the pipeline runs with its own defaults.
+
+    `"klein-4b"` and `"klein-9b"` are the real architectures. `width_mult` scales the head counts (head size and
+    rotary axes stay) and every other width, `depth_mult` the block counts, for CPU runs; the text encoder is encoded
+    once per call and does not enter a panorama's loop, so it keeps 28 layers (the last one whose output the
+    pipeline reads is the 27th) unless `full_text_encoder=True` (36). The tokenizer is byte-level (offline), so the
+    text vocabulary is small.
+    """
+    from diffusers import AutoencoderKLFlux2, FlowMatchEulerDiscreteScheduler, Flux2Transformer2DModel
+    from transformers import Qwen3ForCausalLM
+
+    if preset not in FLUX2_KLEIN_PRESETS:
+        raise ValueError(f"preset={preset!r}: expected one of {sorted(FLUX2_KLEIN_PRESETS)}")
+    if preset == "tiny" and (width_mult != 1.0 or depth_mult != 1.0 or full_text_encoder):
+        raise ValueError("width_mult, depth_mult and full_text_encoder apply to the real presets only")
+    if not width_mult > 0 or not depth_mult > 0:
+        raise ValueError(f"width_mult={width_mult}, depth_mult={depth_mult}: expected positive numbers")
+    p = FLUX2_KLEIN_PRESETS[preset]
+    torch.manual_seed(seed)
+
+    def depth(n):
+        return max(1, int(round(n * depth_mult)))
+
+    tokenizer = make_qwen_tokenizer()
+    text_layers = p.text_layers if (preset == "tiny" or full_text_encoder) else 28
+    text_encoder = _qwen3_text_encoder(
+        Qwen3ForCausalLM, QWEN3_PRESETS[p.text_encoder], tokenizer, width_mult, num_layers=text_layers
+    )
+    transformer = Flux2Transformer2DModel(
+        patch_size=1,
+        in_channels=4 * FLUX2_LATENT_CHANNELS,
+        num_layers=depth(p.num_layers),
+        num_single_layers=depth(p.num_single_layers),
+        attention_head_dim=p.attention_head_dim,
+        num_attention_heads=max(1, int(round(p.num_attention_heads * width_mult))),
+        joint_attention_dim=len(FLUX2_KLEIN_TEXT_ENCODER_OUT_LAYERS) * text_encoder.config.hidden_size,
+        timestep_guidance_channels=256,
+        mlp_ratio=3.0,
+        axes_dims_rope=p.axes_dims_rope,
+        rope_theta=2000,
+        guidance_embeds=False,
+    )
+    vae = AutoencoderKLFlux2(
+        block_out_channels=_scaled(p.vae_channels, width_mult, p.vae_norm_num_groups),
+        layers_per_block=p.vae_layers_per_block,
+        latent_channels=FLUX2_LATENT_CHANNELS,
+        norm_num_groups=p.vae_norm_num_groups,
+        sample_size=64 if preset == "tiny" else 1024,
+    )
+    _randomize_batch_norm(vae, seed)
+    scheduler = FlowMatchEulerDiscreteScheduler(**FLUX2_KLEIN_SCHEDULER_CONFIG)
+    for model in (transformer, vae):
+        model.eval()
+    return {
+        "scheduler": scheduler,
+        "vae": vae,
+        "text_encoder": text_encoder,
+        "tokenizer": tokenizer,
+        "transformer": transformer,
+        "is_distilled": is_distilled,
+    }
+
+
+def tiny_flux2_klein_pipeline(seed=0, pipeline_class=None, lpips_module=True, is_distilled=False):
+    """A pipeline (`pipeline_class`, default diffusers' `Flux2KleinPipeline`) on tiny random FLUX.2 [klein]
+    components, on CPU. With `lpips_module=True` a pipeline that has `set_perceptual_loss` gets a random-backbone
+    LPIPS-VGG."""
+    from diffusers import Flux2KleinPipeline
+
+    pipeline_class = Flux2KleinPipeline if pipeline_class is None else pipeline_class
+    pipe = pipeline_class(**make_flux2_klein_components("tiny", seed=seed, is_distilled=is_distilled))
+    if lpips_module and hasattr(pipe, "set_perceptual_loss"):
+        pipe.set_perceptual_loss(make_lpips())
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def save_tiny_flux2_klein_pipeline(folder, seed=0, is_distilled=False):
+    """Save the tiny FLUX.2 [klein] components as a plain model folder (`model_index.json` naming
+    `Flux2KleinPipeline`, one folder per component): what `custom_pipeline` is applied to."""
+    tiny_flux2_klein_pipeline(seed=seed, lpips_module=False, is_distilled=is_distilled).save_pretrained(folder)
+    return folder
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Z-Image
+# ----------------------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ZImagePreset:
+    """Architecture hyper-parameters of one random-weight Z-Image pipeline (single-stream DiT, FLUX.1's VAE)."""
+
+    dim: int  # num_heads * head size
+    num_heads: int
+    num_layers: int
+    num_refiner_layers: int  # noise and context refiner blocks, each
+    axes_dims: tuple  # rotary axes (caption/frame, height, width); sums to the head size
+    vae_channels: tuple
+    vae_norm_num_groups: int
+    vae_layers_per_block: int
+    text_encoder: str  # a QWEN3_PRESETS key
+
+
+Z_IMAGE_PRESETS = {
+    "tiny": ZImagePreset(
+        dim=32,
+        num_heads=2,
+        num_layers=2,
+        num_refiner_layers=1,
+        axes_dims=(8, 4, 4),
+        vae_channels=(8, 8, 8, 8),
+        vae_norm_num_groups=8,
+        vae_layers_per_block=1,
+        text_encoder="tiny",
+    ),
+    # Tongyi-MAI/Z-Image-Turbo: transformer/config.json (dim 3840, 30 layers, 2 refiner layers, 30 heads and 30
+    # key-value heads, cap_feat_dim 2560 = Qwen3-4B's width, axes_dims [32, 48, 48], axes_lens [1024, 512, 512]:
+    # ZImageTransformer2DModel's defaults), vae/ (FLUX.1's VAE), text_encoder/ (Qwen3-4B, read at its
+    # second-to-last hidden state).
+    "z-image-turbo": ZImagePreset(
+        dim=3840,
+        num_heads=30,
+        num_layers=30,
+        num_refiner_layers=2,
+        axes_dims=(32, 48, 48),
+        vae_channels=(128, 256, 512, 512),
+        vae_norm_num_groups=32,
+        vae_layers_per_block=2,
+        text_encoder="qwen3-4b",
+    ),
+}
+
+# Tongyi-MAI/Z-Image-Turbo scheduler/scheduler_config.json: a fixed shift of 3 (the pipeline's `mu` is unused).
+Z_IMAGE_SCHEDULER_CONFIG = {"num_train_timesteps": 1000, "shift": 3.0, "use_dynamic_shifting": False}
+
+
+def make_z_image_components(preset="tiny", seed=0, width_mult=1.0, depth_mult=1.0, full_text_encoder=False):
+    """Random-weight Z-Image components: `scheduler, vae, text_encoder, tokenizer, transformer` (the keyword
+    arguments of `ZImagePipeline`).
+
+    The VAE is FLUX.1's (`AutoencoderKL`: 16 latent channels, its scaling and shift factors, factor 8); the
+    transformer reads 2x2 patches and the second-to-last hidden state of a Qwen3 `Qwen3Model`. Its padding tokens
+    (created with `torch.empty`) get seeded random values.
+
+    `"z-image-turbo"` is the real architecture. `width_mult` scales the head count (head size and rotary axes stay)
+    and every other width, `depth_mult` the block counts, for CPU runs; the text encoder is encoded once per call,
+    so it has 2 layers unless `full_text_encoder=True` (36). The tokenizer is byte-level (offline).
+    """
+    from diffusers import FlowMatchEulerDiscreteScheduler, ZImageTransformer2DModel
+    from transformers import Qwen3Model
+
+    if preset not in Z_IMAGE_PRESETS:
+        raise ValueError(f"preset={preset!r}: expected one of {sorted(Z_IMAGE_PRESETS)}")
+    if preset == "tiny" and (width_mult != 1.0 or depth_mult != 1.0 or full_text_encoder):
+        raise ValueError("width_mult, depth_mult and full_text_encoder apply to the 'z-image-turbo' preset only")
+    if not width_mult > 0 or not depth_mult > 0:
+        raise ValueError(f"width_mult={width_mult}, depth_mult={depth_mult}: expected positive numbers")
+    p = Z_IMAGE_PRESETS[preset]
+    torch.manual_seed(seed)
+
+    def depth(n):
+        return max(1, int(round(n * depth_mult)))
+
+    tokenizer = make_qwen_tokenizer()
+    text_layers = None if (preset == "tiny" or full_text_encoder) else 2
+    text_encoder = _qwen3_text_encoder(
+        Qwen3Model, QWEN3_PRESETS[p.text_encoder], tokenizer, width_mult, num_layers=text_layers
+    )
+    heads = max(1, int(round(p.num_heads * width_mult)))
+    transformer = ZImageTransformer2DModel(
+        all_patch_size=(2,),
+        all_f_patch_size=(1,),
+        in_channels=16,
+        dim=heads * (p.dim // p.num_heads),
+        n_layers=depth(p.num_layers),
+        n_refiner_layers=depth(p.num_refiner_layers),
+        n_heads=heads,
+        n_kv_heads=heads,
+        norm_eps=1e-5,
+        qk_norm=True,
+        cap_feat_dim=text_encoder.config.hidden_size,
+        rope_theta=256.0,
+        t_scale=1000.0,
+        axes_dims=list(p.axes_dims),
+        axes_lens=[1024, 512, 512],
+    )
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for pad_token in (transformer.x_pad_token, transformer.cap_pad_token):
+            pad_token.copy_(torch.randn(pad_token.shape, generator=generator))
+    vae = AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * len(p.vae_channels),
+        up_block_types=("UpDecoderBlock2D",) * len(p.vae_channels),
+        block_out_channels=_scaled(p.vae_channels, width_mult, p.vae_norm_num_groups),
+        layers_per_block=p.vae_layers_per_block,
+        latent_channels=16,
+        norm_num_groups=p.vae_norm_num_groups,
+        sample_size=64 if preset == "tiny" else 1024,
+        scaling_factor=FLUX_VAE_SCALING_FACTOR,
+        shift_factor=FLUX_VAE_SHIFT_FACTOR,
+        use_quant_conv=False,
+        use_post_quant_conv=False,
+    )
+    scheduler = FlowMatchEulerDiscreteScheduler(**Z_IMAGE_SCHEDULER_CONFIG)
+    for model in (transformer, vae):
+        model.eval()
+    return {
+        "scheduler": scheduler,
+        "vae": vae,
+        "text_encoder": text_encoder,
+        "tokenizer": tokenizer,
+        "transformer": transformer,
+    }
+
+
+def tiny_z_image_pipeline(seed=0, pipeline_class=None, lpips_module=True):
+    """A pipeline (`pipeline_class`, default diffusers' `ZImagePipeline`) on tiny random Z-Image components, on CPU.
+    With `lpips_module=True` a pipeline that has `set_perceptual_loss` gets a random-backbone LPIPS-VGG."""
+    from diffusers import ZImagePipeline
+
+    pipeline_class = ZImagePipeline if pipeline_class is None else pipeline_class
+    pipe = pipeline_class(**make_z_image_components("tiny", seed=seed))
+    if lpips_module and hasattr(pipe, "set_perceptual_loss"):
+        pipe.set_perceptual_loss(make_lpips())
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def save_tiny_z_image_pipeline(folder, seed=0):
+    """Save the tiny Z-Image components as a plain model folder (`model_index.json` naming `ZImagePipeline`, one
+    folder per component): what `custom_pipeline` is applied to."""
+    tiny_z_image_pipeline(seed=seed, lpips_module=False).save_pretrained(folder)
+    return folder
