@@ -311,3 +311,43 @@ def test_z_image_components_refuse_bad_arguments():
         make_z_image_components("z-image")
     with pytest.raises(ValueError, match="'z-image-turbo' preset only"):
         make_z_image_components(width_mult=0.5)
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# The real presets at full size, built on the meta device (no memory): their published parameter counts
+# ------------------------------------------------------------------------------------------------------------------
+
+QWEN_VOCABULARY = 151936  # Qwen3's; the offline tokenizer's is 261, so the text encoders have fewer embeddings
+
+
+def billions(model):
+    return sum(p.numel() for p in model.parameters()) / 1e9
+
+
+def embeddings(components, tied):
+    """The embedding parameters the real Qwen3 vocabulary would add (twice for an untied output head)."""
+    config = components["text_encoder"].config
+    return (1 if tied else 2) * (QWEN_VOCABULARY - config.vocab_size) * config.hidden_size / 1e9
+
+
+@pytest.mark.parametrize(
+    "preset, transformer_billions, text_billions, tied",
+    # FLUX.2 [klein] 4B and 9B flow models; Qwen3-4B (4.02B) and Qwen3-8B (8.19B).
+    [("klein-4b", 3.88, 4.02, True), ("klein-9b", 9.08, 8.19, False)],
+)
+def test_full_klein_presets_have_the_published_sizes(preset, transformer_billions, text_billions, tied):
+    with torch.device("meta"):
+        components = make_flux2_klein_components(preset, full_text_encoder=True)
+    assert components["text_encoder"].config.num_hidden_layers == 36
+    assert billions(components["transformer"]) == pytest.approx(transformer_billions, abs=0.01)
+    text = billions(components["text_encoder"]) + embeddings(components, tied)
+    assert text == pytest.approx(text_billions, abs=0.01)
+
+
+def test_full_z_image_preset_has_the_published_size():
+    with torch.device("meta"):
+        components = make_z_image_components("z-image-turbo", full_text_encoder=True)
+    assert billions(components["transformer"]) == pytest.approx(6.15, abs=0.01)  # Z-Image's 6B single-stream DiT
+    text = billions(components["text_encoder"]) + embeddings(components, tied=True)
+    assert text == pytest.approx(4.02, abs=0.01)  # Qwen3-4B
+    assert sum(p.numel() for p in components["vae"].parameters()) / 1e6 == pytest.approx(83.8, abs=0.1)  # FLUX.1's
