@@ -6,7 +6,9 @@
 
 The model is loaded once; the queue runs one generation at a time. `build_app(pipe)` builds the page for any loaded
 SyncDiffusion pipeline (SD, SDXL or FLUX.1: a FLUX page has no scheduler choice, and its negative prompt comes with
-true CFG) and `launch(app)` serves it (`demo/app.py`, the Hugging Face Space, uses the same two).
+true CFG) and `launch(app)` serves it (`demo/app.py`, the Hugging Face Space, uses the same two). Its "Regions" part is
+a canvas of the panorama's shape: each painted layer is a region, generated from its own prompt (one per line), the
+main prompt the background.
 gradio, torch and diffusers are imported only when the app is built, so `syncdiffusion --help` stays instant.
 """
 
@@ -54,6 +56,11 @@ EXAMPLES = [
 ]
 
 MAX_SEED = 2**32 - 1
+# The regions canvas is reset to a blank one of each new panorama size up to this many pixels (FLUX's 360° preset,
+# 1024x8192, is 2**23); a larger size typed by mistake would cost a huge blank image for nothing.
+MAX_CANVAS_PIXELS = 2**26
+# Brush colours of the regions canvas, to tell the layers apart (the masks come from the layers, not the colours).
+REGION_COLORS = ["#e6194b", "#3cb44b", "#4363d8", "#f58231", "#911eb4", "#42d4f4"]
 MULTIDIFFUSION = "MultiDiffusion"
 SYNCDIFFUSION = "SyncDiffusion"
 
@@ -77,6 +84,75 @@ def _whole(value):
     if isinstance(value, float) and value.is_integer():
         return int(value)
     return value
+
+
+def _count(number, noun):
+    return f"{number} {noun}{'' if number == 1 else 's'}"
+
+
+def blank_canvas(height, width):
+    """The regions canvas's value for a panorama of `height x width` pixels: a white background, no layer painted."""
+    from PIL import Image
+
+    return {"background": Image.new("RGB", (width, height), "white"), "layers": [], "composite": None}
+
+
+def region_prompt_lines(text):
+    """The region prompts typed in the page, one per line; blank lines are no prompt."""
+    return [line.strip() for line in (text or "").splitlines() if line.strip()]
+
+
+def canvas_regions(canvas, region_prompts, height, width):
+    """The regions painted on the canvas as the pipeline's region arguments.
+
+    Args:
+        canvas: the regions canvas's value (a `gr.ImageEditor`'s `{"background", "layers", "composite"}`, layers as
+            RGBA arrays of `height x width` pixels), or None.
+        region_prompts (`str`): one region prompt per line, for the painted layers in order.
+        height (`int`), width (`int`): the panorama's size in pixels.
+
+    Returns:
+        `dict`: `{"region_prompts": [...], "region_masks": [...]}`, layer k's mask its opacity in [0, 1] (`alpha /
+        255`, so soft brush edges stay soft), or `{}` when nothing is painted and no region prompt typed.
+
+    Raises `InputError` naming what does not match: the painted layers and the prompts, an empty layer among painted
+    ones (its prompt would go to the next layer), or a canvas that is not the panorama's size.
+    """
+    import numpy as np
+
+    prompts = region_prompt_lines(region_prompts)
+    layers = [np.asarray(layer) for layer in (canvas or {}).get("layers") or []]
+    painted = [k for k, layer in enumerate(layers) if layer[..., 3].any()]
+    if not painted and not prompts:
+        return {}
+    if not painted:
+        raise InputError(
+            f"There {'is' if len(prompts) == 1 else 'are'} {_count(len(prompts), 'region prompt')} but nothing is"
+            " painted on the regions canvas: paint one layer per prompt (layer 1 for the first line), or clear the"
+            " region prompts."
+        )
+    regions = painted[-1] + 1  # every layer up to the last painted one is a region, in order
+    empty = [k + 1 for k in range(regions) if k not in painted]
+    if empty:
+        raise InputError(
+            f"Layer {', '.join(map(str, empty))} of the regions canvas {'is' if len(empty) == 1 else 'are'} empty"
+            f" but layer {painted[-1] + 1} is painted: the layers are the regions in order, so paint"
+            f" {'it' if len(empty) == 1 else 'them'} or delete {'it' if len(empty) == 1 else 'them'}."
+        )
+    if regions != len(prompts):
+        raise InputError(
+            f"The regions canvas has {_count(regions, 'painted layer')} but there"
+            f" {'is' if len(prompts) == 1 else 'are'} {_count(len(prompts), 'region prompt')}: type one prompt per"
+            " painted layer, one per line (the first line for layer 1)."
+        )
+    for layer in layers[:regions]:
+        if layer.shape[:2] != (height, width):
+            raise InputError(
+                f"The regions canvas is {layer.shape[0]}x{layer.shape[1]} pixels but the panorama is"
+                f" {height}x{width} (height x width): paint the regions again on a canvas of the panorama's size."
+            )
+    masks = [layer[..., 3].astype(np.float32) / 255 for layer in layers[:regions]]
+    return {"region_prompts": prompts, "region_masks": masks}
 
 
 class PanoramaDemo:
@@ -119,6 +195,8 @@ class PanoramaDemo:
         sync_mode="exact",
         compare=False,
         true_cfg_scale=None,
+        region_prompts="",
+        regions=None,
         progress=None,
     ):
         """Run the pipeline (MultiDiffusion first, from the same seed, when `compare`).
@@ -126,10 +204,11 @@ class PanoramaDemo:
         The call is the command's (`prepare_call`): view batches sized by the pipeline ("auto"), the VAE tiled when
         the panorama would not fit in GPU memory at once; `stride`, `guidance` and `true_cfg_scale` None are the
         pipeline class's, `scheduler` None its default (FLUX: "keep", the only one it runs). `true_cfg_scale` is
-        FLUX's: above 1 it needs a negative prompt, which FLUX uses only then. Returns `(syncdiffusion_image,
-        multidiffusion_image, seed, status)`; an image is None when it was not made. `progress(done, total, label)`
-        is called after every step. Raises `ValueError` with the pipeline's message for bad input, before any model
-        runs.
+        FLUX's: above 1 it needs a negative prompt, which FLUX uses only then. `regions` is the regions canvas and
+        `region_prompts` its prompts, one per line (`canvas_regions`); nothing painted and no region prompt: no
+        regions. Returns `(syncdiffusion_image, multidiffusion_image, seed, status)`; an image is None when it was not
+        made. `progress(done, total, label)` is called after every step. Raises `ValueError` with the pipeline's
+        message for bad input (`InputError` for the demo's own findings), before any model runs.
         """
         if random_seed:
             seed = random.randint(0, MAX_SEED)
@@ -167,6 +246,7 @@ class PanoramaDemo:
                 call = prepare_call(self.pipe, view_batch_size="auto", vae_tiling="auto", **arguments)
             except ValueError as error:  # a size that is not a whole number, found before the pipeline's checks
                 raise InputError(str(error)) from None
+            call.update(canvas_regions(regions, region_prompts, call["height"], call["width"]))
             set_scheduler(self.pipe, scheduler)
             images, started = {}, time.perf_counter()
             for label, weight in runs:
@@ -177,8 +257,9 @@ class PanoramaDemo:
         seconds = time.perf_counter() - started
         sync_image = images[SYNCDIFFUSION]
         made = " and ".join(images)
+        painted = f" {_count(len(call['region_prompts']), 'region')}," if "region_prompts" in call else ""
         status = (
-            f"{made}: {total}/{total} steps, {sync_image.width}x{sync_image.height} pixels, seed {seed},"
+            f"{made}: {total}/{total} steps, {sync_image.width}x{sync_image.height} pixels, seed {seed},{painted}"
             f" {seconds:.1f} s."
         )
         return sync_image, images.get(MULTIDIFFUSION), seed, status
@@ -247,7 +328,9 @@ def _stride_slider(pipe, window):
 def build_app(pipe, model=DEFAULT_MODEL):
     """The Gradio page (a `gr.Blocks`) around a loaded SyncDiffusion pipeline (SD, SDXL or FLUX.1); serve it with
     `launch`. A FLUX page hides the scheduler (it runs its own flow-matching one) and adds the true CFG scale, which
-    its negative prompt needs; FLUX.1 [schnell], without a guidance embedding, shows no guidance scale."""
+    its negative prompt needs; FLUX.1 [schnell], without a guidance embedding, shows no guidance scale. The "Regions"
+    accordion holds the regions canvas (a `gr.ImageEditor` of the panorama's size, reset when the size changes) and
+    its prompts."""
     import gradio as gr
 
     demo = PanoramaDemo(pipe, model)
@@ -260,12 +343,12 @@ def build_app(pipe, model=DEFAULT_MODEL):
     size_step = pipe.image_processor.config.vae_scale_factor  # FLUX: 16 (its 2x2 latent patches), else 8
     guided = not demo.flux or pipe.transformer.config.guidance_embeds  # FLUX.1 [schnell] has no guidance
 
-    def run(values, progress):
+    def run(values, region_prompts, regions, progress):
         def report(done, total, label):
             progress((done, total), desc=label, unit="steps")
 
         try:
-            return demo.generate(*values, progress=report)
+            return demo.generate(*values, region_prompts=region_prompts, regions=regions, progress=report)
         except Exception as error:
             message = _user_error(error)
             if message is None:
@@ -273,7 +356,7 @@ def build_app(pipe, model=DEFAULT_MODEL):
             raise gr.Error(message, duration=None, title="Cannot generate", print_exception=False) from None
 
     # Gradio passes the page's values by position and finds `progress` by its default, so the API's parameters are
-    # these functions' own: FLUX's has one more, its true CFG scale.
+    # these functions' own: FLUX's has one more, its true CFG scale; the regions come last (earlier API calls stand).
     def generate(
         prompt,
         negative_prompt,
@@ -290,10 +373,12 @@ def build_app(pipe, model=DEFAULT_MODEL):
         sync_thres,
         sync_mode,
         compare,
+        region_prompts,
+        regions,
         progress=gr.Progress(),
     ):
         values = (prompt, negative_prompt, height, width, circular, steps, seed, random_seed, scheduler, stride)
-        return run(values + (guidance, sync_weight, sync_thres, sync_mode, compare), progress)
+        return run(values + (guidance, sync_weight, sync_thres, sync_mode, compare), region_prompts, regions, progress)
 
     def generate_flux(
         prompt,
@@ -312,15 +397,28 @@ def build_app(pipe, model=DEFAULT_MODEL):
         sync_mode,
         compare,
         true_cfg_scale,
+        region_prompts,
+        regions,
         progress=gr.Progress(),
     ):
         values = (prompt, negative_prompt, height, width, circular, steps, seed, random_seed, scheduler, stride)
-        return run(values + (guidance, sync_weight, sync_thres, sync_mode, compare, true_cfg_scale), progress)
+        values += (guidance, sync_weight, sync_thres, sync_mode, compare, true_cfg_scale)
+        return run(values, region_prompts, regions, progress)
 
     def choose_size(label):
         if label == CUSTOM:
             return gr.skip(), gr.skip(), gr.skip()
         return sizes[label]
+
+    def fit_canvas(height, width):
+        """A blank regions canvas of the new panorama size (regions painted for another shape do not carry over)."""
+        height, width = _whole(height), _whole(width)
+        if (
+            not all(isinstance(side, int) and side > 0 for side in (height, width))
+            or height * width > MAX_CANVAS_PIXELS
+        ):
+            return gr.skip()  # not a size (yet): the canvas stays, and generating names the size that is wrong
+        return gr.update(value=blank_canvas(height, width), canvas_size=(width, height))
 
     with gr.Blocks(title="SyncDiffusion panoramas") as app:
         gr.Markdown(
@@ -406,11 +504,38 @@ def build_app(pipe, model=DEFAULT_MODEL):
                 sync_weight = gr.Slider(0, 50, value=20, step=0.5, label="Sync weight (0 = MultiDiffusion)")
                 sync_thres = gr.Slider(0, 50, value=5, step=1, label="Synchronized steps (the first N)")
                 sync_mode = gr.Radio(["exact", "fast"], value="exact", label="Sync mode (exact: the paper's)")
+        with gr.Accordion("Regions", open=False):
+            gr.Markdown(
+                "Paint a region on each layer of the canvas (the panorama's shape; the layers button at its bottom"
+                " right adds one) and type its prompt below; the prompt above is the background. An empty canvas:"
+                " no regions. Changing the size clears the canvas."
+            )
+            region_prompts = gr.Textbox(
+                "",  # a default: API calls that leave the regions out are as before
+                label="Region prompts, one per line: the first for layer 1, the second for layer 2, ...",
+                lines=2,
+                elem_id="region-prompts",
+            )
+            regions = gr.ImageEditor(
+                blank_canvas(height0, width0),
+                label="Regions (one layer each)",
+                type="numpy",
+                image_mode="RGBA",
+                format="png",
+                sources=(),  # the canvas is the panorama's shape: no upload of another image
+                transforms=(),
+                brush=gr.Brush(default_size=max(1, demo.window // 8), colors=REGION_COLORS),
+                canvas_size=(width0, height0),
+                buttons=["fullscreen"],
+                elem_id="regions",
+            )
         gr.Examples([[text] for text in EXAMPLES], inputs=[prompt], label="Example prompts")
 
         size.change(choose_size, size, [height, width, circular], queue=False, api_visibility="private")
         for field in (height, width, circular):
             field.input(lambda: CUSTOM, None, size, queue=False, api_visibility="private")
+        for field in (height, width):
+            field.change(fit_canvas, [height, width], regions, queue=False, api_visibility="private")
         generate_button.click(
             generate_flux if demo.flux else generate,
             [
@@ -430,6 +555,8 @@ def build_app(pipe, model=DEFAULT_MODEL):
                 sync_mode,
                 compare,
                 *flux_inputs,
+                region_prompts,
+                regions,
             ],
             [result, baseline, seed, status],
             api_name="generate",

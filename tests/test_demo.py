@@ -1,6 +1,6 @@
-"""The web demo (`syncdiffusion demo`): its generation against direct pipeline calls, its command line, and the app
-served by the real command on the tiny model, driven in a headless Chromium (Debian's, through Selenium and
-/usr/bin/chromedriver) and through gradio_client.
+"""The web demo (`syncdiffusion demo`): its generation against direct pipeline calls, its regions canvas, its command
+line, and the app served by the real command on the tiny model, driven in a headless Chromium (Debian's, through
+Selenium and /usr/bin/chromedriver; regions painted with mouse drags) and through gradio_client.
 
 Set SYNCDIFFUSION_DEMO_SCREENSHOT=docs/demo.png to keep the browser test's screenshot of a finished comparison.
 """
@@ -96,6 +96,76 @@ def test_presets_are_multiples_of_the_models_window():
         "tall 2048x512": (2048, 512, False),
     }
     assert preset_sizes(64)["wide 64x256"] == (64, 256, False)
+
+
+def rgba_layer(height=16, width=32):
+    """An unpainted layer of the regions canvas as the page sends it: RGBA, colour and opacity 0."""
+    return np.zeros((height, width, 4), np.uint8)
+
+
+def test_the_regions_canvas_is_one_mask_per_painted_layer_its_opacity_exactly():
+    first = rgba_layer()
+    first[2:6, 3:9] = (230, 25, 75, 255)
+    first[10, 20] = (230, 25, 75, 128)  # a soft brush edge stays soft
+    second = rgba_layer()
+    second[:, 30:] = (60, 180, 75, 1)
+    second[0, 0] = (255, 255, 255, 0)  # a colour without opacity is no paint
+    canvas = {"background": np.full((16, 32, 4), 255, np.uint8), "layers": [first, second, rgba_layer()]}
+
+    regions = demo.canvas_regions(canvas, "  a red boat \n\n a green tree\n", 16, 32)
+
+    expected_first = np.zeros((16, 32), np.float32)
+    expected_first[2:6, 3:9] = 1.0
+    expected_first[10, 20] = np.float32(128) / 255
+    expected_second = np.zeros((16, 32), np.float32)
+    expected_second[:, 30:] = np.float32(1) / 255
+    assert regions["region_prompts"] == ["a red boat", "a green tree"]  # blank lines are no prompt
+    first_mask, second_mask = regions["region_masks"]  # the trailing empty layer is no region
+    assert first_mask.dtype == second_mask.dtype == np.float32
+    assert np.array_equal(first_mask, expected_first) and np.array_equal(second_mask, expected_second)
+
+
+def test_an_empty_regions_canvas_without_region_prompts_is_no_regions():
+    blank = demo.blank_canvas(16, 32)
+    assert blank["background"].size == (32, 16) and blank["layers"] == []
+    assert demo.canvas_regions(blank, "", 16, 32) == {}
+    assert demo.canvas_regions(None, None, 16, 32) == {}
+    assert demo.canvas_regions({**blank, "layers": [rgba_layer(), rgba_layer()]}, " \n", 16, 32) == {}
+
+
+def painted_layer(height=16, width=32):
+    layer = rgba_layer(height, width)
+    layer[4:8, 4:8] = (230, 25, 75, 255)
+    return layer
+
+
+@pytest.mark.parametrize(
+    "layers, prompts, message",
+    [
+        ([rgba_layer()], "a red boat", "There is 1 region prompt but nothing is painted on the regions canvas"),
+        ([painted_layer()], "", "The regions canvas has 1 painted layer but there are 0 region prompts"),
+        (
+            [painted_layer(), painted_layer()],
+            "a red boat\na green tree\na house",
+            "The regions canvas has 2 painted layers but there are 3 region prompts",
+        ),
+        (
+            [rgba_layer(), painted_layer()],
+            "a red boat\na green tree",
+            "Layer 1 of the regions canvas is empty but layer 2 is painted",
+        ),
+        (
+            [painted_layer(16, 64)],
+            "a red boat",
+            "The regions canvas is 16x64 pixels but the panorama is 16x32 (height x width)",
+        ),
+    ],
+    ids=["prompt-without-paint", "paint-without-prompt", "more-prompts-than-layers", "empty-layer", "other-size"],
+)
+def test_regions_that_do_not_match_their_prompts_or_the_panorama_are_named(layers, prompts, message):
+    with pytest.raises(demo.InputError) as caught:
+        demo.canvas_regions({"background": None, "layers": layers, "composite": None}, prompts, 16, 32)
+    assert demo._user_error(caught.value).startswith(message)
 
 
 def test_without_gradio_the_command_says_how_to_install_before_loading(monkeypatch, capsys):
@@ -208,22 +278,8 @@ class CallRecorded(Exception):
     """Raised by the recording `__call__` below: the test has what it needs, no denoising runs."""
 
 
-@pytest.mark.parametrize("fits", [True, False], ids=["decode-fits", "decode-does-not-fit"])
-def test_the_demo_asks_for_auto_view_batches_and_tiles_when_the_decode_does_not_fit(fits, pipe, monkeypatch):
-    """The page's call is the command's: on a GPU, view batches sized by the pipeline ("auto", not the pipeline's
-    default of one view per UNet call, ~5x slower on an H200) and the VAE tiled when the 360° preset's decode would
-    not fit."""
-    import functools
-
-    import torch
-
-    from syncdiffusion_utils.calls import DECODE_ELEMENTS
-
-    height, width = 64, 512  # the tiny model's 360° preset
-    needed = DECODE_ELEMENTS * min(pipe.vae.config.block_out_channels) * height * width * 4
-    free = int(needed / 0.8 * (1.5 if fits else 0.5))  # just above or below the decode at the 0.8 margin
-    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (free, 80 * 2**30))
-    monkeypatch.setattr(type(pipe), "_execution_device", property(lambda self: torch.device("cuda")))
+def record_calls(pipe, monkeypatch):
+    """Make `pipe`'s class record the keyword arguments of its calls instead of running (`CallRecorded`)."""
     calls = []
     original = type(pipe).__call__
 
@@ -233,6 +289,24 @@ def test_the_demo_asks_for_auto_view_batches_and_tiles_when_the_decode_does_not_
         raise CallRecorded
 
     monkeypatch.setattr(type(pipe), "__call__", record)
+    return calls
+
+
+@pytest.mark.parametrize("fits", [True, False], ids=["decode-fits", "decode-does-not-fit"])
+def test_the_demo_asks_for_auto_view_batches_and_tiles_when_the_decode_does_not_fit(fits, pipe, monkeypatch):
+    """The page's call is the command's: on a GPU, view batches sized by the pipeline ("auto", not the pipeline's
+    default of one view per UNet call, ~5x slower on an H200) and the VAE tiled when the 360° preset's decode would
+    not fit."""
+    import torch
+
+    from syncdiffusion_utils.calls import DECODE_ELEMENTS
+
+    height, width = 64, 512  # the tiny model's 360° preset
+    needed = DECODE_ELEMENTS * min(pipe.vae.config.block_out_channels) * height * width * 4
+    free = int(needed / 0.8 * (1.5 if fits else 0.5))  # just above or below the decode at the 0.8 margin
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (free, 80 * 2**30))
+    monkeypatch.setattr(type(pipe), "_execution_device", property(lambda self: torch.device("cuda")))
+    calls = record_calls(pipe, monkeypatch)
     app = PanoramaDemo(pipe, "tiny")
     label = next(label for label in app.sizes if label.startswith("360°"))
     assert app.sizes[label] == (height, width, True)
@@ -346,14 +420,14 @@ def test_a_flux_page_hides_the_scheduler_and_adds_the_true_cfg_scale(flux_pipe, 
     assert controls["scheduler"]["visible"] is False and [c[0] for c in controls["scheduler"]["choices"]] == ["keep"]
     assert controls["true-cfg-scale"]["visible"] is not False and controls["true-cfg-scale"]["value"] == 1.0
     assert controls["guidance"]["value"] == 3.5 and controls["height"]["step"] == 16  # FLUX's 2x2 latent patches
-    assert len(generate_endpoint(flux_page).inputs) == len(API_ARGUMENTS) + 1
+    assert len(generate_endpoint(flux_page).inputs) == len(API_ARGUMENTS) + 3
     names = [p["parameter_name"] for p in flux_page.get_api_info()["named_endpoints"]["/generate"]["parameters"]]
-    assert names == [*API_ARGUMENTS, "true_cfg_scale"]
+    assert names == [*API_ARGUMENTS, "true_cfg_scale", "region_prompts", "regions"]
 
     sd_page = demo.build_app(pipe, "tiny")
     controls = page_controls(sd_page)
     assert "true-cfg-scale" not in controls and controls["scheduler"]["visible"] is not False
-    assert len(generate_endpoint(sd_page).inputs) == len(API_ARGUMENTS)
+    assert len(generate_endpoint(sd_page).inputs) == len(API_ARGUMENTS) + 2  # the regions (their test below)
 
 
 def test_the_space_app_serves_tiny_flux_end_to_end(monkeypatch):
@@ -377,6 +451,89 @@ def test_the_demo_command_loads_a_flux_model_and_builds_its_page(monkeypatch, fl
     assert cli.main(["demo", "--model", "tiny-flux", "--port", str(_free_port())]) == 0
     model, app = served
     assert model == "tiny-flux" and app.panorama_demo.flux and app.panorama_demo.pipe is flux_pipe
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Regions: the canvas's painted layers and their prompts, in process (SD, SDXL and FLUX.1)
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def two_regions(height=64, width=128):
+    """A regions canvas with two painted layers: a square at the left (opaque) and a band at the right (half)."""
+    left, right = rgba_layer(height, width), rgba_layer(height, width)
+    left[16:48, 8:40] = (230, 25, 75, 255)
+    right[:, 80:120] = (60, 180, 75, 128)
+    return {"background": None, "layers": [left, right], "composite": None}
+
+
+def region_masks(canvas):
+    return [layer[..., 3].astype(np.float32) / 255 for layer in canvas["layers"]]
+
+
+@pytest.fixture(scope="module")
+def xl_pipe():
+    """`loading.load_pipeline("tiny-xl")`: the tiny random SDXL, as the demo loads it."""
+    return loading.load_pipeline("tiny-xl", "cpu", progress=False)
+
+
+@pytest.mark.parametrize("model, fixture", [("tiny", "pipe"), ("tiny-xl", "xl_pipe"), ("tiny-flux", "flux_pipe")])
+def test_painted_regions_reach_the_pipeline_of_every_class_the_demo_serves(model, fixture, request):
+    pipe = request.getfixturevalue(fixture)
+    app = PanoramaDemo(pipe, model)
+    canvas = two_regions()
+    (image, _, seed, status), reports = generate(
+        app, region_prompts="a red boat\na green tree", regions=canvas, random_seed=False, seed=4
+    )
+
+    call = dict(FLUX_CALL)  # the small call of `generate`
+    if not app.flux:
+        del call["max_sequence_length"]
+    direct = pipe(
+        **call,
+        sync_weight=20.0,
+        region_prompts=["a red boat", "a green tree"],
+        region_masks=region_masks(canvas),
+        generator=generator(seed),
+    ).images[0]
+    # Same seed, same CPU, same arguments: bit-identical; a demo that dropped the regions would differ (they change
+    # the panorama: the browser test below).
+    assert np.array_equal(pixels(image), pixels(direct))
+    assert "2 regions" in status and len(reports) == 3
+
+
+def test_the_regions_canvas_is_the_panoramas_size_and_a_new_size_clears_it(pipe):
+    import gradio as gr
+
+    page = demo.build_app(pipe, "tiny")
+    regions = page_controls(page)["regions"]
+    assert regions["canvas_size"] == [256, 64] and regions["value"]["layers"] == []  # the default "wide 64x256"
+    assert regions["sources"] == [] and regions["transforms"] == []  # no upload or crop: the canvas keeps its shape
+    names = [p["parameter_name"] for p in page.get_api_info()["named_endpoints"]["/generate"]["parameters"]]
+    assert names == [*API_ARGUMENTS, "region_prompts", "regions"]
+
+    fit_canvas = next(fn.fn for fn in page.fns.values() if fn.fn.__name__ == "fit_canvas")  # height's and width's
+    update = fit_canvas(64.0, 384.0)
+    assert update["canvas_size"] == (384, 64) and update["value"]["layers"] == []
+    assert update["value"]["background"].size == (384, 64)
+    assert fit_canvas(64, None) == fit_canvas(0, 128) == gr.skip()  # not a size yet: the canvas stays
+
+
+def test_an_empty_canvas_calls_the_pipeline_as_without_regions(pipe, monkeypatch):
+    calls = record_calls(pipe, monkeypatch)
+    app = PanoramaDemo(pipe, "tiny")
+    for canvas in (None, demo.blank_canvas(64, 128), {**two_regions(), "layers": [rgba_layer(64, 128)]}):
+        with pytest.raises(CallRecorded):
+            generate(app, regions=canvas, region_prompts="\n")
+    assert len(calls) == 3 and not any(key.startswith("region") for call in calls for key in call)
+
+
+def test_regions_that_do_not_match_are_an_input_error_before_any_step(pipe):
+    app = PanoramaDemo(pipe, "tiny")
+    with pytest.raises(demo.InputError) as caught:
+        generate(app, regions=two_regions(), region_prompts="a red boat", progress=lambda *report: pytest.fail("ran"))
+    assert demo._user_error(caught.value).startswith(
+        "The regions canvas has 2 painted layers but there is 1 region prompt: type one prompt per painted layer"
+    )
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -606,6 +763,101 @@ def test_in_a_browser_generate_compare_bad_input_and_stop(server, browser, tmp_p
     status = _wait(lambda: "Stopped" in _text(driver, "#status") and _text(driver, "#status"), 60, "the stop")
     assert status.startswith("Stopped at step") and "of 100 (MultiDiffusion)" in status
     _screenshot(driver, tmp_path / "stopped.png")
+
+
+def _canvas_zoom(driver):
+    """The zoom the regions canvas reports, e.g. "441%" (it fits the canvas to the editor)."""
+    from selenium.webdriver.common.by import By
+
+    (zoom,) = [span.text for span in driver.find_elements(By.CSS_SELECTOR, "#regions span") if span.text.endswith("%")]
+    return zoom
+
+
+def _paint(driver, canvas, panorama_size, points):
+    """One brush stroke through `points` (`(column, row)` in the panorama's pixels) on the regions canvas, which the
+    editor shows centred in its element at the zoom it reports; the brush paints the straight lines between them."""
+    from selenium.webdriver.common.action_chains import ActionChains
+
+    scale, (height, width) = float(_canvas_zoom(driver)[:-1]) / 100, panorama_size
+
+    def offset(x, y):  # from the element's centre, in CSS pixels
+        return round((x - width / 2) * scale), round((y - height / 2) * scale)
+
+    (first, *others) = points
+    stroke = ActionChains(driver, duration=10).move_to_element_with_offset(canvas, *offset(*first)).click_and_hold()
+    for point in others:
+        stroke.move_to_element_with_offset(canvas, *offset(*point))
+    stroke.release().perform()
+
+
+def _wait_for_message(driver, message, what):
+    """Wait for an error message in the page, then close it as a person would (it stays, over the buttons)."""
+    from selenium.webdriver.common.by import By
+
+    _wait(lambda: message in driver.find_element(By.TAG_NAME, "body").text, 30, what)
+    for close in driver.find_elements(By.CSS_SELECTOR, "[data-testid=toast-close]"):
+        close.click()
+    _wait(lambda: not driver.find_elements(By.CSS_SELECTOR, "[data-testid=toast-body]"), 10, f"{what} to close")
+
+
+def test_in_a_browser_two_painted_regions_change_their_pixels(server, browser, tmp_path):
+    """Two regions painted on two layers with the mouse (the tiny model's brush: a radius of 8 pixels), their prompts
+    typed, generated from the seed of a run without them: inside each region the panorama changes several times more
+    than between them (measured in process, seeds 0-7: the regions' mean change 6.7-16 levels, between them 1.5-2.2)."""
+    from selenium.webdriver.common.by import By
+
+    driver = browser
+    driver.get(server.url)
+    _wait(lambda: driver.find_elements(By.CSS_SELECTOR, "#generate button, button#generate"), 60, "the page")
+    _type(driver, "#prompt textarea", "a photo of a lake")
+    driver.find_element(By.XPATH, "//button[contains(., 'Settings')]").click()
+    _type(driver, "#steps input[type=number]", "4")
+    driver.find_element(By.CSS_SELECTOR, "#random-seed input").click()
+    _type(driver, "#seed input", "3")
+    driver.find_element(By.CSS_SELECTOR, "#generate").click()
+    _wait(lambda: "seed 3" in _text(driver, "#status"), 60, "the panorama without regions")
+    without, _ = _served_image(driver, "#result")
+
+    driver.find_element(By.XPATH, "//button[contains(., 'Regions')]").click()
+    canvas = _wait(
+        lambda: [c for c in driver.find_elements(By.CSS_SELECTOR, "#regions canvas") if c.is_displayed()],
+        30,
+        "the regions canvas",
+    )[0]
+    driver.execute_script("arguments[0].scrollIntoView({block: 'center'})", canvas)
+    size = (64, 256)  # the default preset, "wide 64x256"
+    _paint(driver, canvas, size, [(16, 24), (80, 24), (80, 40), (16, 40)])  # layer 1: rows 16-47, columns 8-87
+    driver.find_element(By.CSS_SELECTOR, "#regions button[aria-label='Show Layers']").click()
+    _wait(lambda: driver.find_elements(By.CSS_SELECTOR, "#regions button[aria-label='Add Layer']"), 10, "Add Layer")
+    driver.find_element(By.CSS_SELECTOR, "#regions button[aria-label='Add Layer']").click()
+    _paint(driver, canvas, size, [(176, 24), (240, 24), (240, 40), (176, 40)])  # layer 2: columns 168-247
+
+    # One prompt for two painted layers: the page names the mismatch and generates nothing.
+    _type(driver, "#region-prompts textarea", "a red boat")
+    driver.find_element(By.CSS_SELECTOR, "#generate").click()
+    message = "The regions canvas has 2 painted layers but there is 1 region prompt"
+    _wait_for_message(driver, message, "the mismatch's message")
+
+    _type(driver, "#region-prompts textarea", "a red boat\na green tree")
+    driver.find_element(By.CSS_SELECTOR, "#generate").click()
+    status = _wait(lambda: "2 regions" in _text(driver, "#status") and _text(driver, "#status"), 60, "the regions")
+    assert status.startswith("SyncDiffusion: 4/4 steps, 256x64 pixels, seed 3, 2 regions")
+    with_regions, _ = _served_image(driver, "#result")
+
+    change = np.abs(pixels(with_regions).astype(int) - pixels(without)).mean(axis=2)
+    between = change[:, 112:144].mean()
+    for name, inside in (("left", change[20:44, 24:72]), ("right", change[20:44, 184:232])):
+        assert inside.mean() > 2 * between, f"the {name} region changed {inside.mean():.1f}, between {between:.1f}"
+
+    # A new size clears the canvas (a round trip to the server: the canvas fits the wider panorama at a new zoom), and
+    # the prompts are left without regions.
+    zoom = _canvas_zoom(driver)
+    driver.find_element(By.XPATH, "//label[contains(., 'wider 64x384')]").click()
+    _wait(lambda: _canvas_zoom(driver) != zoom, 30, "the canvas to fit the new size")
+    driver.find_element(By.CSS_SELECTOR, "#generate").click()
+    message = "There are 2 region prompts but nothing is painted on the regions canvas"
+    _wait_for_message(driver, message, "the cleared canvas's message")
+    _screenshot(driver, tmp_path / "regions.png")  # last: its full-page capture resizes the editor for a moment
 
 
 def test_through_gradio_client_the_api_returns_the_image_and_keeps_serving(server, tmp_path):
