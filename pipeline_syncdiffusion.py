@@ -33,7 +33,12 @@ from diffusers.loaders import (
 )
 from diffusers.models import AutoencoderKL, UNet2DConditionModel
 from diffusers.pipelines.pipeline_utils import DiffusionPipeline, StableDiffusionMixin
-from diffusers.pipelines.stable_diffusion import StableDiffusionPipeline, StableDiffusionPipelineOutput
+from diffusers.pipelines.stable_diffusion import (
+    StableDiffusionImg2ImgPipeline,
+    StableDiffusionInpaintPipeline,
+    StableDiffusionPipeline,
+    StableDiffusionPipelineOutput,
+)
 from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion import rescale_noise_cfg, retrieve_timesteps
 from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion_img2img import retrieve_latents
 from diffusers.pipelines.stable_diffusion.safety_checker import StableDiffusionSafetyChecker
@@ -270,6 +275,31 @@ class PanoramaNoise:
             yield
         finally:
             self.module.randn_tensor = draw
+
+
+def image_size(image) -> tuple:
+    """`(height, width)` in pixels of an image argument: a PIL image, a `(height, width[, channels])` array or a
+    `([batch,] channels, height, width)` tensor."""
+    if isinstance(image, PIL.Image.Image):
+        return image.height, image.width
+    if isinstance(image, np.ndarray):
+        return tuple(image.shape[-3:-1] if image.ndim >= 3 and image.shape[-1] in (1, 3, 4) else image.shape[-2:])
+    return tuple(image.shape[-2:])
+
+
+def anchor_view_index(views: list, sync_anchor, keep=None) -> int:
+    """
+    The index of the anchor view: `"center"` the middle view (the paper's), `"image"` the view that keeps most of
+    the image (the largest sum of `keep = 1 - mask` over its latent pixels; ties go to the view nearest the middle),
+    or a view index.
+    """
+    center = len(views) // 2
+    if sync_anchor == "center" or (sync_anchor == "image" and keep is None):
+        return center
+    if sync_anchor == "image":
+        kept = [float(crop_views(keep, [view]).sum()) for view in views]
+        return max(range(len(views)), key=lambda k: (kept[k], -abs(k - center)))
+    return sync_anchor
 
 
 # MultiDiffusion's bootstrapping (`region_based.py`): the first 20 of 50 steps by default.
@@ -517,6 +547,10 @@ class SyncDiffusionPipeline(
         )
         self.vae_scale_factor = 2 ** (len(self.vae.config.block_out_channels) - 1) if getattr(self, "vae", None) else 8
         self.image_processor = VaeImageProcessor(vae_scale_factor=self.vae_scale_factor)
+        # Soft masks are kept (StableDiffusionInpaintPipeline binarizes them; a binary mask is the same either way).
+        self.mask_processor = VaeImageProcessor(
+            vae_scale_factor=self.vae_scale_factor, do_normalize=False, do_binarize=False, do_convert_grayscale=True
+        )
         self.register_to_config(requires_safety_checker=requires_safety_checker)
         # LPIPS is not a saved component: it is built on first synchronized call (see `perceptual_loss`).
         self._perceptual_loss = None
@@ -559,6 +593,8 @@ class SyncDiffusionPipeline(
     run_safety_checker = StableDiffusionPipeline.run_safety_checker
     prepare_extra_step_kwargs = StableDiffusionPipeline.prepare_extra_step_kwargs
     prepare_latents = StableDiffusionPipeline.prepare_latents
+    get_timesteps = StableDiffusionImg2ImgPipeline.get_timesteps
+    _encode_vae_image = StableDiffusionInpaintPipeline._encode_vae_image
     get_guidance_scale_embedding = StableDiffusionPipeline.get_guidance_scale_embedding
 
     def encode_prompt(
@@ -719,7 +755,7 @@ class SyncDiffusionPipeline(
             factor = self.vae_scale_factor
             shape = (
                 batch_size * num_images_per_prompt,
-                self.unet.config.in_channels,
+                self.vae.config.latent_channels,
                 height // factor,
                 width // factor,
             )
@@ -809,14 +845,24 @@ class SyncDiffusionPipeline(
         """Every model the noise prediction runs through (and the gradient pass differentiates)."""
         return (self.unet,)
 
+    @property
+    def inpainting_channels(self) -> bool:
+        """Whether the UNet is an inpainting one: 9 input channels, the latents, the mask and the masked image's."""
+        return self.unet.config.in_channels == 2 * self.vae.config.latent_channels + 1
+
     def predict_noise(self, model_input: torch.Tensor, t, conditioning: dict, views: list) -> torch.Tensor:
         """
         Guided noise prediction for a stack of `views` (view-major, `batch` images each).
 
         `model_input` is already scaled by `scheduler.scale_model_input`. With guidance the UNet sees every latent
-        twice, interleaved `[uncond, cond]`, as the panorama pipeline does.
+        twice, interleaved `[uncond, cond]`, as the panorama pipeline does. An inpainting UNet also sees the views'
+        crops of the mask and the masked image's latent.
         """
         num_views = len(views)
+        if conditioning.get("inpainting_input") is not None:
+            mask, masked_image_latents = conditioning["inpainting_input"]
+            extra = [crop_views(mask, views), crop_views(masked_image_latents, views)]
+            model_input = torch.cat([model_input, *[e.to(model_input.dtype) for e in extra]], dim=1)
         added_cond_kwargs = None
         if conditioning["image_embeds"] is not None:
             image_embeds = [e.repeat(num_views, *[1] * (e.ndim - 1)) for e in conditioning["image_embeds"]]
@@ -861,6 +907,59 @@ class SyncDiffusionPipeline(
         image = decoder.decode(clean_latents / scaling_factor, return_dict=False)[0]
         return (image / 2 + 0.5).clamp(0, 1)
 
+    def prepare_image_latents(
+        self,
+        image,
+        mask_image,
+        strength,
+        timesteps,
+        batch_size,
+        num_images_per_prompt,
+        dtype,
+        device,
+        generator,
+        latents,
+    ):
+        """
+        The starting latents of an image-to-image or inpainting call, made as `StableDiffusionImg2ImgPipeline` and
+        `StableDiffusionInpaintPipeline` make them (the same random draws, in the same order), and with a mask what
+        the loop needs to keep the image: `{"mask", "image_latents", "noise", "inpainting_input"}`, else None.
+        """
+        height, width = image_size(image)
+        init_image = self.image_processor.preprocess(image, height=height, width=width).to(torch.float32)
+        num_images = batch_size * num_images_per_prompt
+        latent_timestep = timesteps[:1].repeat(num_images)
+        if mask_image is None:
+            latents = StableDiffusionImg2ImgPipeline.prepare_latents(
+                self, init_image, latent_timestep, batch_size, num_images_per_prompt, dtype, device, generator
+            )
+            return latents, None
+        latents, noise, *image_latents = StableDiffusionInpaintPipeline.prepare_latents(
+            self,
+            num_images,
+            self.vae.config.latent_channels,
+            height,
+            width,
+            dtype,
+            device,
+            generator,
+            latents,
+            image=init_image,
+            timestep=latent_timestep,
+            is_strength_max=strength == 1.0,
+            return_noise=True,
+            return_image_latents=not self.inpainting_channels,
+        )
+        mask_condition = self.mask_processor.preprocess(mask_image, height=height, width=width)
+        mask = F.interpolate(mask_condition, size=latents.shape[-2:]).to(device=device, dtype=dtype)
+        kept = {"mask": mask.repeat(num_images, 1, 1, 1), "noise": noise, "inpainting_input": None}
+        kept["image_latents"] = image_latents[0] if image_latents else None
+        if self.inpainting_channels:
+            masked_image = (init_image * (mask_condition < 0.5)).to(device=device, dtype=dtype)
+            masked_image_latents = self._encode_vae_image(masked_image, generator=generator).to(dtype)
+            kept["inpainting_input"] = (kept["mask"], masked_image_latents.repeat(num_images, 1, 1, 1))
+        return latents, kept
+
     def encode_latents(self, images: torch.Tensor, generator=None) -> torch.Tensor:
         """The UNet's latent of `images` in [-1, 1]: a sample of the VAE encoder's distribution, scaled."""
         posterior = self.vae.encode(images.to(self.vae.dtype))
@@ -881,8 +980,11 @@ class SyncDiffusionPipeline(
         padding_pixels = self.vae_scale_factor * padding
         return image[..., padding_pixels:-padding_pixels]
 
-    def _conditioning(self, prompt_embeds, negative_prompt_embeds, image_embeds, timestep_cond, num_images):
-        """Per-image UNet conditioning; with guidance each image's `[negative, positive]` pair is interleaved."""
+    def _conditioning(
+        self, prompt_embeds, negative_prompt_embeds, image_embeds, timestep_cond, num_images, inpainting_input=None
+    ):
+        """Per-image UNet conditioning; with guidance each image's `[negative, positive]` pair is interleaved.
+        `inpainting_input`: the latent mask and masked image an inpainting UNet takes."""
         if self.do_classifier_free_guidance:
             encoder_hidden_states = torch.stack([negative_prompt_embeds, prompt_embeds], dim=1).flatten(0, 1)
             if image_embeds is not None:
@@ -896,6 +998,7 @@ class SyncDiffusionPipeline(
             "image_embeds": image_embeds,
             "timestep_cond": timestep_cond,
             "batch_size": num_images,
+            "inpainting_input": inpainting_input,
         }
 
     # ------------------------------------------------------------------------------------------------------------------
@@ -954,9 +1057,14 @@ class SyncDiffusionPipeline(
         region_masks=None,
         region_negative_prompts=None,
         region_bootstrap_steps=None,
+        image=None,
+        mask_image=None,
+        strength=None,
+        sync_anchor=None,
+        circular_padding=False,
     ):
         """
-        The panorama's, the synchronization's and the regions' arguments, and the scheduler: a `ValueError` naming the argument,
+        The panorama's, the synchronization's, the regions' and the image's arguments, and the scheduler: a `ValueError` naming the argument,
         its value and what is allowed, before any model runs. `window` is the view side in latent pixels.
         """
         for name, value in (("height", height), ("width", width)):
@@ -1052,6 +1160,12 @@ class SyncDiffusionPipeline(
             height,
             width,
             num_inference_steps,
+        )
+        if circular_padding not in (True, False):
+            raise ValueError(f"`circular_padding` has to be True or False, but is {circular_padding!r}.")
+        num_views = len(get_views(height // factor, width // factor, window, stride, circular_padding))
+        self.check_image_inputs(
+            image, mask_image, strength, sync_anchor, height, width, num_inference_steps, num_views
         )
         self.check_scheduler(
             synchronized=sync_weight > 0 and sync_thres > 0, sync_gradient=sync_gradient, sync_mode=sync_mode
@@ -1318,6 +1432,62 @@ class SyncDiffusionPipeline(
                 if not was_enabled:
                     model.disable_gradient_checkpointing()
 
+    def check_image_inputs(self, image, mask_image, strength, sync_anchor, height, width, steps, num_views):
+        """The image to start from or repaint, its mask (the panorama's size), `strength` and `sync_anchor`."""
+        if image is None:
+            for name, value in (("mask_image", mask_image), ("strength", strength)):
+                if value is not None:
+                    raise ValueError(f"`{name}` needs `image`, but `image` is None.")
+        for name, value in (("image", image), ("mask_image", mask_image)):
+            if value is None:
+                continue
+            if not isinstance(value, (PIL.Image.Image, np.ndarray, torch.Tensor)):
+                raise ValueError(
+                    f"`{name}` has to be one PIL image, numpy array or torch tensor (the panorama's size), but is"
+                    f" {type(value)}."
+                )
+            if isinstance(value, torch.Tensor) and value.ndim == 4 and value.shape[0] != 1:
+                raise ValueError(f"`{name}` has to be one image, but is a batch of {value.shape[0]}.")
+            if image_size(value) != (height, width):
+                size = image_size(value)
+                raise ValueError(
+                    f"`{name}` is {size[0]}x{size[1]} pixels (height x width), but the panorama is {height}x{width}:"
+                    " pass `height` and `width` of the image, or resize it."
+                )
+        if strength is not None:
+            if not isinstance(strength, (int, float)) or isinstance(strength, bool) or not 0 < strength <= 1:
+                raise ValueError(f"`strength` has to be in (0, 1], but is {strength!r}.")
+            if int(steps * strength) < 1:
+                raise ValueError(
+                    f"`strength` {strength} of {steps} steps runs no step (`int(num_inference_steps * strength)` is"
+                    " 0): a larger `strength` or more steps."
+                )
+        if mask_image is not None:
+            mask = self.mask_processor.preprocess(mask_image, height=height, width=width)
+            if mask.min() < 0 or mask.max() > 1:
+                raise ValueError("`mask_image` has to hold values in [0, 1] (white = generate, black = keep).")
+            if mask.max() == 0:
+                raise ValueError(
+                    "`mask_image` is black everywhere: it keeps the whole image and generates nothing (white = generate)."
+                )
+            if mask.min() == 1:
+                logger.warning(
+                    "`mask_image` is white everywhere: it keeps nothing of the image (`strength=1`: the text-to-image"
+                    " panorama, but for the random draws of the image's encoding; below 1: image-to-image)."
+                )
+        if self.inpainting_channels and mask_image is None:
+            raise ValueError(
+                f"this {type(self.denoiser).__name__} is an inpainting model ({self.denoiser.config.in_channels} input"
+                " channels: latents, mask, masked image): it needs `image` and `mask_image`."
+            )
+        anchors = ("center", "image")
+        if sync_anchor is not None and sync_anchor not in anchors:
+            if not isinstance(sync_anchor, int) or isinstance(sync_anchor, bool) or not 0 <= sync_anchor < num_views:
+                raise ValueError(
+                    f"`sync_anchor` has to be one of {anchors}, a view index in 0..{num_views - 1}, or None, but is"
+                    f" {sync_anchor!r}."
+                )
+
     def check_region_inputs(
         self, region_prompts, region_masks, region_negative_prompts, region_bootstrap_steps, height, width, steps
     ):
@@ -1416,6 +1586,18 @@ class SyncDiffusionPipeline(
         if scheduler_family(self.scheduler) == FLOW_MATCHING:
             return self.scheduler.scale_noise(clean_latents, timesteps, noise)
         return self.scheduler.add_noise(clean_latents, noise, timesteps)
+
+    def keep_image(self, latents, kept: dict, timesteps, i: int) -> torch.Tensor:
+        """
+        Inpainting with a plain denoiser, as `StableDiffusionInpaintPipeline` does for 4-channel UNets: after step
+        `i`, the kept region (`1 - mask`) becomes the image's latent noised to the next step (the image itself after
+        the last).
+        """
+        image_latents = kept["image_latents"]
+        if i < len(timesteps) - 1:
+            image_latents = self.add_noise(image_latents, kept["noise"], timesteps[i + 1])
+        mask = kept["mask"]
+        return (1 - mask) * image_latents + mask * latents
 
     def view_items(self, views: list, regions: PanoramaRegions | None) -> list:
         """`(view, prompt)` of every prompt denoised in each view, view-major; prompt 0 is the call's own."""
@@ -1577,16 +1759,18 @@ class SyncDiffusionPipeline(
         return item_latents, torch.cat(outputs_per_view)
 
     def prepare_panorama(
-        self, latents: torch.Tensor, views: list, view_batch_size: int, regions=None
+        self, latents: torch.Tensor, views: list, view_batch_size: int, regions=None, anchor_index=None
     ) -> PanoramaState:
-        """The views in batches, one scheduler state per batch, the anchor `views[len(views) // 2]`, the sums."""
+        """The views in batches, one scheduler state per batch, the anchor (`views[len(views) // 2]` unless
+        `anchor_index` says), the sums."""
+        anchor_index = len(views) // 2 if anchor_index is None else anchor_index
         view_batches = [views[i : i + view_batch_size] for i in range(0, len(views), view_batch_size)]
         return PanoramaState(
             views=views,
             view_batches=view_batches,
             scheduler_states=[self._scheduler_state() for _ in view_batches],
-            anchor_view=views[len(views) // 2],
-            anchor_batch=len(views) // 2 // view_batch_size,
+            anchor_view=views[anchor_index],
+            anchor_batch=anchor_index // view_batch_size,
             value=torch.zeros_like(latents, dtype=torch.float32),
             count=torch.zeros_like(latents, dtype=torch.float32),
             noise=PanoramaNoise(self.scheduler, latents.shape),
@@ -1709,6 +1893,10 @@ class SyncDiffusionPipeline(
         region_masks: list[PipelineImageInput] | None = None,
         region_negative_prompts: list[str | None] | None = None,
         region_bootstrap_steps: int | None = None,
+        image: PipelineImageInput | None = None,
+        mask_image: PipelineImageInput | None = None,
+        strength: float | None = None,
+        sync_anchor: str | int | None = None,
         **kwargs: Any,
     ):
         r"""
@@ -1822,6 +2010,22 @@ class SyncDiffusionPipeline(
                 state (its first one, if a list) without consuming it, which keeps each region's content inside its
                 mask. Defaults to `round(0.4 *
                 num_inference_steps)` (20 of 50, as MultiDiffusion's `region_based.py`); 0 turns it off.
+            image (`PipelineImageInput`, *optional*):
+                One image of the panorama's size (`height x width` pixels; PIL, array or tensor as diffusers' image
+                processor takes it) to start from: image-to-image without `mask_image`, as
+                `StableDiffusionImg2ImgPipeline`; inpainting or outpainting with it, as `StableDiffusionInpaintPipeline`.
+                Every prompt's images start from it.
+            mask_image (`PipelineImageInput`, *optional*):
+                White where the panorama is generated, black where `image` is kept; soft values blend. An ordinary
+                UNet gets the kept region back after every step, noised to the next one; an inpainting UNet (9 input
+                channels) sees the mask and the masked image instead. Needs `image`.
+            strength (`float`, *optional*):
+                How far `image` is noised before denoising, in (0, 1]: the share of the steps that run. Defaults to
+                0.8 without `mask_image` and 1.0 with it (the two diffusers pipelines' defaults).
+            sync_anchor (`str` or `int`, *optional*):
+                The view every other is synchronized to: `"center"` (the middle view, the paper's), `"image"` (the
+                view that keeps most of `image` under `mask_image`, so every view is pulled toward the photo's look),
+                or a view index (`get_views` order). Defaults to `"image"` with a mask, else `"center"`.
 
         Examples:
 
@@ -1872,6 +2076,11 @@ class SyncDiffusionPipeline(
             region_masks=region_masks,
             region_negative_prompts=region_negative_prompts,
             region_bootstrap_steps=region_bootstrap_steps,
+            image=image,
+            mask_image=mask_image,
+            strength=strength,
+            sync_anchor=sync_anchor,
+            circular_padding=circular_padding,
         )
         if callback is not None and callback_steps is None:
             callback_steps = 1
@@ -1927,20 +2136,39 @@ class SyncDiffusionPipeline(
                 ip_adapter_image, ip_adapter_image_embeds, device, num_images, self.do_classifier_free_guidance
             )
 
-        # 4. Prepare timesteps
+        # 4. Prepare timesteps (from `strength` on, with an image)
         timesteps, num_inference_steps = retrieve_timesteps(self.scheduler, num_inference_steps, device, timesteps)
+        if image is not None:
+            strength = (0.8 if mask_image is None else 1.0) if strength is None else strength
+            timesteps, num_inference_steps = self.get_timesteps(num_inference_steps, strength, device)
 
-        # 5. Prepare latent variables
-        latents = self.prepare_latents(
-            num_images,
-            self.unet.config.in_channels,
-            height,
-            width,
-            prompt_embeds.dtype,
-            device,
-            generator,
-            latents,
-        )
+        # 5. Prepare latent variables: noise, or the image noised to the first step
+        kept = None
+        if image is None:
+            latents = self.prepare_latents(
+                num_images,
+                self.vae.config.latent_channels,
+                height,
+                width,
+                prompt_embeds.dtype,
+                device,
+                generator,
+                latents,
+            )
+        else:
+            latents, kept = self.prepare_image_latents(
+                image,
+                mask_image,
+                strength,
+                timesteps,
+                batch_size,
+                num_images_per_prompt,
+                prompt_embeds.dtype,
+                device,
+                generator,
+                latents,
+            )
+        inpainting_input = None if kept is None else kept["inpainting_input"]
 
         # 6. Views and their batches; the synchronization's settings
         views = self.get_views(height, width, stride=stride, circular_padding=circular_padding)
@@ -1968,13 +2196,21 @@ class SyncDiffusionPipeline(
             ).to(device=device, dtype=latents.dtype)
         conditioning_tensors = {"prompt_embeds": prompt_embeds, "negative_prompt_embeds": negative_prompt_embeds}
         conditioning = self._conditioning(
-            **conditioning_tensors, image_embeds=image_embeds, timestep_cond=timestep_cond, num_images=num_images
+            **conditioning_tensors,
+            image_embeds=image_embeds,
+            timestep_cond=timestep_cond,
+            num_images=num_images,
+            inpainting_input=inpainting_input,
         )
         regions = None
         if region_prompts is not None:
             region_conditionings = [
                 self._conditioning(
-                    **region, image_embeds=image_embeds, timestep_cond=timestep_cond, num_images=num_images
+                    **region,
+                    image_embeds=image_embeds,
+                    timestep_cond=timestep_cond,
+                    num_images=num_images,
+                    inpainting_input=inpainting_input,
                 )
                 for region in region_tensors
             ]
@@ -1990,7 +2226,10 @@ class SyncDiffusionPipeline(
         view_batch_size, sync = self.view_batch_sizes(
             view_batch_size, len(views), num_images, device, latents.dtype, sync, regions
         )
-        panorama = self.prepare_panorama(latents, views, view_batch_size, regions)
+        keep = None if kept is None else 1 - kept["mask"][:1]
+        default_anchor = "center" if kept is None else "image"
+        anchor_index = anchor_view_index(views, default_anchor if sync_anchor is None else sync_anchor, keep)
+        panorama = self.prepare_panorama(latents, views, view_batch_size, regions, anchor_index)
 
         # 8. Denoising loop: MultiDiffusion over the views, with SyncDiffusion's update in the early steps
         num_warmup_steps = max(len(timesteps) - num_inference_steps * self.scheduler.order, 0)
@@ -2001,6 +2240,8 @@ class SyncDiffusionPipeline(
                     continue
 
                 latents = self.denoise_step(latents, t, panorama, conditioning, sync, extra_step_kwargs)
+                if kept is not None and not self.inpainting_channels:
+                    latents = self.keep_image(latents, kept, timesteps, i)
 
                 if callback_on_step_end is not None:
                     guided = self.do_classifier_free_guidance
@@ -2015,7 +2256,11 @@ class SyncDiffusionPipeline(
                     if replaced or guided != self.do_classifier_free_guidance:
                         conditioning_tensors = tensors
                         conditioning = self._conditioning(
-                            **tensors, image_embeds=image_embeds, timestep_cond=timestep_cond, num_images=num_images
+                            **tensors,
+                            image_embeds=image_embeds,
+                            timestep_cond=timestep_cond,
+                            num_images=num_images,
+                            inpainting_input=inpainting_input,
                         )
                         if regions is not None:
                             regions.conditionings = [
@@ -2024,6 +2269,7 @@ class SyncDiffusionPipeline(
                                     image_embeds=image_embeds,
                                     timestep_cond=timestep_cond,
                                     num_images=num_images,
+                                    inpainting_input=inpainting_input,
                                 )
                                 for region in region_tensors
                             ]

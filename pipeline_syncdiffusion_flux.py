@@ -270,6 +270,33 @@ class PanoramaNoise:
             self.module.randn_tensor = draw
 
 
+# Copied from pipeline_syncdiffusion.image_size
+def image_size(image) -> tuple:
+    """`(height, width)` in pixels of an image argument: a PIL image, a `(height, width[, channels])` array or a
+    `([batch,] channels, height, width)` tensor."""
+    if isinstance(image, PIL.Image.Image):
+        return image.height, image.width
+    if isinstance(image, np.ndarray):
+        return tuple(image.shape[-3:-1] if image.ndim >= 3 and image.shape[-1] in (1, 3, 4) else image.shape[-2:])
+    return tuple(image.shape[-2:])
+
+
+# Copied from pipeline_syncdiffusion.anchor_view_index
+def anchor_view_index(views: list, sync_anchor, keep=None) -> int:
+    """
+    The index of the anchor view: `"center"` the middle view (the paper's), `"image"` the view that keeps most of
+    the image (the largest sum of `keep = 1 - mask` over its latent pixels; ties go to the view nearest the middle),
+    or a view index.
+    """
+    center = len(views) // 2
+    if sync_anchor == "center" or (sync_anchor == "image" and keep is None):
+        return center
+    if sync_anchor == "image":
+        kept = [float(crop_views(keep, [view]).sum()) for view in views]
+        return max(range(len(views)), key=lambda k: (kept[k], -abs(k - center)))
+    return sync_anchor
+
+
 # Copied from pipeline_syncdiffusion.REGION_BOOTSTRAP_FRACTION
 REGION_BOOTSTRAP_FRACTION = 0.4
 
@@ -534,6 +561,13 @@ class SyncDiffusionFluxPipeline(
         self.vae_scale_factor = 2 ** (len(self.vae.config.block_out_channels) - 1) if getattr(self, "vae", None) else 8
         # Latents are packed in 2x2 patches: image sizes are multiples of twice the VAE's factor.
         self.image_processor = VaeImageProcessor(vae_scale_factor=self.vae_scale_factor * 2)
+        # Soft masks are kept (FluxInpaintPipeline binarizes them; a binary mask is the same either way).
+        self.mask_processor = VaeImageProcessor(
+            vae_scale_factor=self.vae_scale_factor * 2,
+            do_normalize=False,
+            do_binarize=False,
+            do_convert_grayscale=True,
+        )
         self.tokenizer_max_length = (
             self.tokenizer.model_max_length if hasattr(self, "tokenizer") and self.tokenizer is not None else 77
         )
@@ -895,6 +929,11 @@ class SyncDiffusionFluxPipeline(
     # ------------------------------------------------------------------------------------------------------------
 
     @property
+    def inpainting_channels(self) -> bool:
+        """Whether the transformer takes a mask and a masked image (FLUX.1 Fill): not in this pipeline."""
+        return False
+
+    @property
     def denoiser(self):
         """The model that predicts the velocity: the transformer."""
         return self.transformer
@@ -1109,9 +1148,14 @@ class SyncDiffusionFluxPipeline(
         region_masks=None,
         region_negative_prompts=None,
         region_bootstrap_steps=None,
+        image=None,
+        mask_image=None,
+        strength=None,
+        sync_anchor=None,
+        circular_padding=False,
     ):
         """
-        The panorama's, the synchronization's and the regions' arguments, and the scheduler: a `ValueError` naming the argument,
+        The panorama's, the synchronization's, the regions' and the image's arguments, and the scheduler: a `ValueError` naming the argument,
         its value and what is allowed, before any model runs. `window` is the view side in latent pixels.
         """
         for name, value in (("height", height), ("width", width)):
@@ -1207,6 +1251,12 @@ class SyncDiffusionFluxPipeline(
             height,
             width,
             num_inference_steps,
+        )
+        if circular_padding not in (True, False):
+            raise ValueError(f"`circular_padding` has to be True or False, but is {circular_padding!r}.")
+        num_views = len(get_views(height // factor, width // factor, window, stride, circular_padding))
+        self.check_image_inputs(
+            image, mask_image, strength, sync_anchor, height, width, num_inference_steps, num_views
         )
         self.check_scheduler(
             synchronized=sync_weight > 0 and sync_thres > 0, sync_gradient=sync_gradient, sync_mode=sync_mode
@@ -1488,6 +1538,76 @@ class SyncDiffusionFluxPipeline(
                 if not was_enabled:
                     model.disable_gradient_checkpointing()
 
+    # Copied from pipeline_syncdiffusion.SyncDiffusionPipeline.check_image_inputs
+    def check_image_inputs(self, image, mask_image, strength, sync_anchor, height, width, steps, num_views):
+        """The image to start from or repaint, its mask (the panorama's size), `strength` and `sync_anchor`."""
+        if image is None:
+            for name, value in (("mask_image", mask_image), ("strength", strength)):
+                if value is not None:
+                    raise ValueError(f"`{name}` needs `image`, but `image` is None.")
+        for name, value in (("image", image), ("mask_image", mask_image)):
+            if value is None:
+                continue
+            if not isinstance(value, (PIL.Image.Image, np.ndarray, torch.Tensor)):
+                raise ValueError(
+                    f"`{name}` has to be one PIL image, numpy array or torch tensor (the panorama's size), but is"
+                    f" {type(value)}."
+                )
+            if isinstance(value, torch.Tensor) and value.ndim == 4 and value.shape[0] != 1:
+                raise ValueError(f"`{name}` has to be one image, but is a batch of {value.shape[0]}.")
+            if image_size(value) != (height, width):
+                size = image_size(value)
+                raise ValueError(
+                    f"`{name}` is {size[0]}x{size[1]} pixels (height x width), but the panorama is {height}x{width}:"
+                    " pass `height` and `width` of the image, or resize it."
+                )
+        if strength is not None:
+            if not isinstance(strength, (int, float)) or isinstance(strength, bool) or not 0 < strength <= 1:
+                raise ValueError(f"`strength` has to be in (0, 1], but is {strength!r}.")
+            if int(steps * strength) < 1:
+                raise ValueError(
+                    f"`strength` {strength} of {steps} steps runs no step (`int(num_inference_steps * strength)` is"
+                    " 0): a larger `strength` or more steps."
+                )
+        if mask_image is not None:
+            mask = self.mask_processor.preprocess(mask_image, height=height, width=width)
+            if mask.min() < 0 or mask.max() > 1:
+                raise ValueError("`mask_image` has to hold values in [0, 1] (white = generate, black = keep).")
+            if mask.max() == 0:
+                raise ValueError(
+                    "`mask_image` is black everywhere: it keeps the whole image and generates nothing (white = generate)."
+                )
+            if mask.min() == 1:
+                logger.warning(
+                    "`mask_image` is white everywhere: it keeps nothing of the image (`strength=1`: the text-to-image"
+                    " panorama, but for the random draws of the image's encoding; below 1: image-to-image)."
+                )
+        if self.inpainting_channels and mask_image is None:
+            raise ValueError(
+                f"this {type(self.denoiser).__name__} is an inpainting model ({self.denoiser.config.in_channels} input"
+                " channels: latents, mask, masked image): it needs `image` and `mask_image`."
+            )
+        anchors = ("center", "image")
+        if sync_anchor is not None and sync_anchor not in anchors:
+            if not isinstance(sync_anchor, int) or isinstance(sync_anchor, bool) or not 0 <= sync_anchor < num_views:
+                raise ValueError(
+                    f"`sync_anchor` has to be one of {anchors}, a view index in 0..{num_views - 1}, or None, but is"
+                    f" {sync_anchor!r}."
+                )
+
+    # Copied from pipeline_syncdiffusion.SyncDiffusionPipeline.keep_image
+    def keep_image(self, latents, kept: dict, timesteps, i: int) -> torch.Tensor:
+        """
+        Inpainting with a plain denoiser, as `StableDiffusionInpaintPipeline` does for 4-channel UNets: after step
+        `i`, the kept region (`1 - mask`) becomes the image's latent noised to the next step (the image itself after
+        the last).
+        """
+        image_latents = kept["image_latents"]
+        if i < len(timesteps) - 1:
+            image_latents = self.add_noise(image_latents, kept["noise"], timesteps[i + 1])
+        mask = kept["mask"]
+        return (1 - mask) * image_latents + mask * latents
+
     # Copied from pipeline_syncdiffusion.SyncDiffusionPipeline.check_region_inputs
     def check_region_inputs(
         self, region_prompts, region_masks, region_negative_prompts, region_bootstrap_steps, height, width, steps
@@ -1758,16 +1878,18 @@ class SyncDiffusionFluxPipeline(
 
     # Copied from pipeline_syncdiffusion.SyncDiffusionPipeline.prepare_panorama
     def prepare_panorama(
-        self, latents: torch.Tensor, views: list, view_batch_size: int, regions=None
+        self, latents: torch.Tensor, views: list, view_batch_size: int, regions=None, anchor_index=None
     ) -> PanoramaState:
-        """The views in batches, one scheduler state per batch, the anchor `views[len(views) // 2]`, the sums."""
+        """The views in batches, one scheduler state per batch, the anchor (`views[len(views) // 2]` unless
+        `anchor_index` says), the sums."""
+        anchor_index = len(views) // 2 if anchor_index is None else anchor_index
         view_batches = [views[i : i + view_batch_size] for i in range(0, len(views), view_batch_size)]
         return PanoramaState(
             views=views,
             view_batches=view_batches,
             scheduler_states=[self._scheduler_state() for _ in view_batches],
-            anchor_view=views[len(views) // 2],
-            anchor_batch=len(views) // 2 // view_batch_size,
+            anchor_view=views[anchor_index],
+            anchor_batch=anchor_index // view_batch_size,
             value=torch.zeros_like(latents, dtype=torch.float32),
             count=torch.zeros_like(latents, dtype=torch.float32),
             noise=PanoramaNoise(self.scheduler, latents.shape),

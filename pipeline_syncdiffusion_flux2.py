@@ -1,0 +1,2329 @@
+# Copyright 2026 The syncdiffusion authors. Licensed under the Apache License, Version 2.0.
+#
+# SyncDiffusion: Coherent Montage via Synchronized Joint Diffusions
+# Yuseung Lee, Kunho Kim, Hyunjin Kim, Minhyuk Sung. NeurIPS 2023. https://huggingface.co/papers/2306.05178
+#
+# A diffusers custom pipeline for FLUX.2 [klein]. Load it with
+#     DiffusionPipeline.from_pretrained(
+#         "black-forest-labs/FLUX.2-klein-4B", custom_pipeline="pipeline_syncdiffusion_flux2.py", trust_remote_code=True
+#     )
+# It imports only the standard library, numpy, torch, diffusers and transformers; lpips is imported on first use.
+#
+# The panorama and synchronization code is the SD 1.x/2.x pipeline's (pipeline_syncdiffusion.py), copied: every
+# block marked `# Copied from` is kept identical to its source by `python -m syncdiffusion_utils.check_copies`.
+"""SyncDiffusionFlux2KleinPipeline: FLUX.2 [klein] MultiDiffusion panoramas whose windows are synchronized by an LPIPS
+gradient."""
+
+import copy
+import inspect
+import json
+import os
+import shutil
+import sys
+import warnings
+from contextlib import contextmanager
+from dataclasses import dataclass, replace
+from typing import Any, Callable
+
+import numpy as np
+import PIL.Image
+import torch
+import torch.nn.functional as F
+from diffusers.callbacks import MultiPipelineCallbacks, PipelineCallback
+from diffusers.loaders import Flux2LoraLoaderMixin
+from diffusers.models import AutoencoderKLFlux2, Flux2Transformer2DModel
+from diffusers.pipelines.flux2 import Flux2KleinPipeline
+from diffusers.pipelines.flux2.image_processor import Flux2ImageProcessor
+from diffusers.pipelines.flux2.pipeline_flux2_klein import compute_empirical_mu, retrieve_latents, retrieve_timesteps
+from diffusers.pipelines.flux2.pipeline_output import Flux2PipelineOutput
+from diffusers.pipelines.pipeline_utils import DiffusionPipeline
+from diffusers.schedulers import FlowMatchEulerDiscreteScheduler
+from diffusers.utils import deprecate, logging, replace_example_docstring
+from diffusers.utils.torch_utils import randn_tensor
+from transformers import Qwen2TokenizerFast, Qwen3ForCausalLM
+
+
+logger = logging.get_logger(__name__)  # pylint: disable=invalid-name
+
+# ----------------------------------------------------------------------------------------------------------------------
+# The panorama core. It knows nothing of UNets, transformers or text encoders, and every syncdiffusion pipeline file
+# holds it verbatim, with the core methods of its class: `# Copied from pipeline_syncdiffusion.<name>`, checked by
+# `python -m syncdiffusion_utils.check_copies`.
+# ----------------------------------------------------------------------------------------------------------------------
+
+# Copied from pipeline_syncdiffusion.SYNC_MODES
+SYNC_MODES = ("exact", "fast")
+
+
+# Copied from pipeline_syncdiffusion.VARIANCE_PRESERVING
+VARIANCE_PRESERVING = "variance-preserving"
+
+
+# Copied from pipeline_syncdiffusion.SIGMA_SCALED
+SIGMA_SCALED = "sigma-scaled"
+
+
+# Copied from pipeline_syncdiffusion.FLOW_MATCHING
+FLOW_MATCHING = "flow-matching"
+
+
+# Copied from pipeline_syncdiffusion.SCHEDULER_FAMILIES
+SCHEDULER_FAMILIES = {
+    # z = alpha x0 + sigma eps with alpha**2 + sigma**2 = 1; the model sees z
+    VARIANCE_PRESERVING: (
+        "DDIMScheduler",
+        "DDPMScheduler",
+        "PNDMScheduler",
+        "DPMSolverMultistepScheduler",
+        "UniPCMultistepScheduler",
+    ),
+    # z = x0 + sigma eps; the model sees the variance-preserving z / sqrt(sigma**2 + 1)
+    SIGMA_SCALED: (
+        "EulerDiscreteScheduler",
+        "EulerAncestralDiscreteScheduler",
+        "LMSDiscreteScheduler",
+        "HeunDiscreteScheduler",
+        "KDPM2DiscreteScheduler",
+        "KDPM2AncestralDiscreteScheduler",
+    ),
+    # z = (1 - sigma) x0 + sigma eps; the model sees z and predicts the velocity v = eps - x0
+    FLOW_MATCHING: ("FlowMatchEulerDiscreteScheduler",),
+}
+
+
+# Copied from pipeline_syncdiffusion.scheduler_family
+def scheduler_family(scheduler) -> str | None:
+    """The family of `scheduler` (a class of `SCHEDULER_FAMILIES`, or a subclass), None if it is of none of them.
+
+    A variance-preserving scheduler set to flow sigmas (`use_flow_sigmas`, `prediction_type="flow_prediction"`) is a
+    flow-matching one.
+    """
+    config = scheduler.config
+    if config.get("use_flow_sigmas", False) or config.get("prediction_type") == "flow_prediction":
+        return FLOW_MATCHING
+    names = {cls.__name__ for cls in type(scheduler).__mro__}
+    return next((family for family, members in SCHEDULER_FAMILIES.items() if names & set(members)), None)
+
+
+# Copied from pipeline_syncdiffusion.SyncSettings
+@dataclass(frozen=True)
+class SyncSettings:
+    """The synchronization of one call: the `sync_*` arguments of `__call__`, resolved."""
+
+    weight: float = 20.0  # w: the step size of the gradient descent; 0 turns synchronization off
+    decay_rate: float = 0.95  # the weight at step i is weight * decay_rate**i
+    freq: int = 1  # synchronize every freq-th step ...
+    thres: int = 5  # ... of the first thres steps
+    through_denoiser: bool = True  # exact: differentiate through the denoiser; False: its prediction is held constant
+    reuse_noise: bool = False  # the denoising step reuses the prediction made before the update
+    decoder: Any = None  # the decoder of the compared images; None: the pipeline's VAE
+    lpips_size: int | None = None
+    decode_downsample: int = 1
+    checkpointing: bool = False
+    gradient_batch_size: int = 1  # views per gradient pass
+
+    @classmethod
+    def from_arguments(cls, mode="exact", gradient=None, reuse_noise=None, **settings):
+        """`sync_mode="fast"` means an x0 gradient and a reused prediction, unless those are given."""
+        fast = mode == "fast"
+        through_denoiser = not fast if gradient is None else gradient != "x0"
+        return cls(
+            through_denoiser=through_denoiser, reuse_noise=fast if reuse_noise is None else reuse_noise, **settings
+        )
+
+    @property
+    def active(self) -> bool:
+        return self.weight > 0 and self.thres > 0
+
+    def weight_at(self, step: int) -> float | None:
+        """The weight of denoising step `step`, or None where that step is not synchronized."""
+        if not self.active or step >= self.thres or (step + 1) % self.freq != 0:
+            return None
+        return self.weight * self.decay_rate**step
+
+
+# Copied from pipeline_syncdiffusion.view_starts
+def view_starts(size: int, window: int, stride: int, circular: bool = False) -> list[int]:
+    """Start offsets of the views along one axis of `size` latent pixels.
+
+    If the stride does not divide the span, one more view is added flush with the far edge, so that every latent pixel
+    is denoised. Circular views start every `stride` pixels all the way round; the last ones wrap past the edge.
+    """
+    if size <= window:
+        return [0]
+    if circular:
+        return list(range(0, size, stride))
+    starts = list(range(0, size - window + 1, stride))
+    if starts[-1] != size - window:
+        starts.append(size - window)
+    return starts
+
+
+# Copied from pipeline_syncdiffusion.get_views
+def get_views(height: int, width: int, window: int, stride: int, circular: bool = False) -> list[tuple]:
+    """Windows of a `height x width` latent, row-major, as `(h_start, h_end, w_start, w_end)` in latent pixels.
+
+    Views wrap around the right edge with `circular` (then `w_end` may exceed `width`).
+    """
+    rows = view_starts(height, window, stride)
+    columns = view_starts(width, window, stride, circular)
+    window_h, window_w = min(window, height), min(window, width)
+    return [(h, h + window_h, w, w + window_w) for h in rows for w in columns]
+
+
+# Copied from pipeline_syncdiffusion.view_columns
+def view_columns(view: tuple, width: int, device) -> torch.Tensor:
+    """Column indices of a view, wrapped around the panorama for circular views."""
+    return torch.arange(view[2], view[3], device=device) % width
+
+
+# Copied from pipeline_syncdiffusion.crop_views
+def crop_views(latents: torch.Tensor, views: list) -> torch.Tensor:
+    """The crops of `latents` under `views`, stacked view-major: `(len(views) * batch, channels, h, w)`."""
+    width = latents.shape[-1]
+    crops = []
+    for view in views:
+        h_start, h_end, w_start, w_end = view
+        if w_end <= width:
+            crops.append(latents[:, :, h_start:h_end, w_start:w_end])
+        else:
+            crops.append(latents[:, :, h_start:h_end].index_select(3, view_columns(view, width, latents.device)))
+    return torch.cat(crops)
+
+
+# Copied from pipeline_syncdiffusion.add_views
+def add_views(value: torch.Tensor, count: torch.Tensor, view_latents: torch.Tensor, views: list, weights=None):
+    """
+    Accumulate view-major `view_latents` into the panorama sums `value` and their counts `count`; with `weights` (one
+    `(1, 1, h, w)` crop per view) each view adds `weight * latents` to `value` and `weight` to `count`.
+    """
+    width = value.shape[-1]
+    for k, (crop, view) in enumerate(zip(view_latents.chunk(len(views)), views)):
+        h_start, h_end, w_start, w_end = view
+        weight = None if weights is None else weights[k]
+        if weight is not None:
+            crop, ones = crop * weight, weight.expand_as(crop)
+        if w_end <= width:
+            value[:, :, h_start:h_end, w_start:w_end] += crop
+            count[:, :, h_start:h_end, w_start:w_end] += 1 if weight is None else ones
+        else:
+            columns = view_columns(view, width, value.device)
+            ones = torch.ones_like(crop, dtype=count.dtype) if weight is None else ones.to(count.dtype)
+            value[:, :, h_start:h_end].index_add_(3, columns, crop.to(value.dtype))
+            count[:, :, h_start:h_end].index_add_(3, columns, ones)
+
+
+# Copied from pipeline_syncdiffusion.balanced_batch_size
+def balanced_batch_size(count: int, limit) -> int:
+    """The batch size that splits `count` items into the fewest batches of at most `limit`, as even as can be."""
+    limit = int(min(max(limit, 1), count))
+    batches = -(-count // limit)
+    return -(-count // batches)
+
+
+# Copied from pipeline_syncdiffusion.PanoramaNoise
+class PanoramaNoise:
+    """
+    The noise a stochastic scheduler (Euler ancestral, DDIM with `eta > 0`, DDPM, ...) injects at one evaluation,
+    drawn once for the whole panorama latent; each view batch's `scheduler.step` gets its views' crop of it.
+
+    Drawn per view batch, as the deprecated panorama pipeline does, the views' noises are independent and their mean
+    gives a latent pixel covered by k views 1/k of the scheduler's variance. The scheduler draws through its module's
+    `randn_tensor`, which `crop` stands in for during one `step` (so two pipelines sharing a scheduler class must not
+    step at once from two threads); with one view the numbers are those the scheduler would draw.
+    """
+
+    def __init__(self, scheduler, shape):
+        self.module = sys.modules[type(scheduler).step.__module__]
+        self.shape = tuple(shape)
+        self.noise = None
+
+    def new_evaluation(self):
+        self.noise = None
+
+    @contextmanager
+    def crop(self, views: list):
+        draw = getattr(self.module, "randn_tensor", None)
+        if draw is None:  # a scheduler that draws no noise this way
+            yield
+            return
+
+        def view_noise(shape, generator=None, device=None, dtype=None, layout=None):
+            if self.noise is None:
+                self.noise = draw(self.shape, generator=generator, device=device, dtype=dtype, layout=layout)
+            noise = crop_views(self.noise, views)
+            if tuple(noise.shape) != tuple(shape):
+                raise RuntimeError(f"the scheduler drew noise of shape {tuple(shape)}, not its views' {noise.shape}")
+            return noise.to(device=device, dtype=dtype)
+
+        self.module.randn_tensor = view_noise
+        try:
+            yield
+        finally:
+            self.module.randn_tensor = draw
+
+
+# Copied from pipeline_syncdiffusion.image_size
+def image_size(image) -> tuple:
+    """`(height, width)` in pixels of an image argument: a PIL image, a `(height, width[, channels])` array or a
+    `([batch,] channels, height, width)` tensor."""
+    if isinstance(image, PIL.Image.Image):
+        return image.height, image.width
+    if isinstance(image, np.ndarray):
+        return tuple(image.shape[-3:-1] if image.ndim >= 3 and image.shape[-1] in (1, 3, 4) else image.shape[-2:])
+    return tuple(image.shape[-2:])
+
+
+# Copied from pipeline_syncdiffusion.anchor_view_index
+def anchor_view_index(views: list, sync_anchor, keep=None) -> int:
+    """
+    The index of the anchor view: `"center"` the middle view (the paper's), `"image"` the view that keeps most of
+    the image (the largest sum of `keep = 1 - mask` over its latent pixels; ties go to the view nearest the middle),
+    or a view index.
+    """
+    center = len(views) // 2
+    if sync_anchor == "center" or (sync_anchor == "image" and keep is None):
+        return center
+    if sync_anchor == "image":
+        kept = [float(crop_views(keep, [view]).sum()) for view in views]
+        return max(range(len(views)), key=lambda k: (kept[k], -abs(k - center)))
+    return sync_anchor
+
+
+# Copied from pipeline_syncdiffusion.REGION_BOOTSTRAP_FRACTION
+REGION_BOOTSTRAP_FRACTION = 0.4
+
+
+# Copied from pipeline_syncdiffusion.region_mask_tensor
+def region_mask_tensor(mask, index: int) -> torch.Tensor:
+    """`region_masks[index]` as a float32 `(height, width)` tensor in [0, 1]: a PIL image (white = 1), an array or a
+    tensor (values in [0, 1]), with any leading dimensions of size 1."""
+    name = f"`region_masks[{index}]`"
+    if isinstance(mask, PIL.Image.Image):
+        mask = torch.from_numpy(np.asarray(mask.convert("L"), dtype=np.float32) / 255.0)
+    elif isinstance(mask, np.ndarray):
+        mask = torch.from_numpy(mask)
+    elif not isinstance(mask, torch.Tensor):
+        raise ValueError(f"{name} has to be a PIL image, a numpy array or a torch tensor, but is {type(mask)}.")
+    while mask.ndim > 2 and mask.shape[0] == 1:
+        mask = mask[0]
+    if mask.ndim != 2:
+        raise ValueError(f"{name} has to be one `(height, width)` mask, but has shape {tuple(mask.shape)}.")
+    if not (mask.dtype == torch.bool or mask.is_floating_point()):
+        raise ValueError(f"{name} has to hold floats in [0, 1] (or booleans), but has dtype {mask.dtype}.")
+    mask = mask.detach().to(device="cpu", dtype=torch.float32)
+    if not torch.isfinite(mask).all() or mask.min() < 0 or mask.max() > 1:
+        raise ValueError(
+            f"{name} has to hold values in [0, 1], but they range over [{mask.min().item():g}, {mask.max().item():g}]."
+        )
+    return mask
+
+
+# Copied from pipeline_syncdiffusion.region_weights
+def region_weights(latent_masks: torch.Tensor) -> torch.Tensor:
+    """
+    Every prompt's weight over the panorama latent, `(1 + regions, 1, 1, height, width)`, from the regions'
+    `(regions, height, width)` masks: the background first, weighted `max(1 - sum of the region masks, 0)` as in
+    MultiDiffusion's `region_based.py`, so that a region's prompt alone shapes the inside of a hard mask.
+    """
+    background = (1 - latent_masks.sum(0, keepdim=True)).clamp_min(0)
+    return torch.cat([background, latent_masks])[:, None, None]
+
+
+# Copied from pipeline_syncdiffusion.PanoramaRegions
+@dataclass
+class PanoramaRegions:
+    """Region prompts: their conditioning, each prompt's weight map (background first) and the bootstrapping."""
+
+    conditionings: list  # one per region prompt; the background's is the call's
+    weights: torch.Tensor  # (prompts, 1, 1, height, width) float32, background first
+    view_prompts: dict  # view -> the prompts whose weight is nonzero in it
+    bootstrap_steps: int
+    backgrounds: torch.Tensor | None = None  # (colours, channels, h, w) latents of constant-colour view images
+    background_choice: torch.Tensor | None = None  # (bootstrap_steps, views, prompts, batch) background indices
+    view_index: dict | None = None
+    initial_noise: torch.Tensor | None = None  # the starting latents, the noise bootstrapped backgrounds get
+
+
+# Copied from pipeline_syncdiffusion.PanoramaState
+@dataclass
+class PanoramaState:
+    """The views of one call and what the denoising loop keeps between its steps."""
+
+    views: list
+    view_batches: list
+    scheduler_states: list  # one per view batch: multistep schedulers keep a per-sample history
+    anchor_view: tuple
+    anchor_batch: int
+    value: torch.Tensor  # the float32 sums of the denoised views (a pixel can be the sum of dozens)
+    count: torch.Tensor
+    noise: PanoramaNoise
+    step: int = -1  # the denoising step; second-order schedulers evaluate the model twice per step
+    regions: PanoramaRegions | None = None
+
+
+# Copied from pipeline_syncdiffusion.loss_scale
+def loss_scale(image_grad: torch.Tensor, dtypes) -> torch.Tensor:
+    """
+    Per view, the power of two that brings the largest image gradient to 2**6 when a backward pass runs in float16
+    (any of `dtypes`: the decoder's and the denoiser's), else 1.
+
+    In float16, LPIPS gradients (~1e-6 per pixel at 512x512) fall below its smallest normal number (6e-5) on their
+    way back; as in mixed-precision training they are scaled first. 2**6 leaves a factor of 1000 of headroom below
+    float16's maximum for their growth through the decoder and the denoiser.
+    """
+    if torch.float16 not in dtypes:
+        return torch.ones((), device=image_grad.device)
+    peak = image_grad.abs().flatten(1).amax(1).clamp_min(torch.finfo(torch.float32).tiny)
+    return torch.exp2(torch.floor(torch.log2(2.0**6 / peak))).view(-1, 1, 1, 1)
+
+
+# Copied from pipeline_syncdiffusion.unscale_gradient
+def unscale_gradient(grad: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """The float32 gradient `grad / scale`; a clear error rather than a NaN panorama if float16 overflowed."""
+    grad = grad.float() / scale
+    if scale.ndim and not torch.isfinite(grad).all():
+        raise FloatingPointError(
+            "the synchronization gradient overflowed in float16; run the VAE in float32"
+            " (`pipe.vae.to(torch.float32)`) or the pipeline in bfloat16."
+        )
+    return grad
+
+
+# Copied from pipeline_syncdiffusion.perceptual_gradient
+def perceptual_gradient(clean_latents, anchor_images, decode, distance, backward_dtypes):
+    """
+    `(d L / d x0 * scale, scale)` with `L = sum_v distance(decode(x0_v), anchor_v)`, for a stack of clean latents.
+
+    The distance runs and differentiates in float32; `scale` is the `loss_scale` of the backward through `decode`
+    and the denoiser. Each view's distance depends only on its own latent, so one backward gives every view's gradient.
+    """
+    clean_latents = clean_latents.detach().requires_grad_(True)
+    images = decode(clean_latents)
+    compared = images.detach().float().requires_grad_(True)
+    (image_grad,) = torch.autograd.grad(distance(compared, anchor_images).sum(), compared)
+    scale = loss_scale(image_grad, (images.dtype, *backward_dtypes))
+    (grad,) = torch.autograd.grad(images, clean_latents, (image_grad * scale).to(images.dtype))
+    return grad, scale
+
+
+# Copied from pipeline_syncdiffusion.synchronization_update
+def synchronization_update(model_input, anchor_images, weight, predict_clean, decode, distance, before_backward=None):
+    """
+    SyncDiffusion's update of a stack of views: `u <- u - w * d distance(decode(x0(u)), anchor) / d u`.
+
+    `model_input` is the denoiser's input `u`; `predict_clean(u) -> (x0, model_output)` runs the denoiser, with or
+    without its gradient; `before_backward()` runs before the backward through it (model CPU offloading moves the
+    denoiser away while the decoder runs). Returns the float32 updated input and the model output made before.
+    """
+    model_input = model_input.detach().requires_grad_(True)
+    with torch.enable_grad():
+        clean_latents, model_output = predict_clean(model_input)
+        clean_grad, scale = perceptual_gradient(clean_latents, anchor_images, decode, distance, (clean_latents.dtype,))
+        if before_backward is not None:
+            before_backward()
+        (grad,) = torch.autograd.grad(clean_latents, model_input, clean_grad.to(clean_latents.dtype))
+    return model_input.detach().float() - weight * unscale_gradient(grad, scale), model_output.detach()
+
+
+# Copied from pipeline_syncdiffusion.onload
+def onload(model):
+    """Move `model` back to the execution device if model CPU offloading took it away (as a forward call would)."""
+    hook = getattr(model, "_hf_hook", None)
+    if hook is not None and hasattr(hook, "pre_forward"):
+        hook.pre_forward(model)
+
+
+# Copied from pipeline_syncdiffusion._VGG16_URL
+_VGG16_URL = "https://download.pytorch.org/models/vgg16-397923af.pth"
+
+
+# Copied from pipeline_syncdiffusion._VGG16_FILE
+_VGG16_FILE = _VGG16_URL.rsplit("/", 1)[-1]
+
+
+# Copied from pipeline_syncdiffusion._missing_vgg_weights_message
+def _missing_vgg_weights_message(error) -> str:
+    """One line: LPIPS-VGG's backbone could not be downloaded, and the two ways out."""
+    cache = os.path.join(torch.hub.get_dir(), "checkpoints", _VGG16_FILE)
+    reason = " ".join(str(getattr(error, "reason", None) or error).split())
+    return (
+        f"LPIPS-VGG needs torchvision's VGG-16 weights and could not download them ({reason}): put {_VGG16_FILE}"
+        f" (from {_VGG16_URL}) at {cache}, or pass a local copy with"
+        " `pipe.set_perceptual_loss(vgg_weights=PATH)` (another loss: `pipe.set_perceptual_loss(module)`)."
+    )
+
+
+EXAMPLE_DOC_STRING = """
+    Examples:
+        ```py
+        >>> import torch
+        >>> from diffusers import DiffusionPipeline
+
+        >>> pipe = DiffusionPipeline.from_pretrained(
+        ...     "black-forest-labs/FLUX.2-klein-4B",
+        ...     custom_pipeline="pipeline_syncdiffusion_flux2.py",  # a file, a folder or a Hub repo id
+        ...     trust_remote_code=True,
+        ...     torch_dtype=torch.bfloat16,
+        ... ).to("cuda")
+
+        >>> prompt = "a photo of a mountain range at twilight"
+        >>> # FLUX.2-klein-4B and -9B are step-distilled (4 steps, no guidance); the -base models take 50 steps and
+        >>> # classifier-free guidance, the defaults.
+        >>> image = pipe(
+        ...     prompt, height=1024, width=4096, num_inference_steps=4, guidance_scale=1.0, view_batch_size="auto"
+        ... ).images[0]
+        ```
+"""
+
+
+class SyncDiffusionFlux2KleinPipeline(DiffusionPipeline, Flux2LoraLoaderMixin):
+    r"""
+    Pipeline for coherent FLUX.2 [klein] panoramas with SyncDiffusion ([paper](https://huggingface.co/papers/2306.05178)).
+
+    The FLUX.2 [klein] twin of `SyncDiffusionPipeline`: it denoises overlapping windows ("views") of a wide latent and
+    averages their Euler steps (MultiDiffusion), and at the first `sync_thres` steps moves every view's latent down
+    the gradient of the LPIPS distance between that view's predicted clean image and the anchor (middle) view's, so
+    that all views agree on one scene. With `sync_weight=0` it is MultiDiffusion; with one view it is
+    [`Flux2KleinPipeline`].
+
+    Every view is one FLUX.2 image of the window's size: its crop of the panorama latent, patchified 2x2 and packed
+    alone with the position ids `Flux2KleinPipeline` gives an image of that size (and the reference images' tokens
+    after its own), its sigmas shifted by FLUX.2's empirical shift for the window's token count and the steps.
+
+    The panorama latent is the transformer's (the VAE's 2x2 patches normalized by its batch-norm statistics) with the
+    patches laid out again, `(batch, 32, height / 8, width / 8)`: views start at even latent pixels, so that their
+    patches are the panorama's.
+
+    This model inherits from [`DiffusionPipeline`]. It also inherits
+    [`~loaders.Flux2LoraLoaderMixin.load_lora_weights`].
+
+    Args:
+        scheduler ([`FlowMatchEulerDiscreteScheduler`]):
+            The flow-matching scheduler FLUX.2 is trained for.
+        vae ([`AutoencoderKLFlux2`]):
+            FLUX.2's 32-channel VAE; the transformer's latents are its 2x2 patches normalized by its batch-norm
+            statistics.
+        text_encoder ([`~transformers.Qwen3ForCausalLM`]):
+            Qwen3, whose hidden states of the layers `text_encoder_out_layers`, stacked, condition the transformer.
+            May be `None` with `prompt_embeds` (and `negative_prompt_embeds` under classifier-free guidance).
+        tokenizer (`Qwen2TokenizerFast`):
+            Tokenizer of `text_encoder`, with Qwen3's chat template.
+        transformer ([`Flux2Transformer2DModel`]):
+            The MMDiT that predicts the velocity of packed latents.
+        is_distilled (`bool`, defaults to `False`):
+            Whether the transformer is step-distilled (FLUX.2-klein-4B and -9B): then there is no classifier-free
+            guidance and `guidance_scale` is ignored, as in `Flux2KleinPipeline`.
+    """
+
+    model_cpu_offload_seq = "text_encoder->transformer->vae"
+    _callback_tensor_inputs = ["latents", "prompt_embeds"]
+    # The scheduler families this pipeline supports, and the name of the exact synchronization gradient.
+    _scheduler_families = (FLOW_MATCHING,)
+    sync_denoiser_gradient = "transformer"
+    # A saved pipeline carries its source as `{_source_name}.py`; `custom_pipeline="syncdiffusion_flux2"` names it.
+    _source_name = "syncdiffusion_flux2"
+
+    def __init__(
+        self,
+        scheduler: FlowMatchEulerDiscreteScheduler,
+        vae: AutoencoderKLFlux2,
+        text_encoder: Qwen3ForCausalLM,
+        tokenizer: Qwen2TokenizerFast,
+        transformer: Flux2Transformer2DModel,
+        is_distilled: bool = False,
+    ):
+        super().__init__()
+
+        self.register_modules(
+            vae=vae,
+            text_encoder=text_encoder,
+            tokenizer=tokenizer,
+            scheduler=scheduler,
+            transformer=transformer,
+        )
+        self.register_to_config(is_distilled=is_distilled)
+        self.vae_scale_factor = 2 ** (len(self.vae.config.block_out_channels) - 1) if getattr(self, "vae", None) else 8
+        # Latents are patchified 2x2: image sizes are multiples of twice the VAE's factor.
+        self.image_processor = Flux2ImageProcessor(vae_scale_factor=self.vae_scale_factor * 2)
+        self.tokenizer_max_length = 512
+        # Flux2KleinPipeline's: 128 latents, a 1024-pixel image; here the default window.
+        self.default_sample_size = 128
+        # LPIPS is not a saved component: it is built on first synchronized call (see `perceptual_loss`).
+        self._perceptual_loss = None
+        # What `view_memory` reads of the current call: window (pixels, None: the default), text and reference-image
+        # tokens, classifier-free guidance.
+        self._window_size, self._text_tokens, self._reference_tokens, self._true_cfg = None, 512, 0, False
+
+    # Copied from pipeline_syncdiffusion.SyncDiffusionPipeline.save_config
+    def save_config(self, save_directory: str | os.PathLike, push_to_hub: bool = False, **kwargs):
+        """
+        Write `model_index.json` and, next to it, this pipeline's source file as `{_source_name}.py`.
+
+        The config's `_class_name` is `[_source_name, class name]`, so the saved folder or pushed repo loads itself:
+        `DiffusionPipeline.from_pretrained(folder, trust_remote_code=True)` runs the saved file.
+        """
+        os.makedirs(save_directory, exist_ok=True)
+        source = os.path.join(save_directory, f"{self._source_name}.py")
+        shutil.copyfile(inspect.getsourcefile(type(self)), source)
+        super().save_config(save_directory, push_to_hub=push_to_hub, **kwargs)
+
+    # Copied from pipeline_syncdiffusion.SyncDiffusionPipeline.to_json_string
+    def to_json_string(self) -> str:
+        """The config as JSON, with `_class_name` naming the saved source file and the class in it."""
+        config = json.loads(super().to_json_string())
+        config["_class_name"] = [self._source_name, type(self).__name__]
+        return json.dumps(config, indent=2, sort_keys=True) + "\n"
+
+    # Copied from pipeline_syncdiffusion.SyncDiffusionPipeline._dict_from_json_file
+    @classmethod
+    def _dict_from_json_file(cls, json_file: str | os.PathLike, **kwargs):
+        """
+        A saved config. Loaded through this class itself (`SyncDiffusionPipeline.from_pretrained`), a `_class_name`
+        `[file, this class]` becomes the plain class name: the installed class is used, not the file saved with it
+        (which diffusers would run only with `trust_remote_code=True`).
+        """
+        config = super()._dict_from_json_file(json_file, **kwargs)  # diffusers >= 0.36 passes `dduf_entries`
+        class_name = config.get("_class_name")
+        if isinstance(class_name, list) and class_name[-1] in {base.__name__ for base in cls.__mro__}:
+            config["_class_name"] = class_name[-1]
+        return config
+
+    # Prompt encoding, patchifying, packing, position ids and the reference images' latents are Flux2KleinPipeline's
+    # own, shared rather than copied.
+    _get_qwen3_prompt_embeds = staticmethod(Flux2KleinPipeline._get_qwen3_prompt_embeds)
+    encode_prompt = Flux2KleinPipeline.encode_prompt
+    _prepare_text_ids = staticmethod(Flux2KleinPipeline._prepare_text_ids)
+    _prepare_latent_ids = staticmethod(Flux2KleinPipeline._prepare_latent_ids)
+    _prepare_image_ids = staticmethod(Flux2KleinPipeline._prepare_image_ids)
+    _patchify_latents = staticmethod(Flux2KleinPipeline._patchify_latents)
+    _unpatchify_latents = staticmethod(Flux2KleinPipeline._unpatchify_latents)
+    _pack_latents = staticmethod(Flux2KleinPipeline._pack_latents)
+    _encode_vae_image = Flux2KleinPipeline._encode_vae_image
+    prepare_image_latents = Flux2KleinPipeline.prepare_image_latents
+
+    # ------------------------------------------------------------------------------------------------------------
+    # Inputs
+    # ------------------------------------------------------------------------------------------------------------
+
+    def check_inputs(
+        self,
+        prompt,
+        height,
+        width,
+        window_size,
+        stride,
+        image=None,
+        negative_prompt=None,
+        prompt_embeds=None,
+        negative_prompt_embeds=None,
+        callback_on_step_end_tensor_inputs=None,
+        num_inference_steps=50,
+        num_images_per_prompt=1,
+        latents=None,
+        max_sequence_length=512,
+        text_encoder_out_layers=(9, 18, 27),
+        guidance_scale=4.0,
+        generator=None,
+        callback_steps=None,
+        **panorama_inputs,
+    ):
+        """
+        Raise a `ValueError` naming the argument, its value and what is allowed, before any model runs: the window,
+        prompts, embeddings, reference images and latents here, the panorama's, the synchronization's, the regions'
+        and the scheduler in `check_panorama_inputs`.
+        """
+        multiple = self.vae_scale_factor * 2
+        if not isinstance(window_size, int) or window_size <= 0 or window_size % multiple:
+            raise ValueError(
+                f"`window_size` has to be a positive multiple of {multiple} pixels, but is {window_size!r}."
+            )
+        self.check_panorama_inputs(
+            height,
+            width,
+            size_multiple=multiple,
+            window=window_size // self.vae_scale_factor,
+            stride=stride,
+            stride_multiple=2,
+            num_inference_steps=num_inference_steps,
+            num_images_per_prompt=num_images_per_prompt,
+            callback_steps=callback_steps,
+            callback_on_step_end_tensor_inputs=callback_on_step_end_tensor_inputs,
+            **panorama_inputs,
+        )
+        if scheduler_family(self.scheduler) != FLOW_MATCHING:
+            raise ValueError(
+                "`scheduler` has to be a flow-matching scheduler (FlowMatchEulerDiscreteScheduler), the kind FLUX.2"
+                f" is trained for, but is {type(self.scheduler).__name__}."
+            )
+        for name, value in (("height", height), ("width", width)):
+            if value < window_size:
+                raise ValueError(
+                    f"`{name}` has to be at least the window, `window_size={window_size}` pixels, but is {value}."
+                )
+        self.check_prompt_inputs(
+            prompt,
+            height,
+            width,
+            image,
+            negative_prompt,
+            prompt_embeds,
+            negative_prompt_embeds,
+            num_images_per_prompt,
+            latents,
+            max_sequence_length,
+            text_encoder_out_layers,
+            guidance_scale,
+            generator,
+            panorama_inputs.get("region_prompts"),
+        )
+
+    def check_prompt_inputs(
+        self,
+        prompt,
+        height,
+        width,
+        image=None,
+        negative_prompt=None,
+        prompt_embeds=None,
+        negative_prompt_embeds=None,
+        num_images_per_prompt=1,
+        latents=None,
+        max_sequence_length=512,
+        text_encoder_out_layers=(9, 18, 27),
+        guidance_scale=4.0,
+        generator=None,
+        region_prompts=None,
+    ):
+        """The prompt, embeddings, guidance, reference image, latents and generator arguments of FLUX.2 [klein]."""
+        if prompt is not None and prompt_embeds is not None:
+            raise ValueError("Pass either `prompt` or `prompt_embeds`, not both.")
+        if prompt is None and prompt_embeds is None:
+            raise ValueError("Pass either `prompt` or `prompt_embeds`; both are undefined.")
+        for name, value in (("prompt", prompt), ("negative_prompt", negative_prompt)):
+            if value is not None and not isinstance(value, (str, list)):
+                raise ValueError(f"`{name}` has to be of type `str` or `list`, but is {type(value)}.")
+        if negative_prompt is not None and negative_prompt_embeds is not None:
+            raise ValueError("Pass either `negative_prompt` or `negative_prompt_embeds`, not both.")
+        if not isinstance(guidance_scale, (int, float)) or isinstance(guidance_scale, bool) or guidance_scale < 0:
+            raise ValueError(f"`guidance_scale` has to be a number >= 0, but is {guidance_scale!r}.")
+        if guidance_scale > 1.0 and self.config.is_distilled:
+            logger.warning(f"Guidance scale {guidance_scale} is ignored for step-wise distilled models.")
+        guided = guidance_scale > 1 and not self.config.is_distilled
+        batch_size = 1 if isinstance(prompt, str) else len(prompt) if prompt is not None else None
+        for name, embeds in (("prompt_embeds", prompt_embeds), ("negative_prompt_embeds", negative_prompt_embeds)):
+            if embeds is None:
+                continue
+            channels = self.transformer.config.joint_attention_dim
+            if not isinstance(embeds, torch.Tensor) or embeds.ndim != 3 or embeds.shape[-1] != channels:
+                shape = tuple(embeds.shape) if isinstance(embeds, torch.Tensor) else type(embeds).__name__
+                raise ValueError(
+                    f"`{name}` has to be 3-D with {channels} channels (the transformer's `joint_attention_dim`), but"
+                    f" has shape {shape}."
+                )
+            batch_size = embeds.shape[0] if batch_size is None else batch_size
+            if embeds.shape[0] != batch_size:
+                raise ValueError(
+                    f"`{name}` has to have one row per prompt ({batch_size}), but has {embeds.shape[0]}: the two"
+                    " passes of classifier-free guidance need the same batch."
+                )
+        # A negative prompt string serves every prompt; a list must have one per prompt (as diffusers' SD and SDXL
+        # pipelines require), else the two passes of classifier-free guidance have different batches.
+        if isinstance(negative_prompt, list) and len(negative_prompt) != batch_size:
+            raise ValueError(
+                f"`negative_prompt` has to be a string or a list of {batch_size} (one per prompt), but is a list of"
+                f" {len(negative_prompt)}."
+            )
+        encoded = [
+            name
+            for name, needed in (
+                ("prompt", prompt is not None),
+                ("negative_prompt", guided and negative_prompt_embeds is None),
+                ("region_prompts", region_prompts is not None),
+            )
+            if needed
+        ]
+        if encoded and (self.text_encoder is None or self.tokenizer is None):
+            raise ValueError(
+                f"`{encoded[0]}` needs the `text_encoder` and `tokenizer` components, which this pipeline lacks: pass"
+                " `prompt_embeds` (and `negative_prompt_embeds` under classifier-free guidance) instead."
+            )
+        if not isinstance(max_sequence_length, int) or max_sequence_length < 1:
+            raise ValueError(f"`max_sequence_length` has to be a positive integer, but is {max_sequence_length!r}.")
+        if encoded:
+            layers = self.text_encoder.config.num_hidden_layers  # hidden states: the embeddings and every layer's
+            if not isinstance(text_encoder_out_layers, (tuple, list)) or not all(
+                isinstance(k, int) and -(layers + 1) <= k <= layers for k in text_encoder_out_layers
+            ):
+                raise ValueError(
+                    f"`text_encoder_out_layers` has to be a tuple of hidden-state indices in -{layers + 1}..{layers}"
+                    f" (the text encoder has {layers} layers), but is {text_encoder_out_layers!r}."
+                )
+        self.check_reference_images(image)
+        num_images = batch_size * num_images_per_prompt
+        if isinstance(generator, list) and len(generator) != num_images:
+            raise ValueError(
+                f"`generator` has to be one generator or a list of {num_images} (one per image), but is a list of"
+                f" {len(generator)}."
+            )
+        if latents is not None:
+            channels = self.transformer.config.in_channels
+            factor = self.vae_scale_factor
+            patchified = (num_images, channels, height // (2 * factor), width // (2 * factor))
+            laid_out = (num_images, channels // 4, height // factor, width // factor)
+            packed = (num_images, (height // (2 * factor)) * (width // (2 * factor)), channels)
+            if not isinstance(latents, torch.Tensor) or tuple(latents.shape) not in (patchified, laid_out, packed):
+                shape = tuple(latents.shape) if isinstance(latents, torch.Tensor) else type(latents).__name__
+                raise ValueError(
+                    f"`latents` has to have Flux2KleinPipeline's shape {patchified} (batch, channels, height /"
+                    f" {2 * factor}, width / {2 * factor}), its patches laid out {laid_out} or packed {packed}, but"
+                    f" has shape {shape}."
+                )
+
+    def check_reference_images(self, image):
+        """`image`: None, or one PIL image or a list of them that `Flux2ImageProcessor.check_image_input` accepts."""
+        images = image if isinstance(image, list) else [] if image is None else [image]
+        if isinstance(image, list) and not image:
+            raise ValueError("`image` has to be a PIL image or a non-empty list of them, but is an empty list.")
+        for index, reference in enumerate(images):
+            name = "image" if not isinstance(image, list) else f"image[{index}]"
+            try:
+                self.image_processor.check_image_input(reference)
+            except ValueError as error:
+                raise ValueError(f"`{name}` (a reference image): {error}") from None
+
+    # ------------------------------------------------------------------------------------------------------------
+    # Views in pixels
+    # ------------------------------------------------------------------------------------------------------------
+
+    def get_views(
+        self,
+        panorama_height: int,
+        panorama_width: int,
+        window_size: int | None = None,
+        stride: int | None = None,
+        circular_padding: bool = False,
+    ) -> list[tuple[int, int, int, int]]:
+        """
+        Windows of the panorama latent, row-major, as `(h_start, h_end, w_start, w_end)` in latent pixels.
+
+        Args:
+            panorama_height (`int`): Panorama height in image pixels.
+            panorama_width (`int`): Panorama width in image pixels.
+            window_size (`int`, *optional*):
+                View side in image pixels; defaults to `default_sample_size * vae_scale_factor` (1024).
+            stride (`int`, *optional*):
+                Distance between neighbouring views in latent pixels; defaults to `default_stride(window_size)`.
+            circular_padding (`bool`, defaults to `False`):
+                Whether views wrap around the right edge (then `w_end` may exceed the latent width).
+        """
+        window_size = self.default_window_size if window_size is None else window_size
+        stride = self.default_stride(window_size) if stride is None else stride
+        factor = self.vae_scale_factor
+        return get_views(
+            panorama_height // factor, panorama_width // factor, window_size // factor, stride, circular_padding
+        )
+
+    @property
+    def default_window_size(self) -> int:
+        """FLUX.2 [klein]'s default image size, 1024 pixels."""
+        return self.default_sample_size * self.vae_scale_factor
+
+    def default_stride(self, window_size: int) -> int:
+        """A quarter of the window in latent pixels, rounded down to an even number (32 for 1024 pixels): the
+        paper's 16 of 64, even so that every view's 2x2 patches are the panorama's."""
+        return 2 * max(1, window_size // self.vae_scale_factor // 8)
+
+    # ------------------------------------------------------------------------------------------------------------
+    # Memory
+    # ------------------------------------------------------------------------------------------------------------
+
+    # Copied from pipeline_syncdiffusion.SyncDiffusionPipeline.DECODER_SAVED_ELEMENTS
+    DECODER_SAVED_ELEMENTS = 45
+    # Copied from pipeline_syncdiffusion.SyncDiffusionPipeline.LPIPS_SAVED_ELEMENTS
+    LPIPS_SAVED_ELEMENTS = 610
+    # Copied from pipeline_syncdiffusion.SyncDiffusionPipeline.CHECKPOINTED_FRACTION
+    CHECKPOINTED_FRACTION = 0.2
+    # Copied from pipeline_syncdiffusion.SyncDiffusionPipeline.AUTO_MEMORY_FRACTION
+    AUTO_MEMORY_FRACTION = 0.8
+    # Copied from pipeline_syncdiffusion.SyncDiffusionPipeline.AUTO_HOST_VIEW_BATCH_SIZE
+    AUTO_HOST_VIEW_BATCH_SIZE = 16
+
+    # Tensor elements autograd saves in a gradient pass, per token (image, text and reference-image tokens: all run
+    # through every block) and per channel of the transformer's width, measured with saved-tensor hooks (weights
+    # excluded) on FLUX.2 blocks 512 wide (`mlp_ratio` 3, as klein's), linear from 64 to 256 image tokens and 32 to 96
+    # text tokens: 30 per double-stream block, 26 per single-stream block (its fused attention and SwiGLU projection
+    # is 9 widths wide), 3 outside the blocks. For FLUX.2-klein-4B (5 + 20 blocks, 3072 wide) and a 1024-pixel window
+    # (4096 image + 512 text tokens) that is 19 GB in bfloat16 (klein-9B: 33 GB). A forward without gradient holds
+    # about one block's activations at a time: their peak, tracked tensor by tensor on the same blocks at 1024 image
+    # tokens, is 24 per token and channel in a single-stream block (15 in a double-stream one).
+    TRANSFORMER_DOUBLE_BLOCK_ELEMENTS = 30
+    TRANSFORMER_SINGLE_BLOCK_ELEMENTS = 26
+    TRANSFORMER_OUTSIDE_BLOCK_ELEMENTS = 3
+    TRANSFORMER_FORWARD_ELEMENTS = 24
+
+    def view_memory(self, num_images, dtype, sync: SyncSettings | None = None) -> int:
+        """
+        Estimated bytes one view needs: its transformer forward (two with classifier-free guidance), or with `sync`
+        its whole gradient pass (transformer forward and backward, decoder forward and backward, LPIPS in float32).
+
+        The view size, the text and reference-image lengths and the guidance are the current call's (`__call__` sets
+        them); outside a call, the default window, 512 text tokens, no reference image and no guidance.
+        """
+        config = self.transformer.config
+        window = (self._window_size or self.default_window_size) // self.vae_scale_factor
+        tokens = (window // 2) ** 2 + self._text_tokens + self._reference_tokens
+        passes = 2 if self._true_cfg else 1
+        units = tokens * config.num_attention_heads * config.attention_head_dim * num_images * passes
+        element = torch.finfo(dtype).bits // 8
+        if sync is None:
+            return self.TRANSFORMER_FORWARD_ELEMENTS * units * element
+
+        kept = self.CHECKPOINTED_FRACTION if sync.checkpointing else 1.0
+        saved_per_unit = (
+            self.TRANSFORMER_DOUBLE_BLOCK_ELEMENTS * config.num_layers
+            + self.TRANSFORMER_SINGLE_BLOCK_ELEMENTS * config.num_single_layers
+            + self.TRANSFORMER_OUTSIDE_BLOCK_ELEMENTS
+        )
+        transformer = saved_per_unit * units * element * kept if sync.through_denoiser else 0
+        decoder = sync.decoder if sync.decoder is not None else self.vae
+        # The decoder's widths (AutoencoderKLFlux2: `block_out_channels`; AutoencoderTiny: `decoder_block_out_channels`);
+        # a decoder that names none is estimated as the VAE's.
+        channels = (
+            getattr(decoder.config, "decoder_block_out_channels", None)
+            or getattr(decoder.config, "block_out_channels", None)
+            or self.vae.config.block_out_channels
+        )
+        pixels = (window * self.vae_scale_factor // sync.decode_downsample) ** 2
+        decode = self.DECODER_SAVED_ELEMENTS * pixels * num_images * min(channels) * element * kept
+        compared = pixels if sync.lpips_size is None else min(pixels, sync.lpips_size**2)
+        lpips = self.LPIPS_SAVED_ELEMENTS * compared * num_images * 4
+        return int(transformer + decode + lpips)
+
+    # ------------------------------------------------------------------------------------------------------------
+    # The per-model seam: the transformer, the decoder of the compared images
+    # ------------------------------------------------------------------------------------------------------------
+
+    @property
+    def inpainting_channels(self) -> bool:
+        """Whether the transformer takes a mask and a masked image: not FLUX.2 [klein]'s."""
+        return False
+
+    @property
+    def denoiser(self):
+        """The model that predicts the velocity: the transformer."""
+        return self.transformer
+
+    @property
+    def denoising_models(self) -> tuple:
+        """Every model the velocity prediction runs through (and the gradient pass differentiates)."""
+        return (self.transformer,)
+
+    @staticmethod
+    def _latents_to_tokens(latents: torch.Tensor) -> torch.Tensor:
+        """`(B, 32, h, w)` -> Flux2KleinPipeline's packed `(B, h/2 * w/2, 128)`: the 2x2 patches, row-major."""
+        return Flux2KleinPipeline._pack_latents(Flux2KleinPipeline._patchify_latents(latents.contiguous()))
+
+    @staticmethod
+    def _tokens_to_latents(tokens: torch.Tensor, height: int, width: int) -> torch.Tensor:
+        """The inverse of `_latents_to_tokens` for an `height x width`-latent image."""
+        batch_size, _, channels = tokens.shape
+        patches = tokens.transpose(1, 2).reshape(batch_size, channels, height // 2, width // 2)
+        return Flux2KleinPipeline._unpatchify_latents(patches)
+
+    def _transformer_velocity(self, hidden_states, timestep, text, num_views, img_ids):
+        """One transformer pass over packed view tokens (the reference images' after them) with one text
+        conditioning `(embeds, text_ids)`."""
+        embeds, text_ids = text
+        return self.transformer(
+            hidden_states=hidden_states,
+            timestep=timestep,
+            guidance=None,
+            encoder_hidden_states=embeds.repeat(num_views, 1, 1),
+            txt_ids=text_ids,
+            img_ids=img_ids,
+            joint_attention_kwargs=self.attention_kwargs,
+            return_dict=False,
+        )[0]
+
+    def predict_noise(self, model_input: torch.Tensor, t, conditioning: dict, views: list) -> torch.Tensor:
+        """
+        The velocity `v` of a stack of `views` (view-major, `batch` images each, `(N, 32, n, n)`): each view packed
+        alone with a FLUX.2 image's ids, the reference images' tokens after its own; with classifier-free guidance,
+        `v_neg + guidance_scale * (v - v_neg)`.
+        """
+        num_views = len(views)
+        samples, _, height, width = model_input.shape
+        hidden_states = self._latents_to_tokens(model_input)
+        num_tokens = hidden_states.shape[1]
+        if conditioning["image_latents"] is not None:
+            references = conditioning["image_latents"].repeat(num_views, 1, 1)
+            hidden_states = torch.cat([hidden_states, references], dim=1)
+        hidden_states = hidden_states.to(self.transformer.dtype)
+        timestep = t.expand(samples).to(model_input.dtype) / 1000
+        img_ids = conditioning["img_ids"]
+        velocity = self._transformer_velocity(hidden_states, timestep, conditioning["positive"], num_views, img_ids)
+        velocity = velocity[:, :num_tokens]
+        if conditioning["negative"] is not None:
+            negative = self._transformer_velocity(
+                hidden_states, timestep, conditioning["negative"], num_views, img_ids
+            )
+            negative = negative[:, :num_tokens]
+            velocity = negative + conditioning["guidance_scale"] * (velocity - negative)
+        return self._tokens_to_latents(velocity, height, width)
+
+    def _latent_statistics(self, like: torch.Tensor):
+        """The VAE's batch-norm mean and standard deviation of the 128 patch channels, as Flux2KleinPipeline computes
+        them, on `like`'s device and in its dtype."""
+        bn = self.vae.bn
+        mean = bn.running_mean.view(1, -1, 1, 1).to(like.device, like.dtype)
+        std = torch.sqrt(bn.running_var.view(1, -1, 1, 1) + self.vae.config.batch_norm_eps).to(like.device, like.dtype)
+        return mean, std
+
+    def _vae_latents(self, latents: torch.Tensor) -> torch.Tensor:
+        """The VAE's latent `(B, 32, h, w)` of the transformer's: its 2x2 patches denormalized, as Flux2KleinPipeline
+        does before decoding."""
+        patches = self._patchify_latents(latents.contiguous())
+        mean, std = self._latent_statistics(patches)
+        return self._unpatchify_latents(patches * std + mean)
+
+    def decode_for_sync(self, clean_latents: torch.Tensor, decoder=None, downsample: int = 1) -> torch.Tensor:
+        """
+        `D(x) = clamp(decoder.decode(vae_latents(x)) / 2 + 0.5, 0, 1)`: the image the loss compares, decoded from
+        the VAE's latent (the transformer's denormalized). With `downsample > 1` that latent is average-pooled by the
+        factor first.
+        """
+        decoder = decoder if decoder is not None else self.vae
+        latents = self._vae_latents(clean_latents)
+        if downsample > 1:
+            latents = F.avg_pool2d(latents, downsample)
+        image = decoder.decode(latents.to(decoder.dtype), return_dict=False)[0]
+        return (image / 2 + 0.5).clamp(0, 1)
+
+    # Adapted from pipeline_syncdiffusion.SyncDiffusionPipeline.encode_latents: FLUX.2's patches and batch norm
+    def encode_latents(self, images: torch.Tensor, generator=None) -> torch.Tensor:
+        """The transformer's latent (patches laid out) of `images` in [-1, 1]: a sample of the VAE encoder's
+        distribution, its 2x2 patches normalized by the VAE's batch-norm statistics."""
+        posterior = self.vae.encode(images.to(self.vae.dtype))
+        patches = self._patchify_latents(retrieve_latents(posterior, generator=generator))
+        mean, std = self._latent_statistics(patches)
+        return self._unpatchify_latents((patches - mean) / std)
+
+    def decode_latents_with_padding(self, latents: torch.Tensor, padding: int = 8) -> torch.Tensor:
+        """Decode a circular panorama seam-free: `padding` latent columns wrapped onto each side, decoded, cropped."""
+        latents = self._vae_latents(latents)
+        padding = min(padding, latents.shape[-1])
+        latents = torch.cat((latents[..., -padding:], latents, latents[..., :padding]), dim=-1)
+        image = self.vae.decode(latents, return_dict=False)[0]
+        padding_pixels = self.vae_scale_factor * padding
+        return image[..., padding_pixels:-padding_pixels]
+
+    def _conditioning(self, positive, negative, img_ids, image_latents, guidance_scale):
+        """What every transformer pass of the call needs: `(embeds, text_ids)` of the prompts and of the negative
+        ones (None without classifier-free guidance), the position ids of one window (the reference images' after
+        them) and the reference images' tokens (None without)."""
+        return {
+            "positive": positive,
+            "negative": negative,
+            "img_ids": img_ids,
+            "image_latents": image_latents,
+            "guidance_scale": guidance_scale,
+        }
+
+    def prepare_latents(self, num_images, height, width, dtype, device, generator, latents=None):
+        """The panorama latent `(num_images, 32, H/8, W/8)`: FLUX.2's noise as Flux2KleinPipeline draws it, `(B, 128,
+        H/16, W/16)`, with its 2x2 patches laid out; or `latents` given in that shape, laid out or packed."""
+        channels = self.transformer.config.in_channels
+        factor = self.vae_scale_factor
+        if latents is None:
+            shape = (num_images, channels, height // (2 * factor), width // (2 * factor))
+            latents = randn_tensor(shape, generator=generator, device=device, dtype=dtype)
+        if latents.ndim == 3:
+            latents = self._tokens_to_latents(latents, height // factor, width // factor)
+        elif latents.shape[1] == channels:
+            latents = self._unpatchify_latents(latents)
+        return latents.to(device=device, dtype=dtype)
+
+    def _reference_latents(self, image, num_images, generator, device):
+        """The reference images' tokens and position ids, `(num_images, M, 128)` and `(num_images, M, 4)`, as
+        Flux2KleinPipeline makes them: each image brought to at most 1024x1024 pixels' area and cropped to
+        multiples of 16, encoded (the posterior's mode) and normalized, at time coordinates 10, 20, ..."""
+        multiple = self.vae_scale_factor * 2
+        condition_images = []
+        for img in image if isinstance(image, list) else [image]:
+            image_width, image_height = img.size
+            if image_width * image_height > 1024 * 1024:
+                img = self.image_processor._resize_to_target_area(img, 1024 * 1024)
+                image_width, image_height = img.size
+            image_width = (image_width // multiple) * multiple
+            image_height = (image_height // multiple) * multiple
+            img = self.image_processor.preprocess(img, height=image_height, width=image_width, resize_mode="crop")
+            condition_images.append(img)
+        return self.prepare_image_latents(condition_images, num_images, generator, device, self.vae.dtype)
+
+    # ------------------------------------------------------------------------------------------------------------
+    # Properties
+    # ------------------------------------------------------------------------------------------------------------
+
+    @property
+    def guidance_scale(self):
+        return self._guidance_scale
+
+    @property
+    def do_classifier_free_guidance(self):
+        return self._guidance_scale > 1 and not self.config.is_distilled
+
+    @property
+    def attention_kwargs(self):
+        return self._attention_kwargs
+
+    @property
+    def current_timestep(self):
+        return self._current_timestep
+
+    # ------------------------------------------------------------------------------------------------------------------
+    # The panorama core's methods (the same in every pipeline file)
+    # ------------------------------------------------------------------------------------------------------------------
+
+    # Copied from pipeline_syncdiffusion.SyncDiffusionPipeline.check_panorama_inputs
+    def check_panorama_inputs(
+        self,
+        height,
+        width,
+        size_multiple,
+        window,
+        stride,
+        stride_multiple=1,
+        view_batch_size=1,
+        num_inference_steps=50,
+        num_images_per_prompt=1,
+        callback_steps=None,
+        callback_on_step_end_tensor_inputs=None,
+        sync_weight=0.0,
+        sync_decay_rate=0.95,
+        sync_freq=1,
+        sync_thres=5,
+        sync_mode="exact",
+        sync_gradient=None,
+        sync_reuse_noise=None,
+        sync_decoder=None,
+        sync_lpips_size=None,
+        sync_decode_downsample=1,
+        sync_gradient_checkpointing=False,
+        region_prompts=None,
+        region_masks=None,
+        region_negative_prompts=None,
+        region_bootstrap_steps=None,
+        image=None,
+        mask_image=None,
+        strength=None,
+        sync_anchor=None,
+        circular_padding=False,
+    ):
+        """
+        The panorama's, the synchronization's, the regions' and the image's arguments, and the scheduler: a `ValueError` naming the argument,
+        its value and what is allowed, before any model runs. `window` is the view side in latent pixels.
+        """
+        for name, value in (("height", height), ("width", width)):
+            if not isinstance(value, int) or value <= 0 or value % size_multiple != 0:
+                raise ValueError(f"`{name}` has to be a positive multiple of {size_multiple}, but is {value!r}.")
+        if not isinstance(stride, int) or not 1 <= stride <= window or stride % stride_multiple:
+            allowed = (
+                f"an integer in 1..{window}"
+                if stride_multiple == 1
+                else f"a multiple of {stride_multiple} in 1..{window}"
+            )
+            raise ValueError(f"`stride` has to be {allowed} (the view size in latent pixels), but is {stride!r}.")
+        if view_batch_size != "auto" and (not isinstance(view_batch_size, int) or view_batch_size < 1):
+            raise ValueError(f"`view_batch_size` has to be a positive integer or 'auto', but is {view_batch_size!r}.")
+        if not isinstance(num_inference_steps, int) or num_inference_steps < 1:
+            raise ValueError(f"`num_inference_steps` has to be a positive integer, but is {num_inference_steps!r}.")
+        if not isinstance(num_images_per_prompt, int) or num_images_per_prompt < 1:
+            raise ValueError(
+                f"`num_images_per_prompt` has to be a positive integer, but is {num_images_per_prompt!r}."
+            )
+        if callback_steps is not None and (not isinstance(callback_steps, int) or callback_steps <= 0):
+            raise ValueError(f"`callback_steps` has to be a positive integer, but is {callback_steps!r}.")
+        if callback_on_step_end_tensor_inputs is not None:
+            unknown = [k for k in callback_on_step_end_tensor_inputs if k not in self._callback_tensor_inputs]
+            if unknown:
+                raise ValueError(
+                    f"`callback_on_step_end_tensor_inputs` has to be in {self._callback_tensor_inputs}, but found"
+                    f" {unknown}."
+                )
+
+        if not isinstance(sync_weight, (int, float)) or sync_weight < 0:
+            raise ValueError(f"`sync_weight` has to be >= 0 (0 turns synchronization off), but is {sync_weight!r}.")
+        if not isinstance(sync_decay_rate, (int, float)) or not 0.0 < sync_decay_rate <= 1.0:
+            raise ValueError(f"`sync_decay_rate` has to be in (0, 1], but is {sync_decay_rate!r}.")
+        if not isinstance(sync_freq, int) or sync_freq < 1:
+            raise ValueError(f"`sync_freq` has to be a positive integer, but is {sync_freq!r}.")
+        if not isinstance(sync_thres, int) or sync_thres < 0:
+            raise ValueError(f"`sync_thres` has to be a non-negative integer, but is {sync_thres!r}.")
+        if sync_mode not in SYNC_MODES:
+            raise ValueError(f"`sync_mode` has to be one of {SYNC_MODES}, but is {sync_mode!r}.")
+        gradients = (self.sync_denoiser_gradient, "x0")
+        if sync_gradient is not None and sync_gradient not in gradients:
+            raise ValueError(f"`sync_gradient` has to be one of {gradients} or None, but is {sync_gradient!r}.")
+        if sync_reuse_noise not in (None, True, False):
+            raise ValueError(f"`sync_reuse_noise` has to be True, False or None, but is {sync_reuse_noise!r}.")
+        if sync_decoder is not None and not callable(getattr(sync_decoder, "decode", None)):
+            raise ValueError(
+                f"`sync_decoder` has to have a `decode` method (e.g. `AutoencoderTiny`), but is {sync_decoder!r}."
+            )
+        if sync_gradient_checkpointing not in (True, False):
+            raise ValueError(
+                f"`sync_gradient_checkpointing` has to be True or False, but is {sync_gradient_checkpointing!r}."
+            )
+        if sync_gradient_checkpointing and sync_decoder is not None:
+            if not getattr(sync_decoder, "_supports_gradient_checkpointing", False):
+                raise ValueError(
+                    "`sync_gradient_checkpointing=True` needs a `sync_decoder` that supports gradient checkpointing"
+                    f" (`enable_gradient_checkpointing`), but {type(sync_decoder).__name__} does not."
+                )
+        if sync_lpips_size is not None and (not isinstance(sync_lpips_size, int) or sync_lpips_size < 32):
+            raise ValueError(
+                f"`sync_lpips_size` has to be an integer >= 32 (pixels) or None, but is {sync_lpips_size!r}."
+            )
+        if (
+            not isinstance(sync_decode_downsample, int)
+            or sync_decode_downsample < 1
+            or window % sync_decode_downsample
+        ):
+            raise ValueError(
+                f"`sync_decode_downsample` has to be a positive integer dividing the view size {window}, but is"
+                f" {sync_decode_downsample!r}."
+            )
+        factor = self.vae_scale_factor
+        several_views = height // factor > window or width // factor > window
+        if sync_weight > 0 and sync_thres > 0 and several_views:
+            # The images LPIPS compares: one view's, decoded from the (pooled) clean latent, resized to `sync_lpips_size`.
+            compared = [min(window, side // factor) * factor // sync_decode_downsample for side in (height, width)]
+            if sync_lpips_size is not None and max(compared) > sync_lpips_size:
+                compared = [max(1, round(side * sync_lpips_size / max(compared))) for side in compared]
+            if min(compared) < self.SYNC_MIN_IMAGE_SIDE:
+                raise ValueError(
+                    f"synchronization would compare {compared[0]}x{compared[1]}-pixel view images (`height` {height},"
+                    f" `width` {width}, `sync_decode_downsample` {sync_decode_downsample}, `sync_lpips_size`"
+                    f" {sync_lpips_size}), smaller than the {self.SYNC_MIN_IMAGE_SIDE} pixels LPIPS-VGG's pooling needs:"
+                    " a larger panorama, a smaller `sync_decode_downsample`, a larger `sync_lpips_size`, or"
+                    " `sync_weight=0`."
+                )
+        self.check_region_inputs(
+            region_prompts,
+            region_masks,
+            region_negative_prompts,
+            region_bootstrap_steps,
+            height,
+            width,
+            num_inference_steps,
+        )
+        if circular_padding not in (True, False):
+            raise ValueError(f"`circular_padding` has to be True or False, but is {circular_padding!r}.")
+        num_views = len(get_views(height // factor, width // factor, window, stride, circular_padding))
+        self.check_image_inputs(
+            image, mask_image, strength, sync_anchor, height, width, num_inference_steps, num_views
+        )
+        self.check_scheduler(
+            synchronized=sync_weight > 0 and sync_thres > 0, sync_gradient=sync_gradient, sync_mode=sync_mode
+        )
+
+    # Copied from pipeline_syncdiffusion.SyncDiffusionPipeline.SYNC_MIN_IMAGE_SIDE
+    SYNC_MIN_IMAGE_SIDE = 16
+
+    # Copied from pipeline_syncdiffusion.SyncDiffusionPipeline.check_scheduler
+    def check_scheduler(self, synchronized, sync_gradient=None, sync_mode="exact"):
+        """The scheduler's family has to be one this pipeline supports; synchronization needs a known one."""
+        scheduler = self.scheduler
+        name = type(scheduler).__name__
+        family = scheduler_family(scheduler)
+        supported = [name for family in self._scheduler_families for name in SCHEDULER_FAMILIES[family]]
+        if family is not None and family not in self._scheduler_families:
+            raise ValueError(
+                f"`scheduler` {name} is a {family} scheduler, which {type(self).__name__} does not support; use a"
+                f" {' or '.join(self._scheduler_families)} one: {', '.join(supported)}."
+            )
+        if not synchronized:
+            return
+        if family is None:
+            raise ValueError(
+                f"synchronization needs a scheduler whose clean-latent prediction is known, but `scheduler` is {name};"
+                f" use one of {', '.join(supported)}, or `sync_weight=0`."
+            )
+        if hasattr(scheduler, "ets") and not scheduler.config.get("skip_prk_steps", True):
+            raise ValueError(
+                "synchronization does not support PNDMScheduler's Runge-Kutta warm-up (`skip_prk_steps=False`):"
+                " use `PNDMScheduler.from_config(pipe.scheduler.config, skip_prk_steps=True)` or another scheduler."
+            )
+        if family == FLOW_MATCHING:
+            return
+        prediction_type = scheduler.config.get("prediction_type", "epsilon")
+        if prediction_type not in ("epsilon", "v_prediction", "sample"):
+            raise ValueError(
+                "synchronization needs the scheduler's `prediction_type` to be 'epsilon', 'v_prediction' or"
+                f" 'sample', but it is {prediction_type!r}."
+            )
+        if prediction_type == "sample" and not SyncSettings.from_arguments(sync_mode, sync_gradient).through_denoiser:
+            raise ValueError(
+                "`sync_gradient='x0'` (also implied by `sync_mode='fast'`) treats the model output as constant, which"
+                f" leaves no gradient with `prediction_type='sample'`; use `sync_gradient='{self.sync_denoiser_gradient}'`."
+            )
+
+    # Copied from pipeline_syncdiffusion.SyncDiffusionPipeline.take_deprecated_callback
+    def take_deprecated_callback(self, kwargs: dict):
+        """
+        `(callback, callback_steps)` out of `__call__`'s `**kwargs` (deprecated), and a `TypeError` for any other key:
+        a misspelt argument must not run as if it were not there.
+        """
+        callback = kwargs.pop("callback", None)
+        callback_steps = kwargs.pop("callback_steps", None)
+        if kwargs:
+            names = ", ".join(f"`{name}`" for name in kwargs)
+            raise TypeError(f"{type(self).__name__}.__call__() got unexpected keyword arguments: {names}.")
+        if callback is not None:
+            deprecate("callback", "1.0.0", "Use `callback_on_step_end` instead of `callback`.")
+        if callback_steps is not None:
+            deprecate("callback_steps", "1.0.0", "Use `callback_on_step_end` instead of `callback_steps`.")
+        return callback, callback_steps
+
+    # Copied from pipeline_syncdiffusion.SyncDiffusionPipeline.run_step_end_callback
+    def run_step_end_callback(self, callback_on_step_end, tensor_inputs, i, t, tensors: dict):
+        """
+        `callback_on_step_end(self, i, t, {name: tensors[name] for name in tensor_inputs})`: returns `tensors` with
+        the callback's replacements, and whether it replaced any but the latents (then the conditioning is rebuilt).
+        """
+        outputs = callback_on_step_end(self, i, t, {name: tensors[name] for name in tensor_inputs})
+        replaced = {name: value for name, value in outputs.items() if name in tensors and value is not tensors[name]}
+        return {**tensors, **replaced}, any(name != "latents" for name in replaced)
+
+    # Copied from pipeline_syncdiffusion.SyncDiffusionPipeline.view_batch_sizes
+    def view_batch_sizes(
+        self, view_batch_size, num_views, num_images, device, dtype, sync: SyncSettings, regions=None
+    ):
+        """
+        `(views per denoising batch, sync)`, with `sync`'s gradient batch and checkpointing set for "auto"; with
+        `regions`, "auto" sizes for a view denoised for as many prompts as the most any view has.
+        """
+        if regions is not None:
+            num_images *= max(len(prompts) for prompts in regions.view_prompts.values())
+        if view_batch_size != "auto":
+            return view_batch_size, replace(sync, gradient_batch_size=view_batch_size)
+        return self.auto_view_batch_sizes(num_views, num_images, device, dtype, sync.active and num_views > 1, sync)
+
+    # Copied from pipeline_syncdiffusion.SyncDiffusionPipeline.auto_view_batch_sizes
+    def auto_view_batch_sizes(self, num_views, num_images, device, dtype, sync_active, sync: SyncSettings):
+        """
+        `view_batch_size="auto"`: `(views per denoising batch, sync)` with sync's views per gradient pass and gradient
+        checkpointing chosen.
+
+        On CUDA, as many views as fit in `AUTO_MEMORY_FRACTION` of the free memory (`torch.cuda.mem_get_info`) by the
+        estimates of `view_memory`, in batches of nearly equal size (fewer distinct shapes for compiled models). The
+        gradient pass is sized separately, since a view holds ~20x more memory there; if not even one view fits,
+        activation checkpointing is turned on for it (the same result, more compute). Elsewhere there is no memory
+        reading: `AUTO_HOST_VIEW_BATCH_SIZE` views per denoising batch and one per gradient pass.
+        """
+        device = torch.device(device)
+        if device.type != "cuda":
+            return balanced_batch_size(num_views, self.AUTO_HOST_VIEW_BATCH_SIZE), replace(sync, gradient_batch_size=1)
+
+        budget = torch.cuda.mem_get_info(device)[0] * self.AUTO_MEMORY_FRACTION
+        view_batch_size = balanced_batch_size(num_views, budget // self.view_memory(num_images, dtype))
+        if not sync_active:
+            return view_batch_size, replace(sync, gradient_batch_size=1)
+        per_view = self.view_memory(num_images, dtype, sync)
+        if per_view > budget and not sync.checkpointing:
+            sync = replace(sync, checkpointing=True)
+            per_view = self.view_memory(num_images, dtype, sync)
+            logger.info("view_batch_size='auto': one view's gradient pass does not fit; using gradient checkpointing.")
+        return view_batch_size, replace(
+            sync, gradient_batch_size=balanced_batch_size(view_batch_size, budget // per_view)
+        )
+
+    # Copied from pipeline_syncdiffusion.SyncDiffusionPipeline.scale_model_input
+    def scale_model_input(self, latents: torch.Tensor, t) -> torch.Tensor:
+        """The denoiser's input for `latents`: the scheduler's scaling, none for flow matching."""
+        if scheduler_family(self.scheduler) == FLOW_MATCHING:
+            return latents
+        return self.scheduler.scale_model_input(latents, t)
+
+    # Copied from pipeline_syncdiffusion.SyncDiffusionPipeline._sigma
+    def _sigma(self, t) -> float:
+        """The sigma of the scheduler's current step, a host number (schedulers keep `sigmas` on the host)."""
+        index = self.scheduler.step_index
+        if index is None:
+            index = self.scheduler.index_for_timestep(t)
+        return float(self.scheduler.sigmas[index])
+
+    # Copied from pipeline_syncdiffusion.SyncDiffusionPipeline._alpha_sigma
+    def _alpha_sigma(self, t, device, dtype):
+        """
+        `(alpha_t, sigma_t)` of the current step in variance-preserving form, `u = alpha_t x_0 + sigma_t eps`, read
+        from the scheduler's own parameterization.
+        """
+        scheduler = self.scheduler
+        if hasattr(scheduler, "sigmas"):
+            # Sigma-parameterized schedulers (Euler, DPM-Solver, UniPC, LMS, ...): the sigma of this step, which also
+            # covers Karras and other non-integer timestep schedules.
+            sigma = self._sigma(t)
+            alpha_t = (sigma**2 + 1) ** -0.5
+            return alpha_t, sigma * alpha_t
+        # `alphas_cumprod` lives on the host and `t` on the device: index a device copy, or the host would wait.
+        alphas_cumprod = self._device_table(scheduler.alphas_cumprod, device)
+        alpha_prod = alphas_cumprod[torch.as_tensor(t, device=device).long()]
+        return (alpha_prod**0.5).to(dtype), ((1 - alpha_prod) ** 0.5).to(dtype)
+
+    # Copied from pipeline_syncdiffusion.SyncDiffusionPipeline._device_table
+    def _device_table(self, table, device):
+        """`table` (a scheduler's host tensor) in float32 on `device`, copied once and reused while it is unchanged."""
+        cached = getattr(self, "_device_tables", None)
+        if cached is None or cached[0] is not table or cached[1].device != torch.device(device):
+            cached = (table, table.to(device=device, dtype=torch.float32))
+            self._device_tables = cached
+        return cached[1]
+
+    # Copied from pipeline_syncdiffusion.SyncDiffusionPipeline.predict_clean_latents
+    def predict_clean_latents(self, model_input: torch.Tensor, model_output: torch.Tensor, t) -> torch.Tensor:
+        """
+        The clean latent `x0` the scheduler predicts from the model output, without advancing the scheduler.
+
+        Flow matching: `x0 = z - sigma * v`. Otherwise `model_input = scale_model_input(z, t)` is the
+        variance-preserving noisy latent (sigma-scaled schedulers divide by `sqrt(sigma**2 + 1)`), and `x0` follows
+        the scheduler's `prediction_type`: for DDIM this equals `step(...).pred_original_sample`, for Euler
+        `z - sigma * eps`.
+        """
+        if scheduler_family(self.scheduler) == FLOW_MATCHING:
+            return model_input - self._sigma(t) * model_output
+        alpha_t, sigma_t = self._alpha_sigma(t, model_input.device, model_input.dtype)
+        prediction_type = self.scheduler.config.prediction_type
+        if prediction_type == "epsilon":
+            return (model_input - sigma_t * model_output) / alpha_t
+        if prediction_type == "v_prediction":
+            return alpha_t * model_input - sigma_t * model_output
+        if prediction_type == "sample":
+            return model_output
+        raise ValueError(f"Unsupported `prediction_type` {prediction_type!r}.")
+
+    # Copied from pipeline_syncdiffusion.SyncDiffusionPipeline.set_perceptual_loss
+    def set_perceptual_loss(
+        self, module: torch.nn.Module | None = None, *, vgg_weights: str | os.PathLike | None = None
+    ):
+        """
+        Replace the perceptual loss, by default `lpips.LPIPS(net="vgg")` built on first use.
+
+        Args:
+            module (`torch.nn.Module`, *optional*):
+                `module(images_a, images_b)` takes two image batches in [-1, 1] and returns one distance per image.
+                It runs in float32 whatever the pipeline's dtype. `None` goes back to the default.
+            vgg_weights (`str` or `os.PathLike`, *optional*):
+                A local copy of torchvision's VGG-16 weights (`vgg16-397923af.pth`): LPIPS-VGG is built from it now
+                instead of downloading them on first use.
+        """
+        if module is not None and vgg_weights is not None:
+            raise ValueError("Pass either `module` or `vgg_weights` to `set_perceptual_loss`, not both.")
+        self._perceptual_loss = self._lpips_vgg(vgg_weights) if vgg_weights is not None else module
+
+    # Copied from pipeline_syncdiffusion.SyncDiffusionPipeline.perceptual_loss
+    def perceptual_loss(self, device) -> torch.nn.Module:
+        """The perceptual loss module on `device` in float32, creating LPIPS-VGG on first use."""
+        if self._perceptual_loss is None:
+            self._perceptual_loss = self._lpips_vgg()
+        return self._perceptual_loss.to(device=device, dtype=torch.float32)
+
+    # Copied from pipeline_syncdiffusion.SyncDiffusionPipeline._lpips_vgg
+    @staticmethod
+    def _lpips_vgg(vgg_weights=None) -> torch.nn.Module:
+        """LPIPS-VGG with torchvision's VGG-16 from `vgg_weights`, or downloaded into torch's hub cache."""
+        try:
+            import lpips
+        except ImportError as error:
+            raise ImportError(
+                "SyncDiffusion needs the `lpips` package for its perceptual loss: `pip install lpips`, or pass"
+                " `sync_weight=0` for plain MultiDiffusion."
+            ) from error
+        if vgg_weights is None:
+            try:
+                with warnings.catch_warnings():  # torch 2.4-2.5 warn about lpips' own `torch.load` of its heads
+                    warnings.filterwarnings("ignore", message=".*weights_only.*", category=FutureWarning)
+                    loss = lpips.LPIPS(net="vgg", verbose=False)
+            except OSError as error:  # no network: urllib's URLError, or a refused connection
+                raise OSError(_missing_vgg_weights_message(error)) from None
+            return loss.eval().requires_grad_(False)
+
+        if not os.path.isfile(vgg_weights):
+            raise ValueError(f"`vgg_weights` {str(vgg_weights)!r} is not a file; expected {_VGG16_FILE}.")
+        with (
+            warnings.catch_warnings()
+        ):  # torchvision's notes about `pretrained=False`; torch 2.4-2.5's about lpips' load
+            warnings.simplefilter("ignore", UserWarning)
+            warnings.filterwarnings("ignore", message=".*weights_only.*", category=FutureWarning)
+            loss = lpips.LPIPS(net="vgg", pnet_rand=True, verbose=False)
+        # lpips splits torchvision's `vgg16().features` into five slices that keep the layer indices as names.
+        layers = dict(module for part in loss.net.children() for module in part.named_children())
+        features = torch.nn.Sequential(*(layers[str(index)] for index in range(len(layers))))
+        state_dict = torch.load(vgg_weights, map_location="cpu", weights_only=True)
+        state_dict = {
+            key[len("features.") :]: value for key, value in state_dict.items() if key.startswith("features.")
+        }
+        expected = features.state_dict()
+        wrong = [key for key in expected if getattr(state_dict.get(key), "shape", None) != expected[key].shape]
+        if wrong:
+            raise ValueError(
+                f"`vgg_weights` {str(vgg_weights)!r}: not torchvision's VGG-16 weights ({len(wrong)} of the"
+                f" {len(expected)} `features.*` tensors missing or of another shape, e.g. `features.{wrong[0]}`)."
+            )
+        features.load_state_dict(state_dict)
+        return loss.eval().requires_grad_(False)
+
+    # Copied from pipeline_syncdiffusion.SyncDiffusionPipeline.perceptual_distance
+    def perceptual_distance(self, images, anchor_images, lpips_size=None) -> torch.Tensor:
+        """LPIPS distance per image between images in [0, 1], computed in float32."""
+        images, anchor_images = images.float() * 2 - 1, anchor_images.float() * 2 - 1
+        if lpips_size is not None and max(images.shape[-2:]) > lpips_size:
+            scale = lpips_size / max(images.shape[-2:])
+            size = [max(1, round(side * scale)) for side in images.shape[-2:]]
+            images = F.interpolate(images, size=size, mode="bilinear", antialias=True, align_corners=False)
+            anchor_images = F.interpolate(
+                anchor_images, size=size, mode="bilinear", antialias=True, align_corners=False
+            )
+        return self.perceptual_loss(images.device)(images, anchor_images).reshape(images.shape[0], -1).sum(1)
+
+    # Copied from pipeline_syncdiffusion.SyncDiffusionPipeline._sync_checkpointing
+    @contextmanager
+    def _sync_checkpointing(self, enabled, decoder=None):
+        """Activation checkpointing in the denoising models and the synchronization's decoder, in the gradient pass."""
+        decoder = decoder if decoder is not None else self.vae
+        candidates = (*self.denoising_models, decoder)
+        models = [m for m in candidates if enabled and getattr(m, "_supports_gradient_checkpointing", False)]
+        previous = [m.is_gradient_checkpointing for m in models]
+        for model in models:
+            model.enable_gradient_checkpointing()
+        try:
+            yield
+        finally:
+            for model, was_enabled in zip(models, previous):
+                if not was_enabled:
+                    model.disable_gradient_checkpointing()
+
+    # Copied from pipeline_syncdiffusion.SyncDiffusionPipeline.check_image_inputs
+    def check_image_inputs(self, image, mask_image, strength, sync_anchor, height, width, steps, num_views):
+        """The image to start from or repaint, its mask (the panorama's size), `strength` and `sync_anchor`."""
+        if image is None:
+            for name, value in (("mask_image", mask_image), ("strength", strength)):
+                if value is not None:
+                    raise ValueError(f"`{name}` needs `image`, but `image` is None.")
+        for name, value in (("image", image), ("mask_image", mask_image)):
+            if value is None:
+                continue
+            if not isinstance(value, (PIL.Image.Image, np.ndarray, torch.Tensor)):
+                raise ValueError(
+                    f"`{name}` has to be one PIL image, numpy array or torch tensor (the panorama's size), but is"
+                    f" {type(value)}."
+                )
+            if isinstance(value, torch.Tensor) and value.ndim == 4 and value.shape[0] != 1:
+                raise ValueError(f"`{name}` has to be one image, but is a batch of {value.shape[0]}.")
+            if image_size(value) != (height, width):
+                size = image_size(value)
+                raise ValueError(
+                    f"`{name}` is {size[0]}x{size[1]} pixels (height x width), but the panorama is {height}x{width}:"
+                    " pass `height` and `width` of the image, or resize it."
+                )
+        if strength is not None:
+            if not isinstance(strength, (int, float)) or isinstance(strength, bool) or not 0 < strength <= 1:
+                raise ValueError(f"`strength` has to be in (0, 1], but is {strength!r}.")
+            if int(steps * strength) < 1:
+                raise ValueError(
+                    f"`strength` {strength} of {steps} steps runs no step (`int(num_inference_steps * strength)` is"
+                    " 0): a larger `strength` or more steps."
+                )
+        if mask_image is not None:
+            mask = self.mask_processor.preprocess(mask_image, height=height, width=width)
+            if mask.min() < 0 or mask.max() > 1:
+                raise ValueError("`mask_image` has to hold values in [0, 1] (white = generate, black = keep).")
+            if mask.max() == 0:
+                raise ValueError(
+                    "`mask_image` is black everywhere: it keeps the whole image and generates nothing (white = generate)."
+                )
+            if mask.min() == 1:
+                logger.warning(
+                    "`mask_image` is white everywhere: it keeps nothing of the image (`strength=1`: the text-to-image"
+                    " panorama, but for the random draws of the image's encoding; below 1: image-to-image)."
+                )
+        if self.inpainting_channels and mask_image is None:
+            raise ValueError(
+                f"this {type(self.denoiser).__name__} is an inpainting model ({self.denoiser.config.in_channels} input"
+                " channels: latents, mask, masked image): it needs `image` and `mask_image`."
+            )
+        anchors = ("center", "image")
+        if sync_anchor is not None and sync_anchor not in anchors:
+            if not isinstance(sync_anchor, int) or isinstance(sync_anchor, bool) or not 0 <= sync_anchor < num_views:
+                raise ValueError(
+                    f"`sync_anchor` has to be one of {anchors}, a view index in 0..{num_views - 1}, or None, but is"
+                    f" {sync_anchor!r}."
+                )
+
+    # Copied from pipeline_syncdiffusion.SyncDiffusionPipeline.check_region_inputs
+    def check_region_inputs(
+        self, region_prompts, region_masks, region_negative_prompts, region_bootstrap_steps, height, width, steps
+    ):
+        """Region prompts, their masks (the panorama's size in pixels, values in [0, 1]) and bootstrapping."""
+        if region_prompts is None:
+            for name, value in (
+                ("region_masks", region_masks),
+                ("region_negative_prompts", region_negative_prompts),
+                ("region_bootstrap_steps", region_bootstrap_steps),
+            ):
+                if value is not None:
+                    raise ValueError(f"`{name}` needs `region_prompts`, but `region_prompts` is None.")
+            return
+        if (
+            not isinstance(region_prompts, list)
+            or not region_prompts
+            or not all(isinstance(p, str) for p in region_prompts)
+        ):
+            raise ValueError(f"`region_prompts` has to be a non-empty list of strings, but is {region_prompts!r}.")
+        if not isinstance(region_masks, (list, tuple)) or len(region_masks) != len(region_prompts):
+            count = len(region_masks) if isinstance(region_masks, (list, tuple)) else type(region_masks).__name__
+            raise ValueError(
+                f"`region_masks` has to be a list of one mask per region prompt ({len(region_prompts)}), but has"
+                f" {count}."
+            )
+        for index, mask in enumerate(region_masks):
+            mask = region_mask_tensor(mask, index)
+            if tuple(mask.shape) != (height, width):
+                raise ValueError(
+                    f"`region_masks[{index}]` is {mask.shape[0]}x{mask.shape[1]} pixels (height x width), but the"
+                    f" panorama is {height}x{width}."
+                )
+        if region_negative_prompts is not None and (
+            not isinstance(region_negative_prompts, list)
+            or len(region_negative_prompts) != len(region_prompts)
+            or not all(p is None or isinstance(p, str) for p in region_negative_prompts)
+        ):
+            raise ValueError(
+                "`region_negative_prompts` has to be a list of one string (or None) per region prompt"
+                f" ({len(region_prompts)}), but is {region_negative_prompts!r}."
+            )
+        if region_bootstrap_steps is not None and (
+            not isinstance(region_bootstrap_steps, int)
+            or isinstance(region_bootstrap_steps, bool)
+            or not 0 <= region_bootstrap_steps <= steps
+        ):
+            raise ValueError(
+                f"`region_bootstrap_steps` has to be an integer in 0..{steps} (`num_inference_steps`) or None, but is"
+                f" {region_bootstrap_steps!r}."
+            )
+
+    # Copied from pipeline_syncdiffusion.SyncDiffusionPipeline.prepare_regions
+    def prepare_regions(self, conditionings, region_masks, bootstrap_steps, views, latents, steps, generator):
+        """
+        The call's `PanoramaRegions`: each mask averaged over the VAE's pixel blocks to the latent, the prompts
+        present in each view, and for bootstrapping constant-colour backgrounds encoded at the view size (as many as
+        bootstrap steps, as `region_based.py` does) with a random choice per step, view, region and image.
+        """
+        factor = self.vae_scale_factor
+        masks = torch.stack([region_mask_tensor(mask, k) for k, mask in enumerate(region_masks)])
+        latent_masks = F.avg_pool2d(masks[:, None], factor)[:, 0].to(latents.device)
+        for index in torch.nonzero(latent_masks.flatten(1).amax(1) == 0).flatten().tolist():
+            logger.warning(f"`region_masks[{index}]` covers no latent pixel: its region prompt changes nothing.")
+        weights = region_weights(latent_masks)
+        view_prompts = {
+            view: [p for p in range(len(weights)) if crop_views(weights[p], [view]).any()] for view in views
+        }
+        if bootstrap_steps is None:
+            bootstrap_steps = round(REGION_BOOTSTRAP_FRACTION * steps)
+        regions = PanoramaRegions(conditionings, weights, view_prompts, bootstrap_steps)
+        if bootstrap_steps == 0:
+            return regions
+        # A generator of their own, seeded from the call's (its first one) without consuming it: the draws of the
+        # scheduler's noise after this stay those of a call without regions.
+        first = generator[0] if isinstance(generator, list) else generator
+        device = first.device if first is not None else latents.device
+        if first is not None:
+            seed_generator = torch.Generator(device).set_state(first.get_state())
+            seed = int(torch.randint(2**62, (1,), generator=seed_generator, device=device))
+            first = torch.Generator(device).manual_seed(seed)
+        colours = torch.rand((bootstrap_steps, 3, 1, 1), generator=first, device=device)
+        h_start, h_end, w_start, w_end = views[0]
+        size = ((h_end - h_start) * factor, (w_end - w_start) * factor)
+        images = [(2 * colour - 1).expand(1, 3, *size) for colour in colours.to(latents.device)]
+        regions.backgrounds = torch.cat([self.encode_latents(image, first) for image in images]).to(latents.dtype)
+        choice_shape = (bootstrap_steps, len(views), len(weights), latents.shape[0])
+        regions.background_choice = torch.randint(bootstrap_steps, choice_shape, generator=first, device=device)
+        regions.view_index = {view: k for k, view in enumerate(views)}
+        # The unit noise the latents were drawn from (sigma-scaled schedulers start from `init_noise_sigma` times it).
+        start_sigma = 1.0 if scheduler_family(self.scheduler) == FLOW_MATCHING else self.scheduler.init_noise_sigma
+        regions.initial_noise = latents / start_sigma
+        return regions
+
+    # Copied from pipeline_syncdiffusion.SyncDiffusionPipeline.add_noise
+    def add_noise(self, clean_latents: torch.Tensor, noise: torch.Tensor, t) -> torch.Tensor:
+        """`clean_latents` noised to step `t` as the scheduler would (flow matching: `sigma * noise + (1 - sigma) x`)."""
+        timesteps = torch.as_tensor(t, device=clean_latents.device).reshape(1)
+        if scheduler_family(self.scheduler) == FLOW_MATCHING:
+            return self.scheduler.scale_noise(clean_latents, timesteps, noise)
+        return self.scheduler.add_noise(clean_latents, noise, timesteps)
+
+    # Copied from pipeline_syncdiffusion.SyncDiffusionPipeline.keep_image
+    def keep_image(self, latents, kept: dict, timesteps, i: int) -> torch.Tensor:
+        """
+        Inpainting with a plain denoiser, as `StableDiffusionInpaintPipeline` does for 4-channel UNets: after step
+        `i`, the kept region (`1 - mask`) becomes the image's latent noised to the next step (the image itself after
+        the last).
+        """
+        image_latents = kept["image_latents"]
+        if i < len(timesteps) - 1:
+            image_latents = self.add_noise(image_latents, kept["noise"], timesteps[i + 1])
+        mask = kept["mask"]
+        return (1 - mask) * image_latents + mask * latents
+
+    # Copied from pipeline_syncdiffusion.SyncDiffusionPipeline.view_items
+    def view_items(self, views: list, regions: PanoramaRegions | None) -> list:
+        """`(view, prompt)` of every prompt denoised in each view, view-major; prompt 0 is the call's own."""
+        if regions is None:
+            return [(view, 0) for view in views]
+        return [(view, prompt) for view in views for prompt in regions.view_prompts[view]]
+
+    # Copied from pipeline_syncdiffusion.SyncDiffusionPipeline.region_items
+    def region_items(self, view_latents, views, t, panorama: PanoramaState | None, input_scale=1.0):
+        """
+        The latent of every `view_items` entry from the views' latents: a view's own for each of its prompts; in the
+        bootstrapping steps a region's outside its mask is a noised constant-colour background. `input_scale` is
+        `scale_model_input`'s factor when `view_latents` are model inputs.
+        """
+        regions = panorama.regions if panorama is not None else None
+        if regions is None:
+            return view_latents
+        bootstrapping = panorama.step < regions.bootstrap_steps
+        if all(regions.view_prompts[view] == [0] for view in views):  # the background alone: the views' own
+            return view_latents
+        items = []
+        for view, latents in zip(views, view_latents.chunk(len(views))):
+            for prompt in regions.view_prompts[view]:
+                if not bootstrapping or prompt == 0:
+                    items.append(latents)
+                    continue
+                choice = regions.background_choice[panorama.step, regions.view_index[view], prompt]
+                background = regions.backgrounds[choice.to(regions.backgrounds.device)]
+                noise = crop_views(regions.initial_noise, [view])
+                background = self.add_noise(background, noise, t).to(latents.dtype) * input_scale
+                weight = crop_views(regions.weights[prompt], [view]).to(latents.dtype)
+                items.append(latents * weight + background * (1 - weight))
+        return torch.cat(items)
+
+    # Copied from pipeline_syncdiffusion.SyncDiffusionPipeline.predict_items
+    def predict_items(self, model_input, t, conditioning, views, panorama: PanoramaState | None):
+        """The model output of every `view_items` entry: one `predict_noise` per prompt present."""
+        regions = panorama.regions if panorama is not None else None
+        if regions is None:
+            return self.predict_noise(model_input, t, conditioning, views)
+        items = self.view_items(views, regions)
+        prompts = sorted({prompt for _, prompt in items})
+        if len(prompts) == 1:
+            prompt_conditioning = conditioning if prompts[0] == 0 else regions.conditionings[prompts[0] - 1]
+            return self.predict_noise(model_input, t, prompt_conditioning, [view for view, _ in items])
+        inputs = model_input.chunk(len(items))
+        outputs = [None] * len(items)
+        for prompt in prompts:
+            picked = [k for k, (_, p) in enumerate(items) if p == prompt]
+            prompt_conditioning = conditioning if prompt == 0 else regions.conditionings[prompt - 1]
+            prompt_views = [items[k][0] for k in picked]
+            output = self.predict_noise(torch.cat([inputs[k] for k in picked]), t, prompt_conditioning, prompt_views)
+            for k, output_k in zip(picked, output.chunk(len(picked))):
+                outputs[k] = output_k
+        return torch.cat(outputs)
+
+    # Copied from pipeline_syncdiffusion.SyncDiffusionPipeline.combine_items
+    def combine_items(self, item_latents, views, panorama: PanoramaState | None):
+        """Each view's mask-weighted mean of its prompts' `item_latents` (its own with no regions)."""
+        regions = panorama.regions if panorama is not None else None
+        if regions is None:
+            return item_latents
+        items = self.view_items(views, regions)
+        if len(items) == len(views):  # one prompt in each view: its own
+            return item_latents
+        chunks = item_latents.chunk(len(items))
+        combined = []
+        for view in views:
+            picked = [k for k, (v, _) in enumerate(items) if v == view]
+            weights = [crop_views(regions.weights[items[k][1]], [view]).to(item_latents.dtype) for k in picked]
+            total = sum(w * chunks[k] for w, k in zip(weights, picked))
+            combined.append(total / sum(weights))
+        return torch.cat(combined)
+
+    # Copied from pipeline_syncdiffusion.SyncDiffusionPipeline.synchronize_views
+    def synchronize_views(
+        self, view_latents, views, anchor_images, t, weight, conditioning, sync: SyncSettings, panorama=None
+    ):
+        """
+        SyncDiffusion's update of a stack of (non-anchor) views:
+        `z_v <- z_v - w * d LPIPS(D(x0(z_v)), D(x0(z_anchor))) / d z_v`.
+
+        The step is taken on the denoiser's input `scale_model_input(z_v)`: `z_v` itself for DDIM (the paper's),
+        DPM-Solver, UniPC and flow matching; for sigma-scaled schedulers (Euler, LMS) the variance-preserving latent,
+        so that `sync_weight` means the same as with DDIM instead of a step `sigma**2 + 1` times smaller. With region
+        prompts `x0(z_v)` is the mask-weighted mean of the view's prompts' clean latents (`combine_items`): the
+        image the view will contribute.
+
+        Returns the updated latents and the model output (of every `view_items` entry) predicted before the update.
+        """
+        input_scale = self.scale_model_input(torch.ones_like(view_latents[:1, :1, :1, :1]), t).float()
+
+        def predict_clean(model_input):
+            item_input = self.region_items(model_input, views, t, panorama, input_scale.to(model_input.dtype))
+            with torch.set_grad_enabled(sync.through_denoiser):
+                model_output = self.predict_items(item_input, t, conditioning, views, panorama)
+            clean_latents = self.predict_clean_latents(item_input, model_output, t)
+            return self.combine_items(clean_latents, views, panorama), model_output
+
+        def decode(clean_latents):
+            return self.decode_for_sync(clean_latents, sync.decoder, sync.decode_downsample)
+
+        def distance(images, anchor):
+            return self.perceptual_distance(images, anchor, sync.lpips_size)
+
+        model_input = self.scale_model_input(view_latents, t)
+        with self._sync_checkpointing(sync.checkpointing, sync.decoder):
+            updated, model_output = synchronization_update(
+                model_input, anchor_images, weight, predict_clean, decode, distance, lambda: onload(self.denoiser)
+            )
+        return (updated / input_scale).to(view_latents.dtype), model_output
+
+    # Copied from pipeline_syncdiffusion.SyncDiffusionPipeline.prepare_anchor
+    def prepare_anchor(self, latents, anchor_view, t, conditioning, sync: SyncSettings, panorama=None):
+        """The anchor view's model output (reused for its own step) and its decoded clean image, no gradient."""
+        anchor_latents = self.region_items(crop_views(latents, [anchor_view]), [anchor_view], t, panorama)
+        model_input = self.scale_model_input(anchor_latents, t)
+        model_output = self.predict_items(model_input, t, conditioning, [anchor_view], panorama)
+        clean_latents = self.predict_clean_latents(model_input, model_output, t)
+        clean_latents = self.combine_items(clean_latents, [anchor_view], panorama)
+        images = self.decode_for_sync(clean_latents, sync.decoder, sync.decode_downsample)
+        return {"view": anchor_view, "model_output": model_output, "images": images}
+
+    # Copied from pipeline_syncdiffusion.SyncDiffusionPipeline.denoise_view_batch
+    def denoise_view_batch(
+        self, view_latents, views, anchor, weight, t, conditioning, sync: SyncSettings, panorama=None
+    ):
+        """
+        The model output for one batch of views, synchronizing the non-anchor ones first on a synchronized step
+        (`anchor` given).
+
+        Returns the latents and the model output of every `view_items` entry (the views' own without regions).
+        """
+        if anchor is None:
+            item_latents = self.region_items(view_latents, views, t, panorama)
+            model_input = self.scale_model_input(item_latents, t)
+            return item_latents, self.predict_items(model_input, t, conditioning, views, panorama)
+
+        regions = panorama.regions if panorama is not None else None
+        rows = view_latents.shape[0] // len(views)
+        item_rows = [rows * len(self.view_items([view], regions)) for view in views]
+        latents_per_view = list(view_latents.chunk(len(views)))
+        others = [k for k, view in enumerate(views) if view != anchor["view"]]
+        outputs_per_view = [anchor["model_output"]] * len(views)  # the anchor keeps its own prediction
+        # The gradient pass holds far more memory per view than a forward: it runs on chunks of the other views.
+        for start in range(0, len(others), sync.gradient_batch_size):
+            chunk = others[start : start + sync.gradient_batch_size]
+            stacked = torch.cat([latents_per_view[k] for k in chunk])
+            anchor_images = anchor["images"].repeat(len(chunk), 1, 1, 1)
+            chunk_views = [views[k] for k in chunk]
+            updated, before = self.synchronize_views(
+                stacked, chunk_views, anchor_images, t, weight, conditioning, sync, panorama
+            )
+            before = before.split([item_rows[k] for k in chunk])
+            for k, latents_k, output_k in zip(chunk, updated.chunk(len(chunk)), before):
+                latents_per_view[k], outputs_per_view[k] = latents_k, output_k
+        if others and not sync.reuse_noise:
+            # The denoising step predicts again from the updated latents, in one call for the whole batch.
+            other_views = [views[k] for k in others]
+            updated = self.region_items(torch.cat([latents_per_view[k] for k in others]), other_views, t, panorama)
+            after = self.predict_items(self.scale_model_input(updated, t), t, conditioning, other_views, panorama)
+            for k, output_k in zip(others, after.split([item_rows[k] for k in others])):
+                outputs_per_view[k] = output_k
+        item_latents = self.region_items(torch.cat(latents_per_view), views, t, panorama)
+        return item_latents, torch.cat(outputs_per_view)
+
+    # Copied from pipeline_syncdiffusion.SyncDiffusionPipeline.prepare_panorama
+    def prepare_panorama(
+        self, latents: torch.Tensor, views: list, view_batch_size: int, regions=None, anchor_index=None
+    ) -> PanoramaState:
+        """The views in batches, one scheduler state per batch, the anchor (`views[len(views) // 2]` unless
+        `anchor_index` says), the sums."""
+        anchor_index = len(views) // 2 if anchor_index is None else anchor_index
+        view_batches = [views[i : i + view_batch_size] for i in range(0, len(views), view_batch_size)]
+        return PanoramaState(
+            views=views,
+            view_batches=view_batches,
+            scheduler_states=[self._scheduler_state() for _ in view_batches],
+            anchor_view=views[anchor_index],
+            anchor_batch=anchor_index // view_batch_size,
+            value=torch.zeros_like(latents, dtype=torch.float32),
+            count=torch.zeros_like(latents, dtype=torch.float32),
+            noise=PanoramaNoise(self.scheduler, latents.shape),
+            regions=regions,
+        )
+
+    # Copied from pipeline_syncdiffusion.SyncDiffusionPipeline.denoise_step
+    def denoise_step(self, latents, t, panorama: PanoramaState, conditioning, sync: SyncSettings, extra_step_kwargs):
+        """
+        One step of the joint diffusion: every view is denoised from its crop of `latents` (synchronized to the
+        anchor view first, on the early steps), and every latent pixel becomes the mean of its views (MultiDiffusion,
+        Eq. 5). With region prompts every prompt present in a view is denoised from it, and each adds its result
+        weighted by its mask: the pixel is the mask-weighted mean over views and prompts. Returns the new latents.
+        """
+        panorama.value.zero_()
+        panorama.count.zero_()
+        panorama.noise.new_evaluation()
+        # Synchronize on a step's first evaluation only: the correction of a second-order step (Heun, KDPM2) starts
+        # again from the sample its first evaluation stored, so an update there would be lost.
+        self.scheduler.__dict__.update(panorama.scheduler_states[panorama.anchor_batch])
+        first_evaluation = self._first_evaluation()
+        panorama.step += first_evaluation
+        weight = sync.weight_at(panorama.step) if first_evaluation and len(panorama.views) > 1 else None
+        anchor = None
+        if weight is not None:
+            anchor = self.prepare_anchor(latents, panorama.anchor_view, t, conditioning, sync, panorama)
+            # The anchor's batch keeps what scale_model_input recorded there (it reuses this prediction).
+            panorama.scheduler_states[panorama.anchor_batch] = self._scheduler_state()
+
+        regions = panorama.regions
+        for j, views in enumerate(panorama.view_batches):
+            self.scheduler.__dict__.update(panorama.scheduler_states[j])
+            view_latents = crop_views(latents, views)
+            item_latents, model_output = self.denoise_view_batch(
+                view_latents, views, anchor, weight, t, conditioning, sync, panorama
+            )
+            items = self.view_items(views, regions)
+            item_views = [view for view, _ in items]
+            with panorama.noise.crop(item_views):
+                denoised = self.scheduler.step(model_output, t, item_latents, **extra_step_kwargs, return_dict=False)[
+                    0
+                ]
+            panorama.scheduler_states[j] = self._scheduler_state()
+            weights = None if regions is None else [crop_views(regions.weights[p], [v]) for v, p in items]
+            add_views(panorama.value, panorama.count, denoised, item_views, weights)
+        return torch.where(panorama.count > 0, panorama.value / panorama.count, panorama.value).to(latents.dtype)
+
+    # Copied from pipeline_syncdiffusion.SyncDiffusionPipeline._first_evaluation
+    def _first_evaluation(self):
+        """
+        Whether the scheduler's next model evaluation starts a denoising step. Not so for the correction of a
+        second-order step (Heun, KDPM2), nor for PNDM's second evaluation of its first timestep: those start again
+        from the sample their step's first evaluation stored, so an update made there would be lost.
+        """
+        scheduler = self.scheduler
+        if hasattr(scheduler, "state_in_first_order"):
+            return scheduler.state_in_first_order
+        if hasattr(scheduler, "cur_sample") and hasattr(scheduler, "ets"):  # PNDM with PLMS steps (`check_scheduler`)
+            return scheduler.counter != 1
+        return True
+
+    # Copied from pipeline_syncdiffusion.SyncDiffusionPipeline._scheduler_state
+    def _scheduler_state(self):
+        """
+        The scheduler's state for one view batch: its history (lists, dicts) copied, tensors shared. Schedulers rebind
+        their tensors rather than change them in place, so this is a deep copy without copying device tensors.
+        """
+        return {k: copy.copy(v) if isinstance(v, (list, dict)) else v for k, v in self.scheduler.__dict__.items()}
+
+    # Copied from pipeline_syncdiffusion.SyncDiffusionPipeline.num_timesteps
+    @property
+    def num_timesteps(self):
+        return self._num_timesteps
+
+    # Copied from pipeline_syncdiffusion.SyncDiffusionPipeline.interrupt
+    @property
+    def interrupt(self):
+        return self._interrupt
+
+    # ------------------------------------------------------------------------------------------------------------------
+    # Generation
+    # ------------------------------------------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    @replace_example_docstring(EXAMPLE_DOC_STRING)
+    def __call__(
+        self,
+        prompt: str | list[str] = None,
+        image: PIL.Image.Image | list[PIL.Image.Image] | None = None,
+        height: int | None = 1024,
+        width: int | None = 4096,
+        num_inference_steps: int = 50,
+        sigmas: list[float] | None = None,
+        guidance_scale: float = 4.0,
+        num_images_per_prompt: int = 1,
+        generator: torch.Generator | list[torch.Generator] | None = None,
+        latents: torch.Tensor | None = None,
+        prompt_embeds: torch.Tensor | None = None,
+        negative_prompt_embeds: torch.Tensor | None = None,
+        output_type: str = "pil",
+        return_dict: bool = True,
+        attention_kwargs: dict[str, Any] | None = None,
+        callback_on_step_end: Callable[[int, int, dict], None] | None = None,
+        callback_on_step_end_tensor_inputs: list[str] = ["latents"],
+        max_sequence_length: int = 512,
+        text_encoder_out_layers: tuple[int] = (9, 18, 27),
+        negative_prompt: str | list[str] | None = None,
+        window_size: int | None = None,
+        stride: int | None = None,
+        view_batch_size: int | str = 1,
+        circular_padding: bool = False,
+        sync_weight: float = 20.0,
+        sync_decay_rate: float = 0.95,
+        sync_freq: int = 1,
+        sync_thres: int = 5,
+        sync_mode: str = "exact",
+        sync_gradient: str | None = None,
+        sync_reuse_noise: bool | None = None,
+        sync_decoder: Any | None = None,
+        sync_lpips_size: int | None = None,
+        sync_gradient_checkpointing: bool = False,
+        sync_decode_downsample: int = 1,
+        region_prompts: list[str] | None = None,
+        region_masks: list[PIL.Image.Image | np.ndarray | torch.Tensor] | None = None,
+        region_negative_prompts: list[str | None] | None = None,
+        region_bootstrap_steps: int | None = None,
+        **kwargs: Any,
+    ):
+        r"""
+        The call function to the pipeline for generation. Every argument of [`Flux2KleinPipeline`] means what it
+        means there, applied to every view; the panorama and synchronization arguments follow. `prompt` comes first
+        (in `Flux2KleinPipeline` it is `image`): pass reference images by name.
+
+        Args:
+            prompt (`str` or `list[str]`, *optional*):
+                The prompt or prompts to guide image generation. If not defined, pass `prompt_embeds`.
+            image (`PIL.Image.Image` or `list[PIL.Image.Image]`, *optional*):
+                Reference images, as in [`Flux2KleinPipeline`]: every view attends to their tokens (each image at
+                most 1024x1024 pixels' area, cropped to multiples of 16), at every step and in the synchronization's
+                gradient pass. They do not set the panorama's size.
+            height (`int`, *optional*, defaults to 1024):
+                The height in pixels of the panorama: a multiple of 16, at least `window_size`. Taller than the
+                window gives several rows of views. `None`: the window's.
+            width (`int`, *optional*, defaults to 4096):
+                The width in pixels of the panorama: a multiple of 16, at least `window_size`. `None`: the window's.
+            num_inference_steps (`int`, *optional*, defaults to 50):
+                The number of denoising steps (the step-distilled FLUX.2-klein-4B and -9B: 4).
+            sigmas (`list[float]`, *optional*):
+                Custom sigmas (before the timestep shift), instead of `np.linspace(1, 1 / num_inference_steps,
+                num_inference_steps)`; their number is the number of steps. As in `Flux2KleinPipeline`, the shift is
+                computed for `num_inference_steps` steps.
+            guidance_scale (`float`, *optional*, defaults to 4.0):
+                Classifier-free guidance, on when `guidance_scale > 1` and the model is not step-distilled
+                (`is_distilled`): every view pass runs the transformer twice, `v_neg + guidance_scale * (v - v_neg)`,
+                the synchronization's gradient pass included. Ignored, with a warning, by step-distilled models.
+            num_images_per_prompt (`int`, *optional*, defaults to 1):
+                The number of panoramas to generate per prompt. Each is synchronized to its own anchor.
+            generator (`torch.Generator` or `list[torch.Generator]`, *optional*):
+                A generator (or one per image) to make generation deterministic.
+            latents (`torch.Tensor`, *optional*):
+                The initial noise as [`Flux2KleinPipeline`] takes it, `(batch, 128, height / 16, width / 16)`; or
+                with its 2x2 patches laid out, `(batch, 32, height / 8, width / 8)` (the panorama latent's layout);
+                or packed as callbacks see it, `(batch, height / 16 * width / 16, 128)`.
+            prompt_embeds (`torch.Tensor`, *optional*):
+                Text embeddings instead of `prompt`, `(batch, tokens, joint_attention_dim)`; repeated for
+                `num_images_per_prompt`.
+            negative_prompt_embeds (`torch.Tensor`, *optional*):
+                Negative text embeddings for classifier-free guidance, one row per prompt (any number of tokens);
+                instead of `negative_prompt`.
+            output_type (`str`, *optional*, defaults to `"pil"`):
+                `"pil"`, `"np"`, `"pt"` or `"latent"` (the VAE's latent of the panorama, `(batch, 32, height / 8,
+                width / 8)`, as [`Flux2KleinPipeline`] returns it).
+            return_dict (`bool`, *optional*, defaults to `True`):
+                Whether to return a [`~pipelines.flux2.Flux2PipelineOutput`] or a tuple.
+            attention_kwargs (`dict`, *optional*):
+                Keyword arguments for the attention processors (`"scale"`: the LoRA scale).
+            callback_on_step_end (`Callable`, *optional*):
+                Called at the end of each step as `callback_on_step_end(self, step, timestep, callback_kwargs)`; it
+                may return replacements for the tensors in `callback_kwargs`. `latents` is the panorama latent packed
+                as [`Flux2KleinPipeline`] passes it, `(batch, height / 16 * width / 16, 128)`.
+            callback_on_step_end_tensor_inputs (`list[str]`, *optional*, defaults to `["latents"]`):
+                Tensors passed to `callback_on_step_end`: `latents`, `prompt_embeds`.
+            max_sequence_length (`int`, *optional*, defaults to 512):
+                Text tokens of the prompt (with Qwen3's chat template), padded or truncated to this length.
+            text_encoder_out_layers (`tuple[int]`, *optional*, defaults to `(9, 18, 27)`):
+                The text encoder's hidden states stacked into the prompt embedding.
+            negative_prompt (`str` or `list[str]`, *optional*):
+                The prompt or prompts not to guide the image generation under classifier-free guidance (a string is
+                every prompt's); `None` is [`Flux2KleinPipeline`]'s empty prompt. Ignored without guidance.
+            window_size (`int`, *optional*):
+                The view side in pixels, a multiple of 16; defaults to `default_sample_size * vae_scale_factor`,
+                1024. Each view is one FLUX.2 image of this size.
+            stride (`int`, *optional*):
+                Distance between neighbouring views in latent pixels: even, from 2 to the window. Defaults to a
+                quarter of the window, 32 for 1024 pixels: 13 views at 1024x4096.
+            view_batch_size (`int` or `"auto"`, *optional*, defaults to 1):
+                How many views are denoised, and synchronized, in one transformer batch; the result is the same.
+                `"auto"` sizes the denoising batches and, separately, the gradient pass to the free GPU memory,
+                turning on gradient checkpointing if one view's gradient pass would not fit.
+            circular_padding (`bool`, *optional*, defaults to `False`):
+                Whether views wrap around the right edge, for a 360-degree panorama whose edges meet without a seam.
+            sync_weight (`float`, *optional*, defaults to 20.0):
+                Step size `w` of the synchronization gradient descent. `0` turns synchronization off
+                (MultiDiffusion).
+            sync_decay_rate (`float`, *optional*, defaults to 0.95):
+                The weight at step `i` is `sync_weight * sync_decay_rate ** i`. In (0, 1].
+            sync_freq (`int`, *optional*, defaults to 1):
+                Synchronize every `sync_freq`-th step.
+            sync_thres (`int`, *optional*, defaults to 5):
+                Synchronize only the first `sync_thres` steps.
+            sync_mode (`str`, *optional*, defaults to `"exact"`):
+                `"exact"` is the paper's algorithm. `"fast"` sets `sync_gradient="x0"` and `sync_reuse_noise=True`
+                unless those are given: a synchronized step then costs as many transformer passes as a MultiDiffusion
+                step.
+            sync_gradient (`str`, *optional*):
+                `"transformer"` (exact) backpropagates through the transformer; `"x0"` treats its velocity as
+                constant (`d x0 / d z = 1`). Defaults from `sync_mode`.
+            sync_reuse_noise (`bool`, *optional*):
+                Whether a view's Euler step reuses the velocity predicted before its synchronization update instead
+                of predicting it again from the updated latent. Defaults from `sync_mode`.
+            sync_decoder (*optional*):
+                A decoder with `decode` that makes the images the loss compares, instead of the VAE. It decodes the
+                VAE's latent (32 channels, as `vae.decode` takes it). The final image is always decoded by the VAE.
+            sync_lpips_size (`int`, *optional*):
+                Resize the compared images so their longer side is this many pixels before LPIPS.
+            sync_gradient_checkpointing (`bool`, *optional*, defaults to `False`):
+                Recompute transformer and decoder activations in the gradient pass instead of storing them: lower
+                peak memory, one more forward of each per synchronized view, the same result.
+            sync_decode_downsample (`int`, *optional*, defaults to 1):
+                Average-pool the VAE's latent of the predicted clean latents by this factor before decoding the
+                images the loss compares.
+            region_prompts (`list[str]`, *optional*):
+                Prompts for regions of the panorama (MultiDiffusion's region-based generation), one per mask in
+                `region_masks`; `prompt` is the background's. Each view denoises every prompt present in it, and each
+                prompt adds its result weighted by its mask; the background weighs `max(1 - sum of the masks, 0)`.
+                Synchronization compares each view's mask-weighted clean image with the anchor view's.
+            region_masks (`list`, *optional*):
+                One mask per region prompt, the panorama's size in pixels: PIL images (white = the region), arrays or
+                tensors of values in [0, 1]; soft edges are allowed. Averaged over the VAE's pixel blocks.
+            region_negative_prompts (`list[str | None]`, *optional*):
+                A negative prompt per region prompt under classifier-free guidance; `None` (the default) takes the
+                call's negative.
+            region_bootstrap_steps (`int`, *optional*):
+                MultiDiffusion's bootstrapping: during the first this many steps a region's latent outside its mask
+                is replaced by a noised constant-colour background, drawn from a generator seeded from `generator`'s
+                state (its first one, if a list) without consuming it, which keeps each region's content inside its
+                mask. Defaults to `round(0.4 * num_inference_steps)` (20 of 50, as MultiDiffusion's
+                `region_based.py`); 0 turns it off.
+
+        Examples:
+
+        Returns:
+            [`~pipelines.flux2.Flux2PipelineOutput`] or `tuple`: the generated images.
+        """
+
+        callback, callback_steps = self.take_deprecated_callback(kwargs)
+        if isinstance(callback_on_step_end, (PipelineCallback, MultiPipelineCallbacks)):
+            callback_on_step_end_tensor_inputs = callback_on_step_end.tensor_inputs
+
+        # 0. Default sizes: the 1024-pixel window. A scheduler on flow sigmas makes its own (Flux2KleinPipeline
+        # drops `sigmas` then).
+        window_size = self.default_window_size if window_size is None else window_size
+        height = window_size if height is None else height
+        width = window_size if width is None else width
+        if self.scheduler.config.get("use_flow_sigmas", False):
+            sigmas = None
+        steps = num_inference_steps if sigmas is None else len(sigmas)
+
+        # 1. Check inputs
+        self.check_inputs(
+            prompt,
+            height,
+            width,
+            window_size,
+            self.default_stride(window_size) if stride is None and isinstance(window_size, int) else stride,
+            image,
+            negative_prompt,
+            prompt_embeds,
+            negative_prompt_embeds,
+            callback_on_step_end_tensor_inputs,
+            num_inference_steps=steps,
+            num_images_per_prompt=num_images_per_prompt,
+            latents=latents,
+            max_sequence_length=max_sequence_length,
+            text_encoder_out_layers=text_encoder_out_layers,
+            guidance_scale=guidance_scale,
+            generator=generator,
+            callback_steps=callback_steps,
+            view_batch_size=view_batch_size,
+            sync_weight=sync_weight,
+            sync_decay_rate=sync_decay_rate,
+            sync_freq=sync_freq,
+            sync_thres=sync_thres,
+            sync_mode=sync_mode,
+            sync_gradient=sync_gradient,
+            sync_reuse_noise=sync_reuse_noise,
+            sync_decoder=sync_decoder,
+            sync_lpips_size=sync_lpips_size,
+            sync_decode_downsample=sync_decode_downsample,
+            sync_gradient_checkpointing=sync_gradient_checkpointing,
+            region_prompts=region_prompts,
+            region_masks=region_masks,
+            region_negative_prompts=region_negative_prompts,
+            region_bootstrap_steps=region_bootstrap_steps,
+        )
+        stride = self.default_stride(window_size) if stride is None else stride
+        window = window_size // self.vae_scale_factor
+        if callback is not None and callback_steps is None:
+            callback_steps = 1
+
+        self._guidance_scale = guidance_scale
+        self._attention_kwargs = attention_kwargs
+        self._current_timestep = None
+        self._interrupt = False
+
+        # 2. Define call parameters
+        if prompt is not None and isinstance(prompt, str):
+            batch_size = 1
+        elif prompt is not None and isinstance(prompt, list):
+            batch_size = len(prompt)
+        else:
+            batch_size = prompt_embeds.shape[0]
+        num_images = batch_size * num_images_per_prompt
+        device = self._execution_device
+
+        # 3. Encode the prompts, per image. The negative prompt defaults to Flux2KleinPipeline's empty one, for every
+        # prompt.
+        text = {
+            "device": device,
+            "num_images_per_prompt": num_images_per_prompt,
+            "max_sequence_length": max_sequence_length,
+            "text_encoder_out_layers": text_encoder_out_layers,
+        }
+        positive = self.encode_prompt(prompt=prompt, prompt_embeds=prompt_embeds, **text)
+        negative = None
+        if self.do_classifier_free_guidance:
+            if negative_prompt_embeds is None:
+                negative_prompt = "" if negative_prompt is None else negative_prompt
+                negative_prompt = (
+                    [negative_prompt] * batch_size if isinstance(negative_prompt, str) else negative_prompt
+                )
+            negative = self.encode_prompt(prompt=negative_prompt, prompt_embeds=negative_prompt_embeds, **text)
+        region_texts = []  # `(positive, negative)` of each region prompt, for every image
+        for region_prompt, region_negative_prompt in zip(
+            region_prompts or [], region_negative_prompts or [None] * len(region_prompts or [])
+        ):
+            region_positive = self.encode_prompt(prompt=[region_prompt] * batch_size, **text)
+            region_negative = negative  # the call's own negative
+            if negative is not None and region_negative_prompt is not None:
+                region_negative = self.encode_prompt(prompt=[region_negative_prompt] * batch_size, **text)
+            region_texts.append((region_positive, region_negative))
+        dtype = positive[0].dtype
+
+        # 4. The panorama latent, FLUX.2's noise with its patches laid out; the reference images' tokens
+        latents = self.prepare_latents(num_images, height, width, dtype, device, generator, latents)
+        image_latents = image_latent_ids = None
+        if image is not None:
+            image_latents, image_latent_ids = self._reference_latents(image, num_images, generator, device)
+
+        # 5. Timesteps: every view is one FLUX.2 image, so the shift comes from the window's token count
+        if sigmas is None and not self.scheduler.config.get("use_flow_sigmas", False):
+            sigmas = np.linspace(1.0, 1 / num_inference_steps, num_inference_steps)
+        mu = compute_empirical_mu(image_seq_len=(window // 2) ** 2, num_steps=num_inference_steps)
+        timesteps, num_inference_steps = retrieve_timesteps(
+            self.scheduler, num_inference_steps, device, sigmas=sigmas, mu=mu
+        )
+        # As Flux2KleinPipeline: the first step starts at index 0 without a timestep lookup.
+        if hasattr(self.scheduler, "set_begin_index"):
+            self.scheduler.set_begin_index(0)
+
+        # 6. Conditioning: the position ids of one window-sized image (every view's), the reference images' after them
+        img_ids = self._prepare_latent_ids(torch.empty(1, 0, window // 2, window // 2)).to(device)
+        if image_latent_ids is not None:
+            img_ids = torch.cat([img_ids, image_latent_ids[:1]], dim=1)
+        conditioning = self._conditioning(positive, negative, img_ids, image_latents, guidance_scale)
+
+        # 7. Views and their batches; the synchronization's settings
+        views = get_views(
+            height // self.vae_scale_factor, width // self.vae_scale_factor, window, stride, circular_padding
+        )
+        sync = SyncSettings.from_arguments(
+            sync_mode,
+            sync_gradient,
+            sync_reuse_noise,
+            weight=sync_weight,
+            decay_rate=sync_decay_rate,
+            freq=sync_freq,
+            thres=sync_thres,
+            decoder=sync_decoder,
+            lpips_size=sync_lpips_size,
+            decode_downsample=sync_decode_downsample,
+            checkpointing=sync_gradient_checkpointing,
+        )
+        text_tokens = max(embeds.shape[1] for embeds, _ in [positive] + ([negative] if negative else []))
+        reference_tokens = 0 if image_latents is None else image_latents.shape[1]
+        self._window_size, self._text_tokens, self._reference_tokens = window_size, text_tokens, reference_tokens
+        self._true_cfg = negative is not None
+        regions = None
+        if region_prompts is not None:
+            region_conditionings = [
+                self._conditioning(region_positive, region_negative, img_ids, image_latents, guidance_scale)
+                for region_positive, region_negative in region_texts
+            ]
+            regions = self.prepare_regions(
+                region_conditionings,
+                region_masks,
+                region_bootstrap_steps,
+                views,
+                latents,
+                num_inference_steps,
+                generator,
+            )
+        view_batch_size, sync = self.view_batch_sizes(
+            view_batch_size, len(views), num_images, device, dtype, sync, regions
+        )
+        panorama = self.prepare_panorama(latents, views, view_batch_size, regions)
+
+        # 8. Denoising loop: MultiDiffusion over the views, with SyncDiffusion's update in the early steps. A stochastic
+        # step (`stochastic_sampling`) draws from the call's generator (Flux2KleinPipeline passes none: it draws from
+        # torch's global state, which `generator` would not make reproducible).
+        accepts_generator = "generator" in inspect.signature(self.scheduler.step).parameters
+        extra_step_kwargs = {"generator": generator} if accepts_generator else {}
+        num_warmup_steps = max(len(timesteps) - num_inference_steps * self.scheduler.order, 0)
+        self._num_timesteps = len(timesteps)
+        latent_height, latent_width = height // self.vae_scale_factor, width // self.vae_scale_factor
+        with self.progress_bar(total=num_inference_steps) as progress_bar:
+            for i, t in enumerate(timesteps):
+                if self.interrupt:
+                    continue
+
+                self._current_timestep = t
+                latents = self.denoise_step(latents, t, panorama, conditioning, sync, extra_step_kwargs)
+
+                if callback_on_step_end is not None:
+                    # Callbacks see the packed latent, as Flux2KleinPipeline's do.
+                    tensors, replaced = self.run_step_end_callback(
+                        callback_on_step_end,
+                        callback_on_step_end_tensor_inputs,
+                        i,
+                        t,
+                        {"latents": self._latents_to_tokens(latents), "prompt_embeds": positive[0]},
+                    )
+                    latents = self._tokens_to_latents(tensors.pop("latents"), latent_height, latent_width)
+                    if replaced:
+                        prompt_embeds = tensors["prompt_embeds"]
+                        positive = (prompt_embeds, self._prepare_text_ids(prompt_embeds).to(device))
+                        conditioning = self._conditioning(positive, negative, img_ids, image_latents, guidance_scale)
+
+                if i == len(timesteps) - 1 or ((i + 1) > num_warmup_steps and (i + 1) % self.scheduler.order == 0):
+                    progress_bar.update()
+                    if callback is not None and i % callback_steps == 0:
+                        step_idx = i // getattr(self.scheduler, "order", 1)
+                        callback(step_idx, t, self._latents_to_tokens(latents))
+
+        self._current_timestep = None
+
+        # 9. Decode the VAE's latent (the transformer's, denormalized)
+        if output_type == "latent":
+            image = self._vae_latents(latents)
+        else:
+            if circular_padding:
+                image = self.decode_latents_with_padding(latents)
+            else:
+                image = self.vae.decode(self._vae_latents(latents), return_dict=False)[0]
+            image = self.image_processor.postprocess(image, output_type=output_type)
+
+        self.maybe_free_model_hooks()
+
+        if not return_dict:
+            return (image,)
+        return Flux2PipelineOutput(images=image)
