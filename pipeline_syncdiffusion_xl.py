@@ -33,7 +33,12 @@ from diffusers.models import AutoencoderKL, UNet2DConditionModel
 from diffusers.pipelines.pipeline_utils import DiffusionPipeline, StableDiffusionMixin
 from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion import rescale_noise_cfg, retrieve_timesteps
 from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion_img2img import retrieve_latents
-from diffusers.pipelines.stable_diffusion_xl import StableDiffusionXLPipeline, StableDiffusionXLPipelineOutput
+from diffusers.pipelines.stable_diffusion_xl import (
+    StableDiffusionXLImg2ImgPipeline,
+    StableDiffusionXLInpaintPipeline,
+    StableDiffusionXLPipeline,
+    StableDiffusionXLPipelineOutput,
+)
 from diffusers.schedulers import KarrasDiffusionSchedulers
 from diffusers.utils import deprecate, is_invisible_watermark_available, logging, replace_example_docstring
 from transformers import (
@@ -642,6 +647,8 @@ class SyncDiffusionXLPipeline(
     prepare_ip_adapter_image_embeds = StableDiffusionXLPipeline.prepare_ip_adapter_image_embeds
     prepare_extra_step_kwargs = StableDiffusionXLPipeline.prepare_extra_step_kwargs
     prepare_latents = StableDiffusionXLPipeline.prepare_latents
+    get_timesteps = StableDiffusionXLImg2ImgPipeline.get_timesteps
+    _encode_vae_image = StableDiffusionXLInpaintPipeline._encode_vae_image
     _get_add_time_ids = StableDiffusionXLPipeline._get_add_time_ids
     get_guidance_scale_embedding = StableDiffusionXLPipeline.get_guidance_scale_embedding
 
@@ -926,9 +933,14 @@ class SyncDiffusionXLPipeline(
         Guided noise prediction for a stack of `views` (view-major, `batch` images each).
 
         `model_input` is already scaled by `scheduler.scale_model_input`. With guidance the UNet sees every latent
-        twice, interleaved `[uncond, cond]`, as the SD pipeline does.
+        twice, interleaved `[uncond, cond]`, as the SD pipeline does. An inpainting UNet also sees the views' crops of
+        the mask and the masked image's latent.
         """
         num_views = len(views)
+        if conditioning.get("inpainting_input") is not None:
+            mask, masked_image_latents = conditioning["inpainting_input"]
+            extra = [crop_views(mask, views), crop_views(masked_image_latents, views)]
+            model_input = torch.cat([model_input, *[e.to(model_input.dtype) for e in extra]], dim=1)
         timestep_cond = conditioning["timestep_cond"]
         if timestep_cond is not None:
             timestep_cond = timestep_cond.repeat(num_views, 1)
@@ -985,6 +997,60 @@ class SyncDiffusionXLPipeline(
         clean_latents = self.unscale_latents(clean_latents.to(decoder.dtype), decoder)
         image = decoder.decode(clean_latents, return_dict=False)[0]
         return (image / 2 + 0.5).clamp(0, 1)
+
+    # Adapted from pipeline_syncdiffusion.SyncDiffusionPipeline.prepare_image_latents: SDXL's pipelines
+    def prepare_image_latents(
+        self,
+        image,
+        mask_image,
+        strength,
+        timesteps,
+        batch_size,
+        num_images_per_prompt,
+        dtype,
+        device,
+        generator,
+        latents,
+    ):
+        """
+        The starting latents of an image-to-image or inpainting call, made as `StableDiffusionXLImg2ImgPipeline` and
+        `StableDiffusionXLInpaintPipeline` make them (the same random draws, in the same order), and with a mask what
+        the loop needs to keep the image: `{"mask", "image_latents", "noise", "inpainting_input"}`, else None.
+        """
+        height, width = image_size(image)
+        init_image = self.image_processor.preprocess(image, height=height, width=width).to(torch.float32)
+        num_images = batch_size * num_images_per_prompt
+        latent_timestep = timesteps[:1].repeat(num_images)
+        if mask_image is None:
+            latents = StableDiffusionXLImg2ImgPipeline.prepare_latents(
+                self, init_image, latent_timestep, batch_size, num_images_per_prompt, dtype, device, generator
+            )
+            return latents, None
+        latents, noise, *image_latents = StableDiffusionXLInpaintPipeline.prepare_latents(
+            self,
+            num_images,
+            self.vae.config.latent_channels,
+            height,
+            width,
+            dtype,
+            device,
+            generator,
+            latents,
+            image=init_image,
+            timestep=latent_timestep,
+            is_strength_max=strength == 1.0,
+            return_noise=True,
+            return_image_latents=not self.inpainting_channels,
+        )
+        mask_condition = self.mask_processor.preprocess(mask_image, height=height, width=width)
+        mask = F.interpolate(mask_condition, size=latents.shape[-2:]).to(device=device, dtype=dtype)
+        kept = {"mask": mask.repeat(num_images, 1, 1, 1), "noise": noise, "inpainting_input": None}
+        kept["image_latents"] = image_latents[0] if image_latents else None
+        if self.inpainting_channels:
+            masked_image = (init_image * (mask_condition < 0.5)).to(device=device, dtype=dtype)
+            masked_image_latents = self._encode_vae_image(masked_image, generator=generator).to(dtype)
+            kept["inpainting_input"] = (kept["mask"], masked_image_latents.repeat(num_images, 1, 1, 1))
+        return latents, kept
 
     # Adapted from pipeline_syncdiffusion.SyncDiffusionPipeline.encode_latents: SDXL's latents_mean/latents_std
     def encode_latents(self, images: torch.Tensor, generator=None) -> torch.Tensor:
@@ -1104,8 +1170,10 @@ class SyncDiffusionXLPipeline(
         image_embeds,
         timestep_cond,
         num_images,
+        inpainting_input=None,
     ):
-        """Per-image UNet conditioning; with guidance each image's `[negative, positive]` pair is interleaved."""
+        """Per-image UNet conditioning; with guidance each image's `[negative, positive]` pair is interleaved.
+        `inpainting_input`: the latent mask and masked image an inpainting UNet takes."""
         if self.do_classifier_free_guidance:
             encoder_hidden_states = torch.stack([negative_prompt_embeds, prompt_embeds], dim=1).flatten(0, 1)
             text_embeds = torch.stack([negative_add_text_embeds, add_text_embeds], dim=1).flatten(0, 1)
@@ -1123,6 +1191,7 @@ class SyncDiffusionXLPipeline(
             "image_embeds": image_embeds,
             "timestep_cond": timestep_cond,
             "batch_size": num_images,
+            "inpainting_input": inpainting_input,
         }
 
     # ------------------------------------------------------------------------------------------------------------
@@ -2072,6 +2141,10 @@ class SyncDiffusionXLPipeline(
         region_masks: list[PipelineImageInput] | None = None,
         region_negative_prompts: list[str | None] | None = None,
         region_bootstrap_steps: int | None = None,
+        image: PipelineImageInput | None = None,
+        mask_image: PipelineImageInput | None = None,
+        strength: float | None = None,
+        sync_anchor: str | int | None = None,
         **kwargs: Any,
     ):
         r"""
@@ -2210,6 +2283,23 @@ class SyncDiffusionXLPipeline(
                 state (its first one, if a list) without consuming it, which keeps each region's content inside its
                 mask. Defaults to `round(0.4 *
                 num_inference_steps)` (20 of 50, as MultiDiffusion's `region_based.py`); 0 turns it off.
+            image (`PipelineImageInput`, *optional*):
+                One image of the panorama's size (`height x width` pixels; PIL, array or tensor as diffusers' image
+                processor takes it) to start from: image-to-image without `mask_image`, as
+                `StableDiffusionXLImg2ImgPipeline`; inpainting or outpainting with it, as
+                `StableDiffusionXLInpaintPipeline`.
+                Every prompt's images start from it.
+            mask_image (`PipelineImageInput`, *optional*):
+                White where the panorama is generated, black where `image` is kept; soft values blend. An ordinary
+                UNet gets the kept region back after every step, noised to the next one; an inpainting UNet (9 input
+                channels) sees the mask and the masked image instead. Needs `image`.
+            strength (`float`, *optional*):
+                How far `image` is noised before denoising, in (0, 1]: the share of the steps that run. Defaults to
+                0.3 without `mask_image` and 0.9999 with it (the two diffusers pipelines' defaults).
+            sync_anchor (`str` or `int`, *optional*):
+                The view every other is synchronized to: `"center"` (the middle view, the paper's), `"image"` (the
+                view that keeps most of `image` under `mask_image`, so every view is pulled toward the photo's look),
+                or a view index (`get_views` order). Defaults to `"image"` with a mask, else `"center"`.
 
         Examples:
 
@@ -2274,6 +2364,11 @@ class SyncDiffusionXLPipeline(
             region_masks=region_masks,
             region_negative_prompts=region_negative_prompts,
             region_bootstrap_steps=region_bootstrap_steps,
+            image=image,
+            mask_image=mask_image,
+            strength=strength,
+            sync_anchor=sync_anchor,
+            circular_padding=circular_padding,
         )
         if callback is not None and callback_steps is None:
             callback_steps = 1
@@ -2334,26 +2429,45 @@ class SyncDiffusionXLPipeline(
                 ip_adapter_image, ip_adapter_image_embeds, device, num_images, self.do_classifier_free_guidance
             )
 
-        # 4. Prepare timesteps (cut at `denoising_end`, as SDXL does)
+        # 4. Prepare timesteps (from `strength` on with an image, cut at `denoising_end`, as SDXL does)
         timesteps, num_inference_steps = retrieve_timesteps(
             self.scheduler, num_inference_steps, device, timesteps, sigmas
         )
+        if image is not None:
+            strength = (0.3 if mask_image is None else 0.9999) if strength is None else strength
+            timesteps, num_inference_steps = self.get_timesteps(num_inference_steps, strength, device)
         if denoising_end is not None:
             cutoff = int(round(self.scheduler.config.num_train_timesteps * (1 - denoising_end)))
             num_inference_steps = len([t for t in timesteps if t >= cutoff])
             timesteps = timesteps[:num_inference_steps]
 
-        # 5. Prepare latent variables
-        latents = self.prepare_latents(
-            num_images,
-            self.unet.config.in_channels,
-            height,
-            width,
-            prompt_embeds.dtype,
-            device,
-            generator,
-            latents,
-        )
+        # 5. Prepare latent variables: noise, or the image noised to the first step
+        kept = None
+        if image is None:
+            latents = self.prepare_latents(
+                num_images,
+                self.vae.config.latent_channels,
+                height,
+                width,
+                prompt_embeds.dtype,
+                device,
+                generator,
+                latents,
+            )
+        else:
+            latents, kept = self.prepare_image_latents(
+                image,
+                mask_image,
+                strength,
+                timesteps,
+                batch_size,
+                num_images_per_prompt,
+                prompt_embeds.dtype,
+                device,
+                generator,
+                latents,
+            )
+        inpainting_input = None if kept is None else kept["inpainting_input"]
 
         # 6. Views and their batches; the synchronization's settings
         views = self.get_views(height, width, stride=stride, circular_padding=circular_padding)
@@ -2406,7 +2520,11 @@ class SyncDiffusionXLPipeline(
             "negative_add_time_ids": negative_add_time_ids.to(device).repeat(num_images, 1),
         }
         conditioning = self._conditioning(
-            **conditioning_tensors, image_embeds=image_embeds, timestep_cond=timestep_cond, num_images=num_images
+            **conditioning_tensors,
+            image_embeds=image_embeds,
+            timestep_cond=timestep_cond,
+            num_images=num_images,
+            inpainting_input=inpainting_input,
         )
         region_tensors = [
             {
@@ -2422,7 +2540,11 @@ class SyncDiffusionXLPipeline(
         if region_prompts is not None:
             region_conditionings = [
                 self._conditioning(
-                    **region, image_embeds=image_embeds, timestep_cond=timestep_cond, num_images=num_images
+                    **region,
+                    image_embeds=image_embeds,
+                    timestep_cond=timestep_cond,
+                    num_images=num_images,
+                    inpainting_input=inpainting_input,
                 )
                 for region in region_tensors
             ]
@@ -2438,7 +2560,10 @@ class SyncDiffusionXLPipeline(
         view_batch_size, sync = self.view_batch_sizes(
             view_batch_size, len(views), num_images, device, latents.dtype, sync, regions
         )
-        panorama = self.prepare_panorama(latents, views, view_batch_size, regions)
+        keep = None if kept is None else 1 - kept["mask"][:1]
+        default_anchor = "center" if kept is None else "image"
+        anchor_index = anchor_view_index(views, default_anchor if sync_anchor is None else sync_anchor, keep)
+        panorama = self.prepare_panorama(latents, views, view_batch_size, regions, anchor_index)
 
         # 8. Denoising loop: MultiDiffusion over the views, with SyncDiffusion's update in the early steps
         num_warmup_steps = max(len(timesteps) - num_inference_steps * self.scheduler.order, 0)
@@ -2450,6 +2575,8 @@ class SyncDiffusionXLPipeline(
                     continue
 
                 latents = self.denoise_step(latents, t, panorama, conditioning, sync, extra_step_kwargs)
+                if kept is not None and not self.inpainting_channels:
+                    latents = self.keep_image(latents, kept, timesteps, i)
 
                 if callback_on_step_end is not None:
                     guided = self.do_classifier_free_guidance
@@ -2464,7 +2591,11 @@ class SyncDiffusionXLPipeline(
                     if replaced or guided != self.do_classifier_free_guidance:
                         conditioning_tensors = tensors
                         conditioning = self._conditioning(
-                            **tensors, image_embeds=image_embeds, timestep_cond=timestep_cond, num_images=num_images
+                            **tensors,
+                            image_embeds=image_embeds,
+                            timestep_cond=timestep_cond,
+                            num_images=num_images,
+                            inpainting_input=inpainting_input,
                         )
                         if regions is not None:
                             regions.conditionings = [
@@ -2473,6 +2604,7 @@ class SyncDiffusionXLPipeline(
                                     image_embeds=image_embeds,
                                     timestep_cond=timestep_cond,
                                     num_images=num_images,
+                                    inpainting_input=inpainting_input,
                                 )
                                 for region in region_tensors
                             ]
