@@ -548,7 +548,8 @@ class SyncDiffusionZImagePipeline(DiffusionPipeline, ZImageLoraLoaderMixin, From
         # What `view_memory` reads of the current call: window (pixels, None: the default), text tokens, and whether
         # the transformer sees every view twice (classifier-free guidance; `PassCounter` reads it too).
         self._window_size, self._text_tokens, self._true_cfg = None, 512, False
-        # The guidance scale of the current step: `guidance_scale`, or 0 where `cfg_truncation` turns guidance off.
+        # The guidance scale of the current step (`predict_noise` reads it): `guidance_scale`, or 0 where
+        # `cfg_truncation` turns guidance off; outside a call, no guidance.
         self._current_guidance_scale = 0.0
 
     # Copied from pipeline_syncdiffusion.SyncDiffusionPipeline.save_config
@@ -972,7 +973,7 @@ class SyncDiffusionZImagePipeline(DiffusionPipeline, ZImageLoraLoaderMixin, From
         latents = retrieve_latents(posterior, generator=generator)
         return (latents - self.vae.config.shift_factor) * self.vae.config.scaling_factor
 
-    def decode_latents(self, latents: torch.Tensor) -> torch.Tensor:
+    def _vae_decode(self, latents: torch.Tensor) -> torch.Tensor:
         """The VAE's image of `latents` in [-1, 1], decoded as ZImagePipeline decodes (in the VAE's dtype)."""
         latents = latents.to(self.vae.dtype)
         return self.vae.decode(self._decoder_input(latents, self.vae), return_dict=False)[0]
@@ -982,7 +983,7 @@ class SyncDiffusionZImagePipeline(DiffusionPipeline, ZImageLoraLoaderMixin, From
         padding = min(padding, latents.shape[-1])
         latents = torch.cat((latents[..., -padding:], latents, latents[..., :padding]), dim=-1)
         padding_pixels = self.vae_scale_factor * padding
-        return self.decode_latents(latents)[..., padding_pixels:-padding_pixels]
+        return self._vae_decode(latents)[..., padding_pixels:-padding_pixels]
 
     def _conditioning(self, positive, negative, cfg_normalization):
         """What every transformer pass of the call needs: the caption embeddings of every image (`negative` None
@@ -1013,7 +1014,7 @@ class SyncDiffusionZImagePipeline(DiffusionPipeline, ZImageLoraLoaderMixin, From
         return randn_tensor(shape, generator=generator, device=device, dtype=dtype)
 
     def _step_guidance_scales(self, timesteps, guidance_scale, cfg_truncation) -> list[float]:
-        """The guidance scale of every step, as ZImagePipeline sets it: `guidance_scale`, or 0 from the step whose
+        """The guidance scale of every step, as ZImagePipeline sets it: `guidance_scale`, or 0 at the steps whose
         normalized time `(1000 - t) / 1000` exceeds `cfg_truncation` (when that is at most 1)."""
         if guidance_scale > 0 and cfg_truncation is not None and float(cfg_truncation) <= 1:
             normalized_times = ((1000 - timesteps.float()) / 1000).tolist()
@@ -2119,8 +2120,6 @@ class SyncDiffusionZImagePipeline(DiffusionPipeline, ZImageLoraLoaderMixin, From
         self._guidance_scale = guidance_scale
         self._joint_attention_kwargs = joint_attention_kwargs
         self._interrupt = False
-        self._cfg_normalization = cfg_normalization
-        self._cfg_truncation = cfg_truncation
         self._current_timestep = None
 
         # 2. Define call parameters
@@ -2140,8 +2139,10 @@ class SyncDiffusionZImagePipeline(DiffusionPipeline, ZImageLoraLoaderMixin, From
         if self.do_classifier_free_guidance:
             if negative_prompt_embeds is None:
                 # A string negative prompt is every prompt's (ZImagePipeline takes it for one prompt only).
-                if negative_prompt is None or isinstance(negative_prompt, str):
-                    negative_prompt = [negative_prompt or ""] * batch_size
+                if negative_prompt is None:
+                    negative_prompt = [""] * batch_size
+                elif isinstance(negative_prompt, str):
+                    negative_prompt = [negative_prompt] * batch_size
             negative = self._text_conditioning(negative_prompt, negative_prompt_embeds, num_images_per_prompt, **text)
         region_texts = []  # `(positive, negative)` of each region prompt, for every image
         for region_prompt, region_negative_prompt in zip(
@@ -2196,7 +2197,9 @@ class SyncDiffusionZImagePipeline(DiffusionPipeline, ZImageLoraLoaderMixin, From
             decode_downsample=sync_decode_downsample,
             checkpointing=sync_gradient_checkpointing,
         )
-        captions = [*positive, *(negative or [])] + [e for texts in region_texts for side in texts for e in side or []]
+        captions = [*positive, *(negative or [])]
+        for region_positive, region_negative in region_texts:
+            captions += [*region_positive, *(region_negative or [])]
         self._window_size, self._text_tokens = window_size, max(len(embeds) for embeds in captions)
         self._true_cfg = negative is not None and max(guidance_scales) > 0
         regions = None
@@ -2262,7 +2265,7 @@ class SyncDiffusionZImagePipeline(DiffusionPipeline, ZImageLoraLoaderMixin, From
         if output_type == "latent":
             image = latents
         else:
-            image = self.decode_latents_with_padding(latents) if circular_padding else self.decode_latents(latents)
+            image = self.decode_latents_with_padding(latents) if circular_padding else self._vae_decode(latents)
             image = self.image_processor.postprocess(image, output_type=output_type)
 
         self.maybe_free_model_hooks()
