@@ -32,7 +32,7 @@ from diffusers.callbacks import MultiPipelineCallbacks, PipelineCallback
 from diffusers.image_processor import PipelineImageInput, VaeImageProcessor
 from diffusers.loaders import FluxIPAdapterMixin, FluxLoraLoaderMixin, FromSingleFileMixin, TextualInversionLoaderMixin
 from diffusers.models import AutoencoderKL, FluxTransformer2DModel
-from diffusers.pipelines.flux import FluxPipeline
+from diffusers.pipelines.flux import FluxInpaintPipeline, FluxPipeline
 from diffusers.pipelines.flux.pipeline_flux import calculate_shift, retrieve_timesteps
 from diffusers.pipelines.flux.pipeline_output import FluxPipelineOutput
 from diffusers.pipelines.pipeline_utils import DiffusionPipeline
@@ -561,6 +561,7 @@ class SyncDiffusionFluxPipeline(
         self.vae_scale_factor = 2 ** (len(self.vae.config.block_out_channels) - 1) if getattr(self, "vae", None) else 8
         # Latents are packed in 2x2 patches: image sizes are multiples of twice the VAE's factor.
         self.image_processor = VaeImageProcessor(vae_scale_factor=self.vae_scale_factor * 2)
+        self.latent_channels = self.vae.config.latent_channels if getattr(self, "vae", None) else 16
         # Soft masks are kept (FluxInpaintPipeline binarizes them; a binary mask is the same either way).
         self.mask_processor = VaeImageProcessor(
             vae_scale_factor=self.vae_scale_factor * 2,
@@ -614,6 +615,8 @@ class SyncDiffusionFluxPipeline(
 
     # Prompt and image encoding, packing and image ids are FluxPipeline's own, shared rather than copied.
     _get_t5_prompt_embeds = FluxPipeline._get_t5_prompt_embeds
+    get_timesteps = FluxInpaintPipeline.get_timesteps
+    _encode_vae_image = FluxInpaintPipeline._encode_vae_image
     _get_clip_prompt_embeds = FluxPipeline._get_clip_prompt_embeds
     encode_prompt = FluxPipeline.encode_prompt
     encode_image = FluxPipeline.encode_image
@@ -1018,6 +1021,44 @@ class SyncDiffusionFluxPipeline(
         clean_latents = clean_latents.to(decoder.dtype)
         image = decoder.decode(self._decoder_input(clean_latents, decoder), return_dict=False)[0]
         return (image / 2 + 0.5).clamp(0, 1)
+
+    # Adapted from pipeline_syncdiffusion.SyncDiffusionPipeline.prepare_image_latents: FLUX's pipelines, unpacked
+    def prepare_image_latents(self, image, mask_image, timesteps, num_images, dtype, device, generator, latents):
+        """
+        The unpacked starting latents of an image-to-image or inpainting call, made as `FluxImg2ImgPipeline` and
+        `FluxInpaintPipeline` make them (the same random draws, in the same order: the image's encoding, then the
+        noise, `scale_noise`d to the first step), and with a mask what the loop needs to keep the image: `{"mask",
+        "image_latents", "noise", "inpainting_input"}`, else None.
+        """
+        height, width = image_size(image)
+        init_image = self.image_processor.preprocess(image, height=height, width=width).to(torch.float32)
+        latent_timestep = timesteps[:1].repeat(num_images)
+        factor = self.vae_scale_factor
+        if latents is not None and latents.ndim == 3:  # packed
+            latents = self._unpack_latents(latents, height, width, factor)
+        packed, noise, image_latents, _ = FluxInpaintPipeline.prepare_latents(
+            self,
+            init_image,
+            latent_timestep,
+            num_images,
+            self.latent_channels,
+            height,
+            width,
+            dtype,
+            device,
+            generator,
+            latents,
+        )
+        latents, noise, image_latents = (
+            self._unpack_latents(x, height, width, factor) for x in (packed, noise, image_latents)
+        )
+        if mask_image is None:
+            return latents, None
+        mask_condition = self.mask_processor.preprocess(mask_image, height=height, width=width)
+        mask = F.interpolate(mask_condition, size=latents.shape[-2:]).to(device=device, dtype=dtype)
+        kept = {"mask": mask.repeat(num_images, 1, 1, 1), "noise": noise, "image_latents": image_latents}
+        kept["inpainting_input"] = None
+        return latents, kept
 
     # Adapted from pipeline_syncdiffusion.SyncDiffusionPipeline.encode_latents: FLUX's shift factor
     def encode_latents(self, images: torch.Tensor, generator=None) -> torch.Tensor:
@@ -1564,7 +1605,8 @@ class SyncDiffusionFluxPipeline(
         if strength is not None:
             if not isinstance(strength, (int, float)) or isinstance(strength, bool) or not 0 < strength <= 1:
                 raise ValueError(f"`strength` has to be in (0, 1], but is {strength!r}.")
-            if int(steps * strength) < 1:
+            # (Flow-matching pipelines round the other way, as SD 3's: at least one step always runs.)
+            if scheduler_family(self.scheduler) != FLOW_MATCHING and int(steps * strength) < 1:
                 raise ValueError(
                     f"`strength` {strength} of {steps} steps runs no step (`int(num_inference_steps * strength)` is"
                     " 0): a larger `strength` or more steps."
@@ -2023,6 +2065,10 @@ class SyncDiffusionFluxPipeline(
         region_masks: list[PipelineImageInput] | None = None,
         region_negative_prompts: list[str | None] | None = None,
         region_bootstrap_steps: int | None = None,
+        image: PipelineImageInput | None = None,
+        mask_image: PipelineImageInput | None = None,
+        strength: float | None = None,
+        sync_anchor: str | int | None = None,
         **kwargs: Any,
     ):
         r"""
@@ -2151,6 +2197,21 @@ class SyncDiffusionFluxPipeline(
                 state (its first one, if a list) without consuming it, which keeps each region's content inside its
                 mask. Defaults to `round(0.4 *
                 num_inference_steps)` (20 of 50, as MultiDiffusion's `region_based.py`); 0 turns it off.
+            image (`PipelineImageInput`, *optional*):
+                One image of the panorama's size (`height x width` pixels; PIL, array or tensor as diffusers' image
+                processor takes it) to start from: image-to-image without `mask_image`, as
+                `FluxImg2ImgPipeline`; inpainting or outpainting with it, as `FluxInpaintPipeline`.
+                Every prompt's images start from it.
+            mask_image (`PipelineImageInput`, *optional*):
+                White where the panorama is generated, black where `image` is kept; soft values blend. An ordinary
+                The kept region comes back after every step, noised to the next one. Needs `image`.
+            strength (`float`, *optional*):
+                How far `image` is noised before denoising, in (0, 1]: the share of the steps that run. Defaults to
+                0.6, the two diffusers pipelines' default.
+            sync_anchor (`str` or `int`, *optional*):
+                The view every other is synchronized to: `"center"` (the middle view, the paper's), `"image"` (the
+                view that keeps most of `image` under `mask_image`, so every view is pulled toward the photo's look),
+                or a view index (`get_views` order). Defaults to `"image"` with a mask, else `"center"`.
 
         Examples:
 
@@ -2209,6 +2270,11 @@ class SyncDiffusionFluxPipeline(
             region_masks=region_masks,
             region_negative_prompts=region_negative_prompts,
             region_bootstrap_steps=region_bootstrap_steps,
+            image=image,
+            mask_image=mask_image,
+            strength=strength,
+            sync_anchor=sync_anchor,
+            circular_padding=circular_padding,
         )
         stride = self.default_stride(window_size) if stride is None else stride
         window = window_size // self.vae_scale_factor
@@ -2269,8 +2335,9 @@ class SyncDiffusionFluxPipeline(
             region_texts.append((region_positive, region_negative))
         dtype = positive[0].dtype
 
-        # 4. The panorama latent, unpacked
-        latents = self.prepare_latents(num_images, height, width, dtype, device, generator, latents)
+        # 4. The panorama latent, unpacked (from an image: after the timesteps, which say how far it is noised)
+        if image is None:
+            latents = self.prepare_latents(num_images, height, width, dtype, device, generator, latents)
 
         # 5. Timesteps: every view is one FLUX image, so the shift comes from the window's token count
         if sigmas is None:
@@ -2285,6 +2352,13 @@ class SyncDiffusionFluxPipeline(
         timesteps, num_inference_steps = retrieve_timesteps(self.scheduler, None, device, sigmas=sigmas, mu=mu)
         # As FluxPipeline: the first step starts at index 0 without a timestep lookup.
         self.scheduler.set_begin_index(0)
+        kept = None
+        if image is not None:
+            strength = 0.6 if strength is None else strength
+            timesteps, num_inference_steps = self.get_timesteps(num_inference_steps, strength, device)
+            latents, kept = self.prepare_image_latents(
+                image, mask_image, timesteps, num_images, dtype, device, generator, latents
+            )
 
         # 6. Conditioning: guidance embedding (guidance-distilled models), IP-Adapter, one window's image ids
         guidance = None
@@ -2349,7 +2423,10 @@ class SyncDiffusionFluxPipeline(
         view_batch_size, sync = self.view_batch_sizes(
             view_batch_size, len(views), num_images, device, dtype, sync, regions
         )
-        panorama = self.prepare_panorama(latents, views, view_batch_size, regions)
+        keep = None if kept is None else 1 - kept["mask"][:1]
+        default_anchor = "center" if kept is None else "image"
+        anchor_index = anchor_view_index(views, default_anchor if sync_anchor is None else sync_anchor, keep)
+        panorama = self.prepare_panorama(latents, views, view_batch_size, regions, anchor_index)
 
         # 8. Denoising loop: MultiDiffusion over the views, with SyncDiffusion's update in the early steps. A stochastic
         # step (`stochastic_sampling`) draws from the call's generator (FluxPipeline passes none: it draws from torch's
@@ -2365,6 +2442,8 @@ class SyncDiffusionFluxPipeline(
 
                 self._current_timestep = t
                 latents = self.denoise_step(latents, t, panorama, conditioning, sync, extra_step_kwargs)
+                if kept is not None:
+                    latents = self.keep_image(latents, kept, timesteps, i)
 
                 if callback_on_step_end is not None:
                     # Callbacks see the packed latent, as FluxPipeline's do.
