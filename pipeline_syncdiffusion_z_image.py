@@ -1490,7 +1490,8 @@ class SyncDiffusionZImagePipeline(DiffusionPipeline, ZImageLoraLoaderMixin, From
         if strength is not None:
             if not isinstance(strength, (int, float)) or isinstance(strength, bool) or not 0 < strength <= 1:
                 raise ValueError(f"`strength` has to be in (0, 1], but is {strength!r}.")
-            if int(steps * strength) < 1:
+            # (Flow-matching pipelines round the other way, as SD 3's: at least one step always runs.)
+            if scheduler_family(self.scheduler) != FLOW_MATCHING and int(steps * strength) < 1:
                 raise ValueError(
                     f"`strength` {strength} of {steps} steps runs no step (`int(num_inference_steps * strength)` is"
                     " 0): a larger `strength` or more steps."
