@@ -479,7 +479,8 @@ EXAMPLE_DOC_STRING = """
 
 class SyncDiffusionFlux2KleinPipeline(DiffusionPipeline, Flux2LoraLoaderMixin):
     r"""
-    Pipeline for coherent FLUX.2 [klein] panoramas with SyncDiffusion ([paper](https://huggingface.co/papers/2306.05178)).
+    Pipeline for coherent FLUX.2 [klein] panoramas with SyncDiffusion
+    ([paper](https://huggingface.co/papers/2306.05178)).
 
     The FLUX.2 [klein] twin of `SyncDiffusionPipeline`: it denoises overlapping windows ("views") of a wide latent and
     averages their Euler steps (MultiDiffusion), and at the first `sync_thres` steps moves every view's latent down
@@ -552,7 +553,7 @@ class SyncDiffusionFlux2KleinPipeline(DiffusionPipeline, Flux2LoraLoaderMixin):
         # LPIPS is not a saved component: it is built on first synchronized call (see `perceptual_loss`).
         self._perceptual_loss = None
         # What `view_memory` reads of the current call: window (pixels, None: the default), text and reference-image
-        # tokens, classifier-free guidance.
+        # tokens, and classifier-free guidance (two transformer passes per view, as FLUX.1's true CFG).
         self._window_size, self._text_tokens, self._reference_tokens, self._true_cfg = None, 512, 0, False
 
     # Copied from pipeline_syncdiffusion.SyncDiffusionPipeline.save_config
@@ -703,6 +704,8 @@ class SyncDiffusionFlux2KleinPipeline(DiffusionPipeline, Flux2LoraLoaderMixin):
         for name, value in (("prompt", prompt), ("negative_prompt", negative_prompt)):
             if value is not None and not isinstance(value, (str, list)):
                 raise ValueError(f"`{name}` has to be of type `str` or `list`, but is {type(value)}.")
+            if isinstance(value, list) and (not value or not all(isinstance(text, str) for text in value)):
+                raise ValueError(f"`{name}` has to be a string or a non-empty list of strings, but is {value!r}.")
         if negative_prompt is not None and negative_prompt_embeds is not None:
             raise ValueError("Pass either `negative_prompt` or `negative_prompt_embeds`, not both.")
         if not isinstance(guidance_scale, (int, float)) or isinstance(guidance_scale, bool) or guidance_scale < 0:
@@ -1029,6 +1032,12 @@ class SyncDiffusionFlux2KleinPipeline(DiffusionPipeline, Flux2LoraLoaderMixin):
             "image_latents": image_latents,
             "guidance_scale": guidance_scale,
         }
+
+    def _text_conditioning(self, prompt, prompt_embeds, device, **kwargs):
+        """`(embeds, text_ids)` for every image, on `device` (passed embeddings too); `encode_prompt` repeats passed
+        embeddings per image."""
+        embeds, text_ids = self.encode_prompt(prompt=prompt, prompt_embeds=prompt_embeds, device=device, **kwargs)
+        return embeds.to(device), text_ids
 
     def prepare_latents(self, num_images, height, width, dtype, device, generator, latents=None):
         """The panorama latent `(num_images, 32, H/8, W/8)`: FLUX.2's noise as Flux2KleinPipeline draws it, `(B, 128,
@@ -1530,7 +1539,8 @@ class SyncDiffusionFlux2KleinPipeline(DiffusionPipeline, Flux2LoraLoaderMixin):
         if strength is not None:
             if not isinstance(strength, (int, float)) or isinstance(strength, bool) or not 0 < strength <= 1:
                 raise ValueError(f"`strength` has to be in (0, 1], but is {strength!r}.")
-            if int(steps * strength) < 1:
+            # (Flow-matching pipelines round the other way, as SD 3's: at least one step always runs.)
+            if scheduler_family(self.scheduler) != FLOW_MATCHING and int(steps * strength) < 1:
                 raise ValueError(
                     f"`strength` {strength} of {steps} steps runs no step (`int(num_inference_steps * strength)` is"
                     " 0): a larger `strength` or more steps."
@@ -2077,8 +2087,9 @@ class SyncDiffusionFlux2KleinPipeline(DiffusionPipeline, Flux2LoraLoaderMixin):
                 Whether a view's Euler step reuses the velocity predicted before its synchronization update instead
                 of predicting it again from the updated latent. Defaults from `sync_mode`.
             sync_decoder (*optional*):
-                A decoder with `decode` that makes the images the loss compares, instead of the VAE. It decodes the
-                VAE's latent (32 channels, as `vae.decode` takes it). The final image is always decoded by the VAE.
+                A decoder with `decode` that makes the images the loss compares, instead of the VAE: it decodes the
+                VAE's latent (32 channels, as `vae.decode` takes it; TAEF2, `madebyollin/taef2`, shares that latent
+                API). The final image is always decoded by the VAE.
             sync_lpips_size (`int`, *optional*):
                 Resize the compared images so their longer side is this many pixels before LPIPS.
             sync_gradient_checkpointing (`bool`, *optional*, defaults to `False`):
@@ -2189,23 +2200,22 @@ class SyncDiffusionFlux2KleinPipeline(DiffusionPipeline, Flux2LoraLoaderMixin):
             "max_sequence_length": max_sequence_length,
             "text_encoder_out_layers": text_encoder_out_layers,
         }
-        positive = self.encode_prompt(prompt=prompt, prompt_embeds=prompt_embeds, **text)
+        positive = self._text_conditioning(prompt, prompt_embeds, **text)
         negative = None
         if self.do_classifier_free_guidance:
             if negative_prompt_embeds is None:
                 negative_prompt = "" if negative_prompt is None else negative_prompt
-                negative_prompt = (
-                    [negative_prompt] * batch_size if isinstance(negative_prompt, str) else negative_prompt
-                )
-            negative = self.encode_prompt(prompt=negative_prompt, prompt_embeds=negative_prompt_embeds, **text)
+                if isinstance(negative_prompt, str):
+                    negative_prompt = [negative_prompt] * batch_size
+            negative = self._text_conditioning(negative_prompt, negative_prompt_embeds, **text)
         region_texts = []  # `(positive, negative)` of each region prompt, for every image
         for region_prompt, region_negative_prompt in zip(
             region_prompts or [], region_negative_prompts or [None] * len(region_prompts or [])
         ):
-            region_positive = self.encode_prompt(prompt=[region_prompt] * batch_size, **text)
+            region_positive = self._text_conditioning([region_prompt] * batch_size, None, **text)
             region_negative = negative  # the call's own negative
             if negative is not None and region_negative_prompt is not None:
-                region_negative = self.encode_prompt(prompt=[region_negative_prompt] * batch_size, **text)
+                region_negative = self._text_conditioning([region_negative_prompt] * batch_size, None, **text)
             region_texts.append((region_positive, region_negative))
         dtype = positive[0].dtype
 
@@ -2249,7 +2259,7 @@ class SyncDiffusionFlux2KleinPipeline(DiffusionPipeline, Flux2LoraLoaderMixin):
             decode_downsample=sync_decode_downsample,
             checkpointing=sync_gradient_checkpointing,
         )
-        text_tokens = max(embeds.shape[1] for embeds, _ in [positive] + ([negative] if negative else []))
+        text_tokens = max(embeds.shape[1] for embeds, _ in [positive] + ([negative] if negative is not None else []))
         reference_tokens = 0 if image_latents is None else image_latents.shape[1]
         self._window_size, self._text_tokens, self._reference_tokens = window_size, text_tokens, reference_tokens
         self._true_cfg = negative is not None
