@@ -856,10 +856,12 @@ class SyncDiffusionFlux2KleinPipeline(DiffusionPipeline, Flux2LoraLoaderMixin):
     # through every block) and per channel of the transformer's width, measured with saved-tensor hooks (weights
     # excluded) on FLUX.2 blocks 512 wide (`mlp_ratio` 3, as klein's), linear from 64 to 256 image tokens and 32 to 96
     # text tokens: 30 per double-stream block, 26 per single-stream block (its fused attention and SwiGLU projection
-    # is 9 widths wide), 3 outside the blocks. For FLUX.2-klein-4B (5 + 20 blocks, 3072 wide) and a 1024-pixel window
-    # (4096 image + 512 text tokens) that is 19 GB in bfloat16 (klein-9B: 33 GB). A forward without gradient holds
-    # about one block's activations at a time: their peak, tracked tensor by tensor on the same blocks at 1024 image
-    # tokens, is 24 per token and channel in a single-stream block (15 in a double-stream one).
+    # is 9 widths wide), 3 outside the blocks; on klein-4B's blocks cut to 512 wide (1 + 4 of them, a 256-pixel
+    # window) the estimate is 1.03 times what autograd saves. For FLUX.2-klein-4B (5 + 20 blocks, 3072 wide) and a
+    # 1024-pixel window (4096 image + 512 text tokens) that is 19 GB in bfloat16 per image (klein-9B: 33 GB), twice
+    # that with classifier-free guidance. A forward without gradient holds about one block's activations at a time:
+    # their peak, tracked tensor by tensor on the same 512-wide blocks at 1024 image tokens, is 24 per token and
+    # channel in a single-stream block (15 in a double-stream one; FLUX.1's blocks measured so: 17 and 13).
     TRANSFORMER_DOUBLE_BLOCK_ELEMENTS = 30
     TRANSFORMER_SINGLE_BLOCK_ELEMENTS = 26
     TRANSFORMER_OUTSIDE_BLOCK_ELEMENTS = 3
@@ -1992,6 +1994,7 @@ class SyncDiffusionFlux2KleinPipeline(DiffusionPipeline, Flux2LoraLoaderMixin):
         region_masks: list[PIL.Image.Image | np.ndarray | torch.Tensor] | None = None,
         region_negative_prompts: list[str | None] | None = None,
         region_bootstrap_steps: int | None = None,
+        sync_anchor: str | int | None = None,
         **kwargs: Any,
     ):
         r"""
@@ -2115,6 +2118,11 @@ class SyncDiffusionFlux2KleinPipeline(DiffusionPipeline, Flux2LoraLoaderMixin):
                 state (its first one, if a list) without consuming it, which keeps each region's content inside its
                 mask. Defaults to `round(0.4 * num_inference_steps)` (20 of 50, as MultiDiffusion's
                 `region_based.py`); 0 turns it off.
+            sync_anchor (`str` or `int`, *optional*):
+                The view every other is synchronized to: `"center"` (the middle view, the paper's) or a view index
+                (`get_views` order). `"image"` (the view that keeps most of a starting image) is the middle view too:
+                this pipeline's panoramas start from noise (its `image` is the reference images). Defaults to
+                `"center"`.
 
         Examples:
 
@@ -2171,6 +2179,8 @@ class SyncDiffusionFlux2KleinPipeline(DiffusionPipeline, Flux2LoraLoaderMixin):
             region_masks=region_masks,
             region_negative_prompts=region_negative_prompts,
             region_bootstrap_steps=region_bootstrap_steps,
+            sync_anchor=sync_anchor,
+            circular_padding=circular_padding,
         )
         stride = self.default_stride(window_size) if stride is None else stride
         window = window_size // self.vae_scale_factor
@@ -2281,7 +2291,8 @@ class SyncDiffusionFlux2KleinPipeline(DiffusionPipeline, Flux2LoraLoaderMixin):
         view_batch_size, sync = self.view_batch_sizes(
             view_batch_size, len(views), num_images, device, dtype, sync, regions
         )
-        panorama = self.prepare_panorama(latents, views, view_batch_size, regions)
+        anchor_index = anchor_view_index(views, "center" if sync_anchor is None else sync_anchor)
+        panorama = self.prepare_panorama(latents, views, view_batch_size, regions, anchor_index)
 
         # 8. Denoising loop: MultiDiffusion over the views, with SyncDiffusion's update in the early steps. A stochastic
         # step (`stochastic_sampling`) draws from the call's generator (Flux2KleinPipeline passes none: it draws from

@@ -110,6 +110,7 @@ def flux2_reference(
     sync_freq=1,
     perceptual_loss=None,
     weight_at=None,
+    anchor_index=None,
 ):
     """
     The panorama latent `(B, 32, H/8, W/8)` after `steps` steps from the noise `latents` (B images of `prompt`),
@@ -118,7 +119,8 @@ def flux2_reference(
     `guidance_scale > 1` guides with `negative_prompt` (classifier-free guidance; `pipe.config.is_distilled` turns
     it off). `sync_weight > 0` synchronizes the first `sync_thres` steps (every `sync_freq`-th) with
     `perceptual_loss(a, b)` (images in [-1, 1], float32) differentiated through the VAE decoder and the transformer.
-    `weight_at(step)` replaces the weight (to check that a test catches a wrong one).
+    `weight_at(step)` replaces the weight (to check that a test catches a wrong one). The anchor is the middle view,
+    or view `anchor_index` (row-major).
     """
     transformer, vae = pipe.transformer, pipe.vae
     batch, dtype = latents.shape[0], transformer.dtype
@@ -160,7 +162,7 @@ def flux2_reference(
     height, width = z.shape[-2:]
     rows = view_starts(height, window, stride, False)
     views = [(r, c) for r in rows for c in view_starts(width, window, stride, circular)]
-    anchor = views[len(views) // 2]
+    anchor = views[len(views) // 2 if anchor_index is None else anchor_index]
 
     def columns(view):
         return [(view[1] + k) % width for k in range(window)]

@@ -281,10 +281,11 @@ def test_multidiffusion_equals_the_reference_loop(klein_pair, circular, view_bat
 # noise, 110x below the error).
 SYNC_TOLERANCE = 2e-6
 SYNC_CASES = {
-    "one view per batch": ({"view_batch_size": 1}, {}, 1),
-    "two views per batch": ({"view_batch_size": 2}, {}, 1),
-    "no guidance": ({}, {"guidance_scale": 1.0}, 1),
-    "two images per prompt": ({"num_images_per_prompt": 2, "view_batch_size": 3}, {}, 2),
+    "one view per batch": ({"view_batch_size": 1}, {}, 1, {}),
+    "two views per batch": ({"view_batch_size": 2}, {}, 1, {}),
+    "no guidance": ({}, {"guidance_scale": 1.0}, 1, {}),
+    "two images per prompt": ({"num_images_per_prompt": 2, "view_batch_size": 3}, {}, 2, {}),
+    "the first view as anchor": ({"sync_anchor": 0, "view_batch_size": 2}, {}, 1, {"anchor_index": 0}),
 }
 
 
@@ -292,12 +293,12 @@ SYNC_CASES = {
 def test_synchronization_equals_the_reference_loop(klein_pair, case):
     """Gradient through the transformer (the guided velocity included), the VAE decoder and the loss; every image
     synchronized to its own anchor."""
-    pipeline_only, shared, num_images = SYNC_CASES[case]
+    pipeline_only, shared, num_images, reference_only = SYNC_CASES[case]
     _, ours = klein_pair()
     ours = ours.to(torch.float64)
     latents = noise(num_images, 64, 128, dtype=torch.float64)
     run = {"sync_weight": 20.0, "sync_thres": 2, "max_sequence_length": 32, **shared}
-    reference = {"window": 8, "stride": 4, "perceptual_loss": SmoothPerceptualLoss(), **run}
+    reference = {"window": 8, "stride": 4, "perceptual_loss": SmoothPerceptualLoss(), **run, **reference_only}
     expected = vae_latents(ours.vae, flux2_reference(ours, PROMPT, unpatchify(latents), 3, **reference))
     call = {"height": 64, "width": 128, "window_size": 64, "stride": 4, "num_inference_steps": 3, **pipeline_only}
     raw = ours(PROMPT, latents=latents, output_type="latent", **call, **run).images
@@ -430,6 +431,9 @@ BAD_INPUTS = {
     "image[1]": {"image": [reference_image(), reference_image(size=(32, 64))]},
     "callback_on_step_end_tensor_inputs": {"callback_on_step_end_tensor_inputs": ["negative_prompt_embeds"]},
     "region_masks[0]": {"region_prompts": ["a tree"], "region_masks": [torch.ones(64, 64)]},
+    "sync_anchor": {"sync_anchor": 3},  # 3 views: 0..2
+    "sync_anchor ": {"sync_anchor": "left"},
+    "circular_padding": {"circular_padding": "yes"},
 }
 
 
@@ -511,6 +515,16 @@ def test_regions_that_change_nothing_change_nothing_synchronized(klein_pair, cap
     left[:, :48] = 1
     house = ours(PROMPT, generator=generator(), region_prompts=["a red house"], region_masks=[left], **call).images
     assert relative_error(house, plain) > 1e-3  # a real region does change it (measured 4.5e-3)
+
+
+@torch.no_grad()
+def test_bootstrap_backgrounds_are_encoded_as_the_transformers_latent(klein_pair):
+    """Region bootstrapping encodes constant-colour views: a sample of the VAE's posterior, normalized by its
+    batch-norm statistics into the transformer's latent (with its patches laid out)."""
+    _, ours = klein_pair()
+    images = torch.rand(2, 3, 64, 64, generator=generator()) * 2 - 1
+    raw = ours.vae.encode(images).latent_dist.sample(generator(1))
+    assert torch.equal(ours.encode_latents(images, generator(1)), normalized_latents(ours.vae, raw))
 
 
 # ---------------------------------------------------------------------------------------------------------------
