@@ -5,6 +5,7 @@ Parametrized over the folder, so a new example is tested as soon as it exists.
 
 import ast
 import importlib.util
+import inspect
 import os
 import subprocess
 import sys
@@ -118,3 +119,69 @@ def test_region_example_changes_its_regions(tmp_path):
             change[mask].mean(),
             far_change,
         )
+
+
+# The FLUX.2 [klein] and Z-Image examples: the real models' panoramas, checked against the pipelines' own geometry
+# and the diffusers pipelines' defaults (no weights: tiny pipelines of the same window, 1024 pixels).
+
+
+def assert_thirteen_views_256_pixels_apart(pipe, call):
+    """The docstrings' panorama: one row of 13 views of 1024 pixels (128 latents), 256 pixels (32 latents) apart."""
+    views = pipe.get_views(call["height"], call["width"], call.get("window_size"), call.get("stride"))
+    assert [view[2] for view in views] == list(range(0, 32 * 13, 32)), views
+    assert all(view[:2] == (0, 128) and view[3] - view[2] == 128 for view in views), views
+
+
+@pytest.mark.parametrize("is_distilled", [True, False], ids=["klein-4B", "klein-base-4B"])
+def test_flux2_klein_example_takes_the_models_own_settings(is_distilled):
+    """Step-distilled: 4 steps and no guidance (a scale above 1 would only warn that it is ignored); a base model:
+    Flux2KleinPipeline's steps and classifier-free guidance. `--fast` changes the synchronization only."""
+    from diffusers import Flux2KleinPipeline
+
+    from pipeline_syncdiffusion_flux2 import SyncDiffusionFlux2KleinPipeline
+    from syncdiffusion_utils.testing import tiny_flux2_klein_pipeline
+
+    example = load_example("flux2_klein_panorama")
+    pipe = tiny_flux2_klein_pipeline(
+        pipeline_class=SyncDiffusionFlux2KleinPipeline, lpips_module=False, is_distilled=is_distilled
+    )
+    call = example.panorama_call(pipe, example.make_parser().parse_args([]))
+    assert pipe.default_window_size == 1024 and call["view_batch_size"] == "auto"
+    assert_thirteen_views_256_pixels_apart(pipe, call)
+    defaults = inspect.signature(Flux2KleinPipeline.__call__).parameters
+    if is_distilled:
+        assert call["num_inference_steps"] == 4 and call["guidance_scale"] <= 1
+    else:
+        assert call["num_inference_steps"] == defaults["num_inference_steps"].default == 50
+        assert call["guidance_scale"] == defaults["guidance_scale"].default > 1
+    assert 0 < call["sync_thres"] <= call["num_inference_steps"] // 2
+    fast = example.panorama_call(pipe, example.make_parser().parse_args(["--fast"]))
+    assert fast == {**call, "sync_mode": "fast"}
+
+
+def test_z_image_example_takes_turbos_settings_or_z_image_pipelines():
+    """Z-Image-Turbo's 8 steps without guidance by default; `--steps 50 --guidance-scale 5` are ZImagePipeline's
+    defaults. Steps and guidance out of range are argparse errors."""
+    from diffusers import ZImagePipeline
+
+    from pipeline_syncdiffusion_z_image import SyncDiffusionZImagePipeline
+    from syncdiffusion_utils.testing import tiny_z_image_pipeline
+
+    example = load_example("z_image_panorama")
+    parser = example.make_parser()
+    pipe = tiny_z_image_pipeline(pipeline_class=SyncDiffusionZImagePipeline, lpips_module=False)
+    turbo = example.panorama_call(parser.parse_args([]))
+    assert pipe.default_window_size == 1024 and turbo["view_batch_size"] == "auto"
+    assert_thirteen_views_256_pixels_apart(pipe, turbo)
+    assert (turbo["num_inference_steps"], turbo["guidance_scale"], turbo["sync_thres"]) == (8, 0.0, 4)
+    base = example.panorama_call(parser.parse_args(["--steps", "50", "--guidance-scale", "5"]))
+    defaults = inspect.signature(ZImagePipeline.__call__).parameters
+    assert (base["num_inference_steps"], base["guidance_scale"]) == (
+        defaults["num_inference_steps"].default,
+        defaults["guidance_scale"].default,
+    )
+    assert base["sync_thres"] == 5  # the paper's 5 synchronized steps
+    assert example.panorama_call(parser.parse_args(["--fast"])) == {**turbo, "sync_mode": "fast"}
+    for bad in (["--steps", "0"], ["--guidance-scale", "-1"], ["--steps", "two"]):
+        with pytest.raises(SystemExit):
+            parser.parse_args(bad)
