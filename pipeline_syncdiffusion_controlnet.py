@@ -2183,6 +2183,7 @@ class SyncDiffusionControlNetPipeline(
         region_masks: list[PipelineImageInput] | None = None,
         region_negative_prompts: list[str | None] | None = None,
         region_bootstrap_steps: int | None = None,
+        sync_anchor: str | int | None = None,
         **kwargs: Any,
     ):
         r"""
@@ -2316,6 +2317,9 @@ class SyncDiffusionControlNetPipeline(
                 state (its first one, if a list) without consuming it, which keeps each region's content inside its
                 mask. Defaults to `round(0.4 *
                 num_inference_steps)` (20 of 50, as MultiDiffusion's `region_based.py`); 0 turns it off.
+            sync_anchor (`str` or `int`, *optional*):
+                The view every other is synchronized to: `"center"` (the middle view, the paper's; the default) or a
+                view index (`get_views` order).
 
         Examples:
 
@@ -2367,6 +2371,8 @@ class SyncDiffusionControlNetPipeline(
             region_masks=region_masks,
             region_negative_prompts=region_negative_prompts,
             region_bootstrap_steps=region_bootstrap_steps,
+            sync_anchor=sync_anchor,
+            circular_padding=circular_padding,
         )
         if callback is not None and callback_steps is None:
             callback_steps = 1
@@ -2494,7 +2500,8 @@ class SyncDiffusionControlNetPipeline(
         view_batch_size, sync = self.view_batch_sizes(
             view_batch_size, len(views), num_images, device, latents.dtype, sync, regions
         )
-        panorama = self.prepare_panorama(latents, views, view_batch_size, regions)
+        anchor_index = anchor_view_index(views, "center" if sync_anchor is None else sync_anchor)
+        panorama = self.prepare_panorama(latents, views, view_batch_size, regions, anchor_index)
 
         # 8. Denoising loop: MultiDiffusion over the views, with SyncDiffusion's update in the early steps
         num_warmup_steps = max(len(timesteps) - num_inference_steps * self.scheduler.order, 0)

@@ -221,11 +221,10 @@ def test_non_checkpointable_sync_decoder_works_without_checkpointing(kind, share
     assert torch.isfinite(latents).all()
 
 
-@pytest.mark.parametrize("name", ["sync_wieght", "image"])
+@pytest.mark.parametrize("name", ["sync_wieght", "control_image"])
 def test_unknown_keyword_argument_is_a_type_error(kind, shared_pipe, monkeypatch, name):
-    """A typo or an argument of another class is not silently ignored."""
-    if name == "image" and kind.conditioned:
-        pytest.skip("the ControlNet class takes `image`")
+    """A typo or an argument of another class (the ControlNet inpainting pipelines' `control_image`) is not
+    silently ignored."""
     value = 50 if name == "sync_wieght" else condition_image(64, 128)
     calls = count_every_model(monkeypatch, shared_pipe)
     with pytest.raises(TypeError, match=name):
