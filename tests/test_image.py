@@ -1,6 +1,7 @@
 """Panoramas from an image (`image`, `mask_image`, `strength`, `sync_anchor`): one view against diffusers'
-image-to-image and inpainting pipelines, several views against the plain loop of tests/image_reference.py, the
-all-white mask against the text-to-image panorama, the kept region, the anchor, and bad input."""
+image-to-image and inpainting pipelines (SD, SDXL, FLUX.1), several views against the plain loop of
+tests/image_reference.py, the all-white mask against the text-to-image panorama, the kept region, the anchor, and bad
+input."""
 
 import copy
 import logging
@@ -13,6 +14,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 from diffusers import (
+    FluxImg2ImgPipeline,
+    FluxInpaintPipeline,
     StableDiffusionImg2ImgPipeline,
     StableDiffusionInpaintPipeline,
     StableDiffusionXLImg2ImgPipeline,
@@ -32,8 +35,9 @@ from reference_loop import (
 )
 
 from pipeline_syncdiffusion import SyncDiffusionPipeline, anchor_view_index
+from pipeline_syncdiffusion_flux import SyncDiffusionFluxPipeline
 from pipeline_syncdiffusion_xl import SyncDiffusionXLPipeline
-from syncdiffusion_utils.testing import make_sdxl_components
+from syncdiffusion_utils.testing import make_flux_components, make_sdxl_components
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -43,10 +47,10 @@ PANORAMA = {"height": 64, "width": 128, "stride": 4}
 PROMPT = "a mountain lake"
 
 # One view against diffusers' pipelines, np output: inpainting measured 0.0 (SD and SDXL, 4- and 9-channel UNets,
-# strength 0.6 and 1.0, one or two images); image-to-image with guidance 1.4e-6..4.2e-6 (SDXL 1.4e-6..2.5e-6; 0.0
-# without guidance): diffusers' image latents come out of the VAE channels-last and its UNet input keeps that
-# layout, ours is contiguous, and the convolutions round differently. A 1% guidance-scale error moves the output by
-# 1.6e-3..7.4e-3; 3e-5 lies between (7x over the noise, 50x under the smallest error).
+# strength 0.6 and 1.0, one or two images), FLUX.1 0.0 both ways; SD image-to-image with guidance 1.4e-6..4.2e-6,
+# SDXL's 1.4e-6..2.5e-6 (0.0 without guidance): diffusers' image latents come out of the VAE channels-last and its
+# UNet input keeps that layout, ours is contiguous, and the convolutions round differently. A 1% guidance-scale
+# error moves the output by 1.6e-3..7.4e-3; 3e-5 lies between (7x over the noise, 50x under the smallest error).
 ONE_VIEW_TOLERANCE = 3e-5
 
 
@@ -181,6 +185,33 @@ def test_sdxl_one_view_equals_diffusers_pipeline(xl_components, kind, strength):
     result = ours(PROMPT, **call, sync_weight=0.0, generator=generators([3, 4])).images
     assert result.shape == expected.shape
     assert np.abs(result - expected).max() <= ONE_VIEW_TOLERANCE
+
+
+@pytest.fixture(scope="module")
+def flux_components():
+    return make_flux_components("tiny")
+
+
+@pytest.mark.parametrize("strength", [0.6, 1.0])
+@pytest.mark.parametrize("kind", ["img2img", "inpaint"])
+def test_flux_one_view_equals_diffusers_pipeline(flux_components, kind, strength):
+    """FLUX.1 (flow matching), two images per prompt from a generator list: FluxImg2ImgPipeline's and
+    FluxInpaintPipeline's output (measured 0.0; a 1% guidance error moves it by 4.9e-2..1.0e-1). Guidance passed:
+    theirs defaults to 7.0, ours to FluxPipeline's 3.5."""
+    components = copy.deepcopy(flux_components)
+    theirs = (FluxImg2ImgPipeline if kind == "img2img" else FluxInpaintPipeline)(**copy.deepcopy(components))
+    ours = SyncDiffusionFluxPipeline(**components)
+    for pipeline in (ours, theirs):
+        pipeline.set_progress_bar_config(disable=True)
+    call = {"image": photo(64, 64), "strength": strength, "num_inference_steps": 3, "max_sequence_length": 32}
+    call.update(height=64, width=64, guidance_scale=3.5, num_images_per_prompt=2, output_type="np")
+    if kind == "inpaint":
+        call["mask_image"] = mask_of(64, 64, slice(0, 32))
+    expected = theirs(PROMPT, **call, generator=generators([3, 4])).images
+    result = ours(PROMPT, **call, window_size=64, sync_weight=0.0, generator=generators([3, 4])).images
+    assert result.shape == expected.shape
+    assert np.abs(result - expected).max() <= ONE_VIEW_TOLERANCE
+    assert np.abs(result[0] - result[1]).max() > 0.1
 
 
 # ----------------------------------------------------------------------------------------------------------------
