@@ -8,11 +8,13 @@ The model is loaded once; the queue runs one generation at a time. `build_app(pi
 SyncDiffusion pipeline (SD, SDXL or FLUX.1: a FLUX page has no scheduler choice, and its negative prompt comes with
 true CFG) and `launch(app)` serves it (`demo/app.py`, the Hugging Face Space, uses the same two). Its "Regions" part is
 a canvas of the panorama's shape: each painted layer is a region, generated from its own prompt (one per line), the
-main prompt the background.
+main prompt the background. Its "Extend a photo" part (models whose pipeline takes `image` and `mask_image`) places an
+uploaded photo at the left, center or right of the panorama (`place_photo`) and generates the rest around it.
 gradio, torch and diffusers are imported only when the app is built, so `syncdiffusion --help` stays instant.
 """
 
 import argparse
+import inspect
 import random
 import socket
 import threading
@@ -61,6 +63,9 @@ MAX_SEED = 2**32 - 1
 MAX_CANVAS_PIXELS = 2**26
 # Brush colours of the regions canvas, to tell the layers apart (the masks come from the layers, not the colours).
 REGION_COLORS = ["#e6194b", "#3cb44b", "#4363d8", "#f58231", "#911eb4", "#42d4f4"]
+# Where "Extend a photo" puts the photo (`place_photo`'s named positions; the page offers no pixel offset).
+PHOTO_POSITIONS = ("left", "center", "right")
+DEFAULT_PHOTO_POSITION = "center"
 MULTIDIFFUSION = "MultiDiffusion"
 SYNCDIFFUSION = "SyncDiffusion"
 
@@ -155,6 +160,33 @@ def canvas_regions(canvas, region_prompts, height, width):
     return {"region_prompts": prompts, "region_masks": masks}
 
 
+def extends_photos(pipeline_class):
+    """Whether `pipeline_class` can extend a photo: its `__call__` takes `image` and `mask_image` (SD; not the
+    ControlNet class, whose `image` is its condition and which has no `mask_image`)."""
+    parameters = inspect.signature(pipeline_class.__call__).parameters
+    return "image" in parameters and "mask_image" in parameters
+
+
+def check_photo_position(position):
+    if not isinstance(position, str) or position not in PHOTO_POSITIONS:
+        raise InputError(f"`photo_position` has to be one of {', '.join(PHOTO_POSITIONS)}, but is {position!r}.")
+
+
+def photo_arguments(photo, position, height, width, circular):
+    """The pipeline's `image` and `mask_image` for extending `photo` (a PIL image, or None: `{}`), placed at
+    `position` of a `height x width` panorama by `place_photo` (360° when `circular`: the photo's edges continue
+    across the seam). Raises `InputError` with `place_photo`'s words for a photo that does not fit."""
+    if photo is None:
+        return {}
+    from syncdiffusion_utils.outpainting import place_photo
+
+    try:
+        image, mask_image = place_photo(photo, height, width, position=position, circular=circular)
+    except ValueError as error:
+        raise InputError(str(error)) from None
+    return {"image": image, "mask_image": mask_image}
+
+
 class PanoramaDemo:
     """The app's state around one loaded pipeline: generation, its progress and the stop request."""
 
@@ -162,6 +194,7 @@ class PanoramaDemo:
         self.pipe = pipe
         self.model = model
         self.flux = is_flux(type(pipe))
+        self.extends_photos = extends_photos(type(pipe))
         self.window = window_pixels(pipe)
         self.sizes = preset_sizes(self.window)
         tiny = model in TINY_MODELS
@@ -197,6 +230,8 @@ class PanoramaDemo:
         true_cfg_scale=None,
         region_prompts="",
         regions=None,
+        photo=None,
+        photo_position=DEFAULT_PHOTO_POSITION,
         progress=None,
     ):
         """Run the pipeline (MultiDiffusion first, from the same seed, when `compare`).
@@ -206,9 +241,12 @@ class PanoramaDemo:
         pipeline class's, `scheduler` None its default (FLUX: "keep", the only one it runs). `true_cfg_scale` is
         FLUX's: above 1 it needs a negative prompt, which FLUX uses only then. `regions` is the regions canvas and
         `region_prompts` its prompts, one per line (`canvas_regions`); nothing painted and no region prompt: no
-        regions. Returns `(syncdiffusion_image, multidiffusion_image, seed, status)`; an image is None when it was not
-        made. `progress(done, total, label)` is called after every step. Raises `ValueError` with the pipeline's
-        message for bad input (`InputError` for the demo's own findings), before any model runs.
+        regions. `photo` (a PIL image, or None) is extended: placed at `photo_position` ("left", "center" or "right")
+        of the panorama (`photo_arguments`), the pipeline gets it as `image` and `mask_image` and generates the rest
+        (the class's inpainting defaults: `strength` 1, the anchor the view over the photo). Returns
+        `(syncdiffusion_image, multidiffusion_image, seed, status)`; an image is None when it was not made.
+        `progress(done, total, label)` is called after every step. Raises `ValueError` with the pipeline's message
+        for bad input (`InputError` for the demo's own findings), before any model runs.
         """
         if random_seed:
             seed = random.randint(0, MAX_SEED)
@@ -216,6 +254,12 @@ class PanoramaDemo:
         if not isinstance(seed, int) or not 0 <= seed <= MAX_SEED:
             raise InputError(
                 f"`seed` has to be a whole number in 0..{MAX_SEED} (or tick 'random seed'), but is {seed!r}."
+            )
+        check_photo_position(photo_position)
+        if photo is not None and not self.extends_photos:
+            raise InputError(
+                f"This model ({type(self.pipe).__name__}) cannot extend a photo: its pipeline takes no `image` and"
+                " `mask_image`. Remove the photo."
             )
         scheduler = self.default_scheduler if scheduler is None else scheduler
         if scheduler not in self.schedulers:
@@ -247,6 +291,9 @@ class PanoramaDemo:
             except ValueError as error:  # a size that is not a whole number, found before the pipeline's checks
                 raise InputError(str(error)) from None
             call.update(canvas_regions(regions, region_prompts, call["height"], call["width"]))
+            call.update(
+                photo_arguments(photo, photo_position, call["height"], call["width"], call["circular_padding"])
+            )
             set_scheduler(self.pipe, scheduler)
             images, started = {}, time.perf_counter()
             for label, weight in runs:
@@ -257,10 +304,11 @@ class PanoramaDemo:
         seconds = time.perf_counter() - started
         sync_image = images[SYNCDIFFUSION]
         made = " and ".join(images)
+        extended = f" photo at the {photo_position}," if "mask_image" in call else ""
         painted = f" {_count(len(call['region_prompts']), 'region')}," if "region_prompts" in call else ""
         status = (
-            f"{made}: {total}/{total} steps, {sync_image.width}x{sync_image.height} pixels, seed {seed},{painted}"
-            f" {seconds:.1f} s."
+            f"{made}: {total}/{total} steps, {sync_image.width}x{sync_image.height} pixels, seed {seed},{extended}"
+            f"{painted} {seconds:.1f} s."
         )
         return sync_image, images.get(MULTIDIFFUSION), seed, status
 
@@ -330,7 +378,8 @@ def build_app(pipe, model=DEFAULT_MODEL):
     `launch`. A FLUX page hides the scheduler (it runs its own flow-matching one) and adds the true CFG scale, which
     its negative prompt needs; FLUX.1 [schnell], without a guidance embedding, shows no guidance scale. The "Regions"
     accordion holds the regions canvas (a `gr.ImageEditor` of the panorama's size, reset when the size changes) and
-    its prompts."""
+    its prompts; the "Extend a photo" accordion (shown for classes that take `image` and `mask_image`) its photo
+    upload and position."""
     import gradio as gr
 
     demo = PanoramaDemo(pipe, model)
@@ -343,12 +392,19 @@ def build_app(pipe, model=DEFAULT_MODEL):
     size_step = pipe.image_processor.config.vae_scale_factor  # FLUX: 16 (its 2x2 latent patches), else 8
     guided = not demo.flux or pipe.transformer.config.guidance_embeds  # FLUX.1 [schnell] has no guidance
 
-    def run(values, region_prompts, regions, progress):
+    def run(values, region_prompts, regions, photo, photo_position, progress):
         def report(done, total, label):
             progress((done, total), desc=label, unit="steps")
 
         try:
-            return demo.generate(*values, region_prompts=region_prompts, regions=regions, progress=report)
+            return demo.generate(
+                *values,
+                region_prompts=region_prompts,
+                regions=regions,
+                photo=photo,
+                photo_position=photo_position,
+                progress=report,
+            )
         except Exception as error:
             message = _user_error(error)
             if message is None:
@@ -356,7 +412,8 @@ def build_app(pipe, model=DEFAULT_MODEL):
             raise gr.Error(message, duration=None, title="Cannot generate", print_exception=False) from None
 
     # Gradio passes the page's values by position and finds `progress` by its default, so the API's parameters are
-    # these functions' own: FLUX's has one more, its true CFG scale; the regions come last (earlier API calls stand).
+    # these functions' own: FLUX's has one more, its true CFG scale; the regions, then the photo come last (earlier API
+    # calls stand).
     def generate(
         prompt,
         negative_prompt,
@@ -375,10 +432,13 @@ def build_app(pipe, model=DEFAULT_MODEL):
         compare,
         region_prompts,
         regions,
+        photo=None,  # the API's default (a `gr.Image` without a value would make it a required parameter): none
+        photo_position=DEFAULT_PHOTO_POSITION,
         progress=gr.Progress(),
     ):
         values = (prompt, negative_prompt, height, width, circular, steps, seed, random_seed, scheduler, stride)
-        return run(values + (guidance, sync_weight, sync_thres, sync_mode, compare), region_prompts, regions, progress)
+        values += (guidance, sync_weight, sync_thres, sync_mode, compare)
+        return run(values, region_prompts, regions, photo, photo_position, progress)
 
     def generate_flux(
         prompt,
@@ -399,11 +459,13 @@ def build_app(pipe, model=DEFAULT_MODEL):
         true_cfg_scale,
         region_prompts,
         regions,
+        photo=None,  # the API's default (a `gr.Image` without a value would make it a required parameter): none
+        photo_position=DEFAULT_PHOTO_POSITION,
         progress=gr.Progress(),
     ):
         values = (prompt, negative_prompt, height, width, circular, steps, seed, random_seed, scheduler, stride)
         values += (guidance, sync_weight, sync_thres, sync_mode, compare, true_cfg_scale)
-        return run(values, region_prompts, regions, progress)
+        return run(values, region_prompts, regions, photo, photo_position, progress)
 
     def choose_size(label):
         if label == CUSTOM:
@@ -529,6 +591,29 @@ def build_app(pipe, model=DEFAULT_MODEL):
                 buttons=["fullscreen"],
                 elem_id="regions",
             )
+        with gr.Accordion("Extend a photo", open=False, visible=demo.extends_photos, elem_id="extend-photo"):
+            gr.Markdown(
+                "Upload a photo to extend it into the panorama: it is scaled to the panorama's height, placed at the"
+                " left, the center or the right, and the prompt above generates the rest around it (the photo's part"
+                " is kept). No photo: a panorama from the prompt alone."
+            )
+            with gr.Row():
+                photo = gr.Image(
+                    label="Photo",
+                    type="pil",
+                    image_mode="RGB",
+                    sources=("upload", "clipboard"),
+                    format="png",
+                    scale=3,
+                    elem_id="photo",
+                )
+                photo_position = gr.Radio(
+                    list(PHOTO_POSITIONS),
+                    value=DEFAULT_PHOTO_POSITION,
+                    label="Photo position",
+                    scale=1,
+                    elem_id="photo-position",
+                )
         gr.Examples([[text] for text in EXAMPLES], inputs=[prompt], label="Example prompts")
 
         size.change(choose_size, size, [height, width, circular], queue=False, api_visibility="private")
@@ -557,6 +642,8 @@ def build_app(pipe, model=DEFAULT_MODEL):
                 *flux_inputs,
                 region_prompts,
                 regions,
+                photo,
+                photo_position,
             ],
             [result, baseline, seed, status],
             api_name="generate",

@@ -1,6 +1,7 @@
-"""The web demo (`syncdiffusion demo`): its generation against direct pipeline calls, its regions canvas, its command
-line, and the app served by the real command on the tiny model, driven in a headless Chromium (Debian's, through
-Selenium and /usr/bin/chromedriver; regions painted with mouse drags) and through gradio_client.
+"""The web demo (`syncdiffusion demo`): its generation against direct pipeline calls, its regions canvas, its "Extend a
+photo" mode, its command line, and the app served by the real command on the tiny model, driven in a headless
+Chromium (Debian's, through Selenium and /usr/bin/chromedriver; regions painted with mouse drags, a photo uploaded) and
+through gradio_client.
 
 Set SYNCDIFFUSION_DEMO_SCREENSHOT=docs/demo.png to keep the browser test's screenshot of a finished comparison.
 """
@@ -420,14 +421,14 @@ def test_a_flux_page_hides_the_scheduler_and_adds_the_true_cfg_scale(flux_pipe, 
     assert controls["scheduler"]["visible"] is False and [c[0] for c in controls["scheduler"]["choices"]] == ["keep"]
     assert controls["true-cfg-scale"]["visible"] is not False and controls["true-cfg-scale"]["value"] == 1.0
     assert controls["guidance"]["value"] == 3.5 and controls["height"]["step"] == 16  # FLUX's 2x2 latent patches
-    assert len(generate_endpoint(flux_page).inputs) == len(API_ARGUMENTS) + 3
+    assert len(generate_endpoint(flux_page).inputs) == len(API_ARGUMENTS) + 5
     names = [p["parameter_name"] for p in flux_page.get_api_info()["named_endpoints"]["/generate"]["parameters"]]
-    assert names == [*API_ARGUMENTS, "true_cfg_scale", "region_prompts", "regions"]
+    assert names == [*API_ARGUMENTS, "true_cfg_scale", "region_prompts", "regions", "photo", "photo_position"]
 
     sd_page = demo.build_app(pipe, "tiny")
     controls = page_controls(sd_page)
     assert "true-cfg-scale" not in controls and controls["scheduler"]["visible"] is not False
-    assert len(generate_endpoint(sd_page).inputs) == len(API_ARGUMENTS) + 2  # the regions (their test below)
+    assert len(generate_endpoint(sd_page).inputs) == len(API_ARGUMENTS) + 4  # the regions and the photo (below)
 
 
 def test_the_space_app_serves_tiny_flux_end_to_end(monkeypatch):
@@ -509,7 +510,7 @@ def test_the_regions_canvas_is_the_panoramas_size_and_a_new_size_clears_it(pipe)
     assert regions["canvas_size"] == [256, 64] and regions["value"]["layers"] == []  # the default "wide 64x256"
     assert regions["sources"] == [] and regions["transforms"] == []  # no upload or crop: the canvas keeps its shape
     names = [p["parameter_name"] for p in page.get_api_info()["named_endpoints"]["/generate"]["parameters"]]
-    assert names == [*API_ARGUMENTS, "region_prompts", "regions"]
+    assert names == [*API_ARGUMENTS, "region_prompts", "regions", "photo", "photo_position"]
 
     fit_canvas = next(fn.fn for fn in page.fns.values() if fn.fn.__name__ == "fit_canvas")  # height's and width's
     update = fit_canvas(64.0, 384.0)
@@ -534,6 +535,159 @@ def test_regions_that_do_not_match_are_an_input_error_before_any_step(pipe):
     assert demo._user_error(caught.value).startswith(
         "The regions canvas has 2 painted layers but there is 1 region prompt: type one prompt per painted layer"
     )
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Extend a photo: the uploaded photo, placed by `place_photo`, as the pipeline's `image` and `mask_image`
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def make_photo(width=48, height=32):
+    """A small picture with something in every column: a colour gradient, a yellow disc and a blue bar."""
+    from PIL import ImageDraw
+
+    rows, columns = np.mgrid[0:height, 0:width]
+    red, green = columns * 255 // (width - 1), rows * 255 // (height - 1)
+    blue = 255 - (rows + columns) * 255 // (width + height)
+    photo = Image.fromarray(np.stack([red, green, blue], axis=-1).astype(np.uint8))
+    draw = ImageDraw.Draw(photo)
+    draw.ellipse((width // 4, height // 4, width // 2, height * 3 // 4), fill=(255, 230, 0))
+    draw.rectangle((width * 3 // 4, 2, width * 3 // 4 + 3, height - 3), fill=(20, 20, 160))
+    return photo
+
+
+def kept_columns(mask_image):
+    """The columns `mask_image` keeps (black from top to bottom)."""
+    return np.flatnonzero((np.asarray(mask_image) == 0).all(axis=0)).tolist()
+
+
+def comparable(call):
+    """A recorded call without its per-call objects (the generator, compared by its seed, and the step callback)."""
+    return {name: value for name, value in call.items() if name not in ("generator", "callback_on_step_end")}
+
+
+def test_only_classes_that_take_image_and_mask_image_extend_photos():
+    from pipeline_syncdiffusion import SyncDiffusionPipeline
+    from pipeline_syncdiffusion_controlnet import SyncDiffusionControlNetPipeline
+
+    assert demo.extends_photos(SyncDiffusionPipeline)
+    assert not demo.extends_photos(SyncDiffusionControlNetPipeline)  # its `image` is the condition
+
+
+# A 48x32 photo on the 64x128 panorama of `generate`: scaled to 96x64, 32 columns free.
+@pytest.mark.parametrize("position, left", [("left", 0), ("center", 16), ("right", 32)])
+def test_an_uploaded_photo_reaches_the_pipeline_as_place_photos_image_and_mask(position, left, pipe, monkeypatch):
+    from syncdiffusion_utils.outpainting import place_photo
+
+    calls = record_calls(pipe, monkeypatch)
+    app = PanoramaDemo(pipe, "tiny")
+    photo = make_photo()
+    settings = {
+        "negative_prompt": "blurry",
+        "guidance": 6.0,
+        "sync_weight": 12.5,
+        "sync_thres": 3,
+        "sync_mode": "fast",
+    }
+    for extra in ({}, {"photo": photo, "photo_position": position}):
+        with pytest.raises(CallRecorded):
+            generate(app, **settings, **extra, random_seed=False, seed=7)
+    text_call, photo_call = calls
+
+    image, mask_image = place_photo(photo, 64, 128, position=position)
+    assert photo_call["image"].size == photo_call["mask_image"].size == (128, 64)
+    assert np.array_equal(pixels(photo_call.pop("image")), pixels(image))
+    assert np.array_equal(np.asarray(photo_call["mask_image"]), np.asarray(mask_image))
+    assert kept_columns(photo_call.pop("mask_image")) == list(range(left, left + 96))
+    # Everything else is the text mode's call: the settings, the size, the seed.
+    assert comparable(photo_call) == comparable(text_call)
+    assert photo_call["generator"].initial_seed() == text_call["generator"].initial_seed() == 7
+    assert (photo_call["sync_weight"], photo_call["sync_thres"], photo_call["sync_mode"]) == (12.5, 3, "fast")
+    assert photo_call["negative_prompt"] == "blurry" and photo_call["guidance_scale"] == 6.0
+
+
+def test_a_360_panorama_places_the_photo_for_the_seam_and_regions_come_with_the_photo(pipe, monkeypatch):
+    from syncdiffusion_utils.outpainting import place_photo
+
+    calls = record_calls(pipe, monkeypatch)
+    app = PanoramaDemo(pipe, "tiny")
+    photo, canvas = make_photo(), two_regions()
+    with pytest.raises(CallRecorded):
+        generate(app, circular=True, photo=photo, photo_position="right", regions=canvas, region_prompts="a\nb")
+    (call,) = calls
+
+    seam, flat = place_photo(photo, 64, 128, "right", circular=True), place_photo(photo, 64, 128, "right")
+    assert call["circular_padding"] is True
+    assert np.array_equal(pixels(call["image"]), pixels(seam[0]))
+    assert not np.array_equal(pixels(seam[0]), pixels(flat[0])), "the 360° fill is the flat one: no test"
+    assert np.array_equal(np.asarray(call["mask_image"]), np.asarray(seam[1]))
+    assert call["region_prompts"] == ["a", "b"] and len(call["region_masks"]) == 2
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        ({"photo_position": "top"}, "`photo_position` has to be one of left, center, right, but is 'top'."),
+        ({"photo_position": None}, "`photo_position` has to be one of left, center, right, but is None."),
+        (
+            {"photo": "wide"},  # replaced by a 200x64 photo: 200 pixels wide on the 128-pixel panorama
+            "`photo` is 200x64 pixels (width x height): scaled to the panorama's height 64 it is 200 pixels wide",
+        ),
+    ],
+    ids=["unknown-position", "no-position", "photo-too-wide"],
+)
+def test_a_bad_photo_or_position_is_an_input_error_before_any_step(overrides, message, pipe):
+    if overrides.get("photo") == "wide":
+        overrides = {**overrides, "photo": make_photo(200, 64)}
+    app = PanoramaDemo(pipe, "tiny")
+    with pytest.raises(demo.InputError) as caught:
+        generate(app, **overrides, progress=lambda *report: pytest.fail("a step ran"))
+    assert demo._user_error(caught.value).startswith(message)
+
+
+@pytest.mark.parametrize("model, fixture", [("tiny", "pipe"), ("tiny-xl", "xl_pipe"), ("tiny-flux", "flux_pipe")])
+def test_extending_a_photo_is_the_pipelines_own_call_for_every_class_the_demo_serves(model, fixture, request):
+    """SD, SDXL and FLUX.1 take `image` and `mask_image`: their pages show "Extend a photo", and the demo generates
+    and compares from the placed photo bit-identically to their direct calls."""
+    from syncdiffusion_utils.outpainting import place_photo
+
+    pipe = request.getfixturevalue(fixture)
+    app = PanoramaDemo(pipe, model)
+    assert app.extends_photos
+    page = page_controls(demo.build_app(pipe, model))
+    assert page["extend-photo"]["visible"] is not False
+    assert page["photo-position"]["value"] == "center" and page["photo"]["sources"] == ["upload", "clipboard"]
+    photo = make_photo()
+    (sync_image, multi_image, seed, status), reports = generate(
+        app, photo=photo, photo_position="right", compare=True, random_seed=False, seed=4
+    )
+    image, mask_image = place_photo(photo, 64, 128, position="right")
+    call = dict(FLUX_CALL, image=image, mask_image=mask_image)  # the small call of `generate`
+    if not app.flux:
+        del call["max_sequence_length"]
+    # Same seed, same CPU, same arguments: bit-identical (measured: max difference 0), MultiDiffusion too.
+    for made, weight in ((sync_image, 20.0), (multi_image, 0.0)):
+        direct = pipe(**call, sync_weight=weight, generator=generator(seed)).images[0]
+        assert np.array_equal(pixels(made), pixels(direct))
+    # Every step of both runs reported (SDXL's inpainting strength is diffusers' 0.9999: 2 of the 3 steps run).
+    total = pipe.num_timesteps
+    assert reports == [(i, total, label) for label in ("MultiDiffusion", "SyncDiffusion") for i in range(1, total + 1)]
+    assert f"{total}/{total} steps, 128x64 pixels, seed 4, photo at the right," in status
+
+
+def test_a_class_without_mask_image_refuses_a_photo_and_hides_extend_a_photo(pipe):
+    """The ControlNet class (its `image` is the condition, it has no `mask_image`): the photo is an input error
+    before any step, and the page has no "Extend a photo"."""
+    _require("gradio")
+    controlnet_pipe = loading.with_controlnet(pipe, "tiny")
+    app = PanoramaDemo(controlnet_pipe, "tiny")
+    assert not app.extends_photos
+    with pytest.raises(demo.InputError) as caught:
+        generate(app, photo=make_photo(), progress=lambda *report: pytest.fail("a step ran"))
+    assert demo._user_error(caught.value).startswith(
+        "This model (SyncDiffusionControlNetPipeline) cannot extend a photo: its pipeline takes no `image` and"
+    )
+    assert page_controls(demo.build_app(controlnet_pipe, "tiny"))["extend-photo"]["visible"] is False
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -860,6 +1014,58 @@ def test_in_a_browser_two_painted_regions_change_their_pixels(server, browser, t
     _screenshot(driver, tmp_path / "regions.png")  # last: its full-page capture resizes the editor for a moment
 
 
+def test_in_a_browser_an_uploaded_photo_is_extended_at_the_chosen_position(server, browser, pipe, tmp_path):
+    """A photo uploaded in "Extend a photo", placed at the right of the default 64x256 panorama: the served PNG is the
+    pipeline's own call with `place_photo`'s image and mask from the same seed, computed here in process."""
+    from selenium.webdriver.common.by import By
+
+    from syncdiffusion_utils.loading import set_scheduler
+    from syncdiffusion_utils.outpainting import place_photo
+
+    photo = make_photo(48, 64)  # the panorama's height already: placed as it is, columns 208-255
+    photo.save(tmp_path / "photo.png")
+    driver = browser
+    driver.get(server.url)
+    _wait(lambda: driver.find_elements(By.CSS_SELECTOR, "#generate button, button#generate"), 60, "the page")
+    _type(driver, "#prompt textarea", "a photo of a lake")
+    driver.find_element(By.XPATH, "//button[contains(., 'Settings')]").click()
+    _type(driver, "#steps input[type=number]", "4")
+    driver.find_element(By.CSS_SELECTOR, "#random-seed input").click()
+    _type(driver, "#seed input", "3")
+
+    driver.find_element(By.XPATH, "//button[contains(., 'Extend a photo')]").click()
+    upload = _wait(lambda: driver.find_elements(By.CSS_SELECTOR, "#photo input[type=file]"), 30, "the photo upload")
+    upload[0].send_keys(str(tmp_path / "photo.png"))
+    _wait(lambda: driver.find_elements(By.CSS_SELECTOR, "#photo img"), 30, "the uploaded photo's preview")
+    driver.find_element(By.XPATH, "//*[@id='photo-position']//label[contains(., 'right')]").click()
+    driver.find_element(By.CSS_SELECTOR, "#generate").click()
+    status = _wait(lambda: "photo at" in _text(driver, "#status") and _text(driver, "#status"), 60, "the panorama")
+    assert status.startswith("SyncDiffusion: 4/4 steps, 256x64 pixels, seed 3, photo at the right,")
+    served, _ = _served_image(driver, "#result")
+    _screenshot(driver, tmp_path / "extend-photo.png")
+
+    image, mask_image = place_photo(photo, 64, 256, position="right")
+    assert kept_columns(mask_image) == list(range(208, 256))
+    set_scheduler(pipe, "ddim")  # the page's default scheduler, and its default settings below
+    direct = pipe(
+        "a photo of a lake",
+        height=64,
+        width=256,
+        num_inference_steps=4,
+        stride=8,
+        guidance_scale=7.5,
+        sync_weight=20.0,
+        sync_thres=5,
+        view_batch_size="auto",
+        image=image,
+        mask_image=mask_image,
+        generator=generator(3),
+    ).images[0]
+    # The served process and this one: the same tiny weights, CPU, one thread (measured: max difference 0).
+    difference = np.abs(pixels(served).astype(int) - pixels(direct))
+    assert difference.max() == 0, f"the served panorama differs by up to {difference.max()} levels"
+
+
 def test_through_gradio_client_the_api_returns_the_image_and_keeps_serving(server, tmp_path):
     _require("gradio_client")
     from gradio_client import Client
@@ -880,3 +1086,14 @@ def test_through_gradio_client_the_api_returns_the_image_and_keeps_serving(serve
         assert np.array_equal(pixels(sync), pixels(again))
         assert not np.array_equal(pixels(sync), pixels(multi))
     assert all(Path(path).is_relative_to(tmp_path) for path in (sync_path, multi_path, again_path))
+
+    # A photo by keyword (the page's last two inputs): extended, from the same seed.
+    from gradio_client import handle_file
+
+    make_photo(48, 64).save(tmp_path / "photo.png")
+    photo_path, _, _, status = client.predict(
+        *API_ARGUMENTS.values(), photo=handle_file(tmp_path / "photo.png"), photo_position="left", api_name="/generate"
+    )
+    assert "seed 3, photo at the left," in status
+    with Image.open(photo_path) as extended, Image.open(again_path) as again:
+        assert extended.size == (256, 64) and not np.array_equal(pixels(extended), pixels(again))
