@@ -61,8 +61,8 @@ def reference_image_panorama(
     """
     The final latents of one image's panorama from `image` (`(1, 3, H, W)` in [-1, 1]) and `mask` (`(1, 1, H, W)` in
     [0, 1], white = generate; None: image-to-image), with `pipe`'s models and a copy of its DDIM scheduler, guidance
-    7.5 and `generator`'s draws. `anchor`: "center", "image" or a view index. Every step's latents (after the kept
-    region is put back) are appended to the list `trajectory` if given.
+    7.5 and `generator`'s draws. `anchor`: "center", "image" (with a mask) or a view index. Every step's latents
+    (after the kept region is put back) are appended to the list `trajectory` if given.
     """
     unet, vae = pipe.unet, pipe.vae
     dtype = unet.dtype
