@@ -1943,6 +1943,7 @@ class SyncDiffusionZImagePipeline(DiffusionPipeline, ZImageLoraLoaderMixin, From
         region_masks: list[PipelineImageInput] | None = None,
         region_negative_prompts: list[str | None] | None = None,
         region_bootstrap_steps: int | None = None,
+        sync_anchor: str | int | None = None,
         **kwargs: Any,
     ):
         r"""
@@ -2058,6 +2059,9 @@ class SyncDiffusionZImagePipeline(DiffusionPipeline, ZImageLoraLoaderMixin, From
                 state (its first one, if a list) without consuming it, which keeps each region's content inside its
                 mask. Defaults to `round(0.4 * num_inference_steps)` (20 of 50, as MultiDiffusion's
                 `region_based.py`); 0 turns it off.
+            sync_anchor (`str` or `int`, *optional*):
+                The view every other is synchronized to: `"center"` (the middle view, the paper's; the default) or a
+                view index (`get_views` order).
 
         Examples:
 
@@ -2112,6 +2116,7 @@ class SyncDiffusionZImagePipeline(DiffusionPipeline, ZImageLoraLoaderMixin, From
             region_masks=region_masks,
             region_negative_prompts=region_negative_prompts,
             region_bootstrap_steps=region_bootstrap_steps,
+            sync_anchor=sync_anchor,
         )
         stride = self.default_stride(window_size) if stride is None else stride
         window = window_size // self.vae_scale_factor
@@ -2222,7 +2227,8 @@ class SyncDiffusionZImagePipeline(DiffusionPipeline, ZImageLoraLoaderMixin, From
         view_batch_size, sync = self.view_batch_sizes(
             view_batch_size, len(views), num_images, device, self.transformer.dtype, sync, regions
         )
-        panorama = self.prepare_panorama(latents, views, view_batch_size, regions)
+        anchor_index = anchor_view_index(views, "center" if sync_anchor is None else sync_anchor)
+        panorama = self.prepare_panorama(latents, views, view_batch_size, regions, anchor_index)
 
         # 7. Denoising loop: MultiDiffusion over the views, with SyncDiffusion's update in the early steps. A stochastic
         # step (`stochastic_sampling`) draws from the call's generator (ZImagePipeline passes none: it draws from
