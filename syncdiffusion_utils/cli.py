@@ -7,6 +7,9 @@
     syncdiffusion "a desert canyon" --sync-weight 0,10,20,40 -o sweep.png  # one seed, one labelled row per weight
     syncdiffusion "a green meadow" --region "a red barn" box:0.4,0.3,0.6,1 \
         --region "a full moon" moon_mask.png -o farm.png               # a prompt per region: white in the mask
+    syncdiffusion "a harbour at dawn" --image photo.jpg --outpaint center -o harbour.png  # extend a photo
+    syncdiffusion "a harbour at dusk" --image harbour.png --strength 0.6 -o dusk.png   # image-to-image
+    syncdiffusion "a harbour at dawn" --image harbour.png --mask mask.png -o fixed.png  # repaint the white
     syncdiffusion "a coastal town" --control-image depth.png --controlnet lllyasviel/control_v11f1p_sd15_depth \
         --model stable-diffusion-v1-5/stable-diffusion-v1-5                 # follows the layout of depth.png
     syncdiffusion generate "demo"                                     # a prompt that is a subcommand's name
@@ -90,7 +93,16 @@ ARGUMENT_FLAGS = {
     "region_prompts": "--region",
     "region_masks": "--region",
     "region_bootstrap_steps": "--region-bootstrap-steps",
+    "mask_image": "--mask",
+    "strength": "--strength",
+    "sync_anchor": "--sync-anchor",
 }
+# The same for a class whose `image` is the image to start from (--image), not a ControlNet condition.
+START_IMAGE_FLAGS = {**ARGUMENT_FLAGS, "image": "--image"}
+# `place_photo`'s argument -> the flag that sets it.
+OUTPAINT_FLAGS = {"position": "--outpaint", "circular": "--circular", "height": "--height", "width": "--width"}
+OUTPAINT_POSITIONS = ("left", "center", "right")
+SYNC_ANCHORS = ("center", "image")
 
 
 class _Parser(argparse.ArgumentParser):
@@ -209,6 +221,41 @@ def _non_negative_int(text):
     return value
 
 
+def _strength(text):
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number in (0, 1], got {text!r}") from None
+    if not 0 < value <= 1:  # also NaN
+        raise argparse.ArgumentTypeError(f"expected a number in (0, 1], got {text}")
+    return value
+
+
+def _outpaint_position(text):
+    """--outpaint: left, center, right, or the photo's first column in pixels (an integer, negative allowed)."""
+    if text in OUTPAINT_POSITIONS:
+        return text
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected {', '.join(OUTPAINT_POSITIONS)} or a column in pixels (an integer), got {text!r}"
+        ) from None
+
+
+def _sync_anchor(text):
+    """--sync-anchor: center, image, or a view index (an integer >= 0)."""
+    if text in SYNC_ANCHORS:
+        return text
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected center, image or a view index >= 0, got {text!r}")
+    return value
+
+
 def build_parser(prog="syncdiffusion"):
     parser = _Parser(
         prog=prog,
@@ -224,7 +271,9 @@ def build_parser(prog="syncdiffusion"):
             "                                               (or options first: syncdiffusion -o x.png -- PROMPT)\n"
             "Offline smoke run: `syncdiffusion 'a test' --model tiny -o smoke.png` (also tiny-xl, tiny-flux).\n"
             "A prompt per region (white in a mask of the panorama's size, or a box of fractions):\n"
-            "  syncdiffusion 'a green meadow' --region 'a red barn' box:0.4,0.3,0.6,1 --region 'a full moon' moon.png"
+            "  syncdiffusion 'a green meadow' --region 'a red barn' box:0.4,0.3,0.6,1 --region 'a full moon' moon.png\n"
+            "A photo extended into a panorama (the rest generated, synchronized to the view over the photo):\n"
+            "  syncdiffusion 'a harbour at dawn' --image photo.jpg --outpaint center -o harbour.png"
         ),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
@@ -354,6 +403,42 @@ def build_parser(prog="syncdiffusion"):
         " the steps; 0: off; at most --steps)",
     )
 
+    image = parser.add_argument_group("panoramas from an image (SD, SDXL, FLUX.1: each class that takes one)")
+    image.add_argument(
+        "--image",
+        metavar="PATH",
+        help="the image to start from. With --outpaint: a photo of any size to extend. Otherwise an image of the"
+        " panorama's size (its size is the default --height/--width): image-to-image, or with --mask inpainting",
+    )
+    image.add_argument(
+        "--outpaint",
+        type=_outpaint_position,
+        metavar="POSITION",
+        help="extend the --image photo into a --height x --width panorama: the photo scaled to the height (aspect"
+        " ratio kept), placed at left, center, right or a column in pixels from the left (with --circular also"
+        " negative or past the edge: across the seam), kept; the rest generated from pure noise (--strength 1"
+        " unless given: around the photo the canvas holds only its stretched edge colours)",
+    )
+    image.add_argument(
+        "--mask",
+        metavar="PATH",
+        help="with --image: white = generate, black = keep, grays blend (read as grayscale; the image's size)",
+    )
+    image.add_argument(
+        "--strength",
+        type=_strength,
+        help="with --image: how far it is noised, in (0, 1], the share of --steps that run (default: 1 with"
+        " --outpaint, else the pipeline's: SD 0.8, with --mask 1; SDXL 0.3, with --mask 0.9999; FLUX.1 0.6)",
+    )
+    image.add_argument(
+        "--sync-anchor",
+        type=_sync_anchor,
+        metavar="ANCHOR",
+        help="the view every other is synchronized to: center (the middle view, the paper's), image (the view that"
+        " keeps most of the image: the default with --mask or --outpaint) or a view index (row by row from the"
+        " top left)",
+    )
+
     control = parser.add_argument_group("ControlNet (a panorama that follows a layout)")
     control.add_argument(
         "--control-image",
@@ -431,11 +516,17 @@ def check_output(path):
         os.remove(path)
 
 
-def _input_error(error):
-    """The one-line message of a `ValueError` the pipeline raised in `check_inputs`, with flags for arguments."""
+def _with_flags(message, flags):
+    """`message` with each `argument` that `flags` names replaced by its flag."""
+    return re.sub(r"`(\w+)`", lambda m: flags.get(m.group(1), m.group(0)), str(message))
+
+
+def _input_error(error, flags=None):
+    """The one-line message of a `ValueError` the pipeline raised in `check_inputs`, with flags for arguments
+    (`flags`, default `ARGUMENT_FLAGS`: a ControlNet condition's `image` is --control-image)."""
     if not any(frame.name == "check_inputs" for frame in traceback.extract_tb(error.__traceback__)):
         return None
-    return re.sub(r"`(\w+)`", lambda m: ARGUMENT_FLAGS.get(m.group(1), m.group(0)), str(error))
+    return _with_flags(error, ARGUMENT_FLAGS if flags is None else flags)
 
 
 def _control_image(args, tiny):
@@ -674,6 +765,139 @@ def _region_options(args, pipeline_class, height, width, steps):
     return options
 
 
+def takes_start_image(pipeline_class):
+    """Whether `pipeline_class.__call__` takes an image to start from and its mask (`image` and `mask_image`), and
+    is not a ControlNet pipeline, whose `image` is the condition (`controlnet_conditioning_scale`)."""
+    import inspect
+
+    parameters = inspect.signature(pipeline_class.__call__).parameters
+    return {"image", "mask_image"} <= set(parameters) and "controlnet_conditioning_scale" not in parameters
+
+
+def _check_image_flags(args, control_image):
+    """Raise `CLIError` (code 2) for --image, --outpaint, --mask, --strength and --sync-anchor given together in a way
+    that cannot work, before anything is read or loaded."""
+    if args.image is None:
+        for flag, value in (("--outpaint", args.outpaint), ("--mask", args.mask), ("--strength", args.strength)):
+            if value is not None:
+                raise CLIError(f"{flag} {value}: only with --image PATH, the image to start from.", code=2)
+    if args.outpaint is not None and args.mask is not None:
+        raise CLIError(
+            f"--mask {args.mask!r}: not with --outpaint, which makes its own mask (white around the photo, black"
+            " over it); give --mask for an image of the panorama's size, --outpaint for a photo to extend.",
+            code=2,
+        )
+    if args.image is not None and control_image is not None:
+        raise CLIError(
+            f"--image {args.image!r}: not with --control-image; the ControlNet pipeline's image is its condition,"
+            " and it starts from noise.",
+            code=2,
+        )
+    if args.sync_anchor == "image" and args.mask is None and args.outpaint is None:
+        raise CLIError(
+            "--sync-anchor image: the view that keeps most of the image needs --mask or --outpaint (without a mask"
+            " nothing is kept); use center or a view index.",
+            code=2,
+        )
+
+
+def read_image(flag, path):
+    """The image at `path` as an RGB PIL image; raises `CLIError` (code 2) naming `flag` when it cannot be read."""
+    from PIL import Image, UnidentifiedImageError
+
+    if not os.path.isfile(path):
+        raise CLIError(f"{flag} {path!r}: no such file.", code=2)
+    try:
+        with Image.open(path) as image:
+            return image.convert("RGB")
+    except (OSError, UnidentifiedImageError) as error:
+        raise CLIError(f"{flag} {path!r}: cannot be read as an image: {str(error).splitlines()[0]}", code=2) from None
+
+
+def read_mask(path, height, width):
+    """The --mask at `path` as an "L" PIL image of the panorama's size (16-bit grayscale scaled to 8 bits); raises
+    `CLIError` (code 2) for a missing file, another size or a mask that generates nothing."""
+    from PIL import Image, UnidentifiedImageError
+
+    flag = f"--mask {path!r}"
+    if not os.path.isfile(path):
+        raise CLIError(f"{flag}: no such file.", code=2)
+    try:
+        with Image.open(path) as image:
+            image.load()
+            size = image.size
+            mask = _grayscale(image, flag)
+    except (OSError, UnidentifiedImageError) as error:
+        raise CLIError(f"{flag}: cannot be read as an image: {str(error).splitlines()[0]}", code=2) from None
+    if size != (width, height):
+        raise CLIError(
+            f"{flag}: the mask is {size[0]}x{size[1]} pixels, but the panorama is {width}x{height}; a mask is the"
+            " size of --image.",
+            code=2,
+        )
+    if mask.getextrema()[1] == 0:
+        raise CLIError(
+            f"{flag} is black everywhere: it keeps the whole image and generates nothing (white = generate).", 2
+        )
+    return mask
+
+
+def _image_options(args, pipeline_class, start_image, height, width, steps):
+    """The image arguments of the call (`image`, `mask_image`, `strength`, `sync_anchor`; `{}` without --image and
+    --sync-anchor): the --outpaint photo placed on the canvas, or the image and --mask checked against the panorama's
+    size, all before any model loads. `height`, `width`, `steps`: the command's, None for the class's own default."""
+    import inspect
+
+    parameters = inspect.signature(pipeline_class.__call__).parameters
+    options = {}
+    if args.sync_anchor is not None:
+        if "sync_anchor" not in parameters:
+            raise CLIError(
+                f"--sync-anchor: {pipeline_class.__name__} (--model {args.model}) takes no synchronization anchor.", 2
+            )
+        options["sync_anchor"] = args.sync_anchor
+    if start_image is None:
+        return options
+    if not takes_start_image(pipeline_class):
+        raise CLIError(
+            f"--image: {pipeline_class.__name__} (--model {args.model}) takes no image to start from yet.", code=2
+        )
+    height = parameters["height"].default if height is None else height
+    width = parameters["width"].default if width is None else width
+    steps = parameters["num_inference_steps"].default if steps is None else steps
+    if args.strength is not None and int(steps * args.strength) < 1:
+        raise CLIError(
+            f"--strength {args.strength:g} of {steps} steps runs no step (the share of --steps that run, rounded"
+            f" down): at least {1 / steps:g}, or more --steps.",
+            code=2,
+        )
+    if args.outpaint is not None:
+        from syncdiffusion_utils.outpainting import place_photo
+
+        try:
+            image, mask = place_photo(start_image, height, width, args.outpaint, circular=args.circular)
+        except ValueError as error:
+            flags = {**OUTPAINT_FLAGS, "photo": f"--image {args.image!r}", "position": "--outpaint"}
+            raise CLIError(_with_flags(error, flags), code=2) from None
+        options.update(image=image, mask_image=mask)
+    else:
+        if start_image.size != (width, height):
+            raise CLIError(
+                f"--image {args.image!r} is {start_image.width}x{start_image.height} pixels, but the panorama is"
+                f" {width}x{height} (--width x --height): without --outpaint the image is the panorama's size;"
+                " --outpaint POSITION extends a smaller photo.",
+                code=2,
+            )
+        options["image"] = start_image
+        if args.mask is not None:
+            options["mask_image"] = read_mask(args.mask, height, width)
+    if args.strength is not None:
+        options["strength"] = args.strength
+    elif args.outpaint is not None:  # the canvas around the photo is a placeholder: start it from pure noise
+        options["strength"] = 1.0
+    return options
+
+
 def _runs(args, weights):
     """`(label, sync_weight)` of each panorama to make, in the order they are stacked."""
     if len(weights) > 1:
@@ -720,7 +944,11 @@ def _generate(args):
             code=2,
         )
     control_image = _control_image(args, args.model == TINY)
-    height, width, steps = _command_sizes(args, tiny, control_image)
+    _check_image_flags(args, control_image)
+    start_image = read_image("--image", args.image) if args.image is not None else None
+    # Without --outpaint the image covers the whole panorama: its size is the default size, as a condition's is.
+    whole_image = control_image if control_image is not None else None if args.outpaint else start_image
+    height, width, steps = _command_sizes(args, tiny, whole_image)
     if not tiny and args.steps is None:
         steps = None  # the class's own: 50, FLUX 28
     if args.output is not None:
@@ -737,7 +965,9 @@ def _generate(args):
     scheduler = resolve_scheduler(pipeline_class, args.scheduler)
     _check_flags_for_class(args, pipeline_class)
     flux_options = _flux_options(args, pipeline_class)
-    region_options = _region_options(args, _running_class(pipeline_class, control_image), height, width, steps)
+    running_class = _running_class(pipeline_class, control_image)
+    region_options = _region_options(args, running_class, height, width, steps)
+    image_options = _image_options(args, running_class, start_image, height, width, steps)
 
     import torch
 
@@ -784,6 +1014,7 @@ def _generate(args):
         sync_gradient_checkpointing=args.sync_gradient_checkpointing,
         **flux_options,
         **region_options,
+        **image_options,
     )
     height, width = call["height"], call["width"]
     if args.vae_tiling == "auto" and pipe.vae.use_tiling:
@@ -799,7 +1030,7 @@ def _generate(args):
         try:
             image = pipe(**call, sync_weight=sync_weight, generator=generator(seed)).images[0]
         except ValueError as error:
-            message = _input_error(error)
+            message = _input_error(error, ARGUMENT_FLAGS if control_image is not None else START_IMAGE_FLAGS)
             if message is None:
                 raise
             raise CLIError(message, code=2) from None
