@@ -22,7 +22,9 @@ EXAMPLES = sorted(EXAMPLES_FOLDER.glob("*.py"))
 
 def test_there_are_examples():
     assert len(EXAMPLES) >= 8, [path.name for path in EXAMPLES]
-    assert {"controlnet_panorama", "sdxl_panorama", "region_panorama"} <= {path.stem for path in EXAMPLES}
+    assert {"controlnet_panorama", "sdxl_panorama", "region_panorama", "outpaint_panorama"} <= {
+        path.stem for path in EXAMPLES
+    }
 
 
 @pytest.mark.parametrize("example", EXAMPLES, ids=lambda path: path.stem)
@@ -119,6 +121,46 @@ def test_region_example_changes_its_regions(tmp_path):
             change[mask].mean(),
             far_change,
         )
+
+
+def test_outpaint_example_keeps_its_photo(tmp_path, monkeypatch):
+    """In process, with `tests/test_cli_image.py`'s averaging VAE (the tiny model's random one reconstructs
+    nothing): the canvas holds the drawn photo, centred, and the panorama keeps it, to the VAE's reconstruction
+    (8x8-pixel block means) and the PNG's rounding, while the rest is generated."""
+    from syncdiffusion_utils.outpainting import place_photo
+    from tests.test_cli_image import PNG_ROUNDING, averaging_vae, reconstruction
+
+    example = load_example("outpaint_panorama")
+    load = example.load_pipeline
+
+    def load_pipeline(*args, **kwargs):
+        pipe = load(*args, **kwargs)
+        pipe.vae = averaging_vae()
+        return pipe
+
+    monkeypatch.setattr(example, "load_pipeline", load_pipeline)
+    output, canvas_output = tmp_path / "panorama.png", tmp_path / "canvas.png"
+    example.main(["--tiny", "--output", str(output), "--canvas-output", str(canvas_output)])
+
+    height, width, _ = example.TINY_PANORAMA
+    photo = example.make_photo(height)
+    image, mask = place_photo(photo, height, width, "center")
+    with Image.open(canvas_output) as canvas:
+        np.testing.assert_array_equal(np.asarray(canvas), np.asarray(image))
+    left = (width - photo.width) // 2
+    np.testing.assert_array_equal(np.asarray(image)[:, left : left + photo.width], np.asarray(photo))
+    with Image.open(output) as panorama:
+        assert panorama.size == (width, height)
+        result = np.asarray(panorama.convert("RGB"), dtype=np.float64)
+    kept = np.asarray(mask) == 0
+    rebuilt = reconstruction(averaging_vae(), image)
+    assert np.abs(result - rebuilt)[kept].max() <= PNG_ROUNDING
+    # the generated rest is far from the canvas's stretched edges
+    canvas_error = np.abs(result - np.asarray(image, dtype=np.float64))
+    assert canvas_error[~kept].mean() > 5 * canvas_error[kept].mean(), (
+        canvas_error[~kept].mean(),
+        canvas_error[kept].mean(),
+    )
 
 
 # The FLUX.2 [klein] and Z-Image examples: the real models' panoramas, checked against the pipelines' own geometry
