@@ -25,11 +25,15 @@ What is counted, with hooks only (nothing in the pipeline changes; everything is
   submodules ran forward again counts one recomputed forward per view, even though the (small) layers that
   diffusers does not checkpoint, like `conv_in`, are not re-run.
 - `unet_bwd`: backward passes through `pipe.unet` (a full backward hook; the batch of the gradient).
-- `transformer_fwd`, `transformer_recompute`, `transformer_bwd`: the same for `pipe.transformer` (FLUX's
-  `SyncDiffusionFluxPipeline`, diffusers' `FluxPipeline`). The transformer takes its inputs as keywords, so torch
-  fires its backward hook when the gradient reaches its output, before its blocks are recomputed; a submodule that
-  runs outside the transformer's own forward is then a recomputation of the last backward (a submodule running a
-  second time starts the next one's).
+- `transformer_fwd`, `transformer_recompute`, `transformer_bwd`: the same for `pipe.transformer` (FLUX.1's,
+  FLUX.2 [klein]'s and Z-Image's SyncDiffusion pipelines; diffusers' `FluxPipeline`, `Flux2KleinPipeline`,
+  `ZImagePipeline`). FLUX's transformers take their inputs as keywords, so torch fires their backward hook when the
+  gradient reaches the output, before the blocks are recomputed; a submodule that runs outside the transformer's own
+  forward is then a recomputation of the last backward (a submodule running a second time starts the next one's).
+  Z-Image's returns a list of images, which torch's module backward hooks never see: a module whose output holds no
+  tensor at its top level gets a hook on each tensor of its output instead, the first gradient to reach one of them
+  counting its backward (with the forward's batch), recomputation as for keyword inputs. A list of tensors as the
+  input (`ZImagePipeline`'s one latent per image) counts its length as the batch.
 - The denoisers are `pipe.unet` and `pipe.transformer`, whichever the pipeline has (`pipe.denoiser` is one of them).
 - `controlnet_fwd`, `controlnet_bwd`, `controlnet_recompute`: the same for `pipe.controlnet` when the pipeline has
   one (`SyncDiffusionControlNetPipeline`; a `MultiControlNetModel` counts once per call, like one model). With
@@ -86,17 +90,38 @@ DENOISERS = ("unet", "transformer")
 
 
 def _batch(value):
-    """Leading dimension of the first tensor found in `value` (a tensor, or a tuple/list/dict of them)."""
+    """The batch of the first tensors found in `value` (a tensor, or a tuple/list/dict of them): a tensor's leading
+    dimension, or the length of a list of tensors, one per image (as `ZImagePipeline` passes its transformer)."""
     if isinstance(value, torch.Tensor):
         return value.shape[0] if value.ndim > 0 else None
+    if isinstance(value, list) and value and all(isinstance(item, torch.Tensor) for item in value):
+        return len(value)
+    if isinstance(value, dict):
+        value = tuple(value.values())
     if isinstance(value, (tuple, list)):
         for item in value:
             batch = _batch(item)
             if batch is not None:
                 return batch
-    if isinstance(value, dict):
-        return _batch(list(value.values()))
     return None
+
+
+def _tensors(value):
+    """Every tensor in `value`: a tensor, or nested in tuples, lists and dicts (diffusers' outputs are dicts)."""
+    if isinstance(value, torch.Tensor):
+        return [value]
+    if isinstance(value, dict):
+        value = list(value.values())
+    if isinstance(value, (tuple, list)):
+        return [tensor for item in value for tensor in _tensors(item)]
+    return []
+
+
+def _hooked_by_torch(output):
+    """Whether torch's full backward hooks see `output`: it is a tensor or a tuple holding tensors at its top level
+    (torch's `BackwardHook` wraps only those; a list of images, as Z-Image's transformer returns, it does not)."""
+    items = output if isinstance(output, tuple) else (output,)
+    return any(isinstance(item, torch.Tensor) for item in items)
 
 
 def _number(value):
@@ -121,6 +146,7 @@ class _TrackedModule:
         # submodules re-run so far in the recomputation being counted.
         self.awaiting_recompute = []
         self.recomputing = None
+        self.forward_batch = None  # the batch of the outermost forward running or last run
         self.handles = [
             module.register_forward_pre_hook(self._pre_forward, with_kwargs=True),
             module.register_forward_hook(self._post_forward),
@@ -138,10 +164,39 @@ class _TrackedModule:
         if self.depth == 1:
             # a new forward: every earlier backward has finished, recomputation included
             self.awaiting_recompute, self.recomputing = [], None
-            self.on_forward(_batch(args) or _batch(kwargs), args, kwargs)
+            self.forward_batch = _batch(args) or _batch(kwargs)
+            self.on_forward(self.forward_batch, args, kwargs)
 
     def _post_forward(self, module, args, output):
         self.depth -= 1
+        if self.depth == 0 and torch.is_grad_enabled() and not _hooked_by_torch(output):
+            self._hook_nested_output(output)
+
+    def _hook_nested_output(self, output):
+        """
+        Count the backward of a forward whose output torch's full backward hooks do not see (a list or dict of
+        tensors, `_hooked_by_torch`): a hook on each of its tensors that needs a gradient, the first one the gradient
+        reaches starting the backward, counted with the forward's batch. The gradient reaches the output before the
+        blocks are recomputed, so the recomputation is counted after it, as for a forward with keyword inputs.
+        """
+        tensors = [tensor for tensor in _tensors(output) if tensor.requires_grad]
+        if not tensors:
+            return
+        batch, reached = self.forward_batch, set()
+
+        def on_gradient(index):
+            def hook(grad):
+                if index in reached:  # a second backward through the same forward
+                    reached.clear()
+                if not reached:
+                    self.on_backward(batch)
+                    self.awaiting_recompute.append(batch)
+                    self.recomputing = None
+                reached.add(index)
+
+            return hook
+
+        self.handles.extend(tensor.register_hook(on_gradient(k)) for k, tensor in enumerate(tensors))
 
     def _sub_forward(self, module, args):
         if self.depth:  # inside the module's own forward
@@ -191,9 +246,10 @@ class PassCounter:
         track_recompute: also count the forwards that activation checkpointing recomputes in the backward
             (a pre-hook on every submodule of the denoisers and the decoders; cheap).
         guided: whether the denoiser sees every view twice (classifier-free guidance; FLUX's true CFG). By default
-            read from the pipeline during the call: `do_classifier_free_guidance` for a UNet, the call's true CFG
-            (`_true_cfg`, which `SyncDiffusionFluxPipeline` sets) for a transformer. Pass it for a pipeline that
-            does not say, such as diffusers' `FluxPipeline` with true CFG.
+            read from the pipeline during the call: for a transformer the call's true CFG (`_true_cfg`, which the
+            SyncDiffusion pipelines set), else `do_classifier_free_guidance` (a UNet's; diffusers'
+            `Flux2KleinPipeline` and `ZImagePipeline`, whose `cfg_truncation` steps it does not see). Pass it for a
+            pipeline that does not say, such as diffusers' `FluxPipeline` with true CFG.
 
     Read the counts with attribute access (`counter.unet_fwd`), `counter.as_dict()`, or `counter.snapshot()`
     (also usable while the pipeline runs, e.g. from `callback_on_step_end`, to count per step).
@@ -259,10 +315,13 @@ class PassCounter:
         if self.fixed_guided is not None:
             return bool(self.fixed_guided)
         try:
-            if denoiser == "transformer":
-                # FLUX guides by an embedding; only true CFG runs the transformer twice (set at call time).
-                return bool(getattr(self.pipe, "_true_cfg", False))
-            # `do_classifier_free_guidance` reads `_guidance_scale`, which the pipeline sets at call time.
+            if denoiser == "transformer" and hasattr(self.pipe, "_true_cfg"):
+                # FLUX guides by an embedding; only true CFG runs the transformer twice (the SyncDiffusion pipelines
+                # set it at call time, Z-Image's at each step).
+                return bool(self.pipe._true_cfg)
+            # `do_classifier_free_guidance` reads `_guidance_scale`, which the pipeline sets at call time (a UNet's;
+            # diffusers' Flux2KleinPipeline and ZImagePipeline guide every view twice; FluxPipeline, without it,
+            # does not say).
             return bool(self.pipe.do_classifier_free_guidance)
         except (AttributeError, TypeError):
             return False

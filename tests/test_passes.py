@@ -6,9 +6,12 @@ region prompts a view's denoiser passes are made once per prompt present in it.
 Images are 64 x 128 pixels with 64-pixel windows at stride 4 latents: N = 3 views.
 """
 
+from types import SimpleNamespace
+
 import numpy as np
 import pytest
 import torch
+import torch.utils.checkpoint
 
 from syncdiffusion_utils.counting import (
     PassCounter,
@@ -356,3 +359,111 @@ def test_a_region_covering_no_latent_pixel_adds_no_pass(pipe, num_views):
     with_empty = region_step_counts(pipe, REGION_MASKS + [empty])
     assert with_empty == region_step_counts(pipe, REGION_MASKS)
     assert_counts(with_empty[0], expected_sync_step(num_views, view_prompts=PROMPTS_PER_VIEW))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Outputs torch's module backward hooks do not see (Z-Image's transformer returns a list of images)
+# ----------------------------------------------------------------------------------------------------------------
+
+
+class ListTransformer(torch.nn.Module):
+    """A denoiser returning its images as a list (as `ZImageTransformer2DModel` does) or in a dict, checkpointable."""
+
+    def __init__(self, output="list", checkpointing=False):
+        super().__init__()
+        self.block = torch.nn.Linear(4, 4)
+        self.output, self.checkpointing = output, checkpointing
+
+    def forward(self, x):
+        if self.checkpointing:
+            y = torch.utils.checkpoint.checkpoint(self.block, x, use_reentrant=False)
+        else:
+            y = self.block(x)
+        images = list(y.unbind(0))
+        return (images,) if self.output == "list" else {"sample": images}
+
+
+def toy_pipe(**kwargs):
+    """The least a `PassCounter` counts: a transformer and a VAE (here a no-op)."""
+    return SimpleNamespace(transformer=ListTransformer(**kwargs), vae=torch.nn.Identity())
+
+
+@pytest.mark.parametrize("output", ["list", "dict"])
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_a_backward_through_a_list_output_is_counted_with_the_forwards_batch(output, checkpointing):
+    pipe = toy_pipe(output=output, checkpointing=checkpointing)
+    x = torch.randn(3, 4, requires_grad=True)
+    with PassCounter(pipe) as counter:
+        result = pipe.transformer(x)
+        images = result[0] if output == "list" else result["sample"]
+        torch.stack(images).square().sum().backward(retain_graph=True)
+        assert (counter.transformer_fwd, counter.transformer_bwd) == (3 + 3 * checkpointing, 3)
+        assert counter.transformer_recompute == 3 * checkpointing
+        # a second backward through the same forward is a second backward
+        torch.stack(images).sum().backward()
+        assert counter.transformer_bwd == 6
+        with torch.no_grad():
+            pipe.transformer(x)  # no gradient: nothing to hook
+    assert (counter.transformer_fwd, counter.transformer_bwd) == (6 + 6 * checkpointing, 6)
+
+
+def test_a_list_of_images_as_input_counts_its_length():
+    """`ZImagePipeline` passes one latent per image, as a list: its length is the batch."""
+
+    class ListInput(torch.nn.Module):
+        def forward(self, images):
+            return ([image * 2 for image in images],)
+
+    pipe = SimpleNamespace(transformer=ListInput(), vae=torch.nn.Identity())
+    with PassCounter(pipe) as counter:
+        pipe.transformer([torch.zeros(16, 1, 4, 4)] * 3)
+    assert counter.transformer_fwd == 3  # not 16, the first image's channels
+
+
+@pytest.fixture(scope="module")
+def z_image_pipe():
+    from pipeline_syncdiffusion_z_image import SyncDiffusionZImagePipeline
+    from syncdiffusion_utils.testing import tiny_z_image_pipeline
+
+    return tiny_z_image_pipeline(pipeline_class=SyncDiffusionZImagePipeline)
+
+
+# The decoder's full backward hook also fires where only its output needs a gradient; torch says so.
+@pytest.mark.filterwarnings("ignore:Full backward hook is firing")
+@pytest.mark.parametrize(
+    "kwargs, formula",
+    [
+        ({}, {}),
+        ({"view_batch_size": 2, "sync_gradient_checkpointing": True}, {"checkpointing": True}),
+        ({"num_images_per_prompt": 2}, {}),
+        ({"guidance_scale": 0.0}, {}),
+        ({"sync_mode": "fast"}, {"gradient": "x0", "reuse_noise": True}),
+    ],
+)
+def test_z_image_exact_mode_counts_the_transformers_backwards_as_the_formula(z_image_pipe, kwargs, formula):
+    """Z-Image's transformer returns a list of images, so torch's module backward hooks never fire on it: the
+    counter hooks the tensors of its output instead. Its final layer, which returns a tensor, witnesses the
+    backwards independently: one per gradient pass, on the doubled batch with guidance."""
+    pipe = z_image_pipe
+    final_layer = next(iter(pipe.transformer.all_final_layer.values()))
+    final_backwards = []
+    handle = final_layer.register_full_backward_hook(lambda m, gi, go: final_backwards.append(go[0].shape[0]))
+    try:
+        with PassCounter(pipe) as counter:
+            pipe(
+                "a beach",
+                height=64,
+                width=128,
+                window_size=64,
+                stride=4,
+                num_inference_steps=1,
+                max_sequence_length=16,
+                output_type="latent",
+                **kwargs,
+            )
+    finally:
+        handle.remove()
+    expected = expected_sync_step(3, denoiser="transformer", **{"gradient": "transformer", **formula})
+    assert_counts(counter.as_dict(), expected)
+    images = kwargs.get("num_images_per_prompt", 1) * (1 if kwargs.get("guidance_scale") == 0.0 else 2)
+    assert sum(final_backwards) == expected["transformer_bwd"] * images
