@@ -6,6 +6,9 @@
     python -m syncdiffusion_utils.benchmark --arch sdxl --width-mult 0.25 --modes exact,fast  # SDXL pipeline
     python -m syncdiffusion_utils.benchmark --controlnet     # SyncDiffusionControlNetPipeline, random ControlNet
     python -m syncdiffusion_utils.benchmark --regions 2 --modes multidiffusion,exact  # and each with 2 region prompts
+    python -m syncdiffusion_utils.benchmark --arch z-image --width-mult 0.0334 --depth-mult 0.05 --sample-size 8 \
+        --height 64 --width 128 --stride 4 --max-sequence-length 16  # Z-Image-Turbo's blocks, 1 head: a CPU run
+    python -m syncdiffusion_utils.benchmark --preset flux2-klein-default  # FLUX.2-klein-4B's default panorama (GPU)
 
 Every mode runs in one process on the same prompt, seed and initial latents, MultiDiffusion (`sync_weight=0`)
 first, after a warm-up call. For each mode it reports
@@ -72,9 +75,27 @@ MODES = {
 PANORAMA_MODE = "panorama-pipeline"
 # diffusers' FluxPipeline on the same components at the panorama's full size, unwindowed: what a user would try first.
 FLUX_PIPELINE_MODE = "flux-pipeline"
-REFERENCE_PIPELINES = {PANORAMA_MODE: "StableDiffusionPanoramaPipeline", FLUX_PIPELINE_MODE: "FluxPipeline"}
-# What `--arch flux` runs unless `--modes` says otherwise.
-FLUX_MODES = ("multidiffusion", "exact", "exact+ckpt", "fast", TINY_DECODER_MODE, FLUX_PIPELINE_MODE)
+# The same for FLUX.2 [klein] (diffusers' Flux2KleinPipeline) and Z-Image (ZImagePipeline).
+FLUX2_KLEIN_PIPELINE_MODE = "flux2-klein-pipeline"
+Z_IMAGE_PIPELINE_MODE = "z-image-pipeline"
+REFERENCE_PIPELINES = {
+    PANORAMA_MODE: "StableDiffusionPanoramaPipeline",
+    FLUX_PIPELINE_MODE: "FluxPipeline",
+    FLUX2_KLEIN_PIPELINE_MODE: "Flux2KleinPipeline",
+    Z_IMAGE_PIPELINE_MODE: "ZImagePipeline",
+}
+# The reference pipelines that make the whole panorama as one image (no views), and the architecture of each.
+FULL_SIZE_PIPELINES = {
+    FLUX_PIPELINE_MODE: "flux",
+    FLUX2_KLEIN_PIPELINE_MODE: "flux2-klein",
+    Z_IMAGE_PIPELINE_MODE: "z-image",
+}
+# What `--arch flux`, `flux2-klein` and `z-image` run unless `--modes` says otherwise.
+TRANSFORMER_MODES = ("multidiffusion", "exact", "exact+ckpt", "fast", TINY_DECODER_MODE)
+FLUX_MODES = (*TRANSFORMER_MODES, FLUX_PIPELINE_MODE)
+FLUX2_KLEIN_MODES = (*TRANSFORMER_MODES, FLUX2_KLEIN_PIPELINE_MODE)
+Z_IMAGE_MODES = (*TRANSFORMER_MODES, Z_IMAGE_PIPELINE_MODE)
+ARCH_MODES = {"flux": FLUX_MODES, "flux2-klein": FLUX2_KLEIN_MODES, "z-image": Z_IMAGE_MODES}
 REFERENCE_MODE = "multidiffusion"
 # A mode ending in this runs after the eager modes, on the pipeline compiled (`syncdiffusion_utils.compiling`).
 COMPILED_SUFFIX = "+compiled"
@@ -134,6 +155,39 @@ PRESETS = {
         "full_text_encoders": True,
         "modes": list(FLUX_MODES),
     },
+    # The FLUX.2 [klein] panorama's defaults (SyncDiffusionFlux2KleinPipeline's): 1024x4096 (13 views of 1024
+    # pixels at stride 32), 50 steps, 5 synchronized, classifier-free guidance 4.0 (a klein base model: the
+    # transformer twice per view), FLUX.2-klein-4B's architecture (Qwen3-4B's text encoder in full) in bfloat16,
+    # beside Flux2KleinPipeline at 1024x4096.
+    "flux2-klein-default": {
+        "arch": "flux2-klein",
+        "height": 1024,
+        "width": 4096,
+        "stride": 32,
+        "steps": 50,
+        "sync_thres": 5,
+        "guidance_scale": 4.0,
+        "dtype": "bfloat16",
+        "view_batch_size": "auto",
+        "full_text_encoders": True,
+        "modes": list(FLUX2_KLEIN_MODES),
+    },
+    # The Z-Image panorama's defaults (SyncDiffusionZImagePipeline's, ZImagePipeline's steps and guidance): 1024x4096
+    # (13 views), 50 steps, 5 synchronized, classifier-free guidance 5.0 (a doubled batch), Z-Image-Turbo's
+    # architecture (Qwen3-4B in full) in bfloat16, beside ZImagePipeline at 1024x4096.
+    "z-image-default": {
+        "arch": "z-image",
+        "height": 1024,
+        "width": 4096,
+        "stride": 32,
+        "steps": 50,
+        "sync_thres": 5,
+        "guidance_scale": 5.0,
+        "dtype": "bfloat16",
+        "view_batch_size": "auto",
+        "full_text_encoders": True,
+        "modes": list(Z_IMAGE_MODES),
+    },
 }
 PASS_KEYS = ("unet_fwd", "unet_bwd", "dec_fwd", "dec_bwd", "lpips_fwd")
 # The same for a pipeline whose denoiser is a transformer (FLUX).
@@ -164,11 +218,18 @@ ARCH_DEFAULTS = {
     "sdxl": {"sample_size": 128, "height": 1024, "width": 2048, "stride": 32},
     # black-forest-labs/FLUX.1-dev's architecture and 1024-pixel window (SyncDiffusionFluxPipeline)
     "flux": {"sample_size": 128, "height": 1024, "width": 2048, "stride": 32},
+    # black-forest-labs/FLUX.2-klein-4B's architecture and 1024-pixel window (SyncDiffusionFlux2KleinPipeline)
+    "flux2-klein": {"sample_size": 128, "height": 1024, "width": 2048, "stride": 32},
+    # Tongyi-MAI/Z-Image-Turbo's architecture and 1024-pixel window (SyncDiffusionZImagePipeline)
+    "z-image": {"sample_size": 128, "height": 1024, "width": 2048, "stride": 32},
 }
 XL_ARCHS = ("sdxl",)
 FLUX_ARCHS = ("flux",)
-# The guidance each architecture's pipeline defaults to: classifier-free guidance, FLUX.1-dev's guidance embedding.
-GUIDANCE_SCALES = {"flux": 3.5}
+# The architectures whose denoiser is a transformer: views of any `window_size`, `depth_mult`, text encoders reduced.
+TRANSFORMER_ARCHS = ("flux", "flux2-klein", "z-image")
+# The guidance each architecture's pipeline defaults to: classifier-free guidance (FLUX.2 [klein] base: the
+# transformer twice per view; Z-Image: a doubled batch), FLUX.1-dev's guidance embedding.
+GUIDANCE_SCALES = {"flux": 3.5, "flux2-klein": 4.0, "z-image": 5.0}
 DEFAULT_GUIDANCE_SCALE = 7.5
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -355,30 +416,39 @@ def build_pipeline(
 ):
     """
     A pipeline of random-weight `arch` components with a random-backbone LPIPS, on `device`: a
-    `SyncDiffusionXLPipeline` for `sdxl`, a `SyncDiffusionFluxPipeline` for `flux` (FLUX.1's architecture, its
-    transformer's heads and every width scaled by `width_mult`, its block counts by `depth_mult`, text encoders of
-    one block unless `full_text_encoders`: `testing.make_flux_components`), else a `SyncDiffusionPipeline`, or with
-    `controlnet` a `SyncDiffusionControlNetPipeline` with a random ControlNet made from the UNet
-    (`ControlNetModel.from_unet`).
+    `SyncDiffusionXLPipeline` for `sdxl`; for the transformer architectures (their heads and every width scaled by
+    `width_mult`, their block counts by `depth_mult`, their text encoders reduced unless `full_text_encoders`) a
+    `SyncDiffusionFluxPipeline` for `flux` (FLUX.1's architecture, text encoders of one block:
+    `testing.make_flux_components`), a `SyncDiffusionFlux2KleinPipeline` for `flux2-klein` (FLUX.2-klein-4B's, a
+    base model with its classifier-free guidance; Qwen3-4B cut to the 28 layers the pipeline reads:
+    `testing.make_flux2_klein_components`), a `SyncDiffusionZImagePipeline` for `z-image` (Z-Image-Turbo's; Qwen3-4B
+    of 2 layers: `testing.make_z_image_components`); else a `SyncDiffusionPipeline`, or with `controlnet` a
+    `SyncDiffusionControlNetPipeline` with a random ControlNet made from the UNet (`ControlNetModel.from_unet`).
     """
     from syncdiffusion_utils.testing import make_lpips
 
     sample_size = sample_size or ARCH_DEFAULTS[arch]["sample_size"]
-    if arch not in FLUX_ARCHS and (depth_mult != 1.0 or full_text_encoders):
-        raise ValueError(f"depth_mult={depth_mult}, full_text_encoders={full_text_encoders}: for arch='flux' only")
+    if arch not in TRANSFORMER_ARCHS and (depth_mult != 1.0 or full_text_encoders):
+        raise ValueError(
+            f"depth_mult={depth_mult}, full_text_encoders={full_text_encoders}: for arch={_arch_list()} only"
+        )
+    if controlnet and (arch in XL_ARCHS or arch in TRANSFORMER_ARCHS):
+        raise ValueError(f"--controlnet: there is no {arch} ControlNet pipeline; use --arch tiny or sd2")
     if arch in XL_ARCHS:
-        if controlnet:
-            raise ValueError("--controlnet: there is no SDXL ControlNet pipeline; use --arch tiny or sd2")
         pipe = _xl_pipeline(arch, sample_size, width_mult, seed)
-    elif arch in FLUX_ARCHS:
-        if controlnet:
-            raise ValueError("--controlnet: there is no FLUX ControlNet pipeline; use --arch tiny or sd2")
-        pipe = _flux_pipeline(width_mult, depth_mult, seed, full_text_encoders)
+    elif arch in TRANSFORMER_ARCHS:
+        pipe = _transformer_pipeline(arch, width_mult, depth_mult, seed, full_text_encoders)
     else:
         pipe = _sd_pipeline(arch, sample_size, width_mult, seed, controlnet)
     pipe.set_perceptual_loss(make_lpips().requires_grad_(False))
     pipe.set_progress_bar_config(disable=True)
     return pipe.to(device=device, dtype=dtype)
+
+
+def _arch_list():
+    """The transformer architectures as `'flux', 'flux2-klein' or 'z-image'`."""
+    names = [repr(arch) for arch in TRANSFORMER_ARCHS]
+    return ", ".join(names[:-1]) + " or " + names[-1]
 
 
 def _sd_pipeline(arch, sample_size, width_mult, seed, controlnet):
@@ -403,53 +473,95 @@ def _xl_pipeline(arch, sample_size, width_mult, seed):
     return SyncDiffusionXLPipeline(**components, add_watermarker=False)
 
 
-def _flux_pipeline(width_mult, depth_mult, seed, full_text_encoders):
-    from pipeline_syncdiffusion_flux import SyncDiffusionFluxPipeline
-    from syncdiffusion_utils.testing import make_flux_components
+def _transformer_pipeline(arch, width_mult, depth_mult, seed, full_text_encoders):
+    """The SyncDiffusion pipeline of transformer architecture `arch` on its real preset's random components."""
+    from syncdiffusion_utils import testing
 
-    components = make_flux_components(
-        "flux", seed=seed, width_mult=width_mult, depth_mult=depth_mult, full_text_encoders=full_text_encoders
-    )
-    return SyncDiffusionFluxPipeline(**components)
+    reduced = {"seed": seed, "width_mult": width_mult, "depth_mult": depth_mult}
+    if arch == "flux":
+        from pipeline_syncdiffusion_flux import SyncDiffusionFluxPipeline
+
+        components = testing.make_flux_components("flux", full_text_encoders=full_text_encoders, **reduced)
+        return SyncDiffusionFluxPipeline(**components)
+    if arch == "flux2-klein":
+        from pipeline_syncdiffusion_flux2 import SyncDiffusionFlux2KleinPipeline
+
+        components = testing.make_flux2_klein_components("klein-4b", full_text_encoder=full_text_encoders, **reduced)
+        return SyncDiffusionFlux2KleinPipeline(**components)
+    from pipeline_syncdiffusion_z_image import SyncDiffusionZImagePipeline
+
+    components = testing.make_z_image_components("z-image-turbo", full_text_encoder=full_text_encoders, **reduced)
+    return SyncDiffusionZImagePipeline(**components)
 
 
-def _flux_reference_pipeline(pipe):
-    """diffusers' `FluxPipeline` on `pipe`'s components."""
-    from diffusers import FluxPipeline
+def make_tiny_sync_decoder(pipe, seed=0):
+    """The tiny decoder of the tiny-decoder modes for `pipe`, random, at its real width: TAESD's architecture for a
+    UNet, TAEF1's (16 latent channels) for FLUX.1 and Z-Image, for FLUX.2 TAESD's with FLUX.2's 32 latent channels
+    (as TAEF2 takes them)."""
+    from diffusers import AutoencoderTiny
 
-    flux = FluxPipeline(**pipe.components)
-    flux.set_progress_bar_config(disable=True)
-    return flux
+    from syncdiffusion_utils.testing import make_tiny_decoder, make_tiny_flux_decoder
+
+    if _denoiser_name(pipe) == "unet":
+        return make_tiny_decoder(seed=seed, width_mult=1.0)
+    if pipe.vae.config.latent_channels == 16:
+        return make_tiny_flux_decoder(seed=seed, width_mult=1.0)
+    torch.manual_seed(seed)
+    return AutoencoderTiny(latent_channels=pipe.vae.config.latent_channels).eval()
 
 
-def _flux_info(pipe, depth_mult, full_text_encoders, max_sequence_length):
-    """What a FLUX run's architecture is, reductions stated: the transformer's blocks, heads and width, text tokens."""
+def _full_size_pipeline(pipe, base):
+    """diffusers' own pipeline of reference mode `base` (`FULL_SIZE_PIPELINES`) on `pipe`'s components."""
+    import diffusers
+
+    reference = getattr(diffusers, REFERENCE_PIPELINES[base])(**pipe.components)
+    reference.set_progress_bar_config(disable=True)
+    return reference
+
+
+def _transformer_info(pipe, depth_mult, full_text_encoders, max_sequence_length):
+    """What a transformer run's architecture is, reductions stated: the transformer's blocks, heads and width, the
+    text encoder's layers and width, text tokens."""
     config = pipe.transformer.config
+    if "n_layers" in config:  # Z-Image's: main layers, refiner blocks (noise and context, each)
+        blocks = [config.n_layers, config.n_refiner_layers]
+        heads, width = config.n_heads, config.dim
+    else:
+        blocks = [config.num_layers, config.num_single_layers]
+        heads, width = config.num_attention_heads, config.num_attention_heads * config.attention_head_dim
+    text_encoders = [pipe.text_encoder] + ([pipe.text_encoder_2] if getattr(pipe, "text_encoder_2", None) else [])
     return {
         "depth_mult": depth_mult,
         "full_text_encoders": full_text_encoders,
         "max_sequence_length": max_sequence_length,
-        "transformer_blocks": [config.num_layers, config.num_single_layers],
-        "transformer_heads": config.num_attention_heads,
-        "transformer_width": config.num_attention_heads * config.attention_head_dim,
+        "transformer_blocks": blocks,
+        "transformer_heads": heads,
+        "transformer_width": width,
         "transformer_parameters": sum(p.numel() for p in pipe.transformer.parameters()),
+        "text_encoder_layers": [model.config.num_hidden_layers for model in text_encoders],
+        "text_encoder_width": [model.config.hidden_size for model in text_encoders],
     }
 
 
-def _check_flux_options(arch, modes, controlnet, channels_last, offload_text_encoder, max_sequence_length, depth_mult):
-    """Refuse what a FLUX run or an SD run cannot do, before anything is built."""
+def _check_transformer_options(
+    arch, modes, controlnet, channels_last, offload_text_encoder, max_sequence_length, depth_mult
+):
+    """Refuse what a transformer run or an SD run cannot do, before anything is built."""
     bases = {_mode_name(m).partition("@")[0] for m in modes}
-    flux = arch in FLUX_ARCHS
-    if not flux and FLUX_PIPELINE_MODE in bases:
-        raise ValueError(f"{FLUX_PIPELINE_MODE} is FluxPipeline: for arch='flux' only")
-    if not flux and depth_mult != 1.0:
-        raise ValueError(f"depth_mult={depth_mult}: for arch='flux' only")
+    transformer = arch in TRANSFORMER_ARCHS
+    for mode, mode_arch in FULL_SIZE_PIPELINES.items():
+        if mode in bases and arch != mode_arch:
+            raise ValueError(f"{mode} is {REFERENCE_PIPELINES[mode]}: for arch={mode_arch!r} only")
+    if not transformer and depth_mult != 1.0:
+        raise ValueError(f"depth_mult={depth_mult}: for arch={_arch_list()} only")
     if not depth_mult > 0:
         raise ValueError(f"depth_mult={depth_mult}: a positive number")
-    batched = [m for m in modes if _mode_name(m).partition("@")[0] == FLUX_PIPELINE_MODE and "@" in m]
+    batched = [m for m in modes if _mode_name(m).partition("@")[0] in FULL_SIZE_PIPELINES and "@" in m]
     if batched:
-        raise ValueError(f"modes {batched}: {FLUX_PIPELINE_MODE} has no views to batch; name it without @K")
-    if not flux:
+        raise ValueError(
+            f"modes {batched}: {', '.join(FULL_SIZE_PIPELINES)} have no views to batch; name them without @K"
+        )
+    if not transformer:
         return
     refused = {
         PANORAMA_MODE: PANORAMA_MODE in bases,
@@ -459,9 +571,9 @@ def _check_flux_options(arch, modes, controlnet, channels_last, offload_text_enc
     }
     for name, given in refused.items():
         if given:
-            raise ValueError(f"{name}: not for arch='flux' (SD's UNet pipelines only)")
+            raise ValueError(f"{name}: not for arch={arch!r} (SD's UNet pipelines only)")
     if not isinstance(max_sequence_length, int) or not 1 <= max_sequence_length <= 512:
-        raise ValueError(f"max_sequence_length={max_sequence_length!r}: an integer from 1 to 512 (T5 tokens)")
+        raise ValueError(f"max_sequence_length={max_sequence_length!r}: an integer from 1 to 512 (text tokens)")
 
 
 def _denoiser_name(pipe):
@@ -590,11 +702,14 @@ def run_benchmark(
     `offload_text_encoder` encodes the prompt once and moves the text encoder to the CPU for the run.
     `arch="sdxl"` runs `SyncDiffusionXLPipeline`; `controlnet` runs `SyncDiffusionControlNetPipeline` with a random
     ControlNet and a random condition image of the panorama's size (its passes counted as `controlnet_*`).
-    `arch="flux"` runs `SyncDiffusionFluxPipeline` on FLUX.1's architecture (`depth_mult`, `full_text_encoders`:
-    `build_pipeline`), views of `sample_size` latents (`window_size = 8 * sample_size` pixels), `max_sequence_length`
-    T5 tokens; its passes are `transformer_*`, and its `flux-pipeline` mode is diffusers' `FluxPipeline` on the same
-    components and initial noise at the panorama's full size (no views: one transformer pass of the whole image per
-    step). `guidance_scale` defaults to the architecture's (7.5; FLUX.1-dev's guidance embedding 3.5).
+    `arch="flux"` runs `SyncDiffusionFluxPipeline` on FLUX.1's architecture, `"flux2-klein"`
+    `SyncDiffusionFlux2KleinPipeline` on FLUX.2-klein-4B's, `"z-image"` `SyncDiffusionZImagePipeline` on
+    Z-Image-Turbo's (`depth_mult`, `full_text_encoders`: `build_pipeline`), views of `sample_size` latents
+    (`window_size = 8 * sample_size` pixels), `max_sequence_length` text tokens; their passes are `transformer_*`,
+    and their `flux-pipeline`, `flux2-klein-pipeline` and `z-image-pipeline` modes are diffusers' `FluxPipeline`,
+    `Flux2KleinPipeline` and `ZImagePipeline` on the same components and initial noise at the panorama's full size
+    (no views: one transformer pass of the whole image per step). `guidance_scale` defaults to the architecture's
+    (7.5; FLUX.1-dev's guidance embedding 3.5; FLUX.2 [klein] base's classifier-free guidance 4.0, Z-Image's 5.0).
     `regions > 0` runs every SyncDiffusion mode again as `NAME+regions` right after it (a mode may also be named so
     in `modes`), with `regions` region prompts in the boxes of `region_boxes` (together `region_coverage` of the
     width) and the pipeline's default bootstrapping; its row's passes are checked against the region formula
@@ -612,7 +727,7 @@ def run_benchmark(
     width = width or defaults["width"]
     stride = stride or defaults["stride"]
     guidance_scale = GUIDANCE_SCALES.get(arch, DEFAULT_GUIDANCE_SCALE) if guidance_scale is None else guidance_scale
-    modes = list(modes) if modes else list(FLUX_MODES if arch in FLUX_ARCHS else MODES)
+    modes = list(modes) if modes else list(ARCH_MODES.get(arch, MODES))
     unknown = [m for m in modes + [reference] if _mode_name(m).partition("@")[0] not in (*MODES, *REFERENCE_PIPELINES)]
     if unknown:
         raise ValueError(
@@ -641,15 +756,17 @@ def run_benchmark(
     modes = list(dict.fromkeys(sorted(modes, key=lambda m: m.endswith(COMPILED_SUFFIX))))
     if (arch in XL_ARCHS or controlnet) and any(_mode_name(m).partition("@")[0] == PANORAMA_MODE for m in modes):
         raise ValueError(f"{PANORAMA_MODE} is StableDiffusionPanoramaPipeline: SD 1.x/2.x without ControlNet only")
-    _check_flux_options(arch, modes, controlnet, channels_last, offload_text_encoder, max_sequence_length, depth_mult)
+    _check_transformer_options(
+        arch, modes, controlnet, channels_last, offload_text_encoder, max_sequence_length, depth_mult
+    )
     synchronize = _synchronizer(device)
 
     t_build = time.perf_counter()
     if pipe is None:
-        depth = f", depth x{depth_mult}" if arch in FLUX_ARCHS else ""
+        depth = f", depth x{depth_mult}" if arch in TRANSFORMER_ARCHS else ""
         _log(progress, f"building {arch} (width x{width_mult}{depth}) on {device} in {dtype_name} ...")
-        flux_options = {"depth_mult": depth_mult, "full_text_encoders": full_text_encoders}
-        options = flux_options if arch in FLUX_ARCHS else {}
+        transformer_options = {"depth_mult": depth_mult, "full_text_encoders": full_text_encoders}
+        options = transformer_options if arch in TRANSFORMER_ARCHS else {}
         pipe = build_pipeline(arch, width_mult, sample_size, device, torch_dtype, seed, controlnet, **options)
     denoiser = _denoiser_name(pipe)
     controlnet = getattr(pipe, "controlnet", None) is not None
@@ -659,7 +776,7 @@ def run_benchmark(
         set_channels_last(pipe)
     build_seconds = time.perf_counter() - t_build
     sample_size = pipe.unet.config.sample_size if denoiser == "unet" else sample_size
-    # FLUX's views are `window_size` pixels (its transformer has no fixed size), the UNet's its sample size.
+    # A transformer's views are `window_size` pixels (it has no fixed size), the UNet's its sample size.
     window_call = {"window_size": sample_size * pipe.vae_scale_factor} if denoiser == "transformer" else {}
     views = pipe.get_views(height, width, stride=stride, **window_call)
     num_views = len(views)
@@ -675,16 +792,13 @@ def run_benchmark(
         raise ValueError(f"{PANORAMA_MODE} has a fixed 64-latent window and stride 8: use --sample-size 64 --stride 8")
     tiny_decoder = None
     if any(MODES.get(_mode_name(m).partition("@")[0], {}).get("sync_decoder") == "tiny" for m in modes):
-        from syncdiffusion_utils.testing import make_tiny_decoder, make_tiny_flux_decoder
-
-        # TAESD's architecture for SD, TAEF1's (16 latent channels) for FLUX, at their real width
-        make = make_tiny_flux_decoder if denoiser == "transformer" else make_tiny_decoder
-        tiny_decoder = make(seed=seed, width_mult=1.0).to(device=device, dtype=torch_dtype)
+        tiny_decoder = make_tiny_sync_decoder(pipe, seed).to(device=device, dtype=torch_dtype)
 
     generator = torch.Generator("cpu").manual_seed(seed)
     factor = pipe.vae_scale_factor
-    channels = pipe.unet.config.in_channels if denoiser == "unet" else pipe.transformer.config.in_channels // 4
-    shape = (1, channels, height // factor, width // factor)  # FLUX's latent unpacked (2x2 patches of 16 channels)
+    # a transformer's: the VAE's latent (FLUX's unpacked, FLUX.2's with its 2x2 patches laid out)
+    channels = pipe.unet.config.in_channels if denoiser == "unet" else pipe.vae.config.latent_channels
+    shape = (1, channels, height // factor, width // factor)
     latents = torch.randn(shape, generator=generator, dtype=torch.float32).to(device=device, dtype=torch_dtype)
     prompt_kwargs = {"prompt": prompt}
     if offload_text_encoder:
@@ -753,7 +867,11 @@ def run_benchmark(
         "region_covered_fraction": sum(x1 - x0 for x0, x1 in boxes) / width if regions else None,
         "view_prompts": view_prompts,
         "region_bootstrap_steps": _default_bootstrap_steps(steps) if regions else None,
-        **(_flux_info(pipe, depth_mult, full_text_encoders, max_sequence_length) if denoiser == "transformer" else {}),
+        **(
+            _transformer_info(pipe, depth_mult, full_text_encoders, max_sequence_length)
+            if denoiser == "transformer"
+            else {}
+        ),
     }
     _log(
         progress,
@@ -821,8 +939,8 @@ def run_benchmark(
                 call = {**common, **mode_region_call, **call}
                 return measured(**adapt({k: v for k, v in call.items() if k not in ignored}))
 
-            # diffusers' FluxPipeline has no views: the whole panorama is its one image
-            mode_views = 1 if base == FLUX_PIPELINE_MODE else num_views
+            # diffusers' FluxPipeline (Flux2KleinPipeline, ZImagePipeline) has no views: the panorama is its image
+            mode_views = 1 if base in FULL_SIZE_PIPELINES else num_views
             sync, *_ = _mode_settings(kwargs, denoiser)
             synced_steps = min(steps, sync_thres) if sync and mode_views > 1 else 0
             _log(progress, f"[{index}/{len(modes)}] {mode}: running ...")
@@ -892,7 +1010,7 @@ def run_benchmark(
                 row[prefix + "step_ratio"] = step_time / md_step
                 # Unsynchronized steps do MultiDiffusion's work, so they are priced at MultiDiffusion's step time;
                 # FluxPipeline's steps (the whole panorama at once) do other work, priced at its own step time.
-                plain_step = step_time if base == FLUX_PIPELINE_MODE else md_step
+                plain_step = step_time if base in FULL_SIZE_PIPELINES else md_step
                 if regional:
                     # with regions they do MultiDiffusion's work with regions: its step time, or the mode's own
                     plain_step = _regions_plain_step(rows, row, prefix, reference_name)
@@ -1086,17 +1204,24 @@ def _error_row(mode, kwargs, error, device):
 def _measured_pipeline(pipe, base):
     """`(pipeline, ignored arguments, adapt)` that mode `base` runs: `pipe` itself, or a reference pipeline of
     diffusers on its components, which ignores the panorama's arguments; `adapt` turns the call's arguments into the
-    reference's (FluxPipeline takes the initial noise packed)."""
+    reference's (FluxPipeline takes the initial noise packed, Flux2KleinPipeline as 2x2 patches, ZImagePipeline as it
+    is, in float32 as it draws it)."""
     if base == PANORAMA_MODE:
         return _panorama_pipeline(pipe), ("sync_thres", "stride", "sync_weight"), dict  # its stride is 8
-    if base == FLUX_PIPELINE_MODE:
+    if base in FULL_SIZE_PIPELINES:
+        measured = _full_size_pipeline(pipe, base)
 
-        def packed(call):
+        def initial_noise(call):
             latents = call["latents"]
-            return {**call, "latents": measured._pack_latents(latents, *latents.shape)}
+            if base == FLUX_PIPELINE_MODE:
+                latents = measured._pack_latents(latents, *latents.shape)
+            elif base == FLUX2_KLEIN_PIPELINE_MODE:
+                latents = measured._patchify_latents(latents)
+            else:
+                latents = latents.float()
+            return {**call, "latents": latents}
 
-        measured = _flux_reference_pipeline(pipe)
-        return measured, ("sync_thres", "stride", "sync_weight", "view_batch_size", "window_size"), packed
+        return measured, ("sync_thres", "stride", "sync_weight", "view_batch_size", "window_size"), initial_noise
     return pipe, (), dict
 
 
@@ -1144,6 +1269,53 @@ def _flux_header(info):
     )
 
 
+# What the FLUX.2 [klein] and Z-Image headers say of each: the model, its blocks, the published sizes, the
+# guidance, the reference mode.
+TRANSFORMER_HEADERS = {
+    "flux2-klein": {
+        "model": "FLUX.2-klein-4B",
+        "blocks": "{0} double + {1} single blocks (klein-4B: 5 + 20)",
+        "published": "24 heads, width 3072, 3880 M parameters",
+        "text": "Qwen3-4B: 36 layers of 2560; the 28 the pipeline reads from unless full_text_encoders",
+        "guidance": "a klein base model: the transformer twice per view (positive, negative), one view-pass",
+        "guided_above": 1.0,
+        "reference": FLUX2_KLEIN_PIPELINE_MODE,
+    },
+    "z-image": {
+        "model": "Z-Image-Turbo",
+        "blocks": "{0} layers + {1} noise and {1} context refiner blocks (Z-Image-Turbo: 30 + 2 + 2)",
+        "published": "30 heads, width 3840, 6150 M parameters",
+        "text": "Qwen3-4B: 36 layers of 2560; 2 unless full_text_encoders",
+        "guidance": "the positive and negative rows in one doubled batch, one view-pass",
+        "guided_above": 0.0,
+        "reference": Z_IMAGE_PIPELINE_MODE,
+    },
+}
+
+
+def _transformer_header(info):
+    """A transformer run's architecture, its reductions from the real one stated, and what the reference row is."""
+    if info["arch"] not in TRANSFORMER_HEADERS:
+        return _flux_header(info)
+    about = TRANSFORMER_HEADERS[info["arch"]]
+    heads, width = info["transformer_heads"], info["transformer_width"]
+    layers, text_width = info["text_encoder_layers"][0], info["text_encoder_width"][0]
+    guided = info["guidance_scale"] > about["guided_above"]
+    guidance = (
+        f"classifier-free guidance {info['guidance_scale']:g} ({about['guidance']})" if guided else "no guidance"
+    )
+    return (
+        f"{about['model']}'s architecture with random weights: transformer of"
+        f" {about['blocks'].format(*info['transformer_blocks'])}, {heads} attention heads of {width // heads} = width"
+        f" {width}, {info['transformer_parameters'] / 1e6:.1f} M parameters ({about['model']}: {about['published']};"
+        f" width_mult={info['width_mult']}, depth_mult={info['depth_mult']}); text encoder of {layers} layers of"
+        f" {text_width} ({about['text']}); {info['max_sequence_length']} text tokens;"
+        f" {guidance}."
+        f" {about['reference']}: diffusers' {REFERENCE_PIPELINES[about['reference']]} on the same components and"
+        f" noise at the panorama's full size, one transformer pass of the whole image per step (counted as 1)."
+    )
+
+
 def _regions_header(info):
     """What the `+regions` rows run and how their passes are checked."""
     prompts = info["view_prompts"]
@@ -1176,7 +1348,7 @@ def format_table(info, rows):
         f"SyncDiffusion benchmark: {info.get('pipeline', 'SyncDiffusionPipeline')} arch={info['arch']}"
         f" width_mult={info['width_mult']} dtype={info['dtype']}"
         f" device={info['device']} [{info['device_name']}] torch {info['torch']}",
-        *([_flux_header(info)] if denoiser == "transformer" else []),
+        *([_transformer_header(info)] if denoiser == "transformer" else []),
         f"{info['height']}x{info['width']} px, views of {info['sample_size']}x{info['sample_size']} latents at stride"
         f" {info['stride']}: N={n} views, view_batch_size={info['view_batch_size']}, {info['steps']} steps,"
         f" sync_thres={info['sync_thres']}, guidance {info['guidance_scale']}, best of {info['repeat']}",
@@ -1325,44 +1497,54 @@ def parse_args(argv=None):
         "--width-mult",
         type=float,
         default=1.0,
-        help="scale channel widths, for flux the transformer's heads too (default 1: the real widths)",
+        help="scale channel widths, for the transformers (flux, flux2-klein, z-image) their heads too (default 1:"
+        " the real widths)",
     )
     parser.add_argument(
         "--depth-mult",
         type=float,
         default=1.0,
-        help="flux: scale the transformer's block counts, 19 double and 38 single (default 1: the real depth)",
+        help="flux, flux2-klein, z-image: scale the transformer's block counts (FLUX.1: 19 double and 38 single;"
+        " klein-4B: 5 and 20; Z-Image: 30 layers and 2 + 2 refiners; default 1: the real depth)",
     )
     parser.add_argument(
         "--full-text-encoders",
         action="store_true",
-        help="flux: CLIP and T5-XXL's encoder at full depth (default: one block each; they run once per call)",
+        help="the text encoders at full depth (flux: CLIP and T5-XXL's encoder, default one block each;"
+        " flux2-klein: Qwen3-4B's 36 layers, default the 28 it reads; z-image: Qwen3-4B's 36, default 2;"
+        " they run once per call)",
     )
     parser.add_argument(
-        "--max-sequence-length", type=int, default=512, help="flux: T5 tokens of the prompt (default 512)"
+        "--max-sequence-length",
+        type=int,
+        default=512,
+        help="flux, flux2-klein, z-image: text tokens of the prompt (T5's; Qwen3's) (default 512)",
     )
     parser.add_argument(
         "--sample-size",
         type=int,
         default=None,
-        help="view window in latents (default: 8 tiny, 64 sd2, 128 sdxl and flux)",
+        help="view window in latents (default: 8 tiny, 64 sd2, 128 sdxl, flux, flux2-klein and z-image)",
     )
     parser.add_argument(
         "--height",
         type=int,
         default=None,
-        help="image height in pixels (default: 64 tiny, 512 sd2, 1024 sdxl and flux)",
+        help="image height in pixels (default: 64 tiny, 512 sd2, 1024 sdxl and the transformers)",
     )
     parser.add_argument(
         "--width",
         type=int,
         default=None,
-        help="image width in pixels (default: 192 tiny, 1024 sd2, 2048 sdxl and flux)",
+        help="image width in pixels (default: 192 tiny, 1024 sd2, 2048 sdxl and the transformers)",
     )
     parser.add_argument("--steps", type=int, help="denoising steps (default 2)")
     parser.add_argument("--sync-thres", type=int, help="synchronized steps (default 2: all of them)")
     parser.add_argument(
-        "--stride", type=int, default=None, help="view stride in latents (default: 4 tiny, 16 sd2, 32 sdxl and flux)"
+        "--stride",
+        type=int,
+        default=None,
+        help="view stride in latents (default: 4 tiny, 16 sd2, 32 sdxl and the transformers)",
     )
     parser.add_argument(
         "--view-batch-size",
@@ -1417,7 +1599,11 @@ def parse_args(argv=None):
         help="SyncDiffusionControlNetPipeline with a random ControlNet of the arch and a random condition image",
     )
     parser.add_argument(
-        "--guidance-scale", type=float, default=None, help="default 7.5; flux: 3.5, FLUX.1-dev's guidance embedding"
+        "--guidance-scale",
+        type=float,
+        default=None,
+        help="default 7.5; flux: 3.5, FLUX.1-dev's guidance embedding; flux2-klein: 4.0, z-image: 5.0 (their"
+        " classifier-free guidance)",
     )
     parser.add_argument("--dtype", choices=sorted(DTYPES), help="default float32")
     parser.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:1, ...")
@@ -1425,7 +1611,8 @@ def parse_args(argv=None):
         "--modes",
         help=f"comma-separated subset of {','.join(MODES)},{','.join(REFERENCE_PIPELINES)}, each optionally NAME@K or"
         " NAME@auto (its view_batch_size); the reference (multidiffusion) always runs first; default: all of the"
-        f" first {len(MODES)}, or for flux {','.join(FLUX_MODES)}",
+        f" first {len(MODES)}, or for flux, flux2-klein and z-image {','.join(TRANSFORMER_MODES)} and its diffusers"
+        f" pipeline ({', '.join(FULL_SIZE_PIPELINES)})",
     )
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     parser.add_argument(

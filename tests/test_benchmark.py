@@ -7,6 +7,7 @@ import re
 import sys
 import tempfile
 import time
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -472,11 +473,20 @@ def test_flux_preset_is_the_flux_default_panorama():
         ({"arch": "flux", "modes": ["panorama-pipeline"]}, "panorama-pipeline: not for arch='flux'"),
         ({"arch": "tiny", "modes": ["flux-pipeline"]}, "flux-pipeline is FluxPipeline: for arch='flux' only"),
         ({"arch": "flux", "modes": ["flux-pipeline@2"]}, "no views to batch"),
-        ({"arch": "tiny", "depth_mult": 0.5}, "depth_mult=0.5: for arch='flux' only"),
+        ({"arch": "tiny", "depth_mult": 0.5}, "depth_mult=0.5: for arch='flux', 'flux2-klein' or 'z-image' only"),
         ({"arch": "flux", "depth_mult": 0.0}, "depth_mult=0.0: a positive number"),
         ({"arch": "flux", "max_sequence_length": 0}, "max_sequence_length=0"),
         ({"arch": "flux", "controlnet": True}, "controlnet: not for arch='flux'"),
         ({"arch": "flux", "channels_last": True}, "channels_last: not for arch='flux'"),
+        ({"arch": "tiny", "modes": ["z-image-pipeline"]}, "z-image-pipeline is ZImagePipeline: for arch='z-image'"),
+        ({"arch": "z-image", "modes": ["flux2-klein-pipeline"]}, "is Flux2KleinPipeline: for arch='flux2-klein'"),
+        ({"arch": "flux2-klein", "modes": ["flux-pipeline"]}, "flux-pipeline is FluxPipeline: for arch='flux'"),
+        ({"arch": "z-image", "modes": ["z-image-pipeline@auto"]}, "no views to batch"),
+        ({"arch": "flux2-klein", "modes": ["panorama-pipeline"]}, "panorama-pipeline: not for arch='flux2-klein'"),
+        ({"arch": "z-image", "controlnet": True}, "controlnet: not for arch='z-image'"),
+        ({"arch": "z-image", "offload_text_encoder": True}, "offload_text_encoder: not for arch='z-image'"),
+        ({"arch": "flux2-klein", "depth_mult": -1.0}, "depth_mult=-1.0: a positive number"),
+        ({"arch": "z-image", "max_sequence_length": 513}, "max_sequence_length=513"),
     ],
 )
 def test_flux_options_are_checked_before_anything_is_built(options, message, monkeypatch):
@@ -486,6 +496,130 @@ def test_flux_options_are_checked_before_anything_is_built(options, message, mon
     monkeypatch.setattr(benchmark, "build_pipeline", build_pipeline)
     with pytest.raises(ValueError, match=re.escape(message)):
         benchmark.run_benchmark(progress=None, **options)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# FLUX.2 [klein] and Z-Image: their real architectures reduced, transformer passes, their diffusers pipelines
+# ----------------------------------------------------------------------------------------------------------------
+
+# 1 attention head of 128 (klein-4B: 24, Z-Image-Turbo: 30); klein 1 double + 1 single block (5 + 20), Z-Image 2
+# layers + 1 + 1 refiners (30 + 2 + 2); 64-pixel views: 3 views at stride 4.
+REDUCED = {"flux2-klein": ["--width-mult", "0.0417"], "z-image": ["--width-mult", "0.0334"]}
+REDUCED_ARGS = ["--depth-mult", "0.05", "--sample-size", "8", "--height", "64", "--width", "128", "--stride", "4"]
+REDUCED_ARGS += ["--steps", "2", "--sync-thres", "1", "--max-sequence-length", "16", "--no-warmup"]
+PIPELINES = {"flux2-klein": "SyncDiffusionFlux2KleinPipeline", "z-image": "SyncDiffusionZImagePipeline"}
+REDUCED_BLOCKS = {"flux2-klein": [1, 1], "z-image": [2, 1]}
+
+
+@pytest.fixture(scope="module", params=["flux2-klein", "z-image"])
+def transformer_report(request):
+    arch = request.param
+    return arch, run_main(["--arch", arch, *REDUCED[arch], *REDUCED_ARGS])
+
+
+# The decoder's full backward hook also fires where only its output needs a gradient; torch says so.
+@pytest.mark.filterwarnings("ignore:Full backward hook is firing")
+def test_flux2_klein_and_z_image_rows_count_the_transformer_as_the_formulas(transformer_report):
+    arch, (code, report, table) = transformer_report
+    config, rows = report["config"], {row["mode"]: row for row in report["rows"]}
+    assert code == 0 and list(rows) == list(benchmark.ARCH_MODES[arch])
+    assert config["pipeline"] == PIPELINES[arch] and config["denoiser"] == "transformer"
+    assert config["num_views"] == 3 and config["transformer_blocks"] == REDUCED_BLOCKS[arch]
+    assert config["transformer_heads"] == 1 and config["transformer_width"] == 128
+    assert config["guidance_scale"] == benchmark.GUIDANCE_SCALES[arch]
+    assert all(row["passes_match"] for row in rows.values())
+    n = config["num_views"]
+
+    def step(mode):
+        counts = rows[mode]["passes_sync_step"]
+        return tuple(counts[key] for key in benchmark.TRANSFORMER_PASS_KEYS)
+
+    # Z-Image's backwards are counted through the tensors of its transformer's list output
+    assert step("exact") == (2 * n - 1, n - 1, n, n - 1, n - 1)
+    assert rows["exact+ckpt"]["passes_sync_step"]["transformer_recompute"] == n - 1
+    assert step("exact+ckpt") == (3 * n - 2, n - 1, 2 * n - 1, n - 1, n - 1)
+    assert step("fast") == (n, 0, n, n - 1, n - 1)
+    tiny = rows[benchmark.TINY_DECODER_MODE]["passes"]
+    assert tiny["vae_dec_fwd"] == 0 and (tiny["sync_dec_fwd"], tiny["sync_dec_bwd"]) == (n, n - 1)
+    assert rows["multidiffusion"]["passes"]["transformer_fwd"] == 2 * n
+    for mode, row in rows.items():
+        assert row["passes"]["unet_fwd"] == 0 and row["final_decode"] == 1, mode
+    # diffusers' pipeline: one guided pass of the whole panorama per step (Flux2KleinPipeline's two calls, each
+    # half; ZImagePipeline's doubled list of images)
+    reference = rows[f"{arch}-pipeline"]
+    assert reference["passes_sync_step"] is None and reference["passes"]["transformer_fwd"] == 2
+    assert f"{arch}-pipeline: diffusers' {benchmark.REFERENCE_PIPELINES[arch + '-pipeline']}" in table
+    assert "transformer fwd 2N-1=5" in table and "classifier-free guidance" in table
+
+
+@pytest.mark.filterwarnings("ignore:Full backward hook is firing")
+@pytest.mark.parametrize("arch", ["flux2-klein", "z-image"])
+def test_diffusers_pipeline_rows_make_the_whole_panorama_from_the_same_noise(arch):
+    """The reference row runs diffusers' own pipeline on the same components: three 64-pixel views of 16 tokens
+    each, then the whole 64x128 panorama's 32 tokens, its transformer called as that pipeline calls it (FLUX.2:
+    twice per step under guidance; Z-Image: a list of one latent per image, positive and negative), from the
+    panorama's initial noise."""
+    pipe = benchmark.build_pipeline(arch, width_mult=float(REDUCED[arch][1]), depth_mult=0.05)
+    calls = []
+
+    def record(module, args, kwargs):
+        latents = kwargs["hidden_states"] if arch == "flux2-klein" else args[0]
+        calls.append((type(latents).__name__, len(latents), latents[0].shape))
+
+    pipe.transformer.register_forward_pre_hook(record, with_kwargs=True)
+    noise = []
+    diffusers_class = getattr(__import__("diffusers"), benchmark.REFERENCE_PIPELINES[f"{arch}-pipeline"])
+    original = diffusers_class.prepare_latents
+    call = {"sample_size": 8, "height": 64, "width": 128, "stride": 4, "steps": 1, "sync_thres": 0}
+    with pytest.MonkeyPatch.context() as patch:
+
+        def prepare_latents(self, *args, **kwargs):
+            noise.append(kwargs.get("latents", args[-1] if args else None))
+            return original(self, *args, **kwargs)
+
+        patch.setattr(diffusers_class, "prepare_latents", prepare_latents)
+        rows = benchmark.run_benchmark(
+            arch, pipe=pipe, modes=[f"{arch}-pipeline"], warmup=False, max_sequence_length=16, progress=None, **call
+        )
+    assert [row["mode"] for row in rows] == ["multidiffusion", f"{arch}-pipeline"]
+    assert all(row["passes_match"] for row in rows)
+    generator = torch.Generator("cpu").manual_seed(0)
+    expected = torch.randn((1, pipe.vae.config.latent_channels, 8, 16), generator=generator)
+    if arch == "flux2-klein":
+        # token batches: each view's 16 tokens (4x4 patches), positive then negative, then the panorama's 32
+        assert calls == [("Tensor", 1, torch.Size([16, 128]))] * 6 + [("Tensor", 1, torch.Size([32, 128]))] * 2
+        expected = pipe._patchify_latents(expected)
+    else:
+        # the views' doubled batches as one tensor, then ZImagePipeline's list of 2 latents (16, 1, 8, 16)
+        assert calls == [("Tensor", 2, torch.Size([16, 1, 8, 8]))] * 3 + [("list", 2, torch.Size([16, 1, 8, 16]))]
+    assert len(noise) == 1 and torch.equal(noise[0], expected)
+
+
+@pytest.mark.parametrize(
+    "preset, arch, pipeline",
+    [
+        ("flux2-klein-default", "flux2-klein", "SyncDiffusionFlux2KleinPipeline"),
+        ("z-image-default", "z-image", "SyncDiffusionZImagePipeline"),
+    ],
+)
+def test_flux2_klein_and_z_image_presets_are_their_pipelines_default_panoramas(preset, arch, pipeline):
+    module = __import__("pipeline_syncdiffusion_flux2" if arch == "flux2-klein" else "pipeline_syncdiffusion_z_image")
+    pipeline_class = getattr(module, pipeline)
+    options = benchmark.PRESETS[preset]
+    call = inspect.signature(pipeline_class.__call__).parameters
+    assert options["arch"] == arch
+    assert (options["height"], options["width"]) == (call["height"].default, call["width"].default) == (1024, 4096)
+    assert options["steps"] == call["num_inference_steps"].default == 50
+    assert options["sync_thres"] == call["sync_thres"].default == 5
+    assert options["guidance_scale"] == call["guidance_scale"].default == benchmark.GUIDANCE_SCALES[arch]
+    # the 1024-pixel window (default_sample_size 128 latents) and its default stride
+    assert benchmark.ARCH_DEFAULTS[arch]["sample_size"] == 128
+    assert options["stride"] == pipeline_class.default_stride(SimpleNamespace(vae_scale_factor=8), 1024) == 32
+    assert len(module.get_views(1024 // 8, 4096 // 8, 128, options["stride"])) == 13
+    assert options["dtype"] == "bfloat16" and options["full_text_encoders"] and options["view_batch_size"] == "auto"
+    assert options["modes"] == list(benchmark.ARCH_MODES[arch]) and f"{arch}-pipeline" in options["modes"]
+    args = benchmark.parse_args(["--preset", preset])
+    assert args.preset == preset and benchmark.parse_args(["--arch", arch]).arch == arch
 
 
 # ----------------------------------------------------------------------------------------------------------------
