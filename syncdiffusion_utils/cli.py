@@ -865,7 +865,10 @@ def _image_options(args, pipeline_class, start_image, height, width, steps):
     height = parameters["height"].default if height is None else height
     width = parameters["width"].default if width is None else width
     steps = parameters["num_inference_steps"].default if steps is None else steps
-    if args.strength is not None and int(steps * args.strength) < 1:
+    # A UNet pipeline runs int(steps * strength) steps (get_timesteps), and none is an error; flow matching's
+    # get_timesteps always runs at least one.
+    unet = getattr(pipeline_class, "sync_denoiser_gradient", None) == "unet"
+    if unet and args.strength is not None and int(steps * args.strength) < 1:
         raise CLIError(
             f"--strength {args.strength:g} of {steps} steps runs no step (the share of --steps that run, rounded"
             f" down): at least {1 / steps:g}, or more --steps.",

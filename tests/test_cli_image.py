@@ -519,6 +519,16 @@ def test_a_class_without_a_sync_anchor_refuses_it_before_loading(model, tmp_path
     assert_one_line_error(capsys.readouterr().err, "--sync-anchor", pipeline_class.__name__)
 
 
+@pytest.mark.skipif(not takes_start_image(SyncDiffusionFluxPipeline), reason="FLUX takes no image")
+def test_flow_matching_runs_a_step_at_any_strength(tmp_path, calls):
+    """FLUX's get_timesteps runs at least one step: --strength 0.1 of 2 steps is no error there (for SD it is)."""
+    path, _ = panorama_file(tmp_path)
+    args = ["a harbour", "--model", "tiny-flux", "--image", path, "--strength", "0.1", "--steps", "2"]
+    assert main(args + ["--sync-thres", "1", "--seed", "0", "-o", str(tmp_path / "x.png")]) == 0
+    (call,) = calls
+    assert call["strength"] == 0.1 and pixels(tmp_path / "x.png").shape == (64, 128, 3)
+
+
 def test_which_classes_take_an_image():
     assert takes_start_image(SyncDiffusionPipeline)
     assert not takes_start_image(SyncDiffusionControlNetPipeline)  # its `image` is the condition
