@@ -36,6 +36,17 @@ from syncdiffusion_utils.loading import CLIError
 INDEX = "index.json"
 # Main-command options that name one image; a set has many.
 NOT_FOR_SETS = {"output": "--output", "seed": "--seed", "compare": "--compare"}
+# The command's region and image flags: a set's index records text-to-image settings only, so they are refused rather
+# than ignored.
+TEXT_TO_IMAGE_ONLY = {
+    "region": "--region",
+    "region_bootstrap_steps": "--region-bootstrap-steps",
+    "image": "--image",
+    "outpaint": "--outpaint",
+    "mask": "--mask",
+    "strength": "--strength",
+    "sync_anchor": "--sync-anchor",
+}
 # What determines a set's images, recorded in its index, compared on resume and hashed into the file names.
 SETTINGS = (
     "model",
@@ -173,6 +184,13 @@ def _generation_args(rest):
     for name, flag in NOT_FOR_SETS.items():
         if getattr(args, name) != getattr(defaults, name):
             raise CLIError(f"{flag}: not for a set (it names one image); use --out and --seeds.", code=2)
+    for name, flag in TEXT_TO_IMAGE_ONLY.items():
+        if getattr(args, name, None) is not None:
+            raise CLIError(
+                f"{flag}: not for a set (sets are text-to-image panoramas); make region and image panoramas with"
+                " `syncdiffusion`.",
+                code=2,
+            )
     if args.lpips_weights is not None and not os.path.isfile(os.path.expanduser(args.lpips_weights)):
         raise CLIError(f"--lpips-weights {args.lpips_weights!r} is not a file; expected vgg16-397923af.pth.", 2)
     if isinstance(args.sync_weight, tuple):

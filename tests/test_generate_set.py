@@ -400,6 +400,27 @@ def test_a_sync_weight_sweep_is_refused_for_a_set(tmp_path, prompts_file, capsys
     assert not (tmp_path / "set").exists()
 
 
+@pytest.mark.parametrize(
+    "flags, named",
+    [
+        (["--region", "a red house", "box:0,0,0.5,1"], "--region"),
+        (["--region-bootstrap-steps", "2"], "--region-bootstrap-steps"),
+        (["--image", "photo.png"], "--image"),
+        (["--image", "photo.png", "--outpaint", "center"], "--image"),
+        (["--strength", "0.5"], "--strength"),
+        (["--sync-anchor", "center"], "--sync-anchor"),
+    ],
+)
+def test_region_and_image_flags_are_refused_for_a_set_not_ignored(tmp_path, prompts_file, capsys, flags, named):
+    """A set's index records text-to-image settings: the command's region and image flags are a one-line error
+    before any model loads, instead of a set of plain panoramas that silently lack them."""
+    argv = ["generate-set", str(prompts_file), "--out", str(tmp_path / "set"), "--model", "tiny", *flags]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert named in err and "not for a set" in err
+    assert not (tmp_path / "set").exists()
+
+
 def test_a_flux_set_refuses_a_negative_prompt_without_true_cfg(tmp_path, prompts_file, capsys):
     """As the main command: FLUX ignores a negative prompt unless true CFG is on, so the set refuses it before loading."""
     argv = [
