@@ -3,10 +3,13 @@
     syncdiffusion demo                          # stabilityai/stable-diffusion-2-base on http://127.0.0.1:7860
     syncdiffusion demo --model tiny --port 8000 # offline, on the tiny random pipeline (seconds on a CPU)
     syncdiffusion demo --model black-forest-labs/FLUX.1-dev   # FLUX.1 (a large GPU); `tiny-flux` offline
+    syncdiffusion demo --model black-forest-labs/FLUX.2-klein-4B  # FLUX.2 [klein]; `tiny-flux2` offline
+    syncdiffusion demo --model Tongyi-MAI/Z-Image-Turbo      # Z-Image; `tiny-z-image` offline
 
 The model is loaded once; the queue runs one generation at a time. `build_app(pipe)` builds the page for any loaded
-SyncDiffusion pipeline (SD, SDXL or FLUX.1: a FLUX page has no scheduler choice, and its negative prompt comes with
-true CFG) and `launch(app)` serves it (`demo/app.py`, the Hugging Face Space, uses the same two). Its "Regions" part is
+SyncDiffusion pipeline (SD, SDXL, FLUX.1, FLUX.2 [klein] or Z-Image: the transformer models' pages have no scheduler
+choice, and their negative prompt comes with their guidance: FLUX.1's true CFG, klein's and Z-Image's classifier-free
+guidance) and `launch(app)` serves it (`demo/app.py`, the Hugging Face Space, uses the same two). Its "Regions" part is
 a canvas of the panorama's shape: each painted layer is a region, generated from its own prompt (one per line), the
 main prompt the background. Its "Extend a photo" part (models whose pipeline takes `image` and `mask_image`) places an
 uploaded photo at the left, center or right of the panorama (`place_photo`) and generates the rest around it.
@@ -25,7 +28,6 @@ from syncdiffusion_utils.cli import DEFAULT_SIZE, TINY_MAX_SEQUENCE_LENGTH, _inp
 from syncdiffusion_utils.loading import (
     DEFAULT_MODEL,
     TINY,
-    TINY_FLUX,
     TINY_MODELS,
     CLIError,
     is_flux,
@@ -68,6 +70,31 @@ PHOTO_POSITIONS = ("left", "center", "right")
 DEFAULT_PHOTO_POSITION = "center"
 MULTIDIFFUSION = "MultiDiffusion"
 SYNCDIFFUSION = "SyncDiffusion"
+
+# The model families whose pipelines take guidance arguments of their own, by the class's name along its MRO (a copy
+# loaded from a repository's own file counts; SD, SDXL and ControlNet are no family here).
+FLUX, FLUX2_KLEIN, Z_IMAGE = "FLUX", "FLUX.2 [klein]", "Z-Image"
+FAMILY_CLASSES = {
+    "SyncDiffusionFluxPipeline": FLUX,
+    "SyncDiffusionFlux2KleinPipeline": FLUX2_KLEIN,
+    "SyncDiffusionZImagePipeline": Z_IMAGE,
+}
+# The demo's arguments of one family's pipeline alone: their family and what they are.
+FAMILY_ARGUMENTS = {
+    "true_cfg_scale": (FLUX, "true classifier-free guidance"),
+    "cfg_normalization": (Z_IMAGE, "a bound on the guided velocity's norm"),
+    "cfg_truncation": (Z_IMAGE, "the time after which guidance stops"),
+}
+# Each family's guidance: on above this scale (klein: 1, as Flux2KleinPipeline; Z-Image: 0, as ZImagePipeline), the
+# slider's minimum and an example of a scale that is on.
+GUIDANCE_OFF = {FLUX2_KLEIN: 1.0, Z_IMAGE: 0.0}
+GUIDANCE_EXAMPLE = {FLUX2_KLEIN: 4, Z_IMAGE: 5}
+# The step-distilled FLUX.2 [klein] models (`is_distilled`: klein-4B, klein-9B) run 4 steps without guidance (1: off,
+# and no warning that a larger scale is ignored); Z-Image-Turbo 8 steps without guidance (its model card's).
+DISTILLED_KLEIN_SETTINGS = (4, 1.0)
+Z_IMAGE_TURBO_SETTINGS = (8, 0.0)
+# The paper's 5 synchronized steps, at most half of a few-step model's (2 of klein's 4, 4 of Turbo's 8).
+SYNC_THRES = 5
 
 
 def preset_sizes(window):
@@ -160,9 +187,23 @@ def canvas_regions(canvas, region_prompts, height, width):
     return {"region_prompts": prompts, "region_masks": masks}
 
 
+def model_family(pipeline_class):
+    """`FLUX`, `FLUX2_KLEIN` or `Z_IMAGE` for a class of those families (or a subclass), else None (SD, SDXL,
+    ControlNet)."""
+    for base in pipeline_class.__mro__:
+        if base.__name__ in FAMILY_CLASSES:
+            return FAMILY_CLASSES[base.__name__]
+    return None
+
+
+def _is_number(value):
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
 def extends_photos(pipeline_class):
-    """Whether `pipeline_class` can extend a photo: its `__call__` takes `image` and `mask_image` (SD; not the
-    ControlNet class, whose `image` is its condition and which has no `mask_image`)."""
+    """Whether `pipeline_class` can extend a photo: its `__call__` takes `image` and `mask_image` (SD, SDXL, FLUX.1;
+    not the ControlNet class, whose `image` is its condition, nor FLUX.2 [klein], whose `image` is its reference
+    images: neither has a `mask_image`)."""
     parameters = inspect.signature(pipeline_class.__call__).parameters
     return "image" in parameters and "mask_image" in parameters
 
@@ -193,16 +234,30 @@ class PanoramaDemo:
     def __init__(self, pipe, model=DEFAULT_MODEL):
         self.pipe = pipe
         self.model = model
-        self.flux = is_flux(type(pipe))
+        self.family = model_family(type(pipe))
+        self.flux = is_flux(type(pipe))  # FLUX.1
+        # FLUX.2 [klein] klein-4B and -9B: step-distilled, without guidance (its config's `is_distilled`).
+        self.distilled = self.family == FLUX2_KLEIN and bool(pipe.config.is_distilled)
+        # Z-Image-Turbo, known by its name (its config is a Z-Image's): its 8 steps without guidance by default.
+        self.turbo = self.family == Z_IMAGE and "turbo" in str(model).lower()
         self.extends_photos = extends_photos(type(pipe))
         self.window = window_pixels(pipe)
         self.sizes = preset_sizes(self.window)
         tiny = model in TINY_MODELS
-        self.default_steps = DEFAULT_SIZE[TINY][2] if tiny else call_defaults(pipe)["num_inference_steps"]
-        self.schedulers = schedulers_for(type(pipe))  # FLUX: "keep" alone, its flow-matching scheduler
+        defaults = call_defaults(pipe)
+        steps, self.default_guidance = defaults["num_inference_steps"], defaults["guidance_scale"]
+        if self.distilled:
+            steps, self.default_guidance = DISTILLED_KLEIN_SETTINGS
+        elif self.turbo:
+            steps, self.default_guidance = Z_IMAGE_TURBO_SETTINGS
+        self.default_steps = DEFAULT_SIZE[TINY][2] if tiny else steps
+        self.default_sync_thres = min(SYNC_THRES, self.default_steps // 2)
+        self.schedulers = schedulers_for(type(pipe))  # the transformers: "keep" alone, their flow-matching scheduler
         self.default_scheduler = resolve_scheduler(type(pipe))
-        # FLUX's T5 tokens: the class's 512, or the tiny model's few (its tokenizer has one token per character).
-        self.max_sequence_length = TINY_MAX_SEQUENCE_LENGTH if model == TINY_FLUX else None
+        # The text tokens of a class that takes `max_sequence_length` (FLUX's T5, klein's and Z-Image's Qwen3): the
+        # class's 512, or the tiny models' few (their tokenizers have about one token per character).
+        self.takes_max_sequence_length = "max_sequence_length" in defaults
+        self.max_sequence_length = TINY_MAX_SEQUENCE_LENGTH if tiny and self.takes_max_sequence_length else None
         self._stop = threading.Event()
         self._lock = threading.Lock()  # the pipeline is stateful (scheduler, `_interrupt`): one call at a time
 
@@ -224,10 +279,12 @@ class PanoramaDemo:
         stride=None,
         guidance=None,
         sync_weight=20.0,
-        sync_thres=5,
+        sync_thres=None,
         sync_mode="exact",
         compare=False,
         true_cfg_scale=None,
+        cfg_normalization=None,
+        cfg_truncation=None,
         region_prompts="",
         regions=None,
         photo=None,
@@ -236,17 +293,22 @@ class PanoramaDemo:
     ):
         """Run the pipeline (MultiDiffusion first, from the same seed, when `compare`).
 
-        The call is the command's (`prepare_call`): view batches sized by the pipeline ("auto"), the VAE tiled when
-        the panorama would not fit in GPU memory at once; `stride`, `guidance` and `true_cfg_scale` None are the
-        pipeline class's, `scheduler` None its default (FLUX: "keep", the only one it runs). `true_cfg_scale` is
-        FLUX's: above 1 it needs a negative prompt, which FLUX uses only then. `regions` is the regions canvas and
-        `region_prompts` its prompts, one per line (`canvas_regions`); nothing painted and no region prompt: no
-        regions. `photo` (a PIL image, or None) is extended: placed at `photo_position` ("left", "center" or "right")
-        of the panorama (`photo_arguments`), the pipeline gets it as `image` and `mask_image` and generates the rest
-        (the class's inpainting defaults: `strength` 1, the anchor the view over the photo). Returns
-        `(syncdiffusion_image, multidiffusion_image, seed, status)`; an image is None when it was not made.
-        `progress(done, total, label)` is called after every step. Raises `ValueError` with the pipeline's message
-        for bad input (`InputError` for the demo's own findings), before any model runs.
+        The call is the command's (`prepare_call`): view batches sized by the pipeline ("auto"), the VAE tiled when the
+        panorama would not fit in GPU memory at once; `stride` and `true_cfg_scale` None are the pipeline class's,
+        `steps`, `guidance` and `sync_thres` None the demo's defaults (the class's, but a step-distilled FLUX.2
+        [klein]'s 4 steps and guidance 1, Z-Image-Turbo's 8 steps and guidance 0; at most half the steps synchronized,
+        the paper's 5 at most), `scheduler` None its default (the transformer models: "keep", the only one they run).
+        The negative prompt goes with the model's guidance: FLUX.1 uses it only with `true_cfg_scale` above 1 (which
+        needs one), FLUX.2 [klein] only with `guidance` above 1 (a step-distilled model never: it has no guidance),
+        Z-Image only with `guidance` above 0; one that would be ignored is an input error. `cfg_normalization` and
+        `cfg_truncation` are Z-Image's (None: the class's, off). `regions` is the regions canvas and `region_prompts`
+        its prompts, one per line (`canvas_regions`); nothing painted and no region prompt: no regions. `photo` (a PIL
+        image, or None) is extended: placed at `photo_position` ("left", "center" or "right") of the panorama
+        (`photo_arguments`), the pipeline gets it as `image` and `mask_image` and generates the rest (the class's
+        inpainting defaults: `strength` 1, the anchor the view over the photo). Returns `(syncdiffusion_image,
+        multidiffusion_image, seed, status)`; an image is None when it was not made. `progress(done, total, label)` is
+        called after every step. Raises `ValueError` with the pipeline's message for bad input (`InputError` for the
+        demo's own findings), before any model runs.
         """
         if random_seed:
             seed = random.randint(0, MAX_SEED)
@@ -263,10 +325,14 @@ class PanoramaDemo:
             )
         scheduler = self.default_scheduler if scheduler is None else scheduler
         if scheduler not in self.schedulers:
+            own = f" ({self.family} runs its own flow-matching scheduler: keep)" if self.family else ""
             raise InputError(
-                f"`scheduler` has to be one of {', '.join(self.schedulers)} for this model"
-                f"{' (FLUX runs its own flow-matching scheduler: keep)' if self.flux else ''}, but is {scheduler!r}."
+                f"`scheduler` has to be one of {', '.join(self.schedulers)} for this model{own}, but is {scheduler!r}."
             )
+        guidance = self.default_guidance if guidance is None else guidance
+        sync_thres = self.default_sync_thres if sync_thres is None else sync_thres
+        extra = (("true_cfg_scale", true_cfg_scale), ("cfg_normalization", cfg_normalization))
+        extra += (("cfg_truncation", cfg_truncation),)
         arguments = {
             "prompt": prompt,
             "negative_prompt": negative_prompt or None,  # an empty field: no negative prompt
@@ -278,7 +344,7 @@ class PanoramaDemo:
             "guidance_scale": guidance,
             "sync_thres": _whole(sync_thres),
             "sync_mode": sync_mode,
-            **self._flux_arguments(negative_prompt, true_cfg_scale),
+            **self._family_arguments(negative_prompt, guidance, dict(extra)),
         }
         runs = [(SYNCDIFFUSION, sync_weight)]
         if compare:
@@ -312,13 +378,28 @@ class PanoramaDemo:
         )
         return sync_image, images.get(MULTIDIFFUSION), seed, status
 
+    def _family_arguments(self, negative_prompt, guidance, extra):
+        """The call arguments of the model's family (`extra`: `true_cfg_scale`, FLUX.1's, and `cfg_normalization` and
+        `cfg_truncation`, Z-Image's; None is left out) and `max_sequence_length` where the class takes it. One of
+        another family, and a negative prompt that the model's guidance would ignore, are input errors."""
+        for name, value in extra.items():
+            owner, what = FAMILY_ARGUMENTS[name]
+            if value is not None and self.family != owner:
+                raise InputError(f"`{name}` is {owner}'s ({what}); this model has none.")
+        arguments = {name: value for name, value in extra.items() if value is not None}
+        if self.flux:
+            arguments = self._flux_arguments(negative_prompt, extra["true_cfg_scale"])
+        elif self.distilled:
+            self._check_distilled(negative_prompt, guidance)
+        elif self.family in GUIDANCE_OFF:
+            self._check_negative_prompt(negative_prompt, guidance)
+        if self.takes_max_sequence_length:
+            arguments["max_sequence_length"] = self.max_sequence_length  # None: the class's
+        return arguments
+
     def _flux_arguments(self, negative_prompt, true_cfg_scale):
-        """FLUX's own call arguments (none for another model, where `true_cfg_scale` is an error). A negative prompt
-        without true CFG, which FLUX would ignore, and true CFG without one are input errors."""
-        if not self.flux:
-            if true_cfg_scale is not None:
-                raise InputError("`true_cfg_scale` is FLUX's (true classifier-free guidance); this model has none.")
-            return {}
+        """FLUX.1's true CFG. A negative prompt without true CFG, which FLUX would ignore, and true CFG without one
+        are input errors."""
         true_cfg = 1.0 if true_cfg_scale is None else true_cfg_scale
         if negative_prompt and not true_cfg > 1:
             raise InputError(
@@ -329,7 +410,31 @@ class PanoramaDemo:
             raise InputError(
                 f"A true CFG scale of {true_cfg:g} needs a negative prompt; set one, or the scale to 1 (off)."
             )
-        return {"true_cfg_scale": true_cfg_scale, "max_sequence_length": self.max_sequence_length}
+        return {"true_cfg_scale": true_cfg_scale}
+
+    def _check_distilled(self, negative_prompt, guidance):
+        """A step-distilled FLUX.2 [klein] runs without guidance: a negative prompt or a guidance scale above 1,
+        which it would ignore, is an input error."""
+        if negative_prompt:
+            raise InputError(
+                "This FLUX.2 [klein] model is step-distilled: it runs without guidance and ignores a negative prompt;"
+                " clear the negative prompt."
+            )
+        if _is_number(guidance) and guidance > GUIDANCE_OFF[FLUX2_KLEIN]:
+            raise InputError(
+                "This FLUX.2 [klein] model is step-distilled: it runs without guidance, so `guidance_scale` has to be"
+                f" at most 1 (off), but is {guidance:g}."
+            )
+
+    def _check_negative_prompt(self, negative_prompt, guidance):
+        """FLUX.2 [klein] and Z-Image use the negative prompt only with their guidance on: one without it is an input
+        error (a scale that is not a number, or negative, is the pipeline's to reject)."""
+        off = GUIDANCE_OFF[self.family]
+        if negative_prompt and _is_number(guidance) and 0 <= guidance <= off:
+            raise InputError(
+                f"{self.family} uses the negative prompt only with guidance: set the guidance scale above {off:g}"
+                f" (e.g. {GUIDANCE_EXAMPLE[self.family]}), or clear the negative prompt."
+            )
 
     def _run(self, call, sync_weight, seed, label, progress):
         """One pipeline call; returns the image, how many steps ran (fewer when stopped) and how many there were."""
@@ -364,22 +469,44 @@ def _user_error(error):
 
 
 def _stride_slider(pipe, window):
-    """`(minimum, step, value)` of the stride slider, in latent pixels: the class's default stride (SDXL's and FLUX's
-    are None, picked by the pipeline from the window: the slider needs a number); FLUX's strides are even."""
+    """`(minimum, step, value)` of the stride slider, in latent pixels: the class's default stride (SDXL's and the
+    transformers' are None, picked by the pipeline from the window: the slider needs a number); the transformers'
+    strides are even (their 2x2 latent patches)."""
     latent_window = window // pipe.vae_scale_factor
-    if hasattr(pipe, "default_stride"):  # FLUX: a quarter of the window, even
+    if hasattr(pipe, "default_stride"):  # FLUX.1, FLUX.2 [klein], Z-Image: a quarter of the window, even
         return 2, 2, pipe.default_stride(window)
     stride = call_defaults(pipe)["stride"]
     return 1, 1, min(latent_window, stride if stride is not None else max(8, latent_window // 8))
 
 
+def _guidance_label(demo):
+    if demo.flux:
+        return "Guidance scale (FLUX.1 [dev]: its guidance embedding)"
+    if demo.family == FLUX2_KLEIN:
+        return "Guidance scale (classifier-free, with the negative prompt; 1: off, two passes per view above)"
+    if demo.family == Z_IMAGE:
+        return "Guidance scale (classifier-free, with the negative prompt; 0: off, as Z-Image-Turbo)"
+    return "Guidance scale"
+
+
+def _negative_label(demo):
+    if demo.flux:
+        return "Negative prompt (FLUX: with a true CFG scale above 1)"
+    if demo.family in GUIDANCE_OFF:
+        return f"Negative prompt (with a guidance scale above {GUIDANCE_OFF[demo.family]:g})"
+    return "Negative prompt"
+
+
 def build_app(pipe, model=DEFAULT_MODEL):
-    """The Gradio page (a `gr.Blocks`) around a loaded SyncDiffusion pipeline (SD, SDXL or FLUX.1); serve it with
-    `launch`. A FLUX page hides the scheduler (it runs its own flow-matching one) and adds the true CFG scale, which
-    its negative prompt needs; FLUX.1 [schnell], without a guidance embedding, shows no guidance scale. The "Regions"
-    accordion holds the regions canvas (a `gr.ImageEditor` of the panorama's size, reset when the size changes) and
-    its prompts; the "Extend a photo" accordion (shown for classes that take `image` and `mask_image`) its photo
-    upload and position."""
+    """The Gradio page (a `gr.Blocks`) around a loaded SyncDiffusion pipeline (SD, SDXL, FLUX.1, FLUX.2 [klein] or
+    Z-Image); serve it with `launch`. The transformer models' pages hide the scheduler (they run their own
+    flow-matching one). A FLUX.1 page adds the true CFG scale, which its negative prompt needs; FLUX.1 [schnell],
+    without a guidance embedding, shows no guidance scale. A FLUX.2 [klein] page's guidance is classifier-free
+    guidance, on above 1 (a step-distilled model's page shows neither a guidance scale nor a negative prompt); a
+    Z-Image page's is on above 0 (Z-Image-Turbo's default: 0) and adds its CFG normalization and truncation. The
+    "Regions" accordion holds the regions canvas (a `gr.ImageEditor` of the panorama's size, reset when the size
+    changes) and its prompts; the "Extend a photo" accordion (shown for classes that take `image` and `mask_image`)
+    its photo upload and position."""
     import gradio as gr
 
     demo = PanoramaDemo(pipe, model)
@@ -389,16 +516,18 @@ def build_app(pipe, model=DEFAULT_MODEL):
     latent_window = demo.window // pipe.vae_scale_factor
     defaults = call_defaults(pipe)
     stride_minimum, stride_step, stride0 = _stride_slider(pipe, demo.window)
-    size_step = pipe.image_processor.config.vae_scale_factor  # FLUX: 16 (its 2x2 latent patches), else 8
-    guided = not demo.flux or pipe.transformer.config.guidance_embeds  # FLUX.1 [schnell] has no guidance
+    size_step = pipe.image_processor.config.vae_scale_factor  # the transformers: 16 (2x2 latent patches), else 8
+    # FLUX.1 [schnell] has no guidance embedding; a step-distilled FLUX.2 [klein] no guidance.
+    guided = (not demo.flux or pipe.transformer.config.guidance_embeds) and not demo.distilled
 
-    def run(values, region_prompts, regions, photo, photo_position, progress):
+    def run(values, region_prompts, regions, photo, photo_position, progress, **family_values):
         def report(done, total, label):
             progress((done, total), desc=label, unit="steps")
 
         try:
             return demo.generate(
                 *values,
+                **family_values,
                 region_prompts=region_prompts,
                 regions=regions,
                 photo=photo,
@@ -412,8 +541,8 @@ def build_app(pipe, model=DEFAULT_MODEL):
             raise gr.Error(message, duration=None, title="Cannot generate", print_exception=False) from None
 
     # Gradio passes the page's values by position and finds `progress` by its default, so the API's parameters are
-    # these functions' own: FLUX's has one more, its true CFG scale; the regions, then the photo come last (earlier API
-    # calls stand).
+    # these functions' own: FLUX.1's has one more, its true CFG scale, Z-Image's two, its CFG normalization and
+    # truncation; the regions, then the photo come last (earlier API calls stand).
     def generate(
         prompt,
         negative_prompt,
@@ -464,8 +593,37 @@ def build_app(pipe, model=DEFAULT_MODEL):
         progress=gr.Progress(),
     ):
         values = (prompt, negative_prompt, height, width, circular, steps, seed, random_seed, scheduler, stride)
-        values += (guidance, sync_weight, sync_thres, sync_mode, compare, true_cfg_scale)
-        return run(values, region_prompts, regions, photo, photo_position, progress)
+        values += (guidance, sync_weight, sync_thres, sync_mode, compare)
+        return run(values, region_prompts, regions, photo, photo_position, progress, true_cfg_scale=true_cfg_scale)
+
+    def generate_z_image(
+        prompt,
+        negative_prompt,
+        height,
+        width,
+        circular,
+        steps,
+        seed,
+        random_seed,
+        scheduler,
+        stride,
+        guidance,
+        sync_weight,
+        sync_thres,
+        sync_mode,
+        compare,
+        cfg_normalization,
+        cfg_truncation,
+        region_prompts,
+        regions,
+        photo=None,  # the API's default (a `gr.Image` without a value would make it a required parameter): none
+        photo_position=DEFAULT_PHOTO_POSITION,
+        progress=gr.Progress(),
+    ):
+        values = (prompt, negative_prompt, height, width, circular, steps, seed, random_seed, scheduler, stride)
+        values += (guidance, sync_weight, sync_thres, sync_mode, compare)
+        cfg = {"cfg_normalization": cfg_normalization, "cfg_truncation": cfg_truncation}
+        return run(values, region_prompts, regions, photo, photo_position, progress, **cfg)
 
     def choose_size(label):
         if label == CUSTOM:
@@ -491,8 +649,11 @@ def build_app(pipe, model=DEFAULT_MODEL):
         with gr.Row():
             with gr.Column(scale=3):
                 prompt = gr.Textbox(label="Prompt", value=EXAMPLES[0], lines=2, elem_id="prompt")
-                negative_label = "Negative prompt (FLUX: with a true CFG scale above 1)" if demo.flux else None
-                negative_prompt = gr.Textbox(label=negative_label or "Negative prompt", elem_id="negative-prompt")
+                negative_prompt = gr.Textbox(
+                    label=_negative_label(demo),
+                    visible=not demo.distilled,  # a step-distilled FLUX.2 [klein] has no guidance to use it with
+                    elem_id="negative-prompt",
+                )
             with gr.Column(scale=1, min_width=200):
                 generate_button = gr.Button("Generate", variant="primary", elem_id="generate")
                 stop_button = gr.Button("Stop", variant="stop", elem_id="stop")
@@ -526,11 +687,11 @@ def build_app(pipe, model=DEFAULT_MODEL):
             with gr.Row():
                 steps = gr.Slider(1, 100, value=demo.default_steps, step=1, label="Steps", elem_id="steps")
                 guidance = gr.Slider(
-                    1,
+                    GUIDANCE_OFF.get(demo.family, 1),  # Z-Image: 0, off (Z-Image-Turbo's)
                     20,
-                    value=defaults["guidance_scale"],
+                    value=demo.default_guidance,
                     step=0.5,
-                    label="Guidance scale (FLUX.1 [dev]: its guidance embedding)" if demo.flux else "Guidance scale",
+                    label=_guidance_label(demo),
                     visible=guided,
                     elem_id="guidance",
                 )
@@ -538,7 +699,7 @@ def build_app(pipe, model=DEFAULT_MODEL):
                     list(demo.schedulers),
                     value=demo.default_scheduler,
                     label="Scheduler",
-                    visible=len(demo.schedulers) > 1,  # FLUX: its own flow-matching scheduler, no choice
+                    visible=len(demo.schedulers) > 1,  # the transformers: their own flow-matching one, no choice
                     elem_id="scheduler",
                 )
                 stride = gr.Slider(
@@ -548,7 +709,7 @@ def build_app(pipe, model=DEFAULT_MODEL):
                     step=stride_step,
                     label="Stride (latent pixels between views)",
                 )
-                flux_inputs = []
+                family_inputs = []
                 if demo.flux:
                     true_cfg = gr.Slider(
                         1,
@@ -558,13 +719,30 @@ def build_app(pipe, model=DEFAULT_MODEL):
                         label="True CFG scale (with the negative prompt; 1: off, above: two passes per view)",
                         elem_id="true-cfg-scale",
                     )
-                    flux_inputs = [true_cfg]
+                    family_inputs = [true_cfg]
+                if demo.family == Z_IMAGE:
+                    cfg_normalization = gr.Checkbox(
+                        False,
+                        label="CFG normalization (the guided velocity no longer than the positive one)",
+                        elem_id="cfg-normalization",
+                    )
+                    cfg_truncation = gr.Slider(
+                        0,
+                        1,
+                        value=inspect.signature(type(pipe).__call__).parameters["cfg_truncation"].default,
+                        step=0.05,
+                        label="CFG truncation (guidance stops once this fraction of the time has passed; 1: never)",
+                        elem_id="cfg-truncation",
+                    )
+                    family_inputs = [cfg_normalization, cfg_truncation]
             with gr.Row():
                 seed = gr.Number(0, label="Seed", precision=0, minimum=0, maximum=MAX_SEED, elem_id="seed")
                 random_seed = gr.Checkbox(True, label="Random seed", elem_id="random-seed")
             with gr.Row():
                 sync_weight = gr.Slider(0, 50, value=20, step=0.5, label="Sync weight (0 = MultiDiffusion)")
-                sync_thres = gr.Slider(0, 50, value=5, step=1, label="Synchronized steps (the first N)")
+                sync_thres = gr.Slider(
+                    0, 50, value=demo.default_sync_thres, step=1, label="Synchronized steps (the first N)"
+                )
                 sync_mode = gr.Radio(["exact", "fast"], value="exact", label="Sync mode (exact: the paper's)")
         with gr.Accordion("Regions", open=False):
             gr.Markdown(
@@ -622,7 +800,7 @@ def build_app(pipe, model=DEFAULT_MODEL):
         for field in (height, width):
             field.change(fit_canvas, [height, width], regions, queue=False, api_visibility="private")
         generate_button.click(
-            generate_flux if demo.flux else generate,
+            generate_flux if demo.flux else generate_z_image if demo.family == Z_IMAGE else generate,
             [
                 prompt,
                 negative_prompt,
@@ -639,7 +817,7 @@ def build_app(pipe, model=DEFAULT_MODEL):
                 sync_thres,
                 sync_mode,
                 compare,
-                *flux_inputs,
+                *family_inputs,
                 region_prompts,
                 regions,
                 photo,
@@ -696,8 +874,8 @@ def build_parser():
     parser.add_argument(
         "--model",
         default=DEFAULT_MODEL,
-        help=f"Hub model id or local diffusers folder, SD, SDXL or FLUX.1 (default: {DEFAULT_MODEL}); `tiny`,"
-        " `tiny-xl`, `tiny-flux`: offline random tiny models",
+        help="Hub model id or local diffusers folder, SD, SDXL, FLUX.1, FLUX.2 [klein] or Z-Image (default:"
+        f" {DEFAULT_MODEL}); {', '.join(f'`{name}`' for name in TINY_MODELS)}: offline random tiny models",
     )
     parser.add_argument("--host", default="127.0.0.1", help="address to serve on (default: 127.0.0.1; 0.0.0.0: all)")
     parser.add_argument("--port", type=_port, default=7860, help="port (default: 7860)")
