@@ -1,6 +1,6 @@
 """Loading what a panorama needs: the device, the pipeline (Hub id, folder, single-file checkpoint or the offline
-tiny models; its class, SD, SDXL or FLUX, from the model's `model_index.json`), its scheduler, a tiny decoder for
-the synchronization, a ControlNet and its condition, and LPIPS.
+tiny models; its class, SD, SDXL, FLUX.1, FLUX.2 [klein] or Z-Image, from the model's `model_index.json`), its
+scheduler, a tiny decoder for the synchronization, a ControlNet and its condition, and LPIPS.
 
 Shared by the `syncdiffusion` command, its subcommands (`demo`, `generate-set`, `export`, `publish`) and the scripts
 in `examples/`. Expected failures (a model that cannot be found, a device this machine lacks, missing LPIPS weights)
@@ -19,8 +19,12 @@ DEFAULT_MODEL = "stabilityai/stable-diffusion-2-base"
 TINY = "tiny"  # `--model tiny`: the offline random tiny pipeline of `syncdiffusion_utils.testing`
 TINY_XL = "tiny-xl"  # `--model tiny-xl`: the offline random tiny SDXL pipeline (SyncDiffusionXLPipeline)
 TINY_FLUX = "tiny-flux"  # `--model tiny-flux`: the offline random tiny FLUX.1 pipeline (SyncDiffusionFluxPipeline)
-TINY_MODELS = (TINY, TINY_XL, TINY_FLUX)
-# The tiny FLUX VAE's sample size in latents (64 pixels): its default window, as 128 latents are FLUX.1's.
+# `--model tiny-flux2`: the offline random tiny FLUX.2 [klein] base model (SyncDiffusionFlux2KleinPipeline)
+TINY_FLUX2 = "tiny-flux2"
+TINY_Z_IMAGE = "tiny-z-image"  # `--model tiny-z-image`: the offline random tiny Z-Image (SyncDiffusionZImagePipeline)
+TINY_MODELS = (TINY, TINY_XL, TINY_FLUX, TINY_FLUX2, TINY_Z_IMAGE)
+# The tiny transformer models' VAE sample size in latents (64 pixels): their default window, as 128 latents (1024
+# pixels) are FLUX.1's, FLUX.2 [klein]'s and Z-Image's.
 TINY_FLUX_SAMPLE_SIZE = 8
 SINGLE_FILE_EXTENSIONS = (".safetensors", ".ckpt")  # `--model` as one checkpoint file in the original layout
 SCHEDULERS = ("ddim", "euler", "dpm++", "keep")
@@ -30,8 +34,8 @@ SCHEDULER_CLASS_NAMES = {
     "euler": "EulerDiscreteScheduler",
     "dpm++": "DPMSolverMultistepScheduler",
 }
-# The paper's scheduler, with which its default `sync_weight=20` was chosen; `keep` leaves the model's own (FLUX's
-# default: its flow-matching scheduler, the only family it runs).
+# The paper's scheduler, with which its default `sync_weight=20` was chosen; `keep` leaves the model's own (the
+# transformer classes' default: their flow-matching scheduler, the only family they run).
 DEFAULT_SCHEDULER = "ddim"
 
 _WEIGHTS_HINT = (
@@ -211,12 +215,29 @@ def _from_single_file(path, torch_dtype):
 
 # `model_index.json` class names of FLUX.1 text-to-image models (and of a saved SyncDiffusionFluxPipeline).
 FLUX_CLASS_NAMES = ("FluxPipeline", "SyncDiffusionFluxPipeline")
+# Those of FLUX.2 [klein] text-to-image models (base and step-distilled) and of Z-Image ones (Z-Image, Turbo).
+FLUX2_KLEIN_CLASS_NAMES = ("Flux2KleinPipeline", "SyncDiffusionFlux2KleinPipeline")
+Z_IMAGE_CLASS_NAMES = ("ZImagePipeline", "SyncDiffusionZImagePipeline")
+
+
+def _flux2_klein_class():
+    from pipeline_syncdiffusion_flux2 import SyncDiffusionFlux2KleinPipeline
+
+    return SyncDiffusionFlux2KleinPipeline
+
+
+def _z_image_class():
+    from pipeline_syncdiffusion_z_image import SyncDiffusionZImagePipeline
+
+    return SyncDiffusionZImagePipeline
 
 
 def _pipeline_class(model, local_files_only=None):
     """The SyncDiffusion class for the pipeline the model's `model_index.json` names: `SyncDiffusionFluxPipeline`
-    for FLUX.1, `SyncDiffusionXLPipeline` for SDXL, else `SyncDiffusionPipeline`. Raises `CLIError` for another
-    FLUX pipeline (Fill, Kontext, ...), whose transformer takes other inputs."""
+    for FLUX.1, `SyncDiffusionFlux2KleinPipeline` for FLUX.2 [klein], `SyncDiffusionZImagePipeline` for Z-Image,
+    `SyncDiffusionXLPipeline` for SDXL, else `SyncDiffusionPipeline`. Raises `CLIError` for FLUX.2 [dev] and for
+    another FLUX, FLUX.2 or Z-Image pipeline (Fill, Kontext, inpainting, ControlNet, ...), whose models take other
+    inputs."""
     from diffusers import DiffusionPipeline
 
     config = DiffusionPipeline.load_config(model, local_files_only=local_files_only)
@@ -226,6 +247,31 @@ def _pipeline_class(model, local_files_only=None):
         from pipeline_syncdiffusion_flux import SyncDiffusionFluxPipeline
 
         return SyncDiffusionFluxPipeline
+    if class_name in FLUX2_KLEIN_CLASS_NAMES:
+        return _flux2_klein_class()
+    if class_name in Z_IMAGE_CLASS_NAMES:
+        return _z_image_class()
+    if class_name == "Flux2Pipeline":
+        # FLUX.2 [dev] shares klein's transformer class and VAE, not its text encoder (Mistral Small 3, not Qwen3)
+        # nor its guidance (an embedding, not classifier-free): klein's class would run it wrong.
+        raise CLIError(
+            f"--model {model!r} is FLUX.2 [dev] (Flux2Pipeline), which SyncDiffusion does not support: its FLUX.2"
+            " pipeline takes FLUX.2 [klein] models (Flux2KleinPipeline), e.g. black-forest-labs/FLUX.2-klein-4B or"
+            " black-forest-labs/FLUX.2-klein-base-4B.",
+            code=2,
+        )
+    if "Flux2" in class_name:
+        raise CLIError(
+            f"--model {model!r} is a {class_name} model: SyncDiffusion's FLUX.2 pipeline takes FLUX.2 [klein]"
+            " text-to-image models (Flux2KleinPipeline), e.g. black-forest-labs/FLUX.2-klein-4B.",
+            code=2,
+        )
+    if "ZImage" in class_name:
+        raise CLIError(
+            f"--model {model!r} is a {class_name} model: SyncDiffusion's Z-Image pipeline takes Z-Image"
+            " text-to-image models (ZImagePipeline), e.g. Tongyi-MAI/Z-Image-Turbo.",
+            code=2,
+        )
     if "Flux" in class_name:
         raise CLIError(
             f"--model {model!r} is a {class_name} model: SyncDiffusion's FLUX pipeline takes FLUX.1 text-to-image"
@@ -254,6 +300,10 @@ def pipeline_class_of(model):
             from pipeline_syncdiffusion_flux import SyncDiffusionFluxPipeline
 
             return SyncDiffusionFluxPipeline
+        if model == TINY_FLUX2:
+            return _flux2_klein_class()
+        if model == TINY_Z_IMAGE:
+            return _z_image_class()
         from pipeline_syncdiffusion import SyncDiffusionPipeline
 
         return SyncDiffusionPipeline
@@ -265,10 +315,39 @@ def pipeline_class_of(model):
         raise _cannot_load(model, is_folder, error) from None
 
 
+def _is_class(pipeline_class, name):
+    """Whether `pipeline_class` is the class `name` or a subclass (found by name along the MRO: a copy loaded from a
+    repo's own file counts, and the check imports no pipeline file)."""
+    return any(base.__name__ == name for base in pipeline_class.__mro__)
+
+
 def is_flux(pipeline_class):
-    """Whether `pipeline_class` is `SyncDiffusionFluxPipeline` or a subclass (found by name along the MRO: a copy
-    loaded from a repo's own file counts, and a checkout without the FLUX file need not import it)."""
-    return any(base.__name__ == "SyncDiffusionFluxPipeline" for base in pipeline_class.__mro__)
+    """Whether `pipeline_class` is `SyncDiffusionFluxPipeline` (FLUX.1) or a subclass."""
+    return _is_class(pipeline_class, "SyncDiffusionFluxPipeline")
+
+
+def is_flux2_klein(pipeline_class):
+    """Whether `pipeline_class` is `SyncDiffusionFlux2KleinPipeline` (FLUX.2 [klein]) or a subclass."""
+    return _is_class(pipeline_class, "SyncDiffusionFlux2KleinPipeline")
+
+
+def is_z_image(pipeline_class):
+    """Whether `pipeline_class` is `SyncDiffusionZImagePipeline` (Z-Image) or a subclass."""
+    return _is_class(pipeline_class, "SyncDiffusionZImagePipeline")
+
+
+def is_transformer_pipeline(pipeline_class):
+    """Whether `pipeline_class` denoises with a transformer (FLUX.1, FLUX.2 [klein], Z-Image): its exact
+    synchronization gradient is named "transformer"."""
+    return getattr(pipeline_class, "sync_denoiser_gradient", "unet") == "transformer"
+
+
+def half_precision_dtype(pipeline_class):
+    """The dtype `--fp16` runs `pipeline_class` in: float16 for the UNet classes, bfloat16 for the transformer ones
+    (trained and shipped in bfloat16; FLUX.1's activations overflow float16)."""
+    import torch
+
+    return torch.bfloat16 if is_transformer_pipeline(pipeline_class) else torch.float16
 
 
 def schedulers_for(pipeline_class):
@@ -282,7 +361,8 @@ def schedulers_for(pipeline_class):
 
 def resolve_scheduler(pipeline_class, scheduler=None):
     """`scheduler` checked against `pipeline_class`; None is the class's default (`DEFAULT_SCHEDULER`, or "keep"
-    where the class does not run it: FLUX). Raises `CLIError` naming --scheduler for one the class cannot run."""
+    where the class does not run it: the transformer classes). Raises `CLIError` naming --scheduler for one the
+    class cannot run."""
     allowed = schedulers_for(pipeline_class)
     default = DEFAULT_SCHEDULER if DEFAULT_SCHEDULER in allowed else "keep"
     if scheduler is None:
@@ -315,12 +395,14 @@ def load_pipeline(
 ):
     """A ready pipeline: `model` is a Hub id, a local folder, a single-file checkpoint, or one of `TINY_MODELS`
     (offline, random weights). The class is the one `pipeline_class_of(model)` finds: `SyncDiffusionPipeline`,
-    `SyncDiffusionXLPipeline` or `SyncDiffusionFluxPipeline`.
+    `SyncDiffusionXLPipeline`, `SyncDiffusionFluxPipeline`, `SyncDiffusionFlux2KleinPipeline` or
+    `SyncDiffusionZImagePipeline`.
 
-    `fp16` is half precision: float16, bfloat16 for FLUX (FLUX.1 overflows float16). `fp16` and `cpu_offload` are
-    skipped with a printed note where they cannot help (on the CPU). `scheduler` is one of the class's
-    `schedulers_for`, or None for its default (`DEFAULT_SCHEDULER`; FLUX: "keep", its own flow-matching one); one
-    the class cannot run is a `CLIError` before any weights load.
+    `fp16` is half precision, `half_precision_dtype(class)`: float16, bfloat16 for the transformer classes (FLUX.1
+    overflows float16; Z-Image keeps its latents in float32 either way). `fp16` and `cpu_offload` are skipped with a
+    printed note where they cannot help (on the CPU). `scheduler` is one of the class's `schedulers_for`, or None
+    for its default (`DEFAULT_SCHEDULER`; the transformer classes: "keep", their own flow-matching one); one the
+    class cannot run is a `CLIError` before any weights load.
 
     `compile` compiles the denoiser and the VAE decoder with `torch.compile` (`syncdiffusion_utils.compiling`):
     `compile_mode` "regional" (the default: their repeated blocks) or "whole"; the first calls compile, and torch's
@@ -335,13 +417,12 @@ def load_pipeline(
     compile_mode = _compile_options(compile, compile_mode, compile_cache)
     pipeline_class = pipeline_class_of(model)
     scheduler = resolve_scheduler(pipeline_class, scheduler)
-    flux = is_flux(pipeline_class)
     dtype = torch.float32
     if fp16:
         if device.split(":")[0] == "cpu":
             note("--fp16 skipped on the CPU (float16 is slow or unsupported there): running in float32.")
         else:
-            dtype = torch.bfloat16 if flux else torch.float16
+            dtype = half_precision_dtype(pipeline_class)
 
     if model == TINY:
         from syncdiffusion_utils.testing import tiny_pipeline
@@ -359,16 +440,19 @@ def load_pipeline(
             pipe = tiny_xl_pipeline()
         if dtype != torch.float32:
             pipe.to(dtype=dtype)
-    elif model == TINY_FLUX:
-        pipe = _tiny_flux_pipeline(pipeline_class)
+    elif model in (TINY_FLUX, TINY_FLUX2, TINY_Z_IMAGE):
+        pipe = _tiny_transformer_pipeline(model, pipeline_class)
         if dtype != torch.float32:
             pipe.to(dtype=dtype)
     else:
         pipe = _from_pretrained(model, dtype, pipeline_class)
 
     set_scheduler(pipe, scheduler)
-    if attention_slicing and flux:
-        note("--attention-slicing skipped: FLUX's transformer has no attention slicing (its attention is SDPA's).")
+    if attention_slicing and is_transformer_pipeline(pipeline_class):
+        note(
+            f"--attention-slicing skipped: {pipeline_class.__name__}'s transformer has no attention slicing (its"
+            " attention is SDPA's)."
+        )
     elif attention_slicing:
         pipe.enable_attention_slicing()
     if cpu_offload and device.split(":")[0] == "cpu":
@@ -387,14 +471,25 @@ def load_pipeline(
     return pipe
 
 
-def _tiny_flux_pipeline(pipeline_class):
-    """`--model tiny-flux`: the tiny random FLUX.1 of `syncdiffusion_utils.testing` in `pipeline_class`, with a
-    random LPIPS; its default window is the tiny VAE's 64-pixel sample size, as FLUX.1's is its 1024 pixels."""
-    from syncdiffusion_utils.testing import tiny_flux_pipeline
+def _tiny_transformer_maker(model):
+    """The `syncdiffusion_utils.testing` function that builds the tiny transformer model `model`."""
+    from syncdiffusion_utils import testing
 
+    makers = {
+        TINY_FLUX: testing.tiny_flux_pipeline,
+        TINY_FLUX2: testing.tiny_flux2_klein_pipeline,
+        TINY_Z_IMAGE: testing.tiny_z_image_pipeline,
+    }
+    return makers[model]
+
+
+def _tiny_transformer_pipeline(model, pipeline_class):
+    """`--model tiny-flux`, `tiny-flux2` or `tiny-z-image`: the tiny random FLUX.1, FLUX.2 [klein] (a base model:
+    classifier-free guidance) or Z-Image of `syncdiffusion_utils.testing` in `pipeline_class`, with a random LPIPS;
+    its default window is the tiny VAE's 64-pixel sample size, as the real models' is their 1024 pixels."""
     with warnings.catch_warnings():  # torchvision's notes about the random LPIPS backbone's arguments
         warnings.simplefilter("ignore", UserWarning)
-        pipe = tiny_flux_pipeline(pipeline_class=pipeline_class)
+        pipe = _tiny_transformer_maker(model)(pipeline_class=pipeline_class)
     pipe.default_sample_size = TINY_FLUX_SAMPLE_SIZE
     return pipe
 
@@ -438,17 +533,35 @@ def set_scheduler(pipe, name):
     return pipe.scheduler
 
 
+def _tiny_flux2_decoder(seed=0):
+    """A random-weight `AutoencoderTiny` for FLUX.2's 32-channel VAE latent: TAESD's architecture (factor 8) at
+    TAEF1's width, with 32 latent channels, as TAEF2 takes that latent."""
+    import torch
+    from diffusers import AutoencoderTiny
+
+    torch.manual_seed(seed)
+    return AutoencoderTiny(
+        encoder_block_out_channels=(64,) * 4, decoder_block_out_channels=(64,) * 4, latent_channels=32
+    ).eval()
+
+
 def load_sync_decoder(name, pipe):
-    """The `sync_decoder` for `pipe`: an `AutoencoderTiny` from a Hub id or folder (e.g. madebyollin/taesd, for FLUX
-    madebyollin/taef1), or `"tiny"` for the random one of `syncdiffusion_utils.testing` (offline; only meaningful
-    with the tiny pipelines: TAESD's architecture, TAEF1's for FLUX).
+    """The `sync_decoder` for `pipe`: an `AutoencoderTiny` from a Hub id or folder (e.g. madebyollin/taesd; for FLUX.1
+    and Z-Image, whose VAE is FLUX.1's, madebyollin/taef1; for FLUX.2 [klein] a decoder of its 32-channel latent), or
+    `"tiny"` for a random one (offline; only meaningful with the tiny pipelines: TAESD's architecture, TAEF1's for
+    FLUX.1 and Z-Image, 32 latent channels for FLUX.2 [klein]).
     """
     device = pipe._execution_device
     dtype = pipe.denoiser.dtype
     if name == TINY:
         from syncdiffusion_utils.testing import make_tiny_decoder, make_tiny_flux_decoder
 
-        make = make_tiny_flux_decoder if is_flux(type(pipe)) else make_tiny_decoder
+        if is_flux2_klein(type(pipe)):
+            make = _tiny_flux2_decoder
+        elif is_flux(type(pipe)) or is_z_image(type(pipe)):
+            make = make_tiny_flux_decoder
+        else:
+            make = make_tiny_decoder
         decoder = make().to(device=device).requires_grad_(False)
         return decoder.to(dtype=dtype) if dtype != decoder.dtype else decoder
 
@@ -557,9 +670,6 @@ def load_for_export(model):
         from syncdiffusion_utils.testing import tiny_xl_pipeline
 
         return tiny_xl_pipeline(lpips_module=False)
-    if model == TINY_FLUX:
-        from pipeline_syncdiffusion_flux import SyncDiffusionFluxPipeline
-        from syncdiffusion_utils.testing import tiny_flux_pipeline
-
-        return tiny_flux_pipeline(pipeline_class=SyncDiffusionFluxPipeline, lpips_module=False)
+    if model in (TINY_FLUX, TINY_FLUX2, TINY_Z_IMAGE):
+        return _tiny_transformer_maker(model)(pipeline_class=pipeline_class_of(model), lpips_module=False)
     return _from_pretrained(model, torch.float32)

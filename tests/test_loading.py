@@ -468,3 +468,162 @@ def test_export_command_of_tiny_flux_writes_a_folder_that_loads_itself(tmp_path,
     assert (out / "README.md").read_text() == model_repo_card("flux-panorama", None, SyncDiffusionFluxPipeline)
     assert type(SyncDiffusionFluxPipeline.from_pretrained(out)) is SyncDiffusionFluxPipeline
     assert f"exported tiny-flux to {out}" in capsys.readouterr().out
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# FLUX.2 [klein] and Z-Image: the class from model_index.json, FLUX.2 [dev] refused, the offline tiny models
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def klein_class():
+    from pipeline_syncdiffusion_flux2 import SyncDiffusionFlux2KleinPipeline
+
+    return SyncDiffusionFlux2KleinPipeline
+
+
+def z_image_class():
+    from pipeline_syncdiffusion_z_image import SyncDiffusionZImagePipeline
+
+    return SyncDiffusionZImagePipeline
+
+
+def save_tiny_transformer_folder(name, folder, **kwargs):
+    from syncdiffusion_utils.testing import save_tiny_flux2_klein_pipeline, save_tiny_z_image_pipeline
+
+    save = {"flux2": save_tiny_flux2_klein_pipeline, "z-image": save_tiny_z_image_pipeline}[name]
+    return save(folder, **kwargs)
+
+
+TRANSFORMER_MODELS = [
+    # (saved folder, tiny model, class, diffusers class in model_index.json, VAE latent channels)
+    ("flux2", "tiny-flux2", klein_class, "Flux2KleinPipeline", 32),
+    ("z-image", "tiny-z-image", z_image_class, "ZImagePipeline", 16),
+]
+
+
+@pytest.mark.parametrize(
+    "name, tiny, pipeline_class, class_name, latent_channels", TRANSFORMER_MODELS, ids=["flux2", "z-image"]
+)
+def test_a_klein_or_z_image_folder_loads_with_its_own_class(
+    name, tiny, pipeline_class, class_name, latent_channels, tmp_path
+):
+    from syncdiffusion_utils import loading
+
+    folder = save_tiny_transformer_folder(name, tmp_path / name)
+    assert json.loads((folder / "model_index.json").read_text())["_class_name"] == class_name
+    assert loading.pipeline_class_of(str(folder)) is pipeline_class()
+    assert loading.pipeline_class_of(tiny) is pipeline_class()
+
+    pipe = loading.load_pipeline(str(folder), "cpu", progress=False)
+    assert type(pipe) is pipeline_class()
+    assert pipe.transformer.dtype == torch.float32
+    # The model's own flow-matching scheduler (the SD default, ddim, is neither applied nor accepted).
+    assert type(pipe.scheduler).__name__ == "FlowMatchEulerDiscreteScheduler"
+    assert pipe.default_window_size == 1024 and pipe.default_stride(1024) == 32  # a real folder keeps its window
+    assert pipe.vae.config.latent_channels == latent_channels
+    with pytest.raises(loading.CLIError, match=f"--scheduler ddim: {pipeline_class().__name__} runs flow-matching"):
+        loading.load_pipeline(str(folder), "cpu", scheduler="ddim")
+
+
+def test_a_step_distilled_klein_folder_keeps_is_distilled(tmp_path):
+    from syncdiffusion_utils import loading
+
+    folder = save_tiny_transformer_folder("flux2", tmp_path / "distilled", is_distilled=True)
+    pipe = loading.load_pipeline(str(folder), "cpu", progress=False)
+    assert type(pipe) is klein_class() and pipe.config.is_distilled is True
+
+
+@pytest.mark.parametrize(
+    "name, class_name, message",
+    [
+        ("flux2", "Flux2Pipeline", "is FLUX.2 \\[dev\\] \\(Flux2Pipeline\\), which SyncDiffusion does not support"),
+        ("flux2", "Flux2KleinKVPipeline", "is a Flux2KleinKVPipeline model: .*FLUX.2 \\[klein\\].*Flux2KleinPipeline"),
+        ("flux2", "Flux2KleinInpaintPipeline", "is a Flux2KleinInpaintPipeline model: .*\\(Flux2KleinPipeline\\)"),
+        ("z-image", "ZImageImg2ImgPipeline", "is a ZImageImg2ImgPipeline model: .*Z-Image .*\\(ZImagePipeline\\)"),
+        ("z-image", "ZImageControlNetPipeline", "is a ZImageControlNetPipeline model: .*\\(ZImagePipeline\\)"),
+    ],
+    ids=["flux2-dev", "klein-kv", "klein-inpaint", "z-image-img2img", "z-image-controlnet"],
+)
+def test_flux2_dev_and_other_flux2_or_z_image_pipelines_are_refused_by_name(name, class_name, message, tmp_path):
+    """FLUX.2 [dev] has klein's transformer class and VAE but another text encoder and an embedded guidance; the
+    other FLUX.2 and Z-Image pipelines' models take other inputs. A one-line error (exit 2) before any weights load."""
+    from syncdiffusion_utils import loading
+
+    folder = save_tiny_transformer_folder(name, tmp_path / class_name)
+    index = json.loads((folder / "model_index.json").read_text())
+    (folder / "model_index.json").write_text(json.dumps({**index, "_class_name": class_name}))
+    for load in (loading.pipeline_class_of, loading.load_pipeline):
+        with pytest.raises(loading.CLIError, match=message) as caught:
+            load(str(folder))
+        assert caught.value.code == 2 and "\n" not in str(caught.value)
+
+
+@pytest.mark.parametrize(
+    "name, tiny, pipeline_class, class_name, latent_channels", TRANSFORMER_MODELS, ids=["flux2", "z-image"]
+)
+def test_tiny_klein_and_z_image_load_offline_with_their_window_lpips_and_sync_decoder(
+    name, tiny, pipeline_class, class_name, latent_channels, no_network, capsys
+):
+    from syncdiffusion_utils import loading
+
+    pipe = loading.load_pipeline(tiny, "cpu", progress=False, attention_slicing=True)
+    assert type(pipe) is pipeline_class()
+    assert "--attention-slicing skipped" in capsys.readouterr().err  # the transformers' attention is SDPA's
+    assert type(pipe.scheduler).__name__ == "FlowMatchEulerDiscreteScheduler"
+    assert pipe.default_window_size == 64 and pipe.default_stride(64) == 2  # the tiny VAE's sample size
+    assert pipe._perceptual_loss is not None  # a random LPIPS: nothing to download
+    if name == "flux2":
+        assert pipe.config.is_distilled is False  # a base model: its classifier-free guidance runs
+    decoder = loading.load_sync_decoder("tiny", pipe)
+    assert decoder.config.latent_channels == latent_channels  # klein's 32-channel VAE latent; Z-Image's is FLUX.1's
+
+    # Offline, synchronized through the tiny decoder: 3 views of the default window at its default stride.
+    call = {"height": 64, "width": 96, "num_inference_steps": 2, "output_type": "np"}
+    image = pipe("a lake", sync_thres=1, sync_decoder=decoder, generator=torch.Generator().manual_seed(0), **call)
+    assert image.images.shape == (1, 64, 96, 3) and np.isfinite(image.images).all()
+    multidiffusion = pipe("a lake", sync_weight=0, generator=torch.Generator().manual_seed(0), **call)
+    # The synchronization acted: a random tiny decoder's gradient is small (measured 1.0e-5 klein, 3.0e-5 Z-Image;
+    # the same call twice: 0).
+    assert np.abs(image.images - multidiffusion.images).max() > 1e-6
+    with pytest.raises(loading.CLIError, match=f"--scheduler ddim: {pipeline_class().__name__} runs flow-matching"):
+        loading.load_pipeline(tiny, "cpu", scheduler="ddim")
+
+
+def test_half_precision_is_bfloat16_for_the_transformer_classes():
+    from pipeline_syncdiffusion_flux import SyncDiffusionFluxPipeline
+    from pipeline_syncdiffusion_xl import SyncDiffusionXLPipeline
+    from syncdiffusion_utils import loading
+
+    for pipeline_class in (SyncDiffusionFluxPipeline, klein_class(), z_image_class()):
+        assert loading.is_transformer_pipeline(pipeline_class)
+        assert loading.half_precision_dtype(pipeline_class) == torch.bfloat16
+    for pipeline_class in (SyncDiffusionPipeline, SyncDiffusionXLPipeline):
+        assert not loading.is_transformer_pipeline(pipeline_class)
+        assert loading.half_precision_dtype(pipeline_class) == torch.float16
+    # FLUX.1-only flags stay FLUX.1's: klein and Z-Image are not `is_flux`.
+    assert [loading.is_flux(c) for c in (SyncDiffusionFluxPipeline, klein_class(), z_image_class())] == [1, 0, 0]
+    assert loading.is_flux2_klein(klein_class()) and not loading.is_flux2_klein(z_image_class())
+    assert loading.is_z_image(z_image_class()) and not loading.is_z_image(SyncDiffusionFluxPipeline)
+
+
+@pytest.mark.parametrize(
+    "tiny, pipeline_class, source",
+    [("tiny-flux2", klein_class, "syncdiffusion_flux2"), ("tiny-z-image", z_image_class, "syncdiffusion_z_image")],
+    ids=["flux2", "z-image"],
+)
+def test_export_command_of_tiny_klein_and_z_image_writes_a_folder_that_loads_itself(
+    tiny, pipeline_class, source, tmp_path, capsys
+):
+    from syncdiffusion_utils.cli import main
+    from syncdiffusion_utils.hub import model_repo_card
+
+    out = tmp_path / "panorama"
+    assert main(["export", str(out), "--model", tiny]) == 0
+
+    file = Path(sys.modules[pipeline_class().__module__].__file__)
+    assert (out / f"{source}.py").read_bytes() == file.read_bytes()
+    index = json.loads((out / "model_index.json").read_text())
+    assert index["_class_name"] == [source, pipeline_class().__name__]
+    assert (out / "README.md").read_text() == model_repo_card("panorama", None, pipeline_class())
+    assert type(pipeline_class().from_pretrained(out)) is pipeline_class()
+    assert f"exported {tiny} to {out}" in capsys.readouterr().out
