@@ -1,9 +1,10 @@
 """Publish a SyncDiffusion pipeline to the Hugging Face Hub, as a custom pipeline or as a ready-to-use model.
 
-Any of the four classes: `SyncDiffusionPipeline` (SD 1.x/2.x, the default), `SyncDiffusionXLPipeline` (SDXL),
-`SyncDiffusionControlNetPipeline` (SD with a ControlNet) and `SyncDiffusionFluxPipeline` (FLUX.1), or a subclass of
-one. The uploaded source is the class's own
-file (`inspect.getsourcefile`) and the model card's parameter table is read from its `__call__`.
+Any of the classes: `SyncDiffusionPipeline` (SD 1.x/2.x, the default), `SyncDiffusionXLPipeline` (SDXL),
+`SyncDiffusionControlNetPipeline` (SD with a ControlNet), `SyncDiffusionFluxPipeline` (FLUX.1),
+`SyncDiffusionFlux2KleinPipeline` (FLUX.2 [klein]) and `SyncDiffusionZImagePipeline` (Z-Image), or a subclass of one.
+The uploaded source is the class's own file (`inspect.getsourcefile`) and the model card's parameter table is read
+from its `__call__`.
 
 `publish(repo_id, pipeline_class=...)` uploads the pipeline file as `pipeline.py` and a model card as `README.md`, so
 that
@@ -87,6 +88,43 @@ _FAMILIES = {
         " seed (e.g. 0, 10, 20 and 40) before settling on one. With `sync_weight=0` it is MultiDiffusion.",
         "besides": "every argument of `FluxPipeline`",
         "dtype": "bfloat16",
+    },
+    "SyncDiffusionFlux2KleinPipeline": {
+        "base_model": "black-forest-labs/FLUX.2-klein-4B",
+        "tags": ["flux2"],
+        "weights": "FLUX.2 [klein]: the step-distilled black-forest-labs/FLUX.2-klein-4B and -9B or their base models"
+        " (black-forest-labs/FLUX.2-klein-base-4B, -base-9B), under their own licenses",
+        "kind": "FLUX.2 [klein] weights",
+        "about": "It brings SyncDiffusion to FLUX.2 [klein], with `Flux2KleinPipeline`'s components and arguments"
+        " (reference images, its classifier-free guidance with a negative prompt, `is_distilled`, LoRAs). Every view"
+        " is one FLUX.2 image of the window's size: its crop of the latent packed with that image's position ids, its"
+        " sigmas shifted by FLUX.2's empirical shift for the window's token count and the steps. The synchronization"
+        " runs in flow-matching terms (x0 = z - sigma v). The step-distilled klein-4B and -9B take 4 steps without"
+        " guidance (below); a base model takes the defaults, `Flux2KleinPipeline`'s 50 steps with"
+        " `guidance_scale=4.0`. The default `sync_weight=20` was tuned for Stable Diffusion 2, not for FLUX.2: compare"
+        " a few values from one seed (e.g. 0, 10, 20 and 40) before settling on one. With `sync_weight=0` it is"
+        " MultiDiffusion.",
+        "besides": "every argument of `Flux2KleinPipeline`",
+        "dtype": "bfloat16",
+        # The step-distilled base model's own settings: 4 steps, no guidance, the first 2 synchronized.
+        "call": ("num_inference_steps=4", "guidance_scale=1.0", "sync_thres=2"),
+    },
+    "SyncDiffusionZImagePipeline": {
+        "base_model": "Tongyi-MAI/Z-Image-Turbo",
+        "tags": ["z-image"],
+        "weights": "Z-Image (e.g. Tongyi-MAI/Z-Image-Turbo), under its own license",
+        "kind": "Z-Image weights",
+        "about": "It brings SyncDiffusion to Z-Image, with `ZImagePipeline`'s components and arguments (its"
+        " classifier-free guidance with `cfg_normalization` and `cfg_truncation`, LoRAs). Every view is one Z-Image"
+        " image of the window's size: its own position ids, the timestep shift of one window-sized image. The"
+        " synchronization runs in flow-matching terms (x0 = z - sigma v). Z-Image-Turbo takes 8 steps without"
+        " guidance (below); the defaults are `ZImagePipeline`'s 50 steps with `guidance_scale=5.0`. The default"
+        " `sync_weight=20` was tuned for Stable Diffusion 2, not for Z-Image: compare a few values from one seed"
+        " (e.g. 0, 10, 20 and 40) before settling on one. With `sync_weight=0` it is MultiDiffusion.",
+        "besides": "every argument of `ZImagePipeline`",
+        "dtype": "bfloat16",
+        # Z-Image-Turbo's own settings: 8 steps, no guidance, the first 4 synchronized.
+        "call": ("num_inference_steps=8", "guidance_scale=0.0", "sync_thres=4"),
     },
 }
 
@@ -187,7 +225,7 @@ pipe = DiffusionPipeline.from_pretrained(
 )
 pipe = pipe.to("cuda")
 
-image = pipe("a photo of a mountain range at twilight"{size}, view_batch_size="auto").images[0]
+{call}
 image.save("panorama.png")"""
 
 
@@ -213,6 +251,18 @@ def _call_size(pipeline_class):
     parameters = inspect.signature(pipeline_class.__call__).parameters
     height, width = parameters["height"].default, parameters["width"].default
     return "" if height is None or width is None else f", height={height}, width={width}"
+
+
+def _panorama_call(pipeline_class, family):
+    """The usage's `image = pipe(...).images[0]` line of a bfloat16 class: the default size, the family's own
+    settings (the base model's steps and guidance) and `view_batch_size="auto"`; one argument per line past 119
+    columns, as ruff formats it."""
+    size = [item.strip() for item in _call_size(pipeline_class).split(",") if item.strip()]
+    arguments = ['"a photo of a mountain range at twilight"', *size, *family.get("call", ()), 'view_batch_size="auto"']
+    line = f"image = pipe({', '.join(arguments)}).images[0]"
+    if len(line) <= 119:
+        return line
+    return "image = pipe(\n" + "".join(f"    {argument},\n" for argument in arguments) + ").images[0]"
 
 
 def _call_defaults_text(pipeline_class):
@@ -361,6 +411,7 @@ def model_card(repo_id: str, pipeline_class=None) -> str:
             "controlnet": family.get("controlnet", ""),
             "repo_id": repo_id,
             "size": _call_size(pipeline_class),
+            "call": _panorama_call(pipeline_class, family),
         },
     )
     fields = {
@@ -405,8 +456,8 @@ def publish(
             The target repository, `namespace/name`.
         pipeline_class (*optional*):
             `SyncDiffusionPipeline` (the default), `SyncDiffusionXLPipeline`, `SyncDiffusionControlNetPipeline`,
-            `SyncDiffusionFluxPipeline` or a subclass: its source file is uploaded and its `__call__` makes the card's
-            parameter table.
+            `SyncDiffusionFluxPipeline`, `SyncDiffusionFlux2KleinPipeline`, `SyncDiffusionZImagePipeline` or a
+            subclass: its source file is uploaded and its `__call__` makes the card's parameter table.
         token (`str`, *optional*):
             A Hub token with write access; defaults to the saved login or `HF_TOKEN`.
         private (`bool`, defaults to `False`):
@@ -449,8 +500,9 @@ def _explain_auth_error(err, repo_id):
 
 def export(pipe, folder, base_model: str | None = None, repo_id: str | None = None) -> str:
     """Save `pipe` to `folder` as a model that loads itself (weights, its class's source file as `syncdiffusion.py`,
-    `syncdiffusion_xl.py`, `syncdiffusion_controlnet.py` or `syncdiffusion_flux.py`, `model_index.json`) with its
-    model card `README.md` (`repo_id` in the usage; default: the folder's name)."""
+    `syncdiffusion_xl.py`, `syncdiffusion_controlnet.py`, `syncdiffusion_flux.py`, `syncdiffusion_flux2.py` or
+    `syncdiffusion_z_image.py`, `model_index.json`) with its model card `README.md` (`repo_id` in the usage; default:
+    the folder's name)."""
     name = os.path.basename(os.path.abspath(folder)) if repo_id is None else repo_id
     card = model_repo_card(name, base_model, type(pipe))  # raises for a class that is not a SyncDiffusion pipeline
     pipe.save_pretrained(folder)

@@ -638,6 +638,18 @@ def flux_class():
     return SyncDiffusionFluxPipeline
 
 
+def klein_class():
+    from pipeline_syncdiffusion_flux2 import SyncDiffusionFlux2KleinPipeline
+
+    return SyncDiffusionFlux2KleinPipeline
+
+
+def z_image_class():
+    from pipeline_syncdiffusion_z_image import SyncDiffusionZImagePipeline
+
+    return SyncDiffusionZImagePipeline
+
+
 def parameter_rows(card):
     return {name: default for name, default, _ in re.findall(r"^\| `(\w+)` \| (.*?) \| (.*) \|$", card, re.M)}
 
@@ -656,7 +668,9 @@ def check_card_is_the_classs(card, pipeline_class):
 
 
 @pytest.mark.parametrize(
-    "pipeline_class", [xl_class, controlnet_class, flux_class], ids=["sdxl", "controlnet", "flux"]
+    "pipeline_class",
+    [xl_class, controlnet_class, flux_class, klein_class, z_image_class],
+    ids=["sdxl", "controlnet", "flux", "flux2", "z-image"],
 )
 def test_publish_uploads_the_given_classs_file_and_parameters(pipeline_class):
     pipeline_class = pipeline_class()
@@ -683,6 +697,25 @@ def test_publish_uploads_the_given_classs_file_and_parameters(pipeline_class):
         assert "torch_dtype=torch.bfloat16" in card and "DDIMScheduler" not in card  # flow matching, its own
         assert "`num_inference_steps=28`, `guidance_scale=3.5`" in card and "`FluxPipeline`" in card
         assert "flux" in metadata["tags"] and "tuned for Stable Diffusion 2, not for FLUX" in card
+    elif pipeline_class in (klein_class(), z_image_class()):
+        rows = parameter_rows(card)
+        assert rows["window_size"] == rows["stride"] == "`None`"  # the 1024-pixel window, a quarter of it
+        assert "height=1024" in card and "width=4096" in card and 'view_batch_size="auto"' in card
+        assert "torch_dtype=torch.bfloat16" in card and "DDIMScheduler" not in card  # flow matching, its own
+        assert max(len(line) for line in card.split("```python")[1].split("```")[0].splitlines()) <= 119
+        if pipeline_class is klein_class():
+            # FLUX.2-klein-4B is step-distilled: its own 4 steps without guidance in the usage; a base model's
+            # 50 steps with guidance 4.0 are the class's defaults.
+            assert '"black-forest-labs/FLUX.2-klein-4B"' in card and "`Flux2KleinPipeline`" in card
+            assert "num_inference_steps=4,\n" in card and "guidance_scale=1.0,\n" in card
+            assert "`num_inference_steps=50`, `guidance_scale=4.0`" in card
+            assert "flux2" in metadata["tags"] and "not for FLUX.2" in card
+        else:
+            # Z-Image-Turbo's 8 steps without guidance in the usage; ZImagePipeline's 50 and 5.0 the defaults.
+            assert '"Tongyi-MAI/Z-Image-Turbo"' in card and "`ZImagePipeline`" in card
+            assert "num_inference_steps=8,\n" in card and "guidance_scale=0.0,\n" in card
+            assert "`num_inference_steps=50`, `guidance_scale=5.0`" in card
+            assert "z-image" in metadata["tags"] and "not for Z-Image" in card
     else:
         assert "ControlNetModel.from_pretrained(" in card and "controlnet=controlnet" in card
         assert "image=depth" in card and "height=512" not in card  # the panorama takes the condition's size
@@ -846,3 +879,107 @@ def test_the_command_picks_the_flux_class_for_a_flux_hub_model(fake_hub, tmp_pat
     assert classes == [(flux_class(), "FlowMatchEulerDiscreteScheduler", 16)]
     assert f"wrote {output} (1024x1024 pixels" in capsys.readouterr().out
     assert fake_hub.requested("GET", f"/{repo_id}/resolve/main/model_index.json")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# FLUX.2 [klein] and Z-Image: published and loaded through the fake Hub, a model repo, their Hub ids
+# ---------------------------------------------------------------------------------------------------------------
+
+TRANSFORMER_SMALL = {
+    "window_size": 64,
+    "height": 64,
+    "width": 128,
+    "num_inference_steps": 2,
+    "max_sequence_length": 16,
+}
+
+
+def transformer_images(pipe, lpips_module, **kwargs):
+    pipe.set_perceptual_loss(lpips_module)
+    pipe.set_progress_bar_config(disable=True)
+    generator = torch.Generator().manual_seed(0)
+    return pipe("a photo of a beach", generator=generator, output_type="np", **TRANSFORMER_SMALL, **kwargs).images
+
+
+def tiny_transformer(name):
+    """`(class, save the tiny model as a plain model folder, the tiny pipeline in a class)` of `name`."""
+    from syncdiffusion_utils import testing
+
+    if name == "flux2":
+        return klein_class(), testing.save_tiny_flux2_klein_pipeline, testing.tiny_flux2_klein_pipeline
+    return z_image_class(), testing.save_tiny_z_image_pipeline, testing.tiny_z_image_pipeline
+
+
+@pytest.mark.parametrize("name", ["flux2", "z-image"])
+def test_publish_klein_or_z_image_then_load_it_as_a_custom_pipeline_through_fake_hub(
+    name, fake_hub, tmp_path, lpips_module
+):
+    pipeline_class, save_tiny, _ = tiny_transformer(name)
+    repo_id = f"syncdiffusion-test/{name}"
+    publish(repo_id, pipeline_class=pipeline_class, token=fake_hub.token)
+
+    source = Path(inspect.getsourcefile(pipeline_class)).read_bytes()
+    assert fake_hub.repos[repo_id]["files"]["pipeline.py"] == source
+    folder = save_tiny(tmp_path / name)
+    pipe = load_from_hub(folder, repo_id)
+    assert type(pipe).__name__ == pipeline_class.__name__ and type(pipe) is not pipeline_class
+    assert Path(sys.modules[type(pipe).__module__].__file__).read_bytes() == source
+    # The served file makes the installed class's panorama from the same folder, synchronized (bit-identical).
+    expected = transformer_images(pipeline_class.from_pretrained(folder), lpips_module, sync_thres=1)
+    np.testing.assert_array_equal(transformer_images(pipe, lpips_module, sync_thres=1), expected)
+
+
+@pytest.mark.parametrize(
+    "name, source", [("flux2", "syncdiffusion_flux2"), ("z-image", "syncdiffusion_z_image")], ids=["flux2", "z-image"]
+)
+def test_publish_model_of_a_klein_or_z_image_pipeline_then_load_back(name, source, fake_hub, lpips_module):
+    pipeline_class, _, tiny = tiny_transformer(name)
+    repo_id = f"syncdiffusion-test/{name}-panorama"
+    pipe = tiny(pipeline_class=pipeline_class, lpips_module=False)
+    publish_model(pipe, repo_id, base_model=f"someone/tiny-{name}", token=fake_hub.token)
+
+    files = fake_hub.repos[repo_id]["files"]
+    assert files[f"{source}.py"] == Path(inspect.getsourcefile(pipeline_class)).read_bytes()
+    assert json.loads(files["model_index.json"])["_class_name"] == [source, pipeline_class.__name__]
+    card = files["README.md"].decode()
+    assert card == model_repo_card(repo_id, f"someone/tiny-{name}", pipeline_class)
+    check_card_is_the_classs(card, pipeline_class)
+    assert f'from_pretrained("{repo_id}", trust_remote_code=True, torch_dtype=torch.bfloat16)' in card
+    remote = DiffusionPipeline.from_pretrained(repo_id, trust_remote_code=True)
+    assert type(remote).__name__ == pipeline_class.__name__ and type(remote) is not pipeline_class
+    installed = pipeline_class.from_pretrained(repo_id)
+    assert type(installed) is pipeline_class
+    # The repo's own file and the installed class: the same panorama (bit-identical, measured).
+    np.testing.assert_array_equal(
+        transformer_images(remote, lpips_module, sync_thres=1),
+        transformer_images(installed, lpips_module, sync_thres=1),
+    )
+
+
+@pytest.mark.parametrize(
+    "name, repo_id",
+    [("flux2", "black-forest-labs/FLUX.2-klein-4B"), ("z-image", "Tongyi-MAI/Z-Image-Turbo")],
+    ids=["flux2", "z-image"],
+)
+def test_a_klein_or_z_image_hub_id_loads_with_its_class(name, repo_id, fake_hub, tmp_path):
+    """`--model black-forest-labs/FLUX.2-klein-4B` or `Tongyi-MAI/Z-Image-Turbo`: their `model_index.json` names
+    Flux2KleinPipeline or ZImagePipeline (tiny ones are served); FLUX.2 [dev]'s names Flux2Pipeline, refused."""
+    from syncdiffusion_utils import loading
+
+    pipeline_class, save_tiny, _ = tiny_transformer(name)
+    fake_hub.add_repo(repo_id, folder_files(save_tiny(tmp_path / name)))
+    assert loading.pipeline_class_of(repo_id) is pipeline_class
+    pipe = loading.load_pipeline(repo_id, "cpu", progress=False)
+    assert type(pipe) is pipeline_class and type(pipe.scheduler).__name__ == "FlowMatchEulerDiscreteScheduler"
+    assert fake_hub.requested("GET", f"/{repo_id}/resolve/main/model_index.json")
+    if name == "flux2":
+        dev = "black-forest-labs/FLUX.2-dev"
+        files = folder_files(tmp_path / name)
+        index = json.loads(files["model_index.json"])
+        fake_hub.add_repo(
+            dev, {**files, "model_index.json": json.dumps({**index, "_class_name": "Flux2Pipeline"}).encode()}
+        )
+        with pytest.raises(loading.CLIError, match=r"is FLUX.2 \[dev\] \(Flux2Pipeline\)") as caught:
+            loading.load_pipeline(dev, "cpu")
+        assert caught.value.code == 2
+        assert not any(path.endswith(".safetensors") for _, path in fake_hub.requests if f"/{dev}/" in path)
