@@ -1,10 +1,11 @@
 """Every pipeline class on tiny random components, so that one contract test runs for all of them.
 
 `KINDS` holds one `PipelineKind` per class: how to build it (SD: `make_components("tiny", sample_size=8)`; SDXL:
-`make_sdxl_components`; ControlNet: the SD components plus `make_tiny_controlnet(unet)`; FLUX:
-`make_flux_components("tiny")`), how to call it (the ControlNet class with a condition `image` of the panorama's
-size; FLUX with a 64-pixel `window_size`) and what differs between the classes (the denoiser, guidance rows, latent
-layout, schedulers, half precision). Views are 64x64 pixels (8 latents); `SMALL` is a 64x128-pixel panorama, 3 views
+`make_sdxl_components`; ControlNet: the SD components plus `make_tiny_controlnet(unet)`; FLUX.1, FLUX.2 [klein] and
+Z-Image: `make_flux_components("tiny")`, `make_flux2_klein_components("tiny")`, `make_z_image_components("tiny")`),
+how to call it (the ControlNet class with a condition `image` of the panorama's size; the transformer classes with a
+64-pixel `window_size`) and what differs between the classes (the denoiser, guidance rows and calls, latent layout,
+schedulers, half precision). Views are 64x64 pixels (8 latents); `SMALL` is a 64x128-pixel panorama, 3 views
 at stride 4. Only public API is used: `__call__`, components, `denoiser`, `denoising_models`,
 `set_perceptual_loss`, `scheduler`.
 """
@@ -29,14 +30,19 @@ from diffusers.models.unets.unet_2d_condition import UNet2DConditionOutput
 from pipeline_syncdiffusion import SyncDiffusionPipeline
 from pipeline_syncdiffusion_controlnet import SyncDiffusionControlNetPipeline
 from pipeline_syncdiffusion_flux import SyncDiffusionFluxPipeline
+from pipeline_syncdiffusion_flux2 import SyncDiffusionFlux2KleinPipeline
 from pipeline_syncdiffusion_xl import SyncDiffusionXLPipeline
+from pipeline_syncdiffusion_z_image import SyncDiffusionZImagePipeline
 from syncdiffusion_utils.testing import (
     make_components,
+    make_flux2_klein_components,
     make_flux_components,
     make_sdxl_components,
     make_tiny_controlnet,
+    make_z_image_components,
 )
-from tests.flux_reference import unpack
+from tests.flux2_reference import normalized_latents, vae_latents
+from tests.flux_reference import pack, unpack
 
 
 PROMPT = "a photo of a forest"
@@ -77,6 +83,13 @@ FLUX_STEP_NOISE_SCHEDULERS = {
     "flow_match_euler_stochastic": (FlowMatchEulerDiscreteScheduler, {"stochastic_sampling": True}),
 }
 
+# The transformer classes' tiny components, which do not depend on the window (a call argument).
+TRANSFORMER_COMPONENTS = {
+    SyncDiffusionFluxPipeline: lambda: make_flux_components("tiny"),
+    SyncDiffusionFlux2KleinPipeline: lambda: make_flux2_klein_components("tiny"),
+    SyncDiffusionZImagePipeline: lambda: make_z_image_components("tiny"),
+}
+
 
 def condition_image(height, width, seed=0):
     """A random ControlNet condition, `(1, 3, height, width)` in [0, 1]."""
@@ -100,9 +113,20 @@ class PipelineKind:
     denoiser: str = "unet"
     # Denoiser rows per view and image: classifier-free guidance's `[uncond, cond]`; FLUX's guidance is an embedding.
     guidance_rows: int = 2
+    # Denoiser calls per view pass: FLUX.2 [klein] runs its guidance's positive and negative rows as two calls (as
+    # Flux2KleinPipeline does), the others in one batch.
+    guidance_calls: int = 1
     latent_channels: int = 4
     # Whether `output_type="latent"` (and `callback_on_step_end`) give FLUX's packed `(B, h/2 * w/2, 4C)` latents.
     packed_latents: bool = False
+    # Whether `output_type="latent"` is the VAE's latent `(B, C, h, w)` (FLUX.2 [klein]: the transformer's 2x2 patches
+    # denormalized by the VAE's batch norm, as Flux2KleinPipeline returns it) while callbacks see the transformer's
+    # packed, normalized latent `(B, h/2 * w/2, 4C)`.
+    vae_output_latents: bool = False
+    # The dtype of `output_type="latent"` in a bfloat16 pipeline (Z-Image keeps its latents in float32).
+    bfloat16_latents_dtype: torch.dtype = torch.bfloat16
+    # Whether the denoiser returns a list of per-image outputs (Z-Image's transformer).
+    denoiser_returns_list: bool = False
     # The real model's window in latents and the documented default stride for it.
     real_window: int = 64
     real_default_stride: int = 8
@@ -114,7 +138,7 @@ class PipelineKind:
     # name: (class, scheduler options, call options) of schedulers that draw step noise from the generator.
     stochastic_schedulers: dict = field(default_factory=lambda: UNET_STOCHASTIC_SCHEDULERS)
     step_noise_schedulers: dict = field(default_factory=lambda: UNET_STEP_NOISE_SCHEDULERS)
-    # Whether float16 applies (its loss scaling is tested); FLUX runs in bfloat16.
+    # Whether float16 applies (its loss scaling is tested); the transformer classes run in bfloat16.
     float16: bool = True
     # Arguments refused by this class only (a ValueError naming the argument), on top of the common ones.
     own_bad_inputs: tuple = ()
@@ -126,12 +150,12 @@ class PipelineKind:
 
     def build(self, components_cache, lpips_module, sample_size=8):
         """A fresh pipeline on copies of session-built components (tests may change them freely). `sample_size` is
-        the UNet's (FLUX's window is a call argument)."""
+        the UNet's (the transformer classes' window is a call argument)."""
         components = copy.deepcopy(self.components(components_cache, sample_size))
         if self.pipeline_class is SyncDiffusionXLPipeline:
             pipe = SyncDiffusionXLPipeline(**components, add_watermarker=False)
-        elif self.pipeline_class is SyncDiffusionFluxPipeline:
-            pipe = SyncDiffusionFluxPipeline(**components)
+        elif self.pipeline_class in TRANSFORMER_COMPONENTS:
+            pipe = self.pipeline_class(**components)
         else:
             pipe = self.pipeline_class(
                 **components, safety_checker=None, feature_extractor=None, requires_safety_checker=False
@@ -141,14 +165,14 @@ class PipelineKind:
         return pipe
 
     def components(self, cache, sample_size):
-        if self.pipeline_class is SyncDiffusionFluxPipeline:
-            sample_size = None  # the tiny FLUX components do not depend on the window
+        if self.pipeline_class in TRANSFORMER_COMPONENTS:
+            sample_size = None  # the tiny transformer components do not depend on the window
         key = (self.name, sample_size)
         if key not in cache:
             if self.pipeline_class is SyncDiffusionXLPipeline:
                 cache[key] = make_sdxl_components("tiny", sample_size=sample_size)
-            elif self.pipeline_class is SyncDiffusionFluxPipeline:
-                cache[key] = make_flux_components("tiny")
+            elif self.pipeline_class in TRANSFORMER_COMPONENTS:
+                cache[key] = TRANSFORMER_COMPONENTS[self.pipeline_class]()
             else:
                 cache[key] = make_components("tiny", sample_size=sample_size)
                 if self.conditioned:
@@ -179,10 +203,43 @@ class PipelineKind:
             return (num_images, (height // 16) * (width // 16), 4 * self.latent_channels)
         return (num_images, self.latent_channels, height // 8, width // 8)
 
-    def unpacked(self, latents, height, width):
-        """`output_type="latent"`'s latents as `(B, C, height / 8, width / 8)`."""
-        return unpack(latents, height // 8, width // 8) if self.packed_latents else latents
+    def callback_latent_shape(self, num_images, height, width):
+        """The shape of the latents callbacks get (and may replace) for `num_images` `height x width` panoramas."""
+        if self.vae_output_latents:
+            return (num_images, (height // 16) * (width // 16), 4 * self.latent_channels)
+        return self.latent_shape(num_images, height, width)
 
+    def output_latents(self, pipe, callback_latents, height, width):
+        """What `output_type="latent"` returns for the latents a callback got or returned at the last step: the same
+        tensor, or for FLUX.2 [klein] the VAE's latent of the packed normalized one."""
+        if self.vae_output_latents:
+            return vae_latents(pipe.vae, unpack(callback_latents, height // 8, width // 8))
+        return callback_latents
+
+    def callback_latents(self, pipe, output_latents, height, width):
+        """The inverse of `output_latents`."""
+        if self.vae_output_latents:
+            return pack(normalized_latents(pipe.vae, output_latents))
+        return output_latents
+
+    def denoiser_latents(self, pipe, latents, height, width):
+        """`output_type="latent"`'s latents as the denoiser's latent `(B, C, height / 8, width / 8)`: FLUX's unpacked,
+        FLUX.2 [klein]'s normalized again."""
+        if self.packed_latents:
+            return unpack(latents, height // 8, width // 8)
+        if self.vae_output_latents:
+            return normalized_latents(pipe.vae, latents)
+        return latents
+
+
+# The transformer classes' own rules, refused with a ValueError naming the argument.
+TRANSFORMER_BAD_INPUTS = (
+    ({"sync_gradient": "unet"}, "sync_gradient"),
+    ({"height": 72}, "height"),  # a multiple of 8, not of 16: views pack into 2x2 patches
+    ({"width": 136}, "width"),
+    ({"stride": 3}, "stride"),  # odd: the views' patches would not be the panorama's
+    ({"window_size": 72}, "window_size"),
+)
 
 KINDS = {
     "sd": PipelineKind(
@@ -224,12 +281,62 @@ KINDS = {
         stochastic_schedulers=FLUX_STOCHASTIC_SCHEDULERS,
         step_noise_schedulers=FLUX_STEP_NOISE_SCHEDULERS,
         float16=False,
-        own_bad_inputs=(
-            ({"sync_gradient": "unet"}, "sync_gradient"),
-            ({"height": 72}, "height"),  # a multiple of 8, not of 16: views pack into 2x2 patches
-            ({"width": 136}, "width"),
-            ({"stride": 3}, "stride"),  # odd: the views' patches would not be the panorama's
-            ({"window_size": 72}, "window_size"),
+        own_bad_inputs=TRANSFORMER_BAD_INPUTS,
+    ),
+    "flux2": PipelineKind(
+        "flux2",
+        SyncDiffusionFlux2KleinPipeline,
+        # Flux2KleinPipeline's guidance (a base model's real classifier-free guidance); a 4:1 panorama of 1024-pixel
+        # windows. Its 50 steps are SD's.
+        own_defaults={"height": 1024, "width": 4096, "guidance_scale": 4.0},
+        # Flux2KleinPipeline reads its guidance scale every step: SD's cutoff callback turns its guidance off (its
+        # slice of SD's `[uncond, cond]` embeddings keeps one image's).
+        cfg_cutoff_callback=SDCFGCutoffCallback,
+        denoiser="transformer",
+        # Its guidance (4.0 > 1, not step-distilled): a positive and a negative transformer call per view, one row each.
+        guidance_rows=2,
+        guidance_calls=2,
+        latent_channels=32,
+        vae_output_latents=True,
+        real_window=128,
+        real_default_stride=32,
+        call_options={"window_size": 64, "max_sequence_length": 32},
+        schedulers=FLUX_SCHEDULERS,
+        refused_schedulers=FLUX_REFUSED_SCHEDULERS,
+        stochastic_schedulers=FLUX_STOCHASTIC_SCHEDULERS,
+        step_noise_schedulers=FLUX_STEP_NOISE_SCHEDULERS,
+        float16=False,
+        own_bad_inputs=TRANSFORMER_BAD_INPUTS
+        + (
+            ({"image": "reference.png"}, "image"),  # reference images are PIL images
+            ({"guidance_scale": -1.0}, "guidance_scale"),
+        ),
+    ),
+    "z_image": PipelineKind(
+        "z_image",
+        SyncDiffusionZImagePipeline,
+        # ZImagePipeline's guidance; a 4:1 panorama of 1024-pixel windows. Its 50 steps are SD's.
+        own_defaults={"height": 1024, "width": 4096, "guidance_scale": 5.0},
+        # ZImagePipeline reads its guidance scale every step: SD's cutoff callback turns its guidance off (its slice
+        # of SD's `[uncond, cond]` embeddings keeps one image's).
+        cfg_cutoff_callback=SDCFGCutoffCallback,
+        denoiser="transformer",
+        latent_channels=16,
+        bfloat16_latents_dtype=torch.float32,
+        denoiser_returns_list=True,
+        real_window=128,
+        real_default_stride=32,
+        call_options={"window_size": 64},
+        schedulers=FLUX_SCHEDULERS,
+        refused_schedulers=FLUX_REFUSED_SCHEDULERS,
+        stochastic_schedulers=FLUX_STOCHASTIC_SCHEDULERS,
+        step_noise_schedulers=FLUX_STEP_NOISE_SCHEDULERS,
+        float16=False,
+        own_bad_inputs=TRANSFORMER_BAD_INPUTS
+        + (
+            ({"cfg_truncation": "late"}, "cfg_truncation"),
+            ({"cfg_normalization": -1.0}, "cfg_normalization"),
+            ({"guidance_scale": -1.0}, "guidance_scale"),
         ),
     ),
 }
@@ -238,7 +345,7 @@ UNET_KINDS = {name: kind for name, kind in KINDS.items() if kind.denoiser == "un
 
 
 def denoisers(pipe):
-    """The models that run once per view and step: the UNet (and the ControlNets where there are), or FLUX's
+    """The models that run once per view and step: the UNet (and the ControlNets where there are), or the
     transformer."""
     return list(pipe.denoising_models)
 
@@ -250,7 +357,8 @@ def pipeline_models(pipe):
 
 
 def model_input(args, kwargs):
-    """The batch a model call runs on: the first tensor passed (FLUX's transformer takes `hidden_states` first)."""
+    """The batch a model call runs on: the first tensor passed (FLUX's transformers take `hidden_states` first,
+    Z-Image's its images' latents, stacked)."""
     named = kwargs.get("hidden_states", kwargs.get("sample"))
     if isinstance(named, torch.Tensor):
         return named
@@ -273,9 +381,10 @@ def record_forwards(monkeypatch, module, record=None):
     return record
 
 
-def zero_prediction_denoiser(monkeypatch, pipe):
-    """Make the denoiser predict zeros (and run nothing): zero noise for a UNet, zero velocity for FLUX, so the
-    scheduler's own step noise is all that changes the latents."""
+def zero_prediction_denoiser(monkeypatch, pipe, kind):
+    """Make the denoiser predict zeros (and run nothing): zero noise for a UNet, zero velocity for a transformer, so
+    the scheduler's own step noise is all that changes the latents. A list of per-image zeros where the denoiser
+    returns one."""
     denoiser = pipe.denoiser
     output_class = (
         Transformer2DModelOutput if denoiser is getattr(pipe, "transformer", None) else UNet2DConditionOutput
@@ -283,9 +392,18 @@ def zero_prediction_denoiser(monkeypatch, pipe):
 
     def forward(*args, return_dict=True, **kwargs):
         zeros = torch.zeros_like(model_input(args, kwargs))
+        zeros = list(zeros.unbind(0)) if kind.denoiser_returns_list else zeros
         return output_class(sample=zeros) if return_dict else (zeros,)
 
     monkeypatch.setattr(denoiser, "forward", forward)
+
+
+def zeros_like_prompt_embeds(prompt_embeds):
+    """Zero prompt embeddings of the form a callback got: a tensor, or Z-Image's list of one `(tokens, dim)` tensor
+    per image."""
+    if isinstance(prompt_embeds, list):
+        return [torch.zeros_like(embeds) for embeds in prompt_embeds]
+    return torch.zeros_like(prompt_embeds)
 
 
 class NonCheckpointableDecoder(torch.nn.Module):
