@@ -1078,6 +1078,8 @@ PIPELINE_CLASSES = {
     "sdxl": ("pipeline_syncdiffusion_xl", "SyncDiffusionXLPipeline"),
     "controlnet": ("pipeline_syncdiffusion_controlnet", "SyncDiffusionControlNetPipeline"),
     "flux": ("pipeline_syncdiffusion_flux", "SyncDiffusionFluxPipeline"),
+    "flux2-klein": ("pipeline_syncdiffusion_flux2", "SyncDiffusionFlux2KleinPipeline"),
+    "z-image": ("pipeline_syncdiffusion_z_image", "SyncDiffusionZImagePipeline"),
 }
 
 
@@ -1103,8 +1105,8 @@ def _publish(argv):
     parser.add_argument(
         "--pipeline",
         choices=tuple(PIPELINE_CLASSES),
-        help="which pipeline file to upload: sd (SD 1.x/2.x, the default), sdxl, controlnet or flux (FLUX.1; not"
-        " with --model, whose own class is published)",
+        help="which pipeline file to upload: sd (SD 1.x/2.x, the default), sdxl, controlnet, flux (FLUX.1),"
+        " flux2-klein (FLUX.2 [klein]) or z-image (not with --model, whose own class is published)",
     )
     parser.add_argument("--token", help="a Hub token with write access (default: the saved login or HF_TOKEN)")
     parser.add_argument("--private", action="store_true", help="create the repository private")
