@@ -455,6 +455,207 @@ def test_the_demo_command_loads_a_flux_model_and_builds_its_page(monkeypatch, fl
 
 
 # ----------------------------------------------------------------------------------------------------------------
+# FLUX.2 [klein] and Z-Image: `--model tiny-flux2` and `--model tiny-z-image`, in process
+# ----------------------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def klein_pipe():
+    """`loading.load_pipeline("tiny-flux2")`: the tiny random FLUX.2 [klein] base model (classifier-free guidance)
+    with its 64-pixel window, as the demo loads it."""
+    return loading.load_pipeline("tiny-flux2", "cpu", progress=False)
+
+
+@pytest.fixture(scope="module")
+def z_image_pipe():
+    """`loading.load_pipeline("tiny-z-image")`: the tiny random Z-Image with its 64-pixel window."""
+    return loading.load_pipeline("tiny-z-image", "cpu", progress=False)
+
+
+@pytest.fixture(scope="module")
+def distilled_klein_pipe(klein_pipe):
+    """The tiny FLUX.2 [klein] as a step-distilled model (`is_distilled`, as klein-4B and -9B): the same weights."""
+    from pipeline_syncdiffusion_flux2 import SyncDiffusionFlux2KleinPipeline
+
+    pipe = SyncDiffusionFlux2KleinPipeline(**klein_pipe.components, is_distilled=True)
+    pipe.default_sample_size = klein_pipe.default_sample_size  # the tiny window
+    pipe.set_perceptual_loss(klein_pipe.perceptual_loss(klein_pipe.device))
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+TRANSFORMERS = [("tiny-flux2", "klein_pipe"), ("tiny-z-image", "z_image_pipe")]
+
+
+@pytest.mark.parametrize("model, fixture", TRANSFORMERS)
+def test_a_klein_or_z_image_demo_generates_and_compares_as_its_pipeline(model, fixture, request):
+    """The demo's runs are the pipeline's own calls with the class's guidance (klein 4.0, Z-Image 5.0: both on) and
+    the empty negative prompt; a negative prompt goes with that guidance; Z-Image's CFG normalization and truncation
+    reach its call. Same seed, same CPU, same arguments: bit-identical (measured: max difference 0)."""
+    pipe = request.getfixturevalue(fixture)
+    app = PanoramaDemo(pipe, model)
+    assert app.family == {"tiny-flux2": demo.FLUX2_KLEIN, "tiny-z-image": demo.Z_IMAGE}[model] and not app.flux
+    assert app.schedulers == ("keep",) and app.default_scheduler == "keep" and not app.extends_photos
+    assert app.window == 64 and app.default_steps == 10  # the tiny defaults (the real models: 1024 and theirs)
+    assert app.default_guidance == {"tiny-flux2": 4.0, "tiny-z-image": 5.0}[model]  # the class's
+    (sync_image, multi_image, seed, status), reports = generate(app, compare=True, random_seed=True)
+
+    assert type(pipe.scheduler).__name__ == "FlowMatchEulerDiscreteScheduler"  # kept: the model's own
+    for made, weight in ((sync_image, 20.0), (multi_image, 0.0)):
+        direct = pipe(**FLUX_CALL, sync_weight=weight, generator=generator(seed)).images[0]
+        assert np.array_equal(pixels(made), pixels(direct))
+    assert not np.array_equal(pixels(sync_image), pixels(multi_image)), "synchronization changed nothing"
+    assert reports == [(i, 3, label) for label in ("MultiDiffusion", "SyncDiffusion") for i in (1, 2, 3)]
+    assert "3/3 steps" in status and "128x64" in status
+
+    guided = {"negative_prompt": "blurry", "guidance": 3.0}
+    direct_guided = {"negative_prompt": "blurry", "guidance_scale": 3.0}
+    if model == "tiny-z-image":
+        guided.update(cfg_normalization=True, cfg_truncation=0.1)
+        direct_guided.update(cfg_normalization=True, cfg_truncation=0.1)
+    (image, _, _, _), _ = generate(app, **guided, sync_weight=0.0, random_seed=False, seed=seed)
+    direct = pipe(**FLUX_CALL, **direct_guided, sync_weight=0.0, generator=generator(seed)).images[0]
+    assert np.array_equal(pixels(image), pixels(direct))
+    assert not np.array_equal(pixels(image), pixels(multi_image)), "the negative prompt changed nothing"
+
+
+def test_z_image_page_values_reach_its_call_and_turbo_starts_without_guidance(z_image_pipe, monkeypatch):
+    calls = record_calls(z_image_pipe, monkeypatch)
+    with pytest.raises(CallRecorded):
+        generate(PanoramaDemo(z_image_pipe, "tiny-z-image"), cfg_normalization=False, cfg_truncation=0.25)
+    # Z-Image-Turbo, known by its name: its 8 steps and guidance 0 by default, 4 of them synchronized.
+    turbo = PanoramaDemo(z_image_pipe, "Tongyi-MAI/Z-Image-Turbo")
+    assert (turbo.default_steps, turbo.default_guidance, turbo.default_sync_thres) == (8, 0.0, 4)
+    with pytest.raises(CallRecorded):
+        turbo.generate("a lake", height=64, width=128, random_seed=False, seed=0)
+    page, turbo_call = calls
+    assert (page["cfg_normalization"], page["cfg_truncation"], page["guidance_scale"]) == (False, 0.25, 5.0)
+    assert page["max_sequence_length"] == cli.TINY_MAX_SEQUENCE_LENGTH
+    assert (turbo_call["num_inference_steps"], turbo_call["guidance_scale"], turbo_call["sync_thres"]) == (8, 0.0, 4)
+    assert "cfg_normalization" not in turbo_call and turbo_call["max_sequence_length"] == 512  # the class's
+    assert PanoramaDemo(z_image_pipe, "Tongyi-MAI/Z-Image").default_steps == 50  # not Turbo: the class's
+
+
+def test_a_step_distilled_klein_runs_without_guidance_and_hides_it(distilled_klein_pipe, klein_pipe):
+    """klein-4B and -9B (`is_distilled`): 4 steps, 2 synchronized, guidance 1 (off; a larger one it would ignore
+    with a warning); the page shows neither the guidance scale nor the negative prompt."""
+    real = PanoramaDemo(distilled_klein_pipe, "black-forest-labs/FLUX.2-klein-4B")
+    assert real.distilled and (real.default_steps, real.default_guidance, real.default_sync_thres) == (4, 1.0, 2)
+    assert not PanoramaDemo(klein_pipe, "black-forest-labs/FLUX.2-klein-base-4B").distilled
+    assert PanoramaDemo(klein_pipe, "black-forest-labs/FLUX.2-klein-base-4B").default_steps == 50
+
+    app = PanoramaDemo(distilled_klein_pipe, "tiny-flux2")
+    (image, _, seed, _), _ = generate(app, sync_weight=0.0, random_seed=False, seed=6)
+    direct = distilled_klein_pipe(**FLUX_CALL, guidance_scale=1.0, sync_weight=0.0, generator=generator(6))
+    assert np.array_equal(pixels(image), pixels(direct.images[0]))
+    guided = klein_pipe(**FLUX_CALL, sync_weight=0.0, generator=generator(6)).images[0]  # the same weights, CFG 4
+    assert not np.array_equal(pixels(image), pixels(guided)), "the distilled model ran guidance"
+
+    _require("gradio")
+    controls = page_controls(demo.build_app(distilled_klein_pipe, "tiny-flux2"))
+    assert controls["guidance"]["visible"] is False and controls["guidance"]["value"] == 1.0
+    assert controls["negative-prompt"]["visible"] is False
+
+
+@pytest.mark.parametrize(
+    "fixture, overrides, message",
+    [
+        ("klein_pipe", {"scheduler": "ddim"}, "`scheduler` has to be one of keep for this model (FLUX.2 [klein] runs"),
+        (
+            "klein_pipe",
+            {"negative_prompt": "blurry", "guidance": 1.0},
+            "FLUX.2 [klein] uses the negative prompt only with guidance: set the guidance scale above 1 (e.g. 4)",
+        ),
+        ("klein_pipe", {"true_cfg_scale": 2.0}, "`true_cfg_scale` is FLUX's (true classifier-free guidance)"),
+        ("klein_pipe", {"cfg_truncation": 0.5}, "`cfg_truncation` is Z-Image's (the time after which guidance"),
+        (
+            "distilled_klein_pipe",
+            {"negative_prompt": "blurry"},
+            "This FLUX.2 [klein] model is step-distilled: it runs without guidance and ignores a negative prompt",
+        ),
+        (
+            "distilled_klein_pipe",
+            {"guidance": 4.0},
+            "This FLUX.2 [klein] model is step-distilled: it runs without guidance, so `guidance_scale` has to be at"
+            " most 1 (off), but is 4.",
+        ),
+        (
+            "z_image_pipe",
+            {"negative_prompt": "blurry", "guidance": 0.0},
+            "Z-Image uses the negative prompt only with guidance: set the guidance scale above 0 (e.g. 5)",
+        ),
+        ("z_image_pipe", {"true_cfg_scale": 2.0}, "`true_cfg_scale` is FLUX's"),
+        ("z_image_pipe", {"scheduler": "euler"}, "`scheduler` has to be one of keep for this model (Z-Image runs"),
+        ("pipe", {"cfg_normalization": True}, "`cfg_normalization` is Z-Image's (a bound on the guided velocity's"),
+    ],
+)
+def test_a_klein_or_z_image_demo_refuses_what_its_model_would_ignore_before_any_step(
+    fixture, overrides, message, request
+):
+    models = {"klein_pipe": "tiny-flux2", "distilled_klein_pipe": "tiny-flux2", "z_image_pipe": "tiny-z-image"}
+    app = PanoramaDemo(request.getfixturevalue(fixture), models.get(fixture, "tiny"))
+    with pytest.raises(demo.InputError) as caught:
+        generate(app, **overrides, progress=lambda *report: pytest.fail("a step ran"))
+    assert demo._user_error(caught.value).startswith(message)
+
+
+@pytest.mark.parametrize("model, fixture", TRANSFORMERS)
+def test_a_klein_or_z_image_page_has_its_guidance_no_scheduler_and_no_photo(model, fixture, request, monkeypatch):
+    """The page builds: presets of its 64-pixel window, sizes in steps of 16, the scheduler hidden, its guidance
+    (klein: on above 1; Z-Image: on above 0, with CFG normalization and truncation, which its API takes after
+    `compare`), no "Extend a photo" (klein's `image` is its reference images, Z-Image has none)."""
+    _require("gradio")
+    pipe = request.getfixturevalue(fixture)
+    page = demo.build_app(pipe, model)
+    controls = page_controls(page)
+    assert controls["scheduler"]["visible"] is False and controls["height"]["step"] == 16
+    assert controls["regions"]["canvas_size"] == [256, 64]  # the default "wide 64x256"
+    assert controls["extend-photo"]["visible"] is False and "true-cfg-scale" not in controls
+    assert controls["guidance"]["visible"] is not False and controls["negative-prompt"]["visible"] is not False
+    names = [p["parameter_name"] for p in page.get_api_info()["named_endpoints"]["/generate"]["parameters"]]
+    if model == "tiny-flux2":
+        assert (controls["guidance"]["minimum"], controls["guidance"]["value"]) == (1, 4.0)
+        assert "cfg-normalization" not in controls
+        assert names == [*API_ARGUMENTS, "region_prompts", "regions", "photo", "photo_position"]
+    else:
+        assert (controls["guidance"]["minimum"], controls["guidance"]["value"]) == (0, 5.0)
+        assert controls["cfg-normalization"]["value"] is False and controls["cfg-truncation"]["value"] == 1.0
+        cfg = ["cfg_normalization", "cfg_truncation"]
+        assert names == [*API_ARGUMENTS, *cfg, "region_prompts", "regions", "photo", "photo_position"]
+
+    with pytest.raises(demo.InputError) as caught:  # the photo never becomes klein's reference image
+        generate(page.panorama_demo, photo=make_photo(), progress=lambda *report: pytest.fail("a step ran"))
+    assert demo._user_error(caught.value).startswith(f"This model ({type(pipe).__name__}) cannot extend a photo")
+
+    # The page's values, by position as Gradio passes them, reach the call where they belong.
+    calls = record_calls(pipe, monkeypatch)
+    values = {**API_ARGUMENTS, "negative_prompt": "blurry", "scheduler": "keep", "guidance": 3.0, "sync_thres": 2}
+    if model == "tiny-z-image":
+        values.update(cfg_normalization=True, cfg_truncation=0.5)
+    with pytest.raises(CallRecorded):
+        generate_endpoint(page).fn(*values.values(), "", None)  # no region prompts, no canvas
+    (call,) = calls
+    assert (call["prompt"], call["negative_prompt"], call["guidance_scale"]) == ("a photo of a lake", "blurry", 3.0)
+    assert (call["height"], call["width"], call["num_inference_steps"], call["sync_thres"]) == (64, 256, 4, 2)
+    if model == "tiny-z-image":
+        assert (call["cfg_normalization"], call["cfg_truncation"]) == (True, 0.5)
+    else:
+        assert "cfg_normalization" not in call and "image" not in call
+
+
+@pytest.mark.parametrize("model, fixture", TRANSFORMERS)
+def test_the_demo_command_loads_a_klein_or_z_image_model_and_builds_its_page(model, fixture, request, monkeypatch):
+    _require("gradio")
+    pipe = request.getfixturevalue(fixture)
+    served = []
+    monkeypatch.setattr(demo, "load_pipeline", lambda name, *args, **kwargs: served.append(name) or pipe)
+    monkeypatch.setattr(demo, "launch", lambda app, **kwargs: served.append(app))
+    assert cli.main(["demo", "--model", model, "--port", str(_free_port())]) == 0
+    name, app = served
+    assert name == model and app.panorama_demo.pipe is pipe and app.panorama_demo.family is not None
+
+
+# ----------------------------------------------------------------------------------------------------------------
 # Regions: the canvas's painted layers and their prompts, in process (SD, SDXL and FLUX.1)
 # ----------------------------------------------------------------------------------------------------------------
 
@@ -477,7 +678,9 @@ def xl_pipe():
     return loading.load_pipeline("tiny-xl", "cpu", progress=False)
 
 
-@pytest.mark.parametrize("model, fixture", [("tiny", "pipe"), ("tiny-xl", "xl_pipe"), ("tiny-flux", "flux_pipe")])
+@pytest.mark.parametrize(
+    "model, fixture", [("tiny", "pipe"), ("tiny-xl", "xl_pipe"), ("tiny-flux", "flux_pipe"), *TRANSFORMERS]
+)
 def test_painted_regions_reach_the_pipeline_of_every_class_the_demo_serves(model, fixture, request):
     pipe = request.getfixturevalue(fixture)
     app = PanoramaDemo(pipe, model)
@@ -487,7 +690,7 @@ def test_painted_regions_reach_the_pipeline_of_every_class_the_demo_serves(model
     )
 
     call = dict(FLUX_CALL)  # the small call of `generate`
-    if not app.flux:
+    if not app.takes_max_sequence_length:  # SD, SDXL
         del call["max_sequence_length"]
     direct = pipe(
         **call,
@@ -569,9 +772,13 @@ def comparable(call):
 def test_only_classes_that_take_image_and_mask_image_extend_photos():
     from pipeline_syncdiffusion import SyncDiffusionPipeline
     from pipeline_syncdiffusion_controlnet import SyncDiffusionControlNetPipeline
+    from pipeline_syncdiffusion_flux2 import SyncDiffusionFlux2KleinPipeline
+    from pipeline_syncdiffusion_z_image import SyncDiffusionZImagePipeline
 
     assert demo.extends_photos(SyncDiffusionPipeline)
     assert not demo.extends_photos(SyncDiffusionControlNetPipeline)  # its `image` is the condition
+    assert not demo.extends_photos(SyncDiffusionFlux2KleinPipeline)  # its `image` is its reference images
+    assert not demo.extends_photos(SyncDiffusionZImagePipeline)
 
 
 # A 48x32 photo on the 64x128 panorama of `generate`: scaled to 96x64, 32 columns free.
