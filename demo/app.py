@@ -1,8 +1,9 @@
 """SyncDiffusion panoramas as a Hugging Face Space: the app of `syncdiffusion demo`, from the same code.
 
 Settings are environment variables (on a Space: Settings, Variables): SYNCDIFFUSION_MODEL, a Hub id or a folder of
-an SD, SDXL or FLUX.1 model (default stabilityai/stable-diffusion-2-base; `tiny` and `tiny-flux` run offline random
-tiny models, to try the page anywhere). The model is loaded once, in half precision on a GPU (bfloat16 for FLUX).
+an SD, SDXL, FLUX.1, FLUX.2 [klein] or Z-Image model (default stabilityai/stable-diffusion-2-base; `tiny`,
+`tiny-xl`, `tiny-flux`, `tiny-flux2` and `tiny-z-image` run offline random tiny models, to try the page anywhere). The
+model is loaded once, in half precision on a GPU (bfloat16 for the transformers).
 From a checkout: `python demo/app.py` (http://127.0.0.1:7860).
 """
 
