@@ -2311,6 +2311,7 @@ class SyncDiffusionFlux2KleinPipeline(DiffusionPipeline, Flux2LoraLoaderMixin):
                 latents = self.denoise_step(latents, t, panorama, conditioning, sync, extra_step_kwargs)
 
                 if callback_on_step_end is not None:
+                    guided = self.do_classifier_free_guidance
                     # Callbacks see the packed latent, as Flux2KleinPipeline's do.
                     tensors, replaced = self.run_step_end_callback(
                         callback_on_step_end,
@@ -2323,7 +2324,24 @@ class SyncDiffusionFlux2KleinPipeline(DiffusionPipeline, Flux2LoraLoaderMixin):
                     if replaced:
                         prompt_embeds = tensors["prompt_embeds"]
                         positive = (prompt_embeds, self._prepare_text_ids(prompt_embeds).to(device))
-                        conditioning = self._conditioning(positive, negative, img_ids, image_latents, guidance_scale)
+                    if replaced or guided != self.do_classifier_free_guidance:
+                        # A callback may turn guidance off (diffusers' CFG cutoff sets `_guidance_scale`), as
+                        # Flux2KleinPipeline reads it every step.
+                        guided = self.do_classifier_free_guidance
+                        conditioning = self._conditioning(
+                            positive, negative if guided else None, img_ids, image_latents, self._guidance_scale
+                        )
+                        if regions is not None:
+                            regions.conditionings = [
+                                self._conditioning(
+                                    region_positive,
+                                    region_negative if guided else None,
+                                    img_ids,
+                                    image_latents,
+                                    self._guidance_scale,
+                                )
+                                for region_positive, region_negative in region_texts
+                            ]
 
                 if i == len(timesteps) - 1 or ((i + 1) > num_warmup_steps and (i + 1) % self.scheduler.order == 0):
                     progress_bar.update()

@@ -1013,13 +1013,15 @@ class SyncDiffusionZImagePipeline(DiffusionPipeline, ZImageLoraLoaderMixin, From
         shape = (num_images, self.transformer.config.in_channels, height // factor, width // factor)
         return randn_tensor(shape, generator=generator, device=device, dtype=dtype)
 
-    def _step_guidance_scales(self, timesteps, guidance_scale, cfg_truncation) -> list[float]:
-        """The guidance scale of every step, as ZImagePipeline sets it: `guidance_scale`, or 0 at the steps whose
-        normalized time `(1000 - t) / 1000` exceeds `cfg_truncation` (when that is at most 1)."""
+    def _step_guidance_scale(self, t, cfg_truncation) -> float:
+        """The guidance scale of step `t`, as ZImagePipeline sets it every step: `self.guidance_scale` (a callback may
+        change it), or 0 once the normalized time `(1000 - t) / 1000` exceeds `cfg_truncation` (when that is at most
+        1)."""
+        guidance_scale = self._guidance_scale
         if guidance_scale > 0 and cfg_truncation is not None and float(cfg_truncation) <= 1:
-            normalized_times = ((1000 - timesteps.float()) / 1000).tolist()
-            return [0.0 if time > cfg_truncation else guidance_scale for time in normalized_times]
-        return [guidance_scale] * len(timesteps)
+            if float((1000 - torch.as_tensor(t).float()) / 1000) > cfg_truncation:
+                return 0.0
+        return guidance_scale
 
     # ------------------------------------------------------------------------------------------------------------
     # Properties
@@ -2183,7 +2185,7 @@ class SyncDiffusionZImagePipeline(DiffusionPipeline, ZImageLoraLoaderMixin, From
         )
         # As ZImagePipeline: the first step starts at index 0 without a timestep lookup.
         self.scheduler.set_begin_index(0)
-        guidance_scales = self._step_guidance_scales(timesteps, guidance_scale, cfg_truncation)
+        guided_steps = [self._step_guidance_scale(t, cfg_truncation) > 0 for t in timesteps]
         conditioning = self._conditioning(positive, negative, cfg_normalization)
 
         # 6. Views and their batches; the synchronization's settings
@@ -2207,7 +2209,7 @@ class SyncDiffusionZImagePipeline(DiffusionPipeline, ZImageLoraLoaderMixin, From
         for region_positive, region_negative in region_texts:
             captions += [*region_positive, *(region_negative or [])]
         self._window_size, self._text_tokens = window_size, max(len(embeds) for embeds in captions)
-        self._true_cfg = negative is not None and max(guidance_scales) > 0
+        self._true_cfg = negative is not None and any(guided_steps)
         regions = None
         if region_prompts is not None:
             region_conditionings = [
@@ -2243,8 +2245,8 @@ class SyncDiffusionZImagePipeline(DiffusionPipeline, ZImageLoraLoaderMixin, From
                     continue
 
                 self._current_timestep = t
-                self._current_guidance_scale = guidance_scales[i]
-                self._true_cfg = negative is not None and guidance_scales[i] > 0
+                self._current_guidance_scale = self._step_guidance_scale(t, cfg_truncation)
+                self._true_cfg = negative is not None and self._current_guidance_scale > 0
                 latents = self.denoise_step(latents, t, panorama, conditioning, sync, extra_step_kwargs)
 
                 if callback_on_step_end is not None:

@@ -277,14 +277,8 @@ def test_callback_on_step_end_replaces_the_latents(kind, shared_pipe):
 # Classes whose guidance ignores a callback's `_guidance_scale` today, unlike the diffusers pipelines they mirror
 # (Flux2KleinPipeline and ZImagePipeline read the scale every step: with SD's cutoff callback after step 2 of 4 they
 # run 7 transformer calls and [2, 2, 2, 1] rows, these classes 8 and [2, 2, 2, 2]). Strict: the fix shows.
-CFG_CUTOFF_IGNORED = {
-    "flux2": "SyncDiffusionFlux2KleinPipeline fixes its guidance (conditioning['negative']) for the whole call",
-    "z_image": "SyncDiffusionZImagePipeline precomputes its per-step guidance scales before the loop",
-}
-
-
 @torch.no_grad()
-def test_pipeline_callback_with_its_own_tensor_inputs_takes_effect(kind, shared_pipe, monkeypatch, request):
+def test_pipeline_callback_with_its_own_tensor_inputs_takes_effect(kind, shared_pipe, monkeypatch):
     """diffusers' CFG cutoff callback (its `tensor_inputs` are the prompt embeddings, not `latents`) after step 1
     of 3: the last step runs without guidance, one denoiser row per view instead of two (klein: one call instead of
     two)."""
@@ -293,8 +287,6 @@ def test_pipeline_callback_with_its_own_tensor_inputs_takes_effect(kind, shared_
             f"diffusers has no classifier-free-guidance cutoff callback for {kind.pipeline_class.__name__} (FLUX.1's"
             " guidance is an embedding): the next test covers `PipelineCallback`s"
         )
-    if kind.name in CFG_CUTOFF_IGNORED:
-        request.applymarker(pytest.mark.xfail(strict=True, reason=CFG_CUTOFF_IGNORED[kind.name]))
     batches = record_forwards(monkeypatch, shared_pipe.denoiser)
     latents = kind.images(
         shared_pipe,
