@@ -170,6 +170,11 @@ RULES = {
     ),
 }
 
+# Contract classes whose argument rules are not written yet: the contract and their own test files cover them, this
+# survey does not (a known gap, named here so that no other class can be left out silently).
+WITHOUT_RULES = {"flux2", "z_image"}
+RULED_KINDS = [name for name in KINDS if name in RULES]
+
 
 @functools.cache  # strategies built once are validated once
 def argument_table(rules):
@@ -563,11 +568,6 @@ for _kind_name in RULES:
         globals()[f"test_{_kind_name}_argument_combinations_are_refused_early_or_run"] = property_test(_kind_name)
 
 
-# Contract classes whose argument rules are not written yet: the contract and their own test files cover them, this
-# survey does not (a known gap, named here so that no other class can be left out silently).
-WITHOUT_RULES = {"flux2", "z_image"}
-
-
 def test_every_class_has_rules():
     """A class added to the contract's `KINDS` is not left out of the property tests silently."""
     assert set(KINDS) <= set(RULES) | WITHOUT_RULES
@@ -637,7 +637,7 @@ def assert_refused_early_or_runs(kind_name, pipelines, names, **call):
     assert torch.isfinite(latents).all()
 
 
-@pytest.mark.parametrize("kind_name", list(KINDS))
+@pytest.mark.parametrize("kind_name", RULED_KINDS)
 def test_synchronized_panorama_one_latent_high(kind_name, pipelines):
     """8 pixels high: the views are 1 latent high and the images LPIPS compares 8 pixels, fewer than LPIPS-VGG's four
     max-pools need (16). Found: `RuntimeError: Given input size: (512x1x8). Calculated output size: (512x0x4). Output
@@ -645,7 +645,7 @@ def test_synchronized_panorama_one_latent_high(kind_name, pipelines):
     assert_refused_early_or_runs(kind_name, pipelines, ["height"], height=8)
 
 
-@pytest.mark.parametrize("kind_name", list(KINDS))
+@pytest.mark.parametrize("kind_name", RULED_KINDS)
 def test_sync_decode_downsample_larger_than_the_views(kind_name, pipelines):
     """`sync_decode_downsample=2` divides the window (8 latents) but not the 1-latent-high views of an 8-pixel-high
     panorama. Found: `RuntimeError: Given input size: (4x1x8). Calculated output size: (4x0x4). Output size is too
@@ -655,7 +655,7 @@ def test_sync_decode_downsample_larger_than_the_views(kind_name, pipelines):
     )
 
 
-@pytest.mark.parametrize("kind_name", list(KINDS))
+@pytest.mark.parametrize("kind_name", RULED_KINDS)
 @pytest.mark.parametrize(
     "call", [{"sync_decode_downsample": 2}, {"sync_lpips_size": 32}], ids=["downsample", "lpips_size"]
 )
@@ -776,10 +776,10 @@ def survey(examples, seed=0, seconds=None):
     torch.set_num_threads(1)
     diffusers_logging.set_verbosity_error()  # schedulers built from another family's config say so on every call
     components_cache, lpips_module = {}, make_lpips()
-    built = {name: build(name, components_cache, lpips_module) for name in KINDS}
+    built = {name: build(name, components_cache, lpips_module) for name in RULED_KINDS}
     failures, calls = {}, collections.Counter()
     deadline = time.monotonic() + (float("inf") if seconds is None else seconds)
-    kind_and_combination = st.sampled_from(list(KINDS)).flatmap(
+    kind_and_combination = st.sampled_from(RULED_KINDS).flatmap(
         lambda name: st.tuples(st.just(name), combinations(RULES[name]))
     )
 
