@@ -594,6 +594,8 @@ class SyncDiffusionPipeline(
     prepare_extra_step_kwargs = StableDiffusionPipeline.prepare_extra_step_kwargs
     prepare_latents = StableDiffusionPipeline.prepare_latents
     get_timesteps = StableDiffusionImg2ImgPipeline.get_timesteps
+    prepare_img2img_latents = StableDiffusionImg2ImgPipeline.prepare_latents
+    prepare_inpaint_latents = StableDiffusionInpaintPipeline.prepare_latents
     _encode_vae_image = StableDiffusionInpaintPipeline._encode_vae_image
     get_guidance_scale_embedding = StableDiffusionPipeline.get_guidance_scale_embedding
 
@@ -921,21 +923,21 @@ class SyncDiffusionPipeline(
         latents,
     ):
         """
-        The starting latents of an image-to-image or inpainting call, made as `StableDiffusionImg2ImgPipeline` and
-        `StableDiffusionInpaintPipeline` make them (the same random draws, in the same order), and with a mask what
-        the loop needs to keep the image: `{"mask", "image_latents", "noise", "inpainting_input"}`, else None.
+        The starting latents of an image-to-image or inpainting call, made by the diffusers pipelines' own
+        `prepare_latents` (`prepare_img2img_latents`, `prepare_inpaint_latents`: the same random draws, in the same
+        order), and with a mask what the loop needs to keep the image: `{"mask", "image_latents", "noise",
+        "inpainting_input"}`, else None.
         """
         height, width = image_size(image)
         init_image = self.image_processor.preprocess(image, height=height, width=width).to(torch.float32)
         num_images = batch_size * num_images_per_prompt
         latent_timestep = timesteps[:1].repeat(num_images)
         if mask_image is None:
-            latents = StableDiffusionImg2ImgPipeline.prepare_latents(
-                self, init_image, latent_timestep, batch_size, num_images_per_prompt, dtype, device, generator
+            latents = self.prepare_img2img_latents(
+                init_image, latent_timestep, batch_size, num_images_per_prompt, dtype, device, generator
             )
             return latents, None
-        latents, noise, *image_latents = StableDiffusionInpaintPipeline.prepare_latents(
-            self,
+        latents, noise, *image_latents = self.prepare_inpaint_latents(
             num_images,
             self.vae.config.latent_channels,
             height,

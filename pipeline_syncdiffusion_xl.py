@@ -648,6 +648,8 @@ class SyncDiffusionXLPipeline(
     prepare_extra_step_kwargs = StableDiffusionXLPipeline.prepare_extra_step_kwargs
     prepare_latents = StableDiffusionXLPipeline.prepare_latents
     get_timesteps = StableDiffusionXLImg2ImgPipeline.get_timesteps
+    prepare_img2img_latents = StableDiffusionXLImg2ImgPipeline.prepare_latents
+    prepare_inpaint_latents = StableDiffusionXLInpaintPipeline.prepare_latents
     _encode_vae_image = StableDiffusionXLInpaintPipeline._encode_vae_image
     _get_add_time_ids = StableDiffusionXLPipeline._get_add_time_ids
     get_guidance_scale_embedding = StableDiffusionXLPipeline.get_guidance_scale_embedding
@@ -998,7 +1000,7 @@ class SyncDiffusionXLPipeline(
         image = decoder.decode(clean_latents, return_dict=False)[0]
         return (image / 2 + 0.5).clamp(0, 1)
 
-    # Adapted from pipeline_syncdiffusion.SyncDiffusionPipeline.prepare_image_latents: SDXL's pipelines
+    # Copied from pipeline_syncdiffusion.SyncDiffusionPipeline.prepare_image_latents
     def prepare_image_latents(
         self,
         image,
@@ -1013,21 +1015,21 @@ class SyncDiffusionXLPipeline(
         latents,
     ):
         """
-        The starting latents of an image-to-image or inpainting call, made as `StableDiffusionXLImg2ImgPipeline` and
-        `StableDiffusionXLInpaintPipeline` make them (the same random draws, in the same order), and with a mask what
-        the loop needs to keep the image: `{"mask", "image_latents", "noise", "inpainting_input"}`, else None.
+        The starting latents of an image-to-image or inpainting call, made by the diffusers pipelines' own
+        `prepare_latents` (`prepare_img2img_latents`, `prepare_inpaint_latents`: the same random draws, in the same
+        order), and with a mask what the loop needs to keep the image: `{"mask", "image_latents", "noise",
+        "inpainting_input"}`, else None.
         """
         height, width = image_size(image)
         init_image = self.image_processor.preprocess(image, height=height, width=width).to(torch.float32)
         num_images = batch_size * num_images_per_prompt
         latent_timestep = timesteps[:1].repeat(num_images)
         if mask_image is None:
-            latents = StableDiffusionXLImg2ImgPipeline.prepare_latents(
-                self, init_image, latent_timestep, batch_size, num_images_per_prompt, dtype, device, generator
+            latents = self.prepare_img2img_latents(
+                init_image, latent_timestep, batch_size, num_images_per_prompt, dtype, device, generator
             )
             return latents, None
-        latents, noise, *image_latents = StableDiffusionXLInpaintPipeline.prepare_latents(
-            self,
+        latents, noise, *image_latents = self.prepare_inpaint_latents(
             num_images,
             self.vae.config.latent_channels,
             height,
